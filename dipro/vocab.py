@@ -120,7 +120,7 @@ NUM_LOS_CLASSES: Final[int] = len(LOS_BIN_EDGES) - 1
 
 
 def los_class(los_days: float) -> int:
-    """Map a length of stay in days to its bin 0..3; values outside [2, 11) go to the nearest bin."""
+    """Map a length of stay in days to its bin 0..3; out-of-range values go to the nearest bin."""
     for cls, upper in enumerate(LOS_BIN_EDGES[1:-1]):
         if los_days < upper:
             return cls
