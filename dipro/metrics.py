@@ -1,0 +1,324 @@
+"""The paper's evaluation metrics (DIPRO_SPEC.md section 7) on predictions gathered from workers.
+
+Everything here works on numpy arrays of one whole split: shards of ``Predictions`` from Ray
+workers or Flower sites are joined with ``Predictions.concatenate`` first, and only then is a
+metric computed. Nothing in this module is distributed.
+
+| task                | probabilities | labels  | rows that count                    |
+|---------------------|---------------|---------|------------------------------------|
+| disease_progression | [N, K, 3]     | [N, K]  | per finding, code != 3 (labelled)  |
+| mortality           | [N]           | [N]     | label != IGNORE_INDEX              |
+| length_of_stay      | [N, 4]        | [N]     | label != IGNORE_INDEX              |
+
+Definitions (scikit-learn does the arithmetic):
+
+- precision, recall, f1: macro average over the classes present in the labels or the
+  predictions (scikit-learn's default label set), ``zero_division=0``.
+- auroc (multi-class): one-vs-rest, the mean of class c's binary AUROC of ``p[:, c]`` over the
+  classes that have both positive and negative rows; equal to
+  ``roc_auc_score(..., multi_class="ovr")`` when every class is present. NaN when no class
+  qualifies (the labels hold a single class).
+- auprc (multi-class): macro PR-AUC, the trapezoid area (``auc``) under each class's
+  ``precision_recall_curve``, averaged over the classes present in the labels.
+- auprc (mortality): average precision.
+- progression: each metric per finding on that finding's labelled rows, then the mean over
+  findings; a finding whose metric is NaN (no labelled row, or a single class for AUROC) is
+  left out of that mean, and ``n_findings/<metric>`` says how many findings entered it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    auc,
+    average_precision_score,
+    cohen_kappa_score,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from dipro import vocab
+from dipro.data.collate import IGNORE_INDEX, Batch
+from dipro.model.output import DiProOutput
+
+MetricFn = Callable[..., dict[str, float]]
+
+_CLASS_METRICS = ("precision", "recall", "f1", "auroc", "auprc")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Predictions of one task on a set of samples, in numpy, ready to be gathered and joined.
+
+    | field            | shape                        | meaning                                 |
+    |------------------|------------------------------|-----------------------------------------|
+    | logits           | [N, K, 3] / [N] / [N, 4]     | progression / mortality / length of stay |
+    | labels           | [N, K] / [N] / [N]           | codes (3 = not mentioned) / 0-1 / 0..3; |
+    |                  |                              | IGNORE_INDEX where absent               |
+    | subject_id       | [N]                          |                                         |
+    | stay_id          | [N]                          |                                         |
+    | hospital         | [N]                          | site                                    |
+    | region_attention | [N, R]                       | attention of the task tokens on regions |
+    """
+
+    task: str
+    logits: np.ndarray
+    labels: np.ndarray
+    subject_id: np.ndarray
+    stay_id: np.ndarray
+    hospital: np.ndarray
+    region_attention: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.task not in vocab.TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {vocab.TASKS}")
+        n = self.logits.shape[0]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray) and value.shape[0] != n:
+                raise ValueError(
+                    f"Predictions.{f.name} has {value.shape[0]} rows, logits have {n}"
+                )
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """Softmax over classes (progression, LOS) or sigmoid (mortality), in float64."""
+        logits = self.logits.astype(np.float64)
+        if self.task == "mortality":
+            return 1.0 / (1.0 + np.exp(-logits))
+        return _softmax(logits)
+
+    @classmethod
+    def from_output(cls, task: str, batch: Batch, output: DiProOutput) -> Predictions:
+        """The predictions of one forward pass, moved to the CPU as numpy."""
+        labels = {
+            "disease_progression": batch.progression,
+            "mortality": batch.mortality,
+            "length_of_stay": batch.los_class,
+        }[task]
+
+        def cpu(t: torch.Tensor) -> np.ndarray:
+            return t.detach().float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
+
+        return cls(
+            task=task,
+            logits=cpu(output.logits),
+            labels=cpu(labels),
+            subject_id=cpu(batch.subject_id),
+            stay_id=cpu(batch.stay_id),
+            hospital=cpu(batch.hospital),
+            region_attention=cpu(output.region_attention),
+        )
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[Predictions]) -> Predictions:
+        """Join shards of predictions (from batches, workers or sites) of one task, in order."""
+        if not parts:
+            raise ValueError("no predictions to concatenate")
+        tasks = {p.task for p in parts}
+        if len(tasks) != 1:
+            raise ValueError(f"cannot concatenate predictions of different tasks {sorted(tasks)}")
+        arrays = {
+            f.name: np.concatenate([getattr(p, f.name) for p in parts])
+            for f in fields(cls)
+            if f.name != "task"
+        }
+        return cls(task=parts[0].task, **arrays)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The fields as a dict of numpy arrays (the task as a 0-d string array), for transport."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "task"}
+        out["task"] = np.array(self.task)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Predictions:
+        """Inverse of ``to_arrays``."""
+        values = {f.name: np.asarray(arrays[f.name]) for f in fields(cls) if f.name != "task"}
+        return cls(task=str(arrays["task"]), **values)
+
+
+def _class_curves(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """One-vs-rest macro AUROC and macro PR-AUC (trapezoid) of probs [n, C] against labels [n].
+
+    AUROC averages the classes with both positive and negative rows; PR-AUC the classes with at
+    least one positive row. NaN where no class qualifies.
+    """
+    aurocs, pr_aucs = [], []
+    for c in range(probs.shape[1]):
+        positive = labels == c
+        n_pos = int(positive.sum())
+        if n_pos == 0:
+            continue
+        precision, recall, _ = precision_recall_curve(positive, probs[:, c])
+        pr_aucs.append(auc(recall, precision))
+        if n_pos < len(labels):
+            aurocs.append(roc_auc_score(positive, probs[:, c]))
+    auroc = float(np.mean(aurocs)) if aurocs else float("nan")
+    pr_auc = float(np.mean(pr_aucs)) if pr_aucs else float("nan")
+    return auroc, pr_auc
+
+
+def multiclass_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Macro precision/recall/F1, accuracy, Cohen's kappa, OvR AUROC and macro PR-AUC.
+
+    probs [n, C] (rows sum to 1), labels [n] in 0..C-1, every row counts. NaN everywhere when
+    n = 0.
+    """
+    if len(labels) == 0:
+        return {k: float("nan") for k in (*_CLASS_METRICS, "accuracy", "kappa")}
+    pred = probs.argmax(axis=1)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, pred, average="macro", zero_division=0
+    )
+    auroc, pr_auc = _class_curves(labels, probs)
+    return {
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "auroc": auroc,
+        "auprc": pr_auc,
+        "accuracy": float(accuracy_score(labels, pred)),
+        "kappa": float(cohen_kappa_score(labels, pred)) if len(labels) > 1 else float("nan"),
+    }
+
+
+def progression_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Per-finding metrics on labelled rows (code != 3), and their mean over findings.
+
+    probs [N, K, 3], labels [N, K] with codes 0..3. Keys: ``precision``, ``recall``, ``f1``,
+    ``auroc``, ``auprc`` (means over findings), ``n_findings/<metric>``, and
+    ``per_finding/<finding>/<metric>`` plus ``per_finding/<finding>/n`` (labelled rows).
+    """
+    _check_rows(probs, labels)
+    if probs.shape[1:] != (vocab.NUM_FINDINGS, vocab.NUM_PROGRESSION_CLASSES):
+        raise ValueError(f"progression probabilities have shape {probs.shape}, expected [N, K, 3]")
+    out: dict[str, float] = {}
+    per_metric: dict[str, list[float]] = {m: [] for m in _CLASS_METRICS}
+    for k, finding in enumerate(vocab.FINDINGS):
+        labelled = labels[:, k] != vocab.NOT_MENTIONED
+        scores = multiclass_metrics(probs[labelled, k], labels[labelled, k])
+        out[f"per_finding/{finding}/n"] = float(labelled.sum())
+        for m in _CLASS_METRICS:
+            out[f"per_finding/{finding}/{m}"] = scores[m]
+            per_metric[m].append(scores[m])
+    for m, values in per_metric.items():
+        finite = [v for v in values if not np.isnan(v)]
+        out[m] = float(np.mean(finite)) if finite else float("nan")
+        out[f"n_findings/{m}"] = float(len(finite))
+    return out
+
+
+def mortality_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """AUROC and AUPRC (average precision) of probs [N] against labels [N] in {0, 1}.
+
+    Rows labelled IGNORE_INDEX do not count; NaN when the counted labels hold one class.
+    """
+    _check_rows(probs, labels)
+    keep = labels != IGNORE_INDEX
+    y, p = labels[keep], probs[keep]
+    if len(np.unique(y)) < 2:
+        return {"auroc": float("nan"), "auprc": float("nan")}
+    return {
+        "auroc": float(roc_auc_score(y, p)),
+        "auprc": float(average_precision_score(y, p)),
+    }
+
+
+def length_of_stay_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Kappa, accuracy, macro P/R/F1, OvR AUROC and macro PR-AUC over 4 LOS classes.
+
+    probs [N, 4], labels [N]; rows labelled IGNORE_INDEX do not count.
+    """
+    _check_rows(probs, labels)
+    keep = labels != IGNORE_INDEX
+    return multiclass_metrics(probs[keep], labels[keep])
+
+
+TASK_METRICS: dict[str, MetricFn] = {
+    "disease_progression": progression_metrics,
+    "mortality": mortality_metrics,
+    "length_of_stay": length_of_stay_metrics,
+}
+
+
+def compute_metrics(predictions: Predictions) -> dict[str, float]:
+    """The task's metrics on a whole (gathered) set of predictions."""
+    return TASK_METRICS[predictions.task](predictions.probabilities, predictions.labels)
+
+
+def _check_rows(probs: np.ndarray, labels: np.ndarray) -> None:
+    if probs.shape[0] != labels.shape[0]:
+        raise ValueError(f"{probs.shape[0]} rows of probabilities but {labels.shape[0]} labels")
+
+
+def bootstrap_ci(
+    metric_fn: MetricFn,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap interval of every metric ``metric_fn(probs, labels)`` returns.
+
+    Rows (samples; for progression a row holds all K findings of a sample) are drawn with
+    replacement ``n`` times. A resample where a metric is undefined (NaN, e.g. one class
+    only) is left out of that metric's interval; a metric undefined in every resample gets
+    (NaN, NaN).
+    """
+    _check_rows(probs, labels)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    rows = labels.shape[0]
+    draws: dict[str, list[float]] = {}
+    for _ in range(n):
+        idx = rng.integers(0, rows, size=rows)
+        for key, value in metric_fn(probs[idx], labels[idx]).items():
+            draws.setdefault(key, []).append(value)
+    tail = 100.0 * (1.0 - level) / 2.0
+    out = {}
+    for key, values in draws.items():
+        arr = np.asarray(values, dtype=np.float64)
+        arr = arr[~np.isnan(arr)]
+        if arr.size == 0:
+            out[key] = (float("nan"), float("nan"))
+        else:
+            low, high = np.percentile(arr, [tail, 100.0 - tail])
+            out[key] = (float(low), float(high))
+    return out
+
+
+def mean_std_over_seeds(
+    results: Sequence[Mapping[str, float]], ddof: int = 1
+) -> dict[str, tuple[float, float]]:
+    """Mean and standard deviation (``ddof=1``: the sample std) of each metric over seed runs.
+
+    Only keys present in every run are summarised; a single run gets std NaN with ddof=1.
+    """
+    if not results:
+        raise ValueError("no results to summarise")
+    keys = set(results[0]).intersection(*results[1:])
+    out = {}
+    for key in sorted(keys):
+        values = np.asarray([r[key] for r in results], dtype=np.float64)
+        std = float(np.std(values, ddof=ddof)) if len(values) > ddof else float("nan")
+        out[key] = (float(np.mean(values)), std)
+    return out
