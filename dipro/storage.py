@@ -1,0 +1,165 @@
+"""Paths that work on one machine and across a cluster: local paths and filesystem URIs.
+
+Every place that names a file or directory (shard roots, Ray Train's ``storage_path``, metric
+files) accepts either a local path (``outputs/runs``, ``/mnt/nfs/dipro``) or a URI that
+:func:`pyarrow.fs.FileSystem.from_uri` understands (``file:///...``, ``s3://bucket/prefix``,
+``gs://bucket/prefix``, ``abfs://container@account.dfs.core.windows.net/prefix``,
+``hdfs://namenode:8020/prefix``). Credentials come from the environment of the process (IAM
+instance profile, ``AWS_*`` / ``GOOGLE_APPLICATION_CREDENTIALS`` variables), never from config.
+
+Atomic writes. A reader must never see a half-written file. On a local or HDFS filesystem a
+file is written under a temporary name in the same directory and renamed over the target, which
+is atomic. Object stores (S3, GCS, Azure Blob) have no rename: a "move" is a server-side copy
+followed by a delete. There an atomic write means: upload to a temporary key, copy it to the
+final key once the upload has completed (an object becomes visible whole or not at all), then
+delete the temporary key; a writer that fails part-way deletes its temporary key and leaves the
+final key untouched. Temporary names start with ``.`` and end with ``.tmp`` so that Parquet
+readers (which skip hidden files and read ``*.parquet`` only) never pick them up.
+
+Outputs made of several files (a directory of shards) cannot be published atomically on an
+object store at all: write every file, then write a small marker file last, and let readers
+treat a directory without its marker as incomplete.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+# Filesystems whose rename replaces the target atomically (pyarrow ``type_name`` values).
+_ATOMIC_RENAME = frozenset({"local", "hdfs"})
+_LOCAL_SCHEMES = frozenset({"", "file", "local"})
+
+
+def _scheme(uri: str) -> str:
+    """URI scheme in lower case; ``""`` for a plain path (Windows drive letters included)."""
+    if "://" not in uri:
+        return ""
+    return urlsplit(uri).scheme.lower()
+
+
+def is_remote(uri: str | os.PathLike[str]) -> bool:
+    """True when ``uri`` names another machine's storage (``s3://``, ``gs://``, ``hdfs://``...).
+
+    A local path is not remote even when it lies on an NFS mount: only the user knows that the
+    same path exists on every node.
+    """
+    return _scheme(os.fspath(uri)) not in _LOCAL_SCHEMES
+
+
+def resolve_filesystem(
+    uri: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
+) -> tuple[pafs.FileSystem, str]:
+    """Return the pyarrow filesystem that holds ``uri`` and the path of ``uri`` inside it.
+
+    With ``filesystem`` given, ``uri`` is taken as a path inside it (the convention of pyarrow
+    and of Ray's ``storage_filesystem``). Otherwise a plain path resolves to the local
+    filesystem with an absolute path, and a URI to the filesystem its scheme names.
+
+    Raises:
+        ValueError: the URI's scheme is not one pyarrow supports, or its bucket is missing.
+    """
+    text = os.fspath(uri)
+    if not text:
+        raise ValueError("empty path: give a local path or a URI such as s3://bucket/prefix")
+    if filesystem is not None:
+        return filesystem, text
+    if _scheme(text) == "":
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
+    try:
+        return pafs.FileSystem.from_uri(text)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ValueError(f"cannot open storage URI {text!r}: {err}") from err
+
+
+def join(base: str | os.PathLike[str], *parts: str) -> str:
+    """Join path components onto a local path or a URI, keeping scheme, host and query.
+
+    ``join("s3://b/runs?region=eu-west-1", "r1", "metrics.json")`` gives
+    ``"s3://b/runs/r1/metrics.json?region=eu-west-1"``.
+    """
+    text = os.fspath(base)
+    if _scheme(text) == "":
+        return os.path.join(text, *parts)
+    split = urlsplit(text)
+    path = posixpath.join(split.path or "/", *parts)
+    return urlunsplit((split.scheme, split.netloc, path, split.query, split.fragment))
+
+
+def exists(uri: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> bool:
+    """True when a file or directory exists at ``uri``."""
+    fs, path = resolve_filesystem(uri, filesystem)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def open_read(
+    uri: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
+) -> pa.NativeFile:
+    """Open ``uri`` for random-access reading (use as a context manager).
+
+    Raises:
+        FileNotFoundError: nothing exists at ``uri`` (the message names it).
+    """
+    fs, path = resolve_filesystem(uri, filesystem)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"no file at {os.fspath(uri)!r}")
+    return fs.open_input_file(path)
+
+
+def read_bytes(uri: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None) -> bytes:
+    """The whole content of the file at ``uri``."""
+    with open_read(uri, filesystem) as f:
+        return f.read()
+
+
+def has_atomic_rename(filesystem: pafs.FileSystem) -> bool:
+    """True when renaming a file on ``filesystem`` atomically replaces the target."""
+    while isinstance(filesystem, pafs.SubTreeFileSystem):
+        filesystem = filesystem.base_fs
+    return filesystem.type_name in _ATOMIC_RENAME
+
+
+@contextmanager
+def atomic_write(
+    uri: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
+) -> Iterator[pa.NativeFile]:
+    """Yield a stream whose bytes appear at ``uri`` only once the block exits without error.
+
+    The stream writes a temporary file beside the target. On success it is renamed over the
+    target where the filesystem renames atomically, or copied to it and deleted on an object
+    store (module docstring). On error the temporary file is deleted and the target keeps its
+    previous content. Parent directories are created on filesystems that have them.
+    """
+    fs, path = resolve_filesystem(uri, filesystem)
+    parent, name = posixpath.split(path)
+    if not name:
+        raise ValueError(f"{os.fspath(uri)!r} names a directory, not a file")
+    tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+    atomic_rename = has_atomic_rename(fs)
+    if atomic_rename and parent:
+        fs.create_dir(parent, recursive=True)
+    try:
+        with fs.open_output_stream(tmp) as stream:
+            yield stream
+        if atomic_rename:
+            fs.move(tmp, path)
+        else:
+            fs.copy_file(tmp, path)
+    finally:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+
+
+def write_bytes_atomic(
+    uri: str | os.PathLike[str], data: bytes, filesystem: pafs.FileSystem | None = None
+) -> None:
+    """Write ``data`` to ``uri`` atomically (see :func:`atomic_write`)."""
+    with atomic_write(uri, filesystem) as stream:
+        stream.write(data)
