@@ -1,0 +1,6 @@
+"""The DiPro model: ``build_model(model_cfg, task)`` and ``DiPro.forward(batch) -> DiProOutput``."""
+
+from dipro.model.dipro import DiPro, build_model
+from dipro.model.output import DiProOutput
+
+__all__ = ["DiPro", "DiProOutput", "build_model"]

@@ -1,0 +1,280 @@
+"""DiPro assembled (DIPRO_SPEC.md sections 1-5): region features -> STD -> PAE -> MMF -> static
+fusion -> task heads. ``build_model`` holds the numbers; ``DiPro`` receives built parts.
+
+    F          = RegionEncoder(crops | features)                               [B, T, R, D]
+    z          = [F[t_i] || F[t_{i+1}]],  z~ = reverse_pair(z)                  [B, P, R, 2D]
+    S, Dy      = f_s(z), f_d(z);  S~, Dy~ = f_s(z~), f_d(z~)                    [B, P, R, D]
+    y^, y~     = f_k(Dy), f_k(Dy~)                                              [B, P, R, K, 3]
+    E_global   = EHREncoder(EHR)                                                [B, 1+L, D]
+    E_local    = LocalEHRAttention(E_global, interval masks)                    [B, P, L, D]
+    Dy_fuse    = LocalFusion(Dy, E_local)                                       [B, P, R, D]
+    H          = GlobalFusion(E_global, Dy_fuse)                                [B, 1+L, D]
+    c          = FinalFusion([task CLS || Dy_fuse || H])                        [B, C, D]
+    c'         = StaticFusion(c, GE([S || demographics]))                       [B, C, D]
+    logits     = TaskHeads(c')                        [B, K, 3] | [B] | [B, 4]
+
+C task tokens: one per finding for progression (K heads of 3 logits), one for mortality and
+length of stay. Mask convention: True = valid.
+
+Ablations (``model_cfg["ablation"]``), each a real variant:
+- std=False: one shared projection f(z) feeds both the static and the dynamic paths; the output's
+  static / dynamic / static_rev are None (no L_orth, L_temp, L_static).
+- pae=False: no reversed pass and no region heads; static_rev and region logits are None.
+- local_fusion=False: Dy_fuse = Dy (no interval EHR).  global_fusion=False: H = E_global.
+- ehr=False: CXR-only; the EHR branch is not built, so the two fusions above are absent too and
+  the final encoder runs over [task CLS || Dy].
+- longitudinal=False: last-CXR-only; each sample keeps only its last pair (last two CXRs). The
+  outputs keep the batch's P with zeros on the other pairs and pair_region_mask False there.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from dipro import vocab
+from dipro.data.collate import Batch
+from dipro.model.ehr import EHREncoder, LocalEHRAttention
+from dipro.model.fusion import FinalFusion, GlobalFusion, LocalFusion
+from dipro.model.group import StaticFusion, TaskHeads
+from dipro.model.output import DiProOutput
+from dipro.model.pae import RegionHeads, reverse_pair
+from dipro.model.regions import BACKBONES, CropBackbone, RegionEncoder, build_backbone
+from dipro.model.std import Disentangler, SharedProjection, pair_tokens
+
+ABLATIONS: tuple[str, ...] = ("std", "pae", "local_fusion", "global_fusion", "ehr", "longitudinal")
+MODEL_KEYS: tuple[str, ...] = (
+    "region_mode",
+    "backbone",
+    "pretrained_weights",
+    "feature_dim",
+    "d_model",
+    "num_heads",
+    "num_layers",
+    "fusion_layers",
+    "num_groups",
+    "dropout",
+    "ehr_use_observed",
+    "ablation",
+)
+
+
+def _take_pairs(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] gathered along dim 1 at index [B, n] -> [B, n, ...]."""
+    view = index.view(*index.shape, *([1] * (x.dim() - 2)))
+    return x.gather(1, view.expand(*index.shape, *x.shape[2:]))
+
+
+def _scatter_pair(
+    x: torch.Tensor | None, last: torch.Tensor, num_pairs: int
+) -> torch.Tensor | None:
+    """x [B, 1, ...] for each sample's last pair -> [B, num_pairs, ...], zeros elsewhere."""
+    if x is None:
+        return None
+    out = x.new_zeros(x.shape[0], num_pairs, *x.shape[2:])
+    out[torch.arange(x.shape[0], device=x.device), last] = x[:, 0]
+    return out
+
+
+class DiPro(nn.Module):
+    """The DiPro model; ``forward(batch) -> DiProOutput`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        task: str,
+        regions: RegionEncoder,
+        std: Disentangler | SharedProjection,
+        region_heads: RegionHeads | None,
+        ehr: EHREncoder | None,
+        local_ehr: LocalEHRAttention | None,
+        local_fusion: LocalFusion | None,
+        global_fusion: GlobalFusion | None,
+        final_fusion: FinalFusion,
+        static_fusion: StaticFusion,
+        heads: TaskHeads,
+        longitudinal: bool = True,
+    ) -> None:
+        super().__init__()
+        if task not in vocab.TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(vocab.TASKS)}")
+        if (local_ehr is None) != (local_fusion is None):
+            raise ValueError("local EHR attention and local fusion go together")
+        if ehr is None and (local_fusion is not None or global_fusion is not None):
+            raise ValueError("local and global fusion need the EHR encoder")
+        self.task = task
+        self.regions = regions
+        self.std = std
+        self.region_heads = region_heads
+        self.ehr = ehr
+        self.local_ehr = local_ehr
+        self.local_fusion = local_fusion
+        self.global_fusion = global_fusion
+        self.final_fusion = final_fusion
+        self.static_fusion = static_fusion
+        self.heads = heads
+        self.longitudinal = longitudinal
+        self.disentangled = isinstance(std, Disentangler)
+
+    def forward(self, batch: Batch) -> DiProOutput:
+        cxr_times, cxr_mask, pair_mask = batch.cxr_times, batch.cxr_mask, batch.pair_mask
+        region_present, crops, features = batch.region_present, batch.crops, batch.features
+        B, num_pairs = pair_mask.shape
+        last = (cxr_mask.sum(dim=1) - 2).clamp(min=0)  # [B], first CXR of each sample's last pair
+        if not self.longitudinal:
+            index = torch.stack([last, last + 1], dim=1)  # [B, 2]
+            cxr_times = _take_pairs(cxr_times, index)  # [B, 2]
+            cxr_mask = torch.ones_like(cxr_mask[:, :2])  # [B, 2]
+            pair_mask = torch.ones_like(pair_mask[:, :1])  # [B, 1]
+            region_present = _take_pairs(region_present, index)  # [B, 2, R]
+            crops = None if crops is None else _take_pairs(crops, index)  # [B, 2, R, S, S]
+            features = None if features is None else _take_pairs(features, index)  # [B, 2, R, F]
+
+        feats = self.regions(region_present, cxr_mask, crops=crops, features=features)  # [B,T,R,D]
+        z = pair_tokens(feats)  # [B, P, R, 2D]
+        R = z.shape[2]
+        token_valid = pair_mask.unsqueeze(-1).expand(-1, -1, R)  # [B, P, R]
+        region_mask = token_valid & region_present[:, :-1] & region_present[:, 1:]  # [B, P, R]
+
+        static_rev = region_logits = region_logits_rev = None
+        if self.region_heads is not None:
+            z_both = torch.cat([z, reverse_pair(z)], dim=0)  # [2B, P, R, 2D]: one BN batch
+            static_both, dynamic_both = self.std(z_both, token_valid.repeat(2, 1, 1))
+            static, static_rev = static_both.chunk(2, dim=0)  # two [B, P, R, D]
+            dynamic, dynamic_rev = dynamic_both.chunk(2, dim=0)
+            region_logits = self.region_heads(dynamic)  # [B, P, R, K, 3]
+            region_logits_rev = self.region_heads(dynamic_rev)
+        else:
+            static, dynamic = self.std(z, token_valid)  # two [B, P, R, D]
+
+        ehr_tokens = ehr_valid = None
+        fused = dynamic  # [B, P, R, D]
+        if self.ehr is not None:
+            ehr_tokens, ehr_valid = self.ehr(
+                batch.ehr_values, batch.ehr_observed, batch.ehr_times, batch.ehr_mask
+            )  # [B, 1+L, D], [B, 1+L]
+            if self.local_ehr is not None and self.local_fusion is not None:
+                local, in_interval = self.local_ehr(
+                    ehr_tokens[:, 1:], batch.ehr_times, batch.ehr_mask, cxr_times, pair_mask
+                )  # [B, P, L, D], [B, P, L]
+                fused = self.local_fusion(dynamic, local, in_interval)
+        dyn_tokens = fused.flatten(1, 2)  # [B, P*R, D]
+        dyn_valid = token_valid.flatten(1)  # [B, P*R]
+        if self.global_fusion is not None and ehr_tokens is not None:
+            ehr_tokens = self.global_fusion(ehr_tokens, dyn_tokens, dyn_valid)  # H [B, 1+L, D]
+
+        cls, attn = self.final_fusion(dyn_tokens, dyn_valid, ehr_tokens, ehr_valid)
+        cls = self.static_fusion(cls, static.flatten(1, 2), dyn_valid, batch.demographics)
+        logits = self.heads(cls)  # [B, C, out]
+        if self.task == "disease_progression":
+            pass  # [B, K, 3]
+        elif self.task == "mortality":
+            logits = logits.view(B)  # [B]
+        else:
+            logits = logits[:, 0]  # [B, 4]
+
+        per_region = attn.reshape(B, attn.shape[1], -1, R).sum(dim=2).mean(dim=1)  # [B, R]
+        region_attention = per_region / per_region.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+
+        if not self.longitudinal:
+            static, dynamic, static_rev, region_logits, region_logits_rev, region_mask = (
+                _scatter_pair(x, last, num_pairs)
+                for x in (
+                    static,
+                    dynamic,
+                    static_rev,
+                    region_logits,
+                    region_logits_rev,
+                    region_mask,
+                )
+            )
+        disentangled = self.disentangled
+        return DiProOutput(
+            logits=logits,
+            static=static if disentangled else None,
+            dynamic=dynamic if disentangled else None,
+            static_rev=static_rev if disentangled else None,
+            region_logits=region_logits,
+            region_logits_rev=region_logits_rev,
+            pair_region_mask=region_mask,
+            region_attention=region_attention,
+        )
+
+
+def _check_config(model_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
+    cfg = dict(model_cfg)
+    missing = [k for k in MODEL_KEYS if k not in cfg]
+    unknown = sorted(set(cfg) - set(MODEL_KEYS))
+    if missing or unknown:
+        raise ValueError(
+            f"model config: missing keys {missing}, unknown keys {unknown}; "
+            f"expected exactly {list(MODEL_KEYS)}"
+        )
+    ablation = dict(cfg["ablation"])
+    if set(ablation) != set(ABLATIONS):
+        raise ValueError(
+            f"model config: ablation has keys {sorted(ablation)}, expected {sorted(ABLATIONS)}"
+        )
+    if cfg["region_mode"] not in ("crops", "features"):
+        raise ValueError(f"model config: region_mode {cfg['region_mode']!r} is not crops/features")
+    if cfg["d_model"] % cfg["num_heads"] or cfg["d_model"] % 2:
+        raise ValueError(
+            f"model config: d_model {cfg['d_model']} must be even and divisible by num_heads "
+            f"{cfg['num_heads']}"
+        )
+    return cfg, {k: bool(v) for k, v in ablation.items()}
+
+
+def build_model(model_cfg: Mapping[str, Any], task: str) -> DiPro:
+    """Build DiPro for ``task`` from the model config (configs/model/dipro.yaml after the task's
+    overrides, as a plain mapping). In crops mode the backbone weights come from the local file
+    ``pretrained_weights``; without one a warning says that the backbone starts random."""
+    cfg, ablation = _check_config(model_cfg)
+    D, heads, dropout = int(cfg["d_model"]), int(cfg["num_heads"]), float(cfg["dropout"])
+    R, K = vocab.NUM_REGIONS, vocab.NUM_FINDINGS
+    if cfg["region_mode"] == "crops":
+        if cfg["pretrained_weights"] is None:
+            warnings.warn(
+                f"model config: no pretrained_weights given; the {cfg['backbone']} backbone starts "
+                "from random weights",
+                UserWarning,
+                stacklevel=2,
+            )
+        backbone = CropBackbone(build_backbone(cfg["backbone"], cfg["pretrained_weights"]))
+        regions = RegionEncoder(backbone, BACKBONES[cfg["backbone"]], D, R, dropout)
+    else:
+        regions = RegionEncoder(None, int(cfg["feature_dim"]), D, R, dropout)
+
+    std = Disentangler(D, dropout) if ablation["std"] else SharedProjection(D, dropout)
+    ehr = local_ehr = local_fusion = global_fusion = None
+    if ablation["ehr"]:
+        ehr = EHREncoder(
+            vocab.NUM_EHR, D, heads, int(cfg["num_layers"]), dropout, bool(cfg["ehr_use_observed"])
+        )
+        if ablation["local_fusion"]:
+            local_ehr = LocalEHRAttention(D, heads, dropout)
+            local_fusion = LocalFusion(D, heads, dropout)
+        if ablation["global_fusion"]:
+            global_fusion = GlobalFusion(D, heads, dropout)
+
+    num_tokens = K if task == "disease_progression" else 1
+    out_dim = vocab.task_output_dim(task) // num_tokens
+    return DiPro(
+        task=task,
+        regions=regions,
+        std=std,
+        region_heads=RegionHeads(D, K) if ablation["pae"] else None,
+        ehr=ehr,
+        local_ehr=local_ehr,
+        local_fusion=local_fusion,
+        global_fusion=global_fusion,
+        final_fusion=FinalFusion(D, heads, int(cfg["fusion_layers"]), num_tokens, dropout),
+        static_fusion=StaticFusion(
+            D, heads, int(cfg["num_groups"]), vocab.NUM_DEMOGRAPHICS, dropout
+        ),
+        heads=TaskHeads(D, num_tokens, out_dim),
+        longitudinal=ablation["longitudinal"],
+    )
