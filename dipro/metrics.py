@@ -88,9 +88,7 @@ class Predictions:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, np.ndarray) and value.shape[0] != n:
-                raise ValueError(
-                    f"Predictions.{f.name} has {value.shape[0]} rows, logits have {n}"
-                )
+                raise ValueError(f"Predictions.{f.name} has {value.shape[0]} rows, logits have {n}")
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])

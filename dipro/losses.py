@@ -1,0 +1,316 @@
+"""The DiPro training objective (DIPRO_SPEC.md section 6).
+
+    L = l_ce * L_task + l_orth * L_orth + l_temp * L_temp + l_static * L_static + l_dyn * L_dyn
+
+L_task per task:
+
+- disease_progression: sum over the K findings of the class-weighted cross-entropy over the rows
+  labelled for that finding (code 3, not mentioned, is masked), the weighted mean
+  sum(w_y * ce) / sum(w_y), with w_c = N / (3 n_c) counted on the training split per finding;
+- mortality: binary cross-entropy with logits, pos_weight = n_negative / n_positive of the
+  training split (the authors passed the positive fraction, which down-weights positives);
+- length_of_stay: cross-entropy.
+
+Rows labelled IGNORE_INDEX (mortality, LOS) do not count. The auxiliary terms are the paper's
+formulas in ``dipro.model.std`` and ``dipro.model.pae``, averaged over the output's
+``pair_region_mask``; a term whose inputs an ablation removes (None in ``DiProOutput``)
+contributes nothing and is absent from the logged components. L_dyn uses class weights counted
+the same way on the region-level labels.
+
+Class weights and pos_weight come from ``LabelCounts`` of the training split (counts add up
+across shards and federated sites), turned into a json-able ``ClassWeights`` that travels in the
+checkpoint; ``DiProLoss`` is built once from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dipro import vocab
+from dipro.data.collate import IGNORE_INDEX, Batch
+from dipro.model.output import DiProOutput
+from dipro.model.pae import dynamic_loss, region_cross_entropy, static_consistency_loss
+from dipro.model.std import orthogonality_loss, temporal_consistency_loss
+
+K, C = vocab.NUM_FINDINGS, vocab.NUM_PROGRESSION_CLASSES
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The lambdas of the total loss, from the config's ``loss`` mapping."""
+
+    ce: float
+    orth: float
+    temp: float
+    static: float
+    dyn: float
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> LossWeights:
+        """Exactly the keys ce, orth, temp, static, dyn; a missing or unknown key is an error."""
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in cfg]
+        unknown = sorted(set(cfg) - set(names))
+        if missing or unknown:
+            raise ValueError(
+                f"loss config: missing keys {missing}, unknown keys {unknown}; expected {names}"
+            )
+        return cls(**{n: float(cfg[n]) for n in names})
+
+
+def _codes(values: np.ndarray, num_classes: int, ignore: int) -> np.ndarray:
+    """Counts of 0..num_classes-1 in ``values``, skipping ``ignore``."""
+    values = np.asarray(values).reshape(-1)
+    values = values[values != ignore]
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+        raise ValueError(f"label codes outside 0..{num_classes - 1} (besides {ignore})")
+    return np.bincount(values.astype(np.int64), minlength=num_classes)
+
+
+def _finding_codes(codes: np.ndarray) -> np.ndarray:
+    """Counts [K, 3] of progression codes per finding; codes [..., K], code 3 skipped."""
+    codes = np.asarray(codes).reshape(-1, K)
+    return np.stack([_codes(codes[:, k], C, vocab.NOT_MENTIONED) for k in range(K)])
+
+
+@dataclass(frozen=True)
+class LabelCounts:
+    """Label counts of a split; ``a + b`` pools shards, workers or sites.
+
+    progression [K, 3] finding-level codes per finding; region [K, 3] region-level codes per
+    finding (over pairs and regions); mortality [2]; los [4]. Not-mentioned and absent labels
+    are not counted.
+    """
+
+    progression: np.ndarray
+    region: np.ndarray
+    mortality: np.ndarray
+    los: np.ndarray
+
+    @classmethod
+    def zeros(cls) -> LabelCounts:
+        return cls(
+            np.zeros((K, C), np.int64),
+            np.zeros((K, C), np.int64),
+            np.zeros(2, np.int64),
+            np.zeros(vocab.NUM_LOS_CLASSES, np.int64),
+        )
+
+    @classmethod
+    def from_labels(
+        cls,
+        *,
+        progression: np.ndarray,
+        region_labels: np.ndarray,
+        mortality: np.ndarray,
+        los_class: np.ndarray,
+    ) -> LabelCounts:
+        """Count label arrays: progression [N, K], region_labels [N, P, R, K] (or any [..., K]),
+        mortality [N] and los_class [N] with IGNORE_INDEX where absent."""
+        return cls(
+            _finding_codes(progression),
+            _finding_codes(region_labels),
+            _codes(mortality, 2, IGNORE_INDEX),
+            _codes(los_class, vocab.NUM_LOS_CLASSES, IGNORE_INDEX),
+        )
+
+    @classmethod
+    def from_batch(cls, batch: Batch) -> LabelCounts:
+        return cls.from_labels(
+            progression=batch.progression.cpu().numpy(),
+            region_labels=batch.region_labels.cpu().numpy(),
+            mortality=batch.mortality.cpu().numpy(),
+            los_class=batch.los_class.cpu().numpy(),
+        )
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> LabelCounts:
+        """Count the label columns of a table of sample records (only those columns are read)."""
+
+        def flat(name: str) -> np.ndarray:
+            return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+        def scalar(name: str, missing: float) -> np.ndarray:
+            col = table.column(name).combine_chunks().to_numpy(zero_copy_only=False)
+            return np.where(np.isnan(col.astype(np.float64)), missing, col)
+
+        los_days = scalar("los_days", np.nan)
+        los = np.array(
+            [IGNORE_INDEX if np.isnan(d) else vocab.los_class(d) for d in los_days], np.int64
+        )
+        return cls.from_labels(
+            progression=flat("progression"),
+            region_labels=flat("region_labels"),
+            mortality=scalar("mortality", IGNORE_INDEX).astype(np.int64),
+            los_class=los,
+        )
+
+    def __add__(self, other: LabelCounts) -> LabelCounts:
+        return LabelCounts(
+            *(getattr(self, f.name) + getattr(other, f.name) for f in fields(LabelCounts))
+        )
+
+    def to_dict(self) -> dict[str, list]:
+        return {f.name: getattr(self, f.name).tolist() for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LabelCounts:
+        return cls(*(np.asarray(data[f.name], np.int64) for f in fields(cls)))
+
+
+def count_labels(batches: Iterable[Batch]) -> LabelCounts:
+    """LabelCounts of all batches (e.g. one pass over the training split)."""
+    total = LabelCounts.zeros()
+    for batch in batches:
+        total = total + LabelCounts.from_batch(batch)
+    return total
+
+
+def balanced_class_weights(counts: np.ndarray) -> np.ndarray:
+    """w_c = N / (C n_c) along the last axis of counts [..., C].
+
+    A class absent from the counts gets weight 0 (it has no rows to weigh); a row of counts that
+    is all zero (nothing labelled) gets weight 1 for every class.
+    """
+    counts = np.asarray(counts, np.float64)
+    n = counts.sum(-1, keepdims=True)
+    weights = np.divide(n, counts.shape[-1] * counts, out=np.zeros_like(counts), where=counts > 0)
+    return np.where(n > 0, weights, 1.0)
+
+
+@dataclass(frozen=True)
+class ClassWeights:
+    """Loss weights counted on the training split; json-able through ``to_dict``.
+
+    progression [K, 3]: finding-level task loss; region [K, 3]: L_dyn; mortality_pos_weight:
+    n_negative / n_positive (1.0 when a class is absent from the split).
+    """
+
+    progression: tuple[tuple[float, ...], ...]
+    region: tuple[tuple[float, ...], ...]
+    mortality_pos_weight: float
+
+    @classmethod
+    def from_counts(cls, counts: LabelCounts) -> ClassWeights:
+        neg, pos = (int(x) for x in counts.mortality)
+        return cls(
+            progression=tuple(map(tuple, balanced_class_weights(counts.progression).tolist())),
+            region=tuple(map(tuple, balanced_class_weights(counts.region).tolist())),
+            mortality_pos_weight=neg / pos if pos > 0 and neg > 0 else 1.0,
+        )
+
+    @classmethod
+    def uniform(cls) -> ClassWeights:
+        """All weights 1: an unweighted loss."""
+        ones = tuple((1.0,) * C for _ in range(K))
+        return cls(progression=ones, region=ones, mortality_pos_weight=1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "progression": [list(r) for r in self.progression],
+            "region": [list(r) for r in self.region],
+            "mortality_pos_weight": self.mortality_pos_weight,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClassWeights:
+        def table(name: str) -> tuple[tuple[float, ...], ...]:
+            arr = np.asarray(data[name], np.float64)
+            if arr.shape != (K, C):
+                raise ValueError(f"class weights {name!r}: shape {arr.shape}, expected {(K, C)}")
+            return tuple(map(tuple, arr.tolist()))
+
+        return cls(table("progression"), table("region"), float(data["mortality_pos_weight"]))
+
+
+def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the True entries of ``keep``; 0 (with a graph) when none."""
+    keep = keep.to(values.dtype)
+    return (values * keep).sum() / keep.sum().clamp(min=1.0)
+
+
+class DiProLoss(nn.Module):
+    """Total loss of one task; build once per run, call ``loss_fn(output, batch)`` each step.
+
+    Returns the total (a scalar tensor) and the unweighted components as floats: ``task`` and
+    whichever of ``orth``, ``temp``, ``static``, ``dyn`` the output supports.
+    """
+
+    def __init__(self, task: str, weights: LossWeights, class_weights: ClassWeights) -> None:
+        super().__init__()
+        if task not in vocab.TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {vocab.TASKS}")
+        self.task = task
+        self.weights = weights
+        self.class_weights = class_weights
+        self.register_buffer(
+            "progression_weight", torch.tensor(class_weights.progression), persistent=False
+        )
+        self.register_buffer("region_weight", torch.tensor(class_weights.region), persistent=False)
+        self.register_buffer(
+            "pos_weight", torch.tensor(class_weights.mortality_pos_weight), persistent=False
+        )
+
+    def task_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """L_task; logits [B, K, 3] / [B] / [B, 4] as in ``DiProOutput``."""
+        logits = logits.float()
+        if self.task == "disease_progression":
+            every_row = torch.ones_like(batch.progression[:, 0], dtype=torch.bool)  # [B]
+            return region_cross_entropy(
+                logits, batch.progression, every_row, self.progression_weight
+            )
+        if self.task == "mortality":
+            keep = batch.mortality != IGNORE_INDEX  # [B]
+            bce = F.binary_cross_entropy_with_logits(
+                logits,
+                batch.mortality.clamp(min=0).to(logits.dtype),
+                pos_weight=self.pos_weight,
+                reduction="none",
+            )
+            return _masked_mean(bce, keep)
+        keep = batch.los_class != IGNORE_INDEX  # [B]
+        ce = F.cross_entropy(logits, batch.los_class.clamp(min=0), reduction="none")
+        return _masked_mean(ce, keep)
+
+    def auxiliary_losses(self, output: DiProOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        """The auxiliary terms the output supports, keyed like ``LossWeights``."""
+        mask = output.pair_region_mask
+        terms: dict[str, torch.Tensor] = {}
+        if output.static is not None and output.dynamic is not None:
+            static, dynamic = output.static.float(), output.dynamic.float()
+            terms["orth"] = orthogonality_loss(static, dynamic, mask)
+            terms["temp"] = temporal_consistency_loss(static, mask)
+        if output.static is not None and output.static_rev is not None:
+            terms["static"] = static_consistency_loss(
+                output.static.float(), output.static_rev.float(), mask
+            )
+        if output.region_logits is not None and output.region_logits_rev is not None:
+            terms["dyn"] = dynamic_loss(
+                output.region_logits.float(),
+                output.region_logits_rev.float(),
+                batch.region_labels,
+                mask,
+                self.region_weight,
+            )
+        return terms
+
+    def forward(self, output: DiProOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        terms = {"task": self.task_loss(output.logits, batch)}
+        terms.update(self.auxiliary_losses(output, batch))
+        w = self.weights
+        lambdas = {"task": w.ce, "orth": w.orth, "temp": w.temp, "static": w.static, "dyn": w.dyn}
+        total = sum(lambdas[name] * value for name, value in terms.items())
+        return total, {name: float(value.detach()) for name, value in terms.items()}
+
+
+def build_loss(task: str, loss_cfg: Mapping[str, Any], counts: LabelCounts) -> DiProLoss:
+    """The loss of ``task`` with lambdas from the config and class weights from training counts."""
+    return DiProLoss(task, LossWeights.from_config(loss_cfg), ClassWeights.from_counts(counts))
