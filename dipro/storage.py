@@ -54,6 +54,24 @@ def is_remote(uri: str | os.PathLike[str]) -> bool:
     return _scheme(os.fspath(uri)) not in _LOCAL_SCHEMES
 
 
+def require_remote(uri: str | os.PathLike[str], what: str) -> None:
+    """Raise unless ``uri`` is on storage that other nodes reach (checked before a cluster run).
+
+    Args:
+        uri: the configured location.
+        what: the config key it came from, named in the error (``"storage_path"``).
+
+    Raises:
+        ValueError: ``uri`` is a path on this machine.
+    """
+    if not is_remote(uri):
+        raise ValueError(
+            f"{what}={os.fspath(uri)!r} is a path on this machine, which the other nodes of a "
+            "cluster cannot see: use a URI of shared storage (s3://, gs://, abfs://, hdfs://), "
+            "or an NFS path mounted on every node with scaling.require_remote_storage=false"
+        )
+
+
 def resolve_filesystem(
     uri: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
 ) -> tuple[pafs.FileSystem, str]:

@@ -48,6 +48,12 @@ def test_remote_means_another_machine() -> None:
     assert not storage.is_remote("outputs/runs")
 
 
+def test_cluster_runs_refuse_local_paths_by_name() -> None:
+    storage.require_remote("s3://bucket/runs", "storage_path")
+    with pytest.raises(ValueError, match=r"storage_path='outputs/runs' is a path on this machine"):
+        storage.require_remote("outputs/runs", "storage_path")
+
+
 def test_unknown_scheme_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="nosuchfs://bucket/x"):
         storage.resolve_filesystem("nosuchfs://bucket/x")
