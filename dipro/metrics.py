@@ -124,6 +124,26 @@ class Predictions:
         )
 
     @classmethod
+    def empty(cls, task: str) -> Predictions:
+        """No predictions (a worker or site with no batch), shaped for ``task``."""
+        logits = {
+            "disease_progression": np.zeros((0, vocab.NUM_FINDINGS, vocab.NUM_PROGRESSION_CLASSES)),
+            "mortality": np.zeros(0),
+            "length_of_stay": np.zeros((0, vocab.NUM_LOS_CLASSES)),
+        }[task].astype(np.float32)
+        labels = np.zeros((0, vocab.NUM_FINDINGS) if task == "disease_progression" else 0, np.int64)
+        ids = np.zeros(0, np.int64)
+        return cls(
+            task=task,
+            logits=logits,
+            labels=labels,
+            subject_id=ids,
+            stay_id=ids,
+            hospital=ids,
+            region_attention=np.zeros((0, vocab.NUM_REGIONS), np.float32),
+        )
+
+    @classmethod
     def concatenate(cls, parts: Sequence[Predictions]) -> Predictions:
         """Join shards of predictions (from batches, workers or sites) of one task, in order."""
         if not parts:

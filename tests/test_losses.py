@@ -124,6 +124,7 @@ def ref_class_weights(codes: np.ndarray) -> np.ndarray:
 
 
 def ref_orth(s: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> float:
+    s, d = s.detach(), d.detach()
     cos = (s * d).sum(-1) / (s.norm(dim=-1) * d.norm(dim=-1))
     return float((cos**2)[m].mean())
 
