@@ -12,6 +12,7 @@ import math
 import re
 import shlex
 import sys
+import tomllib
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,18 @@ def test_project_is_copied_to_and_installed_on_every_node(launcher: dict[str, An
     assert (ROOT / local / "pyproject.toml").is_file()  # `ray up` runs from the repository root
     installs = [c for c in launcher["setup_commands"] if "pip install" in c]
     assert installs and remote in shlex.split(installs[0])
+
+
+def test_image_copies_the_packages_and_configs_it_installs() -> None:
+    copied: set[str] = set()
+    for line in (CLUSTER_DIR / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            args = [a for a in line.split()[1:] if not a.startswith("--")]
+            copied.update(args[:-1])
+    assert all((ROOT / src).exists() for src in copied), copied
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        packages = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {p.rstrip("*") for p in packages} | {"pyproject.toml", "README.md", "configs"} <= copied
 
 
 # --- KubeRay ----------------------------------------------------------------------------------
