@@ -1,0 +1,50 @@
+"""Evaluation of a checkpoint alone on shards: the model, its normalisation statistics and its
+task all come from the checkpoint; the shards are read with plain pyarrow and the one collate."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dipro.checkpoint import CheckpointMeta, load_checkpoint
+from dipro.data.collate import collate
+from dipro.data.schema import model_columns
+from dipro.data.shards import iter_numpy_batches
+from dipro.engine import evaluate
+from dipro.metrics import Predictions
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Metrics of one checkpoint on one set of shards, with the predictions behind them."""
+
+    metrics: dict[str, float]
+    predictions: Predictions
+    meta: CheckpointMeta
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    shard_paths: Sequence[str],
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    amp_dtype: str | None = None,
+) -> EvaluationResult:
+    """Rebuild the model from ``checkpoint`` and score it on every record of ``shard_paths``.
+
+    EHR and demographics are normalised with the statistics stored in the checkpoint (those of
+    the data the model was trained on).
+    """
+    model, meta = load_checkpoint(checkpoint, map_location=str(device))
+    model.to(device)
+    columns = model_columns(meta.model_cfg["region_mode"])
+    batches = (
+        collate(columns_batch, meta.norm_stats)
+        for columns_batch in iter_numpy_batches(shard_paths, batch_size, columns)
+    )
+    metrics, predictions = evaluate(model, batches, device=device, amp_dtype=amp_dtype)
+    return EvaluationResult(metrics, predictions, meta)

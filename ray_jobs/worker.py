@@ -1,0 +1,221 @@
+"""The per-worker training loop of Ray Train: dataset shard -> ``dipro.engine`` -> report.
+
+Every worker runs ``train_loop_per_worker``. Each epoch it trains on its shard of the training
+split, predicts its shard of the validation split, gathers every worker's predictions, scores
+them once with the paper's metrics, and reports. Rank 0 writes the checkpoint (project format,
+``dipro.checkpoint``) and appends the epoch's metrics to ``{run_dir}/epoch_metrics.jsonl``.
+Early stopping is decided on the gathered metrics, so every rank stops at the same epoch.
+
+Resume: a worker group started on an existing run (a restart after a failure, or the same run
+name started again) gets the latest checkpoint from ``ray.train.get_checkpoint`` and continues
+with the next epoch: model, optimizer, scheduler, early-stopping state and epoch all come back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from dipro import checkpoint as ckpt_io
+from dipro import storage
+from dipro.data.normalize import NormStats
+from dipro.engine import build_optimizer, build_scheduler, evaluate, train_epoch
+from dipro.losses import ClassWeights, DiProLoss, LossWeights
+from dipro.metrics import Predictions, compute_metrics
+from dipro.model import build_model
+from ray_jobs.data import iter_batches
+
+CHECKPOINT_FILE = "model.pt"
+EPOCH_METRICS_FILE = "epoch_metrics.jsonl"
+FAULT_MARKER = "fault_injected"
+
+
+class InjectedFault(RuntimeError):
+    """Raised once by ``train.fail_at`` to test recovery from a worker failure."""
+
+
+def run_dir(cfg: dict[str, Any]) -> str:
+    """Where Ray Train keeps this run: ``{storage_path}/{run_name}``."""
+    return storage.join(cfg["storage_path"], cfg["run_name"])
+
+
+def _gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (a list of one on a single worker)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _fault_hook(cfg: dict[str, Any], epoch: int, rank: int, world: int):  # noqa: ANN202
+    """An ``on_step`` callback that raises once at ``train.fail_at`` (tests of recovery)."""
+    fail_at = cfg["train"].get("fail_at")
+    if not fail_at or int(fail_at["epoch"]) != epoch or rank != min(1, world - 1):
+        return None
+    marker = storage.join(run_dir(cfg), FAULT_MARKER)
+
+    def hook(step: int, _: dict[str, float]) -> None:
+        if step == int(fail_at["step"]) and not storage.exists(marker):
+            storage.write_bytes_atomic(marker, f"epoch {epoch} step {step}\n".encode())
+            raise InjectedFault(f"injected failure at epoch {epoch}, step {step} on rank {rank}")
+
+    return hook
+
+
+def _write_epoch_metrics(cfg: dict[str, Any], record: dict[str, Any]) -> None:
+    """Rewrite the metrics log with this epoch's line; lines of later epochs (from an attempt
+    that failed before its checkpoint) are dropped, so no epoch appears twice."""
+    uri = storage.join(run_dir(cfg), EPOCH_METRICS_FILE)
+    lines = []
+    if storage.exists(uri):
+        for line in storage.read_bytes(uri).decode().splitlines():
+            if line.strip() and json.loads(line)["epoch"] < record["epoch"]:
+                lines.append(line)
+    lines.append(json.dumps(record, sort_keys=True))
+    storage.write_bytes_atomic(uri, ("\n".join(lines) + "\n").encode())
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train one DiPro run on this worker's shards. ``config``: ``cfg`` (the resolved Hydra
+    config as a dict), ``norm_stats``, ``class_weights`` and ``steps_per_epoch``."""
+    cfg = config["cfg"]
+    task, scaling, train_cfg = cfg["task"]["name"], cfg["scaling"], cfg["train"]
+    monitor, mode = cfg["task"]["monitor"], cfg["task"]["monitor_mode"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(int(scaling["cpus_per_worker"]))
+    torch.manual_seed(int(cfg["seed"]))
+    device = ray.train.torch.get_device()
+
+    model = ray.train.torch.prepare_model(build_model(cfg["model"], task))
+    norm_stats = NormStats.from_dict(config["norm_stats"])
+    class_weights = ClassWeights.from_dict(config["class_weights"])
+    loss_fn = DiProLoss(task, LossWeights.from_config(cfg["loss"]), class_weights)
+    accumulation = int(train_cfg["accumulation_steps"])
+    optimizer = build_optimizer(
+        model, cfg["optim"], world_size=world, accumulation_steps=accumulation
+    )
+    max_epochs = int(train_cfg["max_epochs"])
+    scheduler = build_scheduler(
+        optimizer, cfg["optim"], max(1, max_epochs * int(config["steps_per_epoch"]))
+    )
+
+    start_epoch, best, bad_epochs = 1, None, 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            path = Path(directory) / CHECKPOINT_FILE
+            payload = ckpt_io.read_checkpoint(path)
+            ckpt_io.load_weights(model, payload["weights"], str(path))
+        state = payload["training"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        best, bad_epochs = state["best_metric"], int(state["extra"]["bad_epochs"])
+        if state["extra"]["stopped"]:
+            start_epoch = max_epochs + 1
+
+    patience = train_cfg.get("patience")
+    for epoch in range(start_epoch, max_epochs + 1):
+        started = time.monotonic()
+        stats = train_epoch(
+            model,
+            iter_batches(
+                ray.train.get_dataset_shard("train"),
+                batch_size=int(cfg["optim"]["batch_size"]),
+                norm_stats=config["norm_stats"],
+                shuffle_buffer=scaling.get("local_shuffle_buffer_size"),
+                prefetch_batches=int(scaling.get("prefetch_batches", 1)),
+                seed=int(cfg["seed"]) * 1000 + epoch * 10 + rank,
+            ),
+            optimizer,
+            loss_fn,
+            device=device,
+            scheduler=scheduler,
+            accumulation_steps=accumulation,
+            max_grad_norm=train_cfg.get("max_grad_norm"),
+            amp_dtype=scaling.get("amp"),
+            max_steps=train_cfg.get("max_steps_per_epoch"),
+            on_step=_fault_hook(cfg, epoch, rank, world),
+        )
+        local_metrics, local_preds = evaluate(
+            model,
+            iter_batches(
+                ray.train.get_dataset_shard("val"),
+                batch_size=int(train_cfg["eval_batch_size"]),
+                norm_stats=config["norm_stats"],
+                shuffle_buffer=None,
+            ),
+            loss_fn,
+            device=device,
+            amp_dtype=scaling.get("amp"),
+        )
+        gathered = _gather(
+            (local_preds.to_arrays(), local_metrics.get("loss", math.nan), len(local_preds))
+        )
+        predictions = Predictions.concatenate([Predictions.from_arrays(g[0]) for g in gathered])
+        rows = sum(g[2] for g in gathered)
+        val_loss = sum(g[1] * g[2] for g in gathered if g[2]) / max(rows, 1)
+        metrics = {f"val/{k}": v for k, v in compute_metrics(predictions).items()}
+        metrics["val/loss"] = val_loss
+        metrics.update({f"train/{k}": v for k, v in stats.items()})
+        metrics["epoch"] = epoch
+        metrics["epoch_seconds"] = time.monotonic() - started
+
+        value = float(metrics[monitor])
+        if _is_better(value, best, mode):
+            best, bad_epochs = value, 0
+        else:
+            bad_epochs += 1
+        stopped = patience is not None and bad_epochs >= int(patience)
+        metrics[f"best/{monitor}"] = best if best is not None else math.nan
+        best_text = "n/a" if best is None else f"{best:.4f}"
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                ckpt_io.save_checkpoint(
+                    Path(tmp) / CHECKPOINT_FILE,
+                    model,
+                    model_cfg=cfg["model"],
+                    task=task,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    epoch=epoch,
+                    best_metric=best,
+                    norm_stats=norm_stats,
+                    class_weights=class_weights,
+                    extra={"bad_epochs": bad_epochs, "stopped": stopped, "metrics": metrics},
+                )
+                (Path(tmp) / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+                _write_epoch_metrics(cfg, metrics)
+                print(
+                    f"[{task}] epoch {epoch}/{max_epochs}  train loss {stats['loss']:.4f}  "
+                    f"val loss {val_loss:.4f}  {monitor} {value:.4f} (best {best_text})  "
+                    f"{metrics['epoch_seconds']:.1f}s",
+                    flush=True,
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if stopped:
+            if rank == 0:
+                print(f"[{task}] early stop: no {monitor} gain for {patience} epochs", flush=True)
+            break
