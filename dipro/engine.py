@@ -235,7 +235,7 @@ def train_epoch(
             scaler.unscale_(optimizer)
         for p in params:
             if p.grad is not None:
-                p.grad.div_(group_rows)
+                p.grad.div_(max(group_rows, 1))
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         if scaler is not None:
@@ -311,6 +311,9 @@ def evaluate(
     amp_dtype: torch.dtype | str | None = None,
 ) -> tuple[dict[str, float], Predictions]:
     """The task's metrics on ``batches`` (plus ``loss`` and ``loss/<component>`` when a loss is
-    given) and the predictions, which a distributed caller gathers and scores once."""
+    given) and the predictions, which a distributed caller gathers and scores once.
+
+    The model (unwrapped from DDP) names its task in ``model.task``, as ``DiPro`` does.
+    """
     predictions, losses = _inference(model, batches, loss_fn, device, amp_dtype)
     return {**compute_metrics(predictions), **losses}, predictions

@@ -308,7 +308,8 @@ class DiProLoss(nn.Module):
         w = self.weights
         lambdas = {"task": w.ce, "orth": w.orth, "temp": w.temp, "static": w.static, "dyn": w.dyn}
         total = sum(lambdas[name] * value for name, value in terms.items())
-        return total, {name: float(value.detach()) for name, value in terms.items()}
+        values = torch.stack([v.detach() for v in terms.values()]).tolist()  # one device sync
+        return total, dict(zip(terms, values, strict=True))
 
 
 def build_loss(task: str, loss_cfg: Mapping[str, Any], counts: LabelCounts) -> DiProLoss:
