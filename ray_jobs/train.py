@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 
 import hydra
+import pyarrow.parquet as pq
 import ray
 import ray.train
 from omegaconf import DictConfig, OmegaConf
@@ -81,8 +82,17 @@ def check_config(cfg: DictConfig) -> Manifest:
     return manifest
 
 
-def _label_counts(manifest: Manifest) -> LabelCounts:
-    return LabelCounts.from_dict(manifest.train_label_counts)
+_LABEL_COLUMNS = ["progression", "region_labels", "mortality", "los_days"]
+
+
+def train_label_counts(root: str, task: str) -> LabelCounts:
+    """Label counts of the training split, reading only the label columns of its shards."""
+    counts = LabelCounts.zeros()
+    for path in list_shards(root, task, "train"):
+        fs, inner = storage.resolve_filesystem(path)
+        table = pq.read_table(inner, filesystem=fs, columns=_LABEL_COLUMNS, partitioning=None)
+        counts = counts + LabelCounts.from_table(table)
+    return counts
 
 
 def _steps_per_epoch(cfg: DictConfig, manifest: Manifest) -> int:
@@ -110,7 +120,9 @@ def build_trainer(cfg: DictConfig, manifest: Manifest) -> TorchTrainer:
         train_loop_config={
             "cfg": resolved,
             "norm_stats": manifest.norm_stats,
-            "class_weights": ClassWeights.from_counts(_label_counts(manifest)).to_dict(),
+            "class_weights": ClassWeights.from_counts(
+                train_label_counts(cfg.data.root, task)
+            ).to_dict(),
             "steps_per_epoch": _steps_per_epoch(cfg, manifest),
         },
         scaling_config=ray.train.ScalingConfig(
@@ -143,7 +155,7 @@ def ensure_ray(cfg: DictConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cfg.get("ray_num_cpus"), include_dashboard=False)
+        ray.init(num_cpus=cfg.get("ray_num_cpus"))
 
 
 def _checkpoint_uri(cfg: DictConfig, checkpoint_path: str) -> str:
