@@ -18,7 +18,8 @@ from sklearn.metrics import (
 )
 
 from dipro import vocab
-from dipro.data.collate import IGNORE_INDEX, Batch
+from dipro.data.collate import IGNORE_INDEX, Batch, collate
+from dipro.data.schema import records_to_table
 from dipro.metrics import (
     Predictions,
     bootstrap_ci,
@@ -187,28 +188,31 @@ def test_mean_std_over_seeds():
 
 
 def _batch(n: int, offset: int) -> Batch:
-    g = torch.Generator().manual_seed(offset)
-    z = torch.zeros(n, dtype=torch.int64)
-    return Batch(
-        subject_id=torch.arange(offset, offset + n),
-        stay_id=torch.arange(offset, offset + n) + 1000,
-        hospital=z,
-        cxr_times=torch.zeros(n, 2),
-        cxr_mask=torch.ones(n, 2, dtype=torch.bool),
-        pair_mask=torch.ones(n, 1, dtype=torch.bool),
-        crops=None,
-        features=torch.zeros(n, 2, vocab.NUM_REGIONS, 4),
-        region_present=torch.ones(n, 2, vocab.NUM_REGIONS, dtype=torch.bool),
-        ehr_times=torch.zeros(n, 1),
-        ehr_mask=torch.zeros(n, 1, dtype=torch.bool),
-        ehr_values=torch.zeros(n, 1, vocab.NUM_EHR),
-        ehr_observed=torch.zeros(n, 1, vocab.NUM_EHR, dtype=torch.bool),
-        demographics=torch.zeros(n, vocab.NUM_DEMOGRAPHICS),
-        region_labels=torch.full((n, 1, vocab.NUM_REGIONS, K), 3),
-        progression=torch.randint(0, 4, (n, K), generator=g),
-        mortality=torch.full((n,), IGNORE_INDEX),
-        los_class=torch.full((n,), IGNORE_INDEX),
-    )
+    """Progression records through the real path: records -> Arrow table -> collate."""
+    rng = np.random.default_rng(offset)
+    recs = [
+        {
+            "sample_id": f"s{offset + i}",
+            "subject_id": offset + i,
+            "stay_id": 1000 + offset + i,
+            "hospital": 0,
+            "split": "test",
+            "task": "disease_progression",
+            "cxr_times": np.array([0.0, 12.0], np.float32),
+            "feature_dim": 4,
+            "features": np.zeros((2, vocab.NUM_REGIONS, 4), np.float32),
+            "region_present": np.ones((2, vocab.NUM_REGIONS), bool),
+            "ehr_times": np.zeros(0, np.float32),
+            "ehr_values": np.zeros(0, np.float32),
+            "ehr_observed": np.zeros(0, bool),
+            "demographics": np.zeros(vocab.NUM_DEMOGRAPHICS, np.float32),
+            "region_labels": np.full((1, vocab.NUM_REGIONS, K), 3, np.int8),
+            "progression": rng.integers(0, 4, K).astype(np.int8),
+        }
+        for i in range(n)
+    ]
+    table = records_to_table(recs)
+    return collate({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names})
 
 
 def _output(n: int, seed: int) -> DiProOutput:
