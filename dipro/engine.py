@@ -187,9 +187,10 @@ def train_epoch(
 
     ``model`` may be wrapped in DDP. ``scaler`` keeps fp16 loss scaling across epochs (one is
     made for this epoch when fp16 runs without it). ``on_step(step, {"loss", "lr"})`` is called
-    after each optimizer step. Returns row-weighted means ``loss`` (total, with the FedProx term)
-    and ``loss/<component>`` (``task``, the auxiliary terms the model produces, ``prox``), plus
-    ``samples``, ``steps`` and the last ``lr``.
+    after each optimizer step with the step's row-weighted mean loss and the lr after it.
+    Returns row-weighted means ``loss`` (total, with the FedProx term) and ``loss/<component>``
+    (``task``, the auxiliary terms the model produces, ``prox``), plus ``samples``, ``steps``
+    and the last ``lr``.
     """
     if accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
@@ -207,6 +208,7 @@ def train_epoch(
 
     logged = _Means()
     steps = micro = group_rows = 0
+    group_loss = 0.0
     optimizer.zero_grad(set_to_none=True)
     for batch, is_last in _with_last(batches):
         batch = batch.to(device, non_blocking=True)
@@ -223,11 +225,11 @@ def train_epoch(
                 parts["prox"] = float(prox.detach())
             weighted = loss * rows
             (scaler.scale(weighted) if scaler is not None else weighted).backward()
-        logged.add(
-            {"loss": float(loss.detach()), **{f"loss/{k}": v for k, v in parts.items()}}, rows
-        )
+        value = float(loss.detach())
+        logged.add({"loss": value, **{f"loss/{k}": v for k, v in parts.items()}}, rows)
         micro += 1
         group_rows += rows
+        group_loss += value * rows
         if not closes_group:
             continue
 
@@ -247,9 +249,11 @@ def train_epoch(
         if scheduler is not None:
             scheduler.step()
         steps += 1
-        micro = group_rows = 0
         if on_step is not None:
-            on_step(steps, {"loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"]})
+            step_loss = group_loss / max(group_rows, 1)
+            on_step(steps, {"loss": step_loss, "lr": optimizer.param_groups[0]["lr"]})
+        micro = group_rows = 0
+        group_loss = 0.0
         if max_steps is not None and steps >= max_steps:
             break
 
