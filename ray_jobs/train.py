@@ -129,6 +129,7 @@ def build_trainer(cfg: DictConfig, manifest: Manifest) -> TorchTrainer:
             num_workers=int(scaling.num_workers),
             use_gpu=bool(scaling.use_gpu),
             resources_per_worker=dict(scaling.resources_per_worker),
+            placement_strategy=scaling.get("placement_strategy", "PACK"),
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,

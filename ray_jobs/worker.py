@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -169,7 +170,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             amp_dtype=scaling.get("amp"),
         )
         gathered = _gather(
-            (local_preds.to_arrays(), local_metrics.get("loss", math.nan), len(local_preds))
+            (
+                local_preds.to_arrays(),
+                local_metrics.get("loss", math.nan),
+                len(local_preds),
+                ray.get_runtime_context().get_node_id(),
+            )
         )
         predictions = Predictions.concatenate([Predictions.from_arrays(g[0]) for g in gathered])
         rows = sum(g[2] for g in gathered)
@@ -206,7 +212,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     extra={"bad_epochs": bad_epochs, "stopped": stopped, "metrics": metrics},
                 )
                 (Path(tmp) / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-                _write_epoch_metrics(cfg, metrics)
+                _write_epoch_metrics(cfg, {**metrics, "worker_nodes": [g[3] for g in gathered]})
                 print(
                     f"[{task}] epoch {epoch}/{max_epochs}  train loss {stats['loss']:.4f}  "
                     f"val loss {val_loss:.4f}  {monitor} {value:.4f} (best {best_text})  "

@@ -1,0 +1,114 @@
+"""The real ``run_training`` on Ray with two CPU workers: completion, faults, resume, bad config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_MODEL, compose_train
+
+from dipro.checkpoint import load_checkpoint
+from ray_jobs.train import ConfigError, check_config, run_training
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _overrides(data_root: Path, runs: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "task=mortality",
+        f"data.root={data_root}",
+        f"storage_path={runs}",
+        f"run_name={name}",
+        *TINY_MODEL,
+        *extra,
+    ]
+
+
+def _epochs(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "epoch_metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_two_workers_train_to_completion(tiny_data_root, ray_session, tmp_path):
+    cfg = compose_train(_overrides(tiny_data_root, tmp_path, "smoke", "train.max_epochs=2"))
+    result = run_training(cfg)
+
+    epochs = _epochs(Path(result.run_dir))
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(len(set(e["worker_nodes"])) >= 1 and len(e["worker_nodes"]) == 2 for e in epochs)
+    metrics = json.loads((Path(result.run_dir) / "metrics.json").read_text())
+    assert set(metrics["test"]) >= {"auroc", "auprc"}
+    assert 0.0 <= metrics["test"]["auroc"] <= 1.0
+    model, meta = load_checkpoint(result.best_checkpoint)
+    assert meta.task == "mortality" and meta.norm_stats is not None
+    assert meta.epoch == metrics["best_epoch"]
+
+
+def test_killed_worker_restarts_from_last_checkpoint(tiny_data_root, ray_session, tmp_path):
+    cfg = compose_train(
+        _overrides(
+            tiny_data_root,
+            tmp_path,
+            "fault",
+            "train.max_epochs=3",
+            "scaling.max_failures=1",
+            "+train.fail_at={epoch: 2, step: 1}",
+        )
+    )
+    result = run_training(cfg)
+
+    run_dir = Path(result.run_dir)
+    assert (run_dir / "fault_injected").exists(), "the injected failure did not happen"
+    assert [e["epoch"] for e in _epochs(run_dir)] == [1, 2, 3]
+
+
+def test_stopped_run_resumes_from_epoch_two(tiny_data_root, ray_session, tmp_path):
+    base = _overrides(tiny_data_root, tmp_path, "resume", "train.max_epochs=2")
+    # The first start dies during epoch 2 with no restarts allowed: only epoch 1 is done.
+    with pytest.raises(Exception, match="injected failure"):
+        run_training(compose_train([*base, "+train.fail_at={epoch: 2, step: 1}"]))
+    run_dir = tmp_path / "resume"
+    first = _epochs(run_dir)
+    assert [e["epoch"] for e in first] == [1]
+
+    run_training(compose_train(base))
+    second = _epochs(run_dir)
+    assert [e["epoch"] for e in second] == [1, 2]
+    assert second[0] == first[0], "epoch 1 was trained again instead of resumed"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("scaling.num_workers=0", "num_workers"),
+        ("data.root=/nonexistent/shards", "/nonexistent/shards"),
+        ("task.name=unknown_task", "unknown_task"),
+    ],
+)
+def test_bad_config_fails_before_any_worker(tiny_data_root, tmp_path, override, message):
+    cfg = compose_train([*_overrides(tiny_data_root, tmp_path, "bad"), override])
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ray_jobs.train",
+            "data.root=/nonexistent/shards",
+            f"storage_path={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("configuration error:") and "/nonexistent/shards" in lines[-1]
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
