@@ -1,0 +1,511 @@
+"""Parquet shards of sample records: atomic writing with a manifest, and plain-pyarrow reading.
+
+Layout of one task's dataset (``root`` a local path or a pyarrow filesystem URI)::
+
+    {root}/{task}/manifest.json
+    {root}/{task}/split={train,val,test}/hospital={id}/part-NNNNN.parquet   (zstd, SCHEMA)
+
+The manifest holds the schema version, the region mode and crop size / feature size, sample and
+subject counts per split and hospital, training-split label counts, the EHR/demographic
+normalisation statistics fitted on the training split only, the generator config and a sha256
+checksum per file. It is written last and is what readers list shards from.
+
+Atomicity: a dataset is written whole into a hidden sibling directory ``{root}/.{task}.tmp-*``,
+validated, then renamed to ``{root}/{task}``. Replacing an existing dataset (``overwrite=True``)
+renames the old one away, renames the new one in and deletes the old one, so a reader sees the
+old dataset or the new one, never a mix; a failed write deletes its temporary directory and
+leaves any previous dataset untouched. On object stores, which cannot rename directories, files
+are copied into place with the manifest last (after the old manifest is deleted), so readers that
+go through the manifest (:func:`list_shards`) never see a partial dataset.
+
+The files carry ``split`` and ``hospital`` as columns: Ray Data readers should pass
+``partitioning=None`` so the hive-style directory names are not added a second time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dipro import storage, vocab
+from dipro.data.normalize import NormStats, fit_norm_stats
+from dipro.data.schema import (
+    KNOWN_SCHEMA_VERSIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SchemaError,
+    records_to_table,
+    schema_version_of,
+    validate,
+)
+
+MANIFEST_NAME: Final[str] = "manifest.json"
+COMPRESSION: Final[str] = "zstd"
+_NORM_COLUMNS: Final[list[str]] = ["ehr_values", "ehr_observed", "demographics"]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What ``{root}/{task}/manifest.json`` holds.
+
+    counts / subjects: split -> hospital id (as a string, JSON keys) -> samples / distinct
+    subjects. train_label_counts: "progression" [K][4] counts of codes 0..3 per finding, or
+    "mortality" [2] and "los_class" [4]. files: path relative to the task directory -> sha256.
+    """
+
+    task: str
+    schema_version: int
+    region_mode: str
+    crop_size: int | None
+    feature_dim: int | None
+    rows_per_file: int
+    counts: dict[str, dict[str, int]]
+    subjects: dict[str, dict[str, int]]
+    train_label_counts: dict[str, Any]
+    norm_stats: dict[str, list[float]]
+    generator: dict[str, Any]
+    files: dict[str, str]
+
+    @property
+    def hospitals(self) -> list[int]:
+        """Hospital ids present in any split, ascending."""
+        return sorted({int(h) for per_split in self.counts.values() for h in per_split})
+
+    def num_samples(self, split: str) -> int:
+        return sum(self.counts.get(split, {}).values())
+
+    def norm(self) -> NormStats:
+        """The training-split normalisation statistics."""
+        return NormStats.from_dict(self.norm_stats)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<memory>") -> Manifest:
+        names = set(cls.__dataclass_fields__)
+        missing = sorted(names - set(data))
+        if missing:
+            raise SchemaError("manifest lacks fields", source=source, field=missing[0])
+        version = data["schema_version"]
+        if version not in KNOWN_SCHEMA_VERSIONS:
+            raise SchemaError(
+                f"schema version {version!r} is not known (this code reads "
+                f"{sorted(KNOWN_SCHEMA_VERSIONS)})",
+                source=source,
+                field="schema_version",
+            )
+        return cls(**{k: data[k] for k in names})
+
+
+def task_dir(root: str | os.PathLike[str], task: str) -> str:
+    """``{root}/{task}`` as a local absolute path or a URI."""
+    _check_task(task)
+    return _join(root, task)
+
+
+def split_dir(root: str | os.PathLike[str], task: str, split: str) -> str:
+    """``{root}/{task}/split={split}`` as a local absolute path or a URI."""
+    _check_split(split)
+    return _join(root, task, f"split={split}")
+
+
+def shard_relpath(split: str, hospital: int, index: int) -> str:
+    """Path of one shard file inside a task directory."""
+    return f"split={split}/hospital={hospital}/part-{index:05d}.parquet"
+
+
+def write_dataset(
+    records: Iterable[Mapping[str, Any]],
+    root: str | os.PathLike[str],
+    task: str,
+    *,
+    rows_per_file: int = 256,
+    generator: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Write the sample records of one task as a dataset under ``{root}/{task}``, atomically.
+
+    Records are streamed: at most ``rows_per_file`` records per (split, hospital) are held in
+    memory. Every shard is validated (dipro.data.schema.validate) before it is written; all
+    records must share one region mode and crop / feature size.
+
+    Raises:
+        FileExistsError: the dataset exists and ``overwrite`` is False (nothing is written).
+        SchemaError: a record breaks the schema (names the shard, the record and the field).
+        ValueError: no records, or no records in the training split.
+    """
+    _check_task(task)
+    if rows_per_file < 1:
+        raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
+    fs, base = storage.resolve_filesystem(root)
+    final = posixpath.join(base, task)
+    if _exists(fs, final) and not overwrite:
+        raise FileExistsError(_exists_message(root, task))
+    tmp = posixpath.join(base, f".{task}.tmp-{uuid.uuid4().hex}")
+    fs.create_dir(tmp, recursive=True)
+    try:
+        manifest = _write_all(records, fs, tmp, root, task, rows_per_file, dict(generator or {}))
+        _publish(fs, tmp, final, root, task, overwrite)
+    finally:
+        if _exists(fs, tmp):
+            fs.delete_dir(tmp)
+    return manifest
+
+
+class _Writer:
+    """Buffers records per (split, hospital) and writes full shards into a directory."""
+
+    def __init__(self, fs: pafs.FileSystem, directory: str, shown: str, rows_per_file: int) -> None:
+        self.fs, self.directory, self.shown = fs, directory, shown
+        self.rows_per_file = rows_per_file
+        self.buffers: dict[tuple[str, int], list[Mapping[str, Any]]] = defaultdict(list)
+        self.next_index: dict[tuple[str, int], int] = defaultdict(int)
+        self.files: list[str] = []
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        key = (str(record["split"]), int(record["hospital"]))
+        self.buffers[key].append(record)
+        if len(self.buffers[key]) >= self.rows_per_file:
+            self.flush(key)
+
+    def flush(self, key: tuple[str, int]) -> None:
+        rows = self.buffers.pop(key, [])
+        if not rows:
+            return
+        split, hospital = key
+        rel = shard_relpath(split, hospital, self.next_index[key])
+        self.next_index[key] += 1
+        source = f"{self.shown}/{rel}"
+        try:
+            table = records_to_table(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise SchemaError(f"records do not fit the schema: {err}", source=source) from err
+        validate(table, source)
+        path = posixpath.join(self.directory, rel)
+        self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        pq.write_table(table, path, filesystem=self.fs, compression=COMPRESSION)
+        self.files.append(rel)
+
+    def close(self) -> None:
+        for key in sorted(self.buffers):
+            self.flush(key)
+
+
+def _write_all(
+    records: Iterable[Mapping[str, Any]],
+    fs: pafs.FileSystem,
+    tmp: str,
+    root: str | os.PathLike[str],
+    task: str,
+    rows_per_file: int,
+    generator: dict[str, Any],
+) -> Manifest:
+    shown = _join(root, task)
+    writer = _Writer(fs, tmp, shown, rows_per_file)
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    subjects: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
+    labels = _LabelCounter(task)
+    mode: tuple[str, int] | None = None
+    for record in records:
+        rid = f"subject_id={record.get('subject_id')} stay_id={record.get('stay_id')}"
+        if record.get("task") != task:
+            raise SchemaError(
+                f"record of task {record.get('task')!r} in the {task!r} dataset",
+                source=shown, record=rid, field="task",
+            )
+        this = _region_mode(record, shown, rid)
+        if mode is None:
+            mode = this
+        elif this != mode:
+            raise SchemaError(
+                f"region mode {this} differs from the dataset's {mode}",
+                source=shown, record=rid, field="crops",
+            )
+        split, hospital = str(record["split"]), str(record["hospital"])
+        counts[split][hospital] += 1
+        subjects[split][hospital].add(int(record["subject_id"]))
+        if split == "train":
+            labels.add(record)
+        writer.add(record)
+    writer.close()
+    if mode is None:
+        raise ValueError(f"no records to write for task {task!r}")
+    train = sorted(rel for rel in writer.files if rel.startswith("split=train/"))
+    if not train:
+        raise ValueError(f"no training records for task {task!r}: cannot fit normalisation")
+    stats = fit_norm_stats(
+        pq.read_table(
+            posixpath.join(tmp, rel), columns=_NORM_COLUMNS, filesystem=fs, partitioning=None
+        )
+        for rel in train
+    )
+    manifest = Manifest(
+        task=task,
+        schema_version=SCHEMA_VERSION,
+        region_mode=mode[0],
+        crop_size=mode[1] if mode[0] == "crops" else None,
+        feature_dim=mode[1] if mode[0] == "features" else None,
+        rows_per_file=rows_per_file,
+        counts=_sorted_counts(counts),
+        subjects=_sorted_counts(
+            {s: {h: len(v) for h, v in d.items()} for s, d in subjects.items()}
+        ),
+        train_label_counts=labels.result(),
+        norm_stats=stats.to_dict(),
+        generator=generator,
+        files={rel: _sha256(fs, posixpath.join(tmp, rel)) for rel in sorted(writer.files)},
+    )
+    with fs.open_output_stream(posixpath.join(tmp, MANIFEST_NAME)) as out:
+        out.write(_manifest_bytes(manifest))
+    return manifest
+
+
+class _LabelCounter:
+    def __init__(self, task: str) -> None:
+        self.task = task
+        self.progression = np.zeros((vocab.NUM_FINDINGS, vocab.NOT_MENTIONED + 1), np.int64)
+        self.mortality = np.zeros(2, np.int64)
+        self.los = np.zeros(vocab.NUM_LOS_CLASSES, np.int64)
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        if self.task == "disease_progression":
+            codes = np.asarray(record["progression"], np.int64).reshape(-1)
+            if codes.shape == (vocab.NUM_FINDINGS,) and codes.min() >= 0:
+                np.add.at(self.progression, (np.arange(vocab.NUM_FINDINGS), codes), 1)
+        else:
+            if record.get("mortality") in (0, 1):
+                self.mortality[int(record["mortality"])] += 1
+            if record.get("los_days") is not None:
+                self.los[vocab.los_class(float(record["los_days"]))] += 1
+
+    def result(self) -> dict[str, Any]:
+        if self.task == "disease_progression":
+            return {"progression": self.progression.tolist()}
+        return {"mortality": self.mortality.tolist(), "los_class": self.los.tolist()}
+
+
+def _region_mode(record: Mapping[str, Any], source: str, rid: str) -> tuple[str, int]:
+    if record.get("crops") is not None:
+        size = record.get("crop_size")
+        if size is None:
+            raise SchemaError("crops without crop_size", source=source, record=rid,
+                              field="crop_size")
+        return ("crops", int(size))
+    size = record.get("feature_dim")
+    if record.get("features") is None or size is None:
+        raise SchemaError("neither crops nor features (with feature_dim) are set",
+                          source=source, record=rid, field="crops")
+    return ("features", int(size))
+
+
+def _publish(
+    fs: pafs.FileSystem, tmp: str, final: str, root: str | os.PathLike[str], task: str,
+    overwrite: bool,
+) -> None:
+    """Make the finished dataset in ``tmp`` visible at ``final`` (see the module docstring)."""
+    present = _exists(fs, final)
+    if present and not overwrite:
+        raise FileExistsError(_exists_message(root, task))
+    if storage.has_atomic_rename(fs):
+        if not present:
+            fs.move(tmp, final)
+            return
+        old = posixpath.join(posixpath.dirname(final), f".{task}.old-{uuid.uuid4().hex}")
+        fs.move(final, old)
+        fs.move(tmp, final)
+        fs.delete_dir(old)
+        return
+    if present:
+        manifest = posixpath.join(final, MANIFEST_NAME)
+        if _exists(fs, manifest):
+            fs.delete_file(manifest)
+        fs.delete_dir(final)
+    selector = pafs.FileSelector(tmp, recursive=True)
+    for info in sorted(fs.get_file_info(selector), key=lambda i: i.path.endswith(MANIFEST_NAME)):
+        if info.type == pafs.FileType.File:
+            target = posixpath.join(final, posixpath.relpath(info.path, tmp))
+            fs.create_dir(posixpath.dirname(target), recursive=True)
+            fs.copy_file(info.path, target)
+
+
+def read_manifest(root: str | os.PathLike[str], task: str) -> Manifest:
+    """The manifest of ``{root}/{task}``.
+
+    Raises:
+        FileNotFoundError: no (complete) dataset for ``task`` under ``root``.
+        SchemaError: the manifest is unreadable or of an unknown schema version.
+    """
+    uri = _join(root, task, MANIFEST_NAME)
+    try:
+        raw = storage.read_bytes(uri)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"no {task!r} dataset under {os.fspath(root)!r}: {uri} is missing (generate one "
+            "with `python -m ray_jobs.demo` or ray_jobs.preprocess)"
+        ) from err
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise SchemaError(f"manifest is not valid JSON: {err}", source=uri) from err
+    return Manifest.from_dict(data, source=uri)
+
+
+def list_shards(
+    root: str | os.PathLike[str],
+    task: str,
+    split: str,
+    hospitals: Iterable[int] | None = None,
+) -> list[str]:
+    """Shard files of one split (optionally only some hospitals), from the manifest, sorted.
+
+    Paths are absolute local paths, or URIs when ``root`` is a URI: strings, the form pyarrow
+    and ``ray.data.read_parquet`` accept.
+    """
+    _check_split(split)
+    manifest = read_manifest(root, task)
+    wanted = None if hospitals is None else {int(h) for h in hospitals}
+    out = []
+    for rel in sorted(manifest.files):
+        parts = rel.split("/")
+        if parts[0] != f"split={split}":
+            continue
+        if wanted is not None and int(parts[1].removeprefix("hospital=")) not in wanted:
+            continue
+        out.append(_join(root, task, rel))
+    return out
+
+
+def verify_checksums(root: str | os.PathLike[str], task: str) -> None:
+    """Raise ValueError naming every shard whose sha256 differs from the manifest's."""
+    manifest = read_manifest(root, task)
+    bad = []
+    for rel, expected in sorted(manifest.files.items()):
+        fs, path = storage.resolve_filesystem(_join(root, task, rel))
+        if not _exists(fs, path) or _sha256(fs, path) != expected:
+            bad.append(rel)
+    if bad:
+        raise ValueError(f"{_join(root, task)}: checksum mismatch or missing file: {bad}")
+
+
+def read_table(
+    paths: Sequence[str | os.PathLike[str]], columns: Sequence[str] | None = None
+) -> pa.Table:
+    """Read and validate shards, then keep ``columns`` (all when None); one table in path order.
+
+    Raises SchemaError naming the shard, the record and the field on the first bad record.
+    """
+    tables = [_read_shard(path, columns) for path in paths]
+    if not tables:
+        empty = SCHEMA.empty_table()
+        return empty if columns is None else empty.select(list(columns))
+    return pa.concat_tables(tables)
+
+
+def iter_numpy_batches(
+    paths: Sequence[str | os.PathLike[str]],
+    batch_size: int,
+    columns: Sequence[str] | None = None,
+    shuffle_seed: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield batches as dict[column, np.ndarray] in the form Ray Data hands to a collate.
+
+    Scalar columns are typed arrays (integer columns with nulls become float with NaN), list
+    columns object arrays of numpy arrays (None for null), binary columns object arrays of
+    bytes, strings object arrays of str. Shards are read one at a time; with ``shuffle_seed``
+    the shard order and the rows within each shard are shuffled (a local shuffle). The last
+    batch may be smaller.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
+    order = list(paths) if rng is None else [paths[i] for i in rng.permutation(len(paths))]
+    pending: pa.Table | None = None
+    for path in order:
+        table = _read_shard(path, columns)
+        if rng is not None:
+            table = table.take(pa.array(rng.permutation(table.num_rows)))
+        pending = table if pending is None else pa.concat_tables([pending, table])
+        while pending.num_rows >= batch_size:
+            yield _to_numpy(pending.slice(0, batch_size))
+            pending = pending.slice(batch_size)
+    if pending is not None and pending.num_rows:
+        yield _to_numpy(pending)
+
+
+def _read_shard(path: str | os.PathLike[str], columns: Sequence[str] | None) -> pa.Table:
+    fs, inner = storage.resolve_filesystem(path)
+    source = os.fspath(path)
+    try:
+        table = pq.read_table(inner, filesystem=fs, partitioning=None)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise SchemaError(f"cannot read shard: {err}", source=source) from err
+    schema_version_of(table.schema, source)
+    validate(table, source)
+    if columns is None:
+        return table
+    return table.select(list(columns))
+
+
+def _to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _sha256(fs: pafs.FileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest_bytes(manifest: Manifest) -> bytes:
+    return (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+
+def _sorted_counts(counts: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    return {
+        split: {h: int(counts[split][h]) for h in sorted(counts[split], key=int)}
+        for split in vocab.SPLITS
+        if split in counts
+    }
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _exists_message(root: str | os.PathLike[str], task: str) -> str:
+    return (
+        f"a {task!r} dataset already exists at {_join(root, task)}; pass overwrite=True to "
+        "replace it whole"
+    )
+
+
+def _join(root: str | os.PathLike[str], *parts: str) -> str:
+    text = os.fspath(root)
+    if not storage.is_remote(text) and "://" not in text:
+        text = os.path.abspath(os.path.expanduser(text))
+    return storage.join(text, *parts)
+
+
+def _check_task(task: str) -> None:
+    if task not in vocab.TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {vocab.TASKS}")
+
+
+def _check_split(split: str) -> None:
+    if split not in vocab.SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {vocab.SPLITS}")
