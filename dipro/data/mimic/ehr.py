@@ -57,10 +57,11 @@ from the normal value above; ``observed`` is True where the hour had a measureme
 
 from __future__ import annotations
 
+import gzip
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,22 +196,17 @@ def stream_events(
     columns = needed + (["valuenum"] if has_valuenum else [])
     types = {"stay_id": pa.int64(), "itemid": pa.int64(), "charttime": pa.string(),
              "value": pa.string(), "valuenum": pa.float64()}
-    reader = pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(block_size=block_size),
-        convert_options=pacsv.ConvertOptions(
-            include_columns=columns, column_types={c: types[c] for c in columns},
-            strings_can_be_null=True,
-        ),
-    )
+    convert = pacsv.ConvertOptions(include_columns=columns,
+                                   column_types={c: types[c] for c in columns},
+                                   strings_can_be_null=True)
     stay_set = pa.array(sorted({int(s) for s in stay_ids}), pa.int64())
     item_set = pa.array(sorted({int(i) for i in itemids}), pa.int64())
-    kept: list[pa.RecordBatch] = []
+    kept: list[pa.Table] = []
     next_report = progress_every
-    for batch in reader:
+    for batch in _csv_blocks(path, header, convert, block_size):
         stats.rows_read += batch.num_rows
-        mask = pc.and_(pc.is_in(batch.column("itemid"), item_set),
-                       pc.is_in(batch.column("stay_id"), stay_set))
+        mask = pc.and_(pc.is_in(batch.column("itemid"), value_set=item_set),
+                       pc.is_in(batch.column("stay_id"), value_set=stay_set))
         selected = batch.filter(pc.fill_null(mask, False))
         if selected.num_rows:
             kept.append(selected)
@@ -220,8 +216,30 @@ def stream_events(
             next_report += progress_every
     log.info("%s: done, %d rows read, %d kept", path.name, stats.rows_read, stats.rows_kept)
     schema = pa.schema([(c, types[c]) for c in columns])
-    frame = pa.Table.from_batches(kept, schema=schema).to_pandas()
+    frame = (pa.concat_tables(kept) if kept else schema.empty_table()).to_pandas()
     return _numeric_values(frame, path, has_valuenum)
+
+
+def _csv_blocks(path: Path, header: list[str], convert: pacsv.ConvertOptions, block_size: int
+                ) -> Iterator[pa.Table]:
+    """Parse a CSV[.gz] in blocks of about ``block_size`` bytes cut at line ends.
+
+    pyarrow's own streaming reader reads ahead without bound when parsing is slower than the
+    disk; reading the blocks here keeps at most one block (and its parsed table) in memory.
+    Values with embedded newlines are not supported (MIMIC-IV event tables have none).
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    read_options = pacsv.ReadOptions(column_names=header)
+    with opener(path, "rb") as handle:
+        handle.readline()
+        while block := handle.read(block_size):
+            if not block.endswith(b"\n"):
+                block += handle.readline()
+            try:
+                yield pacsv.read_csv(pa.BufferReader(block), read_options=read_options,
+                                     convert_options=convert)
+            except pa.ArrowInvalid as err:
+                raise RawDataError(f"cannot parse a block: {err}", path=path) from err
 
 
 def _numeric_values(frame: pd.DataFrame, path: Path, has_valuenum: bool) -> pd.DataFrame:
