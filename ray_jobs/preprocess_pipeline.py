@@ -36,6 +36,7 @@ from dipro import vocab
 from dipro.data.mimic.build import PreparedCohort, RawPaths, SampleSpec, prepare_samples
 from dipro.data.mimic.cohort import CohortRules
 from dipro.data.mimic.images import RegionFeatureExtractor, crop_regions
+from dipro.data.mimic.readers import RawDataError
 from dipro.data.shards import Manifest, write_dataset
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,19 @@ class _CropBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         crops, present = [], []
-        for path, boxes, rows, cols in zip(batch["path"], batch["boxes"], batch["rows"],
-                                           batch["columns"], strict=True):
-            c, p = crop_regions(Path(path).read_bytes(), json.loads(boxes), self.crop_size,
-                                int(rows), int(cols))
+        for path, boxes, rows, cols in zip(
+            batch["path"], batch["boxes"], batch["rows"], batch["columns"], strict=True
+        ):
+            try:
+                c, p = crop_regions(
+                    Path(path).read_bytes(),
+                    json.loads(boxes),
+                    self.crop_size,
+                    int(rows),
+                    int(cols),
+                )
+            except (OSError, ValueError) as err:
+                raise RawDataError(f"cannot decode or crop the image ({err})", path=path) from err
             crops.append(c)
             present.append(p)
         return {"index": batch["index"], "values": np.stack(crops), "present": np.stack(present)}
@@ -104,15 +114,28 @@ class RegionCache:
         values = np.asarray(self.values[rows])
         present = np.asarray(self.present[rows])
         if settings.mode == "crops":
-            return {"crop_size": settings.crop_size, "crops": values, "feature_dim": None,
-                    "features": None, "region_present": present}
-        return {"crop_size": None, "crops": None, "feature_dim": int(values.shape[-1]),
-                "features": values, "region_present": present}
+            return {
+                "crop_size": settings.crop_size,
+                "crops": values,
+                "feature_dim": None,
+                "features": None,
+                "region_present": present,
+            }
+        return {
+            "crop_size": None,
+            "crops": None,
+            "feature_dim": int(values.shape[-1]),
+            "features": values,
+            "region_present": present,
+        }
 
 
 def _cache_paths(cache_dir: Path, key: str) -> tuple[Path, Path, Path]:
-    return cache_dir / f"{key}.values.npy", cache_dir / f"{key}.present.npy", \
-        cache_dir / f"{key}.index.json"
+    return (
+        cache_dir / f"{key}.values.npy",
+        cache_dir / f"{key}.present.npy",
+        cache_dir / f"{key}.index.json",
+    )
 
 
 def _items_digest(items: pd.DataFrame, boxes: dict[str, dict[str, Any]]) -> str:
@@ -124,7 +147,9 @@ def _items_digest(items: pd.DataFrame, boxes: dict[str, dict[str, Any]]) -> str:
 
 
 def build_region_cache(
-    prepared: PreparedCohort, settings: RegionSettings, cache_dir: Path,
+    prepared: PreparedCohort,
+    settings: RegionSettings,
+    cache_dir: Path,
 ) -> RegionCache:
     """Compute (or reuse) the region crops/features of every CXR the samples need, with Ray Data.
 
@@ -141,34 +166,50 @@ def build_region_cache(
         meta = json.loads(index_path.read_text())
         if meta.get("digest") == digest:
             log.info("region cache %s reused (%d images)", key, len(meta["dicom_ids"]))
-            return RegionCache({d: i for i, d in enumerate(meta["dicom_ids"])},
-                               np.load(values_path, mmap_mode="r"),
-                               np.load(present_path, mmap_mode="r"))
+            return RegionCache(
+                {d: i for i, d in enumerate(meta["dicom_ids"])},
+                np.load(values_path, mmap_mode="r"),
+                np.load(present_path, mmap_mode="r"),
+            )
     cache_dir.mkdir(parents=True, exist_ok=True)
     n, R, S = len(items), vocab.NUM_REGIONS, settings.crop_size
-    rows = [{"index": i, "path": row.path, "rows": int(row.Rows), "columns": int(row.Columns),
-             "boxes": json.dumps(prepared.boxes[row.dicom_id])}
-            for i, row in enumerate(items.itertuples(index=False))]
+    rows = [
+        {
+            "index": i,
+            "path": row.path,
+            "rows": int(row.Rows),
+            "columns": int(row.Columns),
+            "boxes": json.dumps(prepared.boxes[row.dicom_id]),
+        }
+        for i, row in enumerate(items.itertuples(index=False))
+    ]
     workers = settings.num_workers or max(1, int(ray.available_resources().get("CPU", 1)))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(n, 4 * workers)))
-    ds = ds.map_batches(_CropBatch, fn_constructor_kwargs={"crop_size": S},
-                        batch_size=settings.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+    ds = ds.map_batches(
+        _CropBatch,
+        fn_constructor_kwargs={"crop_size": S},
+        batch_size=settings.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=1,
+    )
     if settings.mode == "features":
         ds = ds.map_batches(
-            _FeatureBatch, fn_constructor_kwargs={"backbone": settings.backbone,
-                                                  "weights_path": settings.weights_path},
+            _FeatureBatch,
+            fn_constructor_kwargs={
+                "backbone": settings.backbone,
+                "weights_path": settings.weights_path,
+            },
             batch_size=settings.feature_batch_size,
             compute=ray.data.ActorPoolStrategy(size=settings.num_actors),
-            num_gpus=settings.num_gpus or None)
+            num_gpus=settings.num_gpus or None,
+        )
     tmp = {p: p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in (values_path, present_path)}
     values = present = None
     done = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         if values is None:
             shape = (n, *batch["values"].shape[1:])
-            values = np.lib.format.open_memmap(tmp[values_path], "w+", batch["values"].dtype,
-                                               shape)
+            values = np.lib.format.open_memmap(tmp[values_path], "w+", batch["values"].dtype, shape)
             present = np.lib.format.open_memmap(tmp[present_path], "w+", np.bool_, (n, R))
         assert present is not None
         idx = batch["index"].astype(np.int64)
@@ -186,12 +227,16 @@ def build_region_cache(
     index_tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
     index_tmp.write_text(json.dumps({"digest": digest, "dicom_ids": items["dicom_id"].tolist()}))
     os.replace(index_tmp, index_path)
-    return RegionCache({d: i for i, d in enumerate(items["dicom_id"])},
-                       np.load(values_path, mmap_mode="r"), np.load(present_path, mmap_mode="r"))
+    return RegionCache(
+        {d: i for i, d in enumerate(items["dicom_id"])},
+        np.load(values_path, mmap_mode="r"),
+        np.load(present_path, mmap_mode="r"),
+    )
 
 
-def _records(specs: list[SampleSpec], cache: RegionCache, settings: RegionSettings
-             ) -> Iterator[dict[str, Any]]:
+def _records(
+    specs: list[SampleSpec], cache: RegionCache, settings: RegionSettings
+) -> Iterator[dict[str, Any]]:
     for spec in sorted(specs, key=lambda s: s.record["sample_id"]):
         yield {**spec.record, **cache.region_fields(spec.dicom_ids, settings)}
 
@@ -213,13 +258,16 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
         if task not in vocab.TASKS:
             raise ValueError(f"unknown task {task!r} in tasks; expected some of {vocab.TASKS}")
     output_root = Path(cfg.output_root)
-    prepared = prepare_samples(paths, rules, seed=int(cfg.seed),
-                               num_hospitals=int(cfg.hospitals.num),
-                               hospital_rule=str(cfg.hospitals.rule),
-                               chunk_bytes=int(cfg.ehr.chunk_mb) << 20)
+    prepared = prepare_samples(
+        paths,
+        rules,
+        seed=int(cfg.seed),
+        num_hospitals=int(cfg.hospitals.num),
+        hospital_rule=str(cfg.hospitals.rule),
+        chunk_bytes=int(cfg.ehr.chunk_mb) << 20,
+    )
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus,
-                 include_dashboard=False)
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False)
     cache = build_region_cache(prepared, settings, output_root / "_cache")
     generator = {
         "name": "mimic",
@@ -236,8 +284,12 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
     manifests = {}
     for task in tasks:
         manifests[task] = write_dataset(
-            _records(prepared.samples[task], cache, settings), output_root, task,
-            rows_per_file=int(cfg.rows_per_file), generator=generator,
-            overwrite=bool(cfg.overwrite))
+            _records(prepared.samples[task], cache, settings),
+            output_root,
+            task,
+            rows_per_file=int(cfg.rows_per_file),
+            generator=generator,
+            overwrite=bool(cfg.overwrite),
+        )
         log.info("%s: %s", task, manifests[task].counts)
     return manifests

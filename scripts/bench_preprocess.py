@@ -22,8 +22,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-_ITEMS = (220045, 220179, 220180, 220181, 220210, 220277, 220048, 223761, 220739, 227969,
-          224650, 220615, 228096, 226730)
+_ITEMS = (
+    220045,
+    220179,
+    220180,
+    220181,
+    220210,
+    220277,
+    220048,
+    223761,
+    220739,
+    227969,
+    224650,
+    220615,
+    228096,
+    226730,
+)
 
 
 def write_chartevents(path: Path, rows: int, seed: int = 0) -> None:
@@ -32,19 +46,31 @@ def write_chartevents(path: Path, rows: int, seed: int = 0) -> None:
     chunk = 500_000
     base = pd.Timestamp("2150-01-01")
     with path.open("w") as handle:
-        handle.write("subject_id,hadm_id,stay_id,caregiver_id,charttime,storetime,itemid,value,"
-                     "valuenum,valueuom,warning\n")
+        handle.write(
+            "subject_id,hadm_id,stay_id,caregiver_id,charttime,storetime,itemid,value,"
+            "valuenum,valueuom,warning\n"
+        )
         for start in range(0, rows, chunk):
             n = min(chunk, rows - start)
             stay = rng.integers(30000000, 30002000, n)
             times = base + pd.to_timedelta(rng.integers(0, 3600 * 24 * 30, n), unit="s")
             stamp = times.strftime("%Y-%m-%d %H:%M:%S")
             value = np.round(rng.normal(80, 10, n), 1)
-            frame = pd.DataFrame({
-                "subject_id": stay - 20000000, "hadm_id": stay - 10000000, "stay_id": stay,
-                "caregiver_id": 4242, "charttime": stamp, "storetime": stamp,
-                "itemid": rng.choice(_ITEMS, n), "value": value, "valuenum": value,
-                "valueuom": "bpm", "warning": 0})
+            frame = pd.DataFrame(
+                {
+                    "subject_id": stay - 20000000,
+                    "hadm_id": stay - 10000000,
+                    "stay_id": stay,
+                    "caregiver_id": 4242,
+                    "charttime": stamp,
+                    "storetime": stamp,
+                    "itemid": rng.choice(_ITEMS, n),
+                    "value": value,
+                    "valuenum": value,
+                    "valueuom": "bpm",
+                    "warning": 0,
+                }
+            )
             frame.to_csv(handle, header=False, index=False)
 
 
@@ -74,11 +100,18 @@ def bench_chartevents(tmp: Path, rows: int, block_size: int) -> list[dict[str, f
     for factor in (1, 4):
         path = tmp / f"chartevents_{factor}x.csv"
         write_chartevents(path, rows * factor, seed=factor)
-        out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(block_size)],
-                             check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(path), str(block_size)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        result.update(factor=factor, file_mb=path.stat().st_size / 2**20,
-                      rows_per_s=result["rows"] / result["seconds"])
+        result.update(
+            factor=factor,
+            file_mb=path.stat().st_size / 2**20,
+            rows_per_s=result["rows"] / result["seconds"],
+        )
         results.append(result)
         path.unlink()
     return results
@@ -110,11 +143,16 @@ def bench_regions(tmp: Path, images: int, workers: tuple[int, ...]) -> list[dict
         b = {}
         for region in vocab.REGIONS:
             x1, y1 = rng.uniform(0.05, 0.5) * cols, rng.uniform(0.05, 0.5) * rows
-            b[region] = (x1, y1, x1 + rng.uniform(0.1, 0.4) * cols,
-                         y1 + rng.uniform(0.1, 0.4) * rows)
+            b[region] = (
+                x1,
+                y1,
+                x1 + rng.uniform(0.1, 0.4) * cols,
+                y1 + rng.uniform(0.1, 0.4) * rows,
+            )
         boxes[f"d{i:04d}"] = b
-    frame = pd.DataFrame({"dicom_id": list(boxes), "path": [str(p) for p in paths],
-                          "Rows": rows, "Columns": cols})
+    frame = pd.DataFrame(
+        {"dicom_id": list(boxes), "path": [str(p) for p in paths], "Rows": rows, "Columns": cols}
+    )
     prepared = PreparedCohort({}, CohortCounts(), frame, boxes)
     one = PreparedCohort({}, CohortCounts(), frame.iloc[:1], boxes)
     ray.init(num_cpus=max(workers), include_dashboard=False)
@@ -128,9 +166,16 @@ def bench_regions(tmp: Path, images: int, workers: tuple[int, ...]) -> list[dict
             t0 = time.perf_counter()
             build_region_cache(prepared, settings, tmp / f"cache{n}")
             seconds = time.perf_counter() - t0
-            results.append({"workers": n, "images": images, "seconds": seconds,
-                            "startup_s": startup, "images_per_s": images / seconds,
-                            "steady_images_per_s": (images - 1) / max(seconds - startup, 1e-9)})
+            results.append(
+                {
+                    "workers": n,
+                    "images": images,
+                    "seconds": seconds,
+                    "startup_s": startup,
+                    "images_per_s": images / seconds,
+                    "steady_images_per_s": (images - 1) / max(seconds - startup, 1e-9),
+                }
+            )
     finally:
         ray.shutdown()
     return results
@@ -146,15 +191,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         for r in bench_chartevents(tmp, args.rows, args.block_mb << 20):
-            print(f"chartevents {r['factor']}x: {r['rows']:,} rows ({r['file_mb']:.0f} MB), "
-                  f"{r['kept']:,} kept, {r['rows_per_s']:,.0f} rows/s, peak RSS "
-                  f"{r['peak_rss_mb']:.0f} MB (after imports {r['base_rss_mb']:.0f} MB)")
+            print(
+                f"chartevents {r['factor']}x: {r['rows']:,} rows ({r['file_mb']:.0f} MB), "
+                f"{r['kept']:,} kept, {r['rows_per_s']:,.0f} rows/s, peak RSS "
+                f"{r['peak_rss_mb']:.0f} MB (after imports {r['base_rss_mb']:.0f} MB)"
+            )
         if not args.skip_images:
             for r in bench_regions(tmp, args.images, (1, 2)):
-                print(f"decode+crop, {r['workers']} Ray worker(s): {r['images']} images in "
-                      f"{r['seconds']:.1f} s = {r['images_per_s']:.2f} images/s including "
-                      f"start-up; a 1-image run takes {r['startup_s']:.1f} s, so "
-                      f"{r['steady_images_per_s']:.2f} images/s beyond start-up")
+                print(
+                    f"decode+crop, {r['workers']} Ray worker(s): {r['images']} images in "
+                    f"{r['seconds']:.1f} s = {r['images_per_s']:.2f} images/s including "
+                    f"start-up; a 1-image run takes {r['startup_s']:.1f} s, so "
+                    f"{r['steady_images_per_s']:.2f} images/s beyond start-up"
+                )
 
 
 if __name__ == "__main__":

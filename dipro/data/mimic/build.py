@@ -49,8 +49,12 @@ class RawPaths:
     @classmethod
     def from_config(cls, cfg: Any) -> RawPaths:
         gold = cfg.get("gold_file")
-        return cls(Path(cfg.mimic_iv), Path(cfg.mimic_cxr), Path(cfg.scene_graph_dir),
-                   Path(gold) if gold else None)
+        return cls(
+            Path(cfg.mimic_iv),
+            Path(cfg.mimic_cxr),
+            Path(cfg.scene_graph_dir),
+            Path(gold) if gold else None,
+        )
 
     def check(self) -> None:
         for name in ("mimic_iv", "mimic_cxr", "scene_graph_dir"):
@@ -81,28 +85,48 @@ class PreparedCohort:
 
 
 def prepare_samples(
-    paths: RawPaths, rules: rules_mod.CohortRules, *, seed: int, num_hospitals: int,
-    hospital_rule: str, chunk_bytes: int = 16 << 20,
+    paths: RawPaths,
+    rules: rules_mod.CohortRules,
+    *,
+    seed: int,
+    num_hospitals: int,
+    hospital_rule: str,
+    chunk_bytes: int = 16 << 20,
 ) -> PreparedCohort:
     """Run the cohort rules and build every task's samples (module docstring)."""
     paths.check()
     counts = rules_mod.CohortCounts()
-    stays = rules_mod.select_stays(readers.read_icustays(paths.mimic_iv),
-                                   readers.read_admissions(paths.mimic_iv),
-                                   readers.read_patients(paths.mimic_iv), rules, counts)
+    stays = rules_mod.select_stays(
+        readers.read_icustays(paths.mimic_iv),
+        readers.read_admissions(paths.mimic_iv),
+        readers.read_patients(paths.mimic_iv),
+        rules,
+        counts,
+    )
     cxr = rules_mod.align_cxrs(readers.read_cxr_metadata(paths.mimic_cxr), stays, rules, counts)
-    cxr = cxr.assign(path=[
-        str(readers.image_path(paths.mimic_cxr, s, st, d))
-        for s, st, d in zip(cxr["subject_id"], cxr["study_id"], cxr["dicom_id"], strict=True)])
+    cxr = cxr.assign(
+        path=[
+            str(readers.image_path(paths.mimic_cxr, s, st, d))
+            for s, st, d in zip(cxr["subject_id"], cxr["study_id"], cxr["dicom_id"], strict=True)
+        ]
+    )
     cxr = rules_mod.drop_missing_files(
-        cxr, lambda row: Path(row["path"]).is_file(),
+        cxr,
+        lambda row: Path(row["path"]).is_file(),
         lambda row: readers.scene_graph_path(paths.scene_graph_dir, row["dicom_id"]).is_file(),
-        counts)
+        counts,
+    )
     cxr = rules_mod.thin_and_filter_stays(cxr, rules, counts)
     stays = stays[stays["stay_id"].isin(cxr["stay_id"].unique())].reset_index(drop=True)
 
-    graphs = {d: readers.read_scene_graph(readers.scene_graph_path(paths.scene_graph_dir, d))
-              for d in sorted(cxr["dicom_id"].unique())}
+    graphs = {}
+    kept_dicoms = sorted(cxr["dicom_id"].unique())
+    for n, dicom_id in enumerate(kept_dicoms, 1):
+        graphs[dicom_id] = readers.read_scene_graph(
+            readers.scene_graph_path(paths.scene_graph_dir, dicom_id)
+        )
+        if n % 5000 == 0 or n == len(kept_dicoms):
+            log.info("scene graphs: %d / %d read", n, len(kept_dicoms))
     silver = [c for g in graphs.values() for c in g.comparisons]
     gold = readers.read_gold_comparisons(paths.gold_file) if paths.gold_file else []
     pair_labels, conflicts = pair_region_labels(silver, gold)
@@ -119,7 +143,8 @@ def prepare_samples(
         group = by_stay[int(stay.stay_id)].sort_values("hours")
         common = _common_fields(stay, hourly[int(stay.stay_id)], splits, hospitals)
         samples["disease_progression"] += _progression_samples(
-            stay, group, pair_labels, hourly[int(stay.stay_id)], common)
+            stay, group, pair_labels, hourly[int(stay.stay_id)], common
+        )
         for task in ("mortality", "length_of_stay"):
             spec = _icu_sample(task, stay, group, pair_labels, hourly[int(stay.stay_id)], common)
             if spec is not None:
@@ -128,24 +153,41 @@ def prepare_samples(
         counts.add(f"samples_{task}", len(samples[task]))
 
     needed = sorted({d for specs in samples.values() for s in specs for d in s.dicom_ids})
-    images = cxr.drop_duplicates("dicom_id").set_index("dicom_id").loc[
-        needed, ["path", "Rows", "Columns"]].reset_index()
+    images = (
+        cxr.drop_duplicates("dicom_id")
+        .set_index("dicom_id")
+        .loc[needed, ["path", "Rows", "Columns"]]
+        .reset_index()
+    )
     boxes = {d: graphs[d].boxes for d in needed}
-    return PreparedCohort(samples, counts, images, boxes,
-                          extra={"gold_subjects_in_cohort": sorted(
-                              set(gold_subjects) & set(stays["subject_id"]))})
+    return PreparedCohort(
+        samples,
+        counts,
+        images,
+        boxes,
+        extra={"gold_subjects_in_cohort": sorted(set(gold_subjects) & set(stays["subject_id"]))},
+    )
 
 
-def _load_ehr(paths: RawPaths, stays: pd.DataFrame, chunk_bytes: int,
-              counts: rules_mod.CohortCounts) -> dict[int, ehr_mod.HourlyEhr]:
+def _load_ehr(
+    paths: RawPaths, stays: pd.DataFrame, chunk_bytes: int, counts: rules_mod.CohortCounts
+) -> dict[int, ehr_mod.HourlyEhr]:
     stay_ids = stays["stay_id"].tolist()
     chart_stats, out_stats = ehr_mod.StreamStats(), ehr_mod.StreamStats()
     chart = ehr_mod.stream_events(
-        readers.find_table(paths.mimic_iv, ["icu/chartevents.csv"]), stay_ids,
-        ehr_mod.CHART_ITEMIDS, block_size=chunk_bytes, stats=chart_stats)
+        readers.find_table(paths.mimic_iv, ["icu/chartevents.csv"]),
+        stay_ids,
+        ehr_mod.CHART_ITEMIDS,
+        block_size=chunk_bytes,
+        stats=chart_stats,
+    )
     output = ehr_mod.stream_events(
-        readers.find_table(paths.mimic_iv, ["icu/outputevents.csv"]), stay_ids,
-        (ehr_mod.URINE_ITEMID,), block_size=chunk_bytes, stats=out_stats)
+        readers.find_table(paths.mimic_iv, ["icu/outputevents.csv"]),
+        stay_ids,
+        (ehr_mod.URINE_ITEMID,),
+        block_size=chunk_bytes,
+        stats=out_stats,
+    )
     counts.add("chartevents_rows_read", chart_stats.rows_read)
     counts.add("chartevents_rows_kept", chart_stats.rows_kept)
     counts.add("outputevents_rows_kept", out_stats.rows_kept)
@@ -153,28 +195,41 @@ def _load_ehr(paths: RawPaths, stays: pd.DataFrame, chunk_bytes: int,
     return ehr_mod.hourly_ehr(events, stays[["stay_id", "intime", "outtime"]])
 
 
-def _common_fields(stay: Any, hourly: ehr_mod.HourlyEhr, splits: dict[int, str],
-                   hospitals: dict[int, int]) -> dict[str, Any]:
+def _common_fields(
+    stay: Any, hourly: ehr_mod.HourlyEhr, splits: dict[int, str], hospitals: dict[int, int]
+) -> dict[str, Any]:
     demo = demographic_vector(
-        float(stay.age), ehr_mod.first_observed(hourly, "Height"),
-        ehr_mod.first_observed(hourly, "Weight"), stay.gender, stay.race, stay.language,
-        stay.marital_status)
-    return {"subject_id": int(stay.subject_id), "stay_id": int(stay.stay_id),
-            "hospital": hospitals[int(stay.subject_id)], "split": splits[int(stay.subject_id)],
-            "demographics": demo}
+        float(stay.age),
+        ehr_mod.first_observed(hourly, "Height"),
+        ehr_mod.first_observed(hourly, "Weight"),
+        stay.gender,
+        stay.race,
+        stay.language,
+        stay.marital_status,
+    )
+    return {
+        "subject_id": int(stay.subject_id),
+        "stay_id": int(stay.stay_id),
+        "hospital": hospitals[int(stay.subject_id)],
+        "split": splits[int(stay.subject_id)],
+        "demographics": demo,
+    }
 
 
 def _ehr_window(hourly: ehr_mod.HourlyEhr, start: int, stop: int) -> dict[str, np.ndarray]:
     stop = min(stop, hourly.values.shape[0])
     start = min(max(start, 0), stop)
-    return {"ehr_times": np.arange(start + 1, stop + 1, dtype=np.float32),
-            "ehr_values": hourly.values[start:stop], "ehr_observed": hourly.observed[start:stop]}
+    return {
+        "ehr_times": np.arange(start + 1, stop + 1, dtype=np.float32),
+        "ehr_values": hourly.values[start:stop],
+        "ehr_observed": hourly.observed[start:stop],
+    }
 
 
-def _pair_labels(dicoms: list[str], pair_labels: dict[tuple[str, str], np.ndarray]
-                 ) -> np.ndarray:
-    out = np.full((len(dicoms) - 1, vocab.NUM_REGIONS, vocab.NUM_FINDINGS),
-                  vocab.NOT_MENTIONED, np.int8)
+def _pair_labels(dicoms: list[str], pair_labels: dict[tuple[str, str], np.ndarray]) -> np.ndarray:
+    out = np.full(
+        (len(dicoms) - 1, vocab.NUM_REGIONS, vocab.NUM_FINDINGS), vocab.NOT_MENTIONED, np.int8
+    )
     for i in range(len(dicoms) - 1):
         labels = pair_labels.get((dicoms[i + 1], dicoms[i]))
         if labels is not None:
@@ -182,9 +237,13 @@ def _pair_labels(dicoms: list[str], pair_labels: dict[tuple[str, str], np.ndarra
     return out
 
 
-def _progression_samples(stay: Any, group: pd.DataFrame,
-                         pair_labels: dict[tuple[str, str], np.ndarray],
-                         hourly: ehr_mod.HourlyEhr, common: dict[str, Any]) -> list[SampleSpec]:
+def _progression_samples(
+    stay: Any,
+    group: pd.DataFrame,
+    pair_labels: dict[tuple[str, str], np.ndarray],
+    hourly: ehr_mod.HourlyEhr,
+    common: dict[str, Any],
+) -> list[SampleSpec]:
     dicoms, hours = group["dicom_id"].tolist(), group["hours"].tolist()
     out = []
     for i in range(len(dicoms) - 1):
@@ -192,29 +251,40 @@ def _progression_samples(stay: Any, group: pd.DataFrame,
         if labels is None:
             continue
         record = {
-            **common, "sample_id": f"disease_progression-{int(stay.stay_id)}-{i:02d}",
+            **common,
+            "sample_id": f"disease_progression-{int(stay.stay_id)}-{i:02d}",
             "task": "disease_progression",
             "cxr_times": np.array([hours[i], hours[i + 1]], np.float32),
             **_ehr_window(hourly, math.floor(hours[i]), math.floor(hours[i + 1])),
-            "region_labels": labels[None], "progression": finding_labels(labels),
-            "mortality": None, "los_days": None,
+            "region_labels": labels[None],
+            "progression": finding_labels(labels),
+            "mortality": None,
+            "los_days": None,
         }
         out.append(SampleSpec(record, [dicoms[i], dicoms[i + 1]]))
     return out
 
 
-def _icu_sample(task: str, stay: Any, group: pd.DataFrame,
-                pair_labels: dict[tuple[str, str], np.ndarray], hourly: ehr_mod.HourlyEhr,
-                common: dict[str, Any]) -> SampleSpec | None:
+def _icu_sample(
+    task: str,
+    stay: Any,
+    group: pd.DataFrame,
+    pair_labels: dict[tuple[str, str], np.ndarray],
+    hourly: ehr_mod.HourlyEhr,
+    common: dict[str, Any],
+) -> SampleSpec | None:
     early = group[group["hours"] < ICU_WINDOW_HOURS]
     if len(early) < 2:
         return None
     dicoms = early["dicom_id"].tolist()
     record = {
-        **common, "sample_id": f"{task}-{int(stay.stay_id)}", "task": task,
+        **common,
+        "sample_id": f"{task}-{int(stay.stay_id)}",
+        "task": task,
         "cxr_times": early["hours"].to_numpy(np.float32),
         **_ehr_window(hourly, 0, ICU_WINDOW_HOURS),
-        "region_labels": _pair_labels(dicoms, pair_labels), "progression": None,
+        "region_labels": _pair_labels(dicoms, pair_labels),
+        "progression": None,
         "mortality": in_hospital_death(stay.admittime, stay.dischtime, stay.deathtime),
         "los_days": float(stay.los),
     }

@@ -66,8 +66,11 @@ class CohortRules:
 
 
 def select_stays(
-    icustays: pd.DataFrame, admissions: pd.DataFrame, patients: pd.DataFrame,
-    rules: CohortRules, counts: CohortCounts,
+    icustays: pd.DataFrame,
+    admissions: pd.DataFrame,
+    patients: pd.DataFrame,
+    rules: CohortRules,
+    counts: CohortCounts,
 ) -> pd.DataFrame:
     """ICU stays of stages 1-6, joined with their admission and patient rows."""
     stays = icustays
@@ -96,19 +99,24 @@ def select_stays(
 
 
 def align_cxrs(
-    metadata: pd.DataFrame, stays: pd.DataFrame, rules: CohortRules, counts: CohortCounts,
+    metadata: pd.DataFrame,
+    stays: pd.DataFrame,
+    rules: CohortRules,
+    counts: CohortCounts,
 ) -> pd.DataFrame:
     """CXRs of stages 7-10: one row per (stay, image) with ``hours`` since intime."""
     counts.add("cxr_images", len(metadata))
     cxr = metadata[metadata["ViewPosition"].str.strip() == rules.view]
     counts.add("cxr_ap", len(cxr))
-    cxr = cxr.sort_values(["subject_id", "study_id", "ViewPosition", "study_datetime",
-                           "dicom_id"], kind="stable")
+    cxr = cxr.sort_values(
+        ["subject_id", "study_id", "ViewPosition", "study_datetime", "dicom_id"], kind="stable"
+    )
     cxr = cxr.drop_duplicates(["subject_id", "study_id", "ViewPosition"], keep="last")
     counts.add("cxr_latest_per_study_view", len(cxr))
     joined = cxr.merge(stays[["subject_id", "stay_id", "intime", "outtime"]], on="subject_id")
     inside = (joined["study_datetime"] >= joined["intime"]) & (
-        joined["study_datetime"] <= joined["outtime"])
+        joined["study_datetime"] <= joined["outtime"]
+    )
     joined = joined[inside]
     joined = joined.assign(hours=(joined["study_datetime"] - joined["intime"]) / HOUR)
     counts.add("cxr_in_stay", len(joined))
@@ -116,21 +124,29 @@ def align_cxrs(
 
 
 def drop_missing_files(
-    cxr: pd.DataFrame, has_image: Callable[[pd.Series], bool],
-    has_scene_graph: Callable[[pd.Series], bool], counts: CohortCounts,
+    cxr: pd.DataFrame,
+    has_image: Callable[[pd.Series], bool],
+    has_scene_graph: Callable[[pd.Series], bool],
+    counts: CohortCounts,
 ) -> pd.DataFrame:
     """Stage 11: skip CXRs whose JPEG or scene graph is absent, recording their dicom ids."""
     keep = []
     for _, row in cxr.iterrows():
         ok = True
         if not has_image(row):
-            log.warning("missing image for dicom_id=%s (stay_id=%s): skipped",
-                        row["dicom_id"], row["stay_id"])
+            log.warning(
+                "missing image for dicom_id=%s (stay_id=%s): skipped",
+                row["dicom_id"],
+                row["stay_id"],
+            )
             counts.missing_images.append(str(row["dicom_id"]))
             ok = False
         if not has_scene_graph(row):
-            log.warning("missing scene graph for dicom_id=%s (stay_id=%s): skipped",
-                        row["dicom_id"], row["stay_id"])
+            log.warning(
+                "missing scene graph for dicom_id=%s (stay_id=%s): skipped",
+                row["dicom_id"],
+                row["stay_id"],
+            )
             counts.missing_scene_graphs.append(str(row["dicom_id"]))
             ok = False
         keep.append(ok)
@@ -142,7 +158,9 @@ def drop_missing_files(
 
 
 def thin_and_filter_stays(
-    cxr: pd.DataFrame, rules: CohortRules, counts: CohortCounts,
+    cxr: pd.DataFrame,
+    rules: CohortRules,
+    counts: CohortCounts,
 ) -> pd.DataFrame:
     """Stages 12-15: 8-hour thinning per stay, then the 96-hour gap and the 2..14 count rules."""
     kept_rows = []
@@ -156,7 +174,8 @@ def thin_and_filter_stays(
     counts.add("cxr_after_8h_thinning", len(thinned))
     counts.add("stays_with_cxr", thinned["stay_id"].nunique())
     gaps = thinned.groupby("stay_id")["hours"].apply(
-        lambda h: float(np.max(np.diff(h.to_numpy()), initial=0.0)))
+        lambda h: float(np.max(np.diff(h.to_numpy()), initial=0.0))
+    )
     ok_gap = gaps[gaps < rules.max_gap_hours].index
     thinned = thinned[thinned["stay_id"].isin(ok_gap)]
     counts.add("stays_no_96h_gap", thinned["stay_id"].nunique())
@@ -168,7 +187,9 @@ def thin_and_filter_stays(
 
 
 def assign_splits(
-    subjects: list[int], gold_subjects: set[int], seed: int,
+    subjects: list[int],
+    gold_subjects: set[int],
+    seed: int,
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
 ) -> dict[int, str]:
     """Split patients 70/10/20: gold-comparison patients go to test, the rest fill the quotas.
@@ -191,7 +212,10 @@ def assign_splits(
 
 
 def assign_hospitals(
-    stays: pd.DataFrame, num_hospitals: int, rule: str, seed: int,
+    stays: pd.DataFrame,
+    num_hospitals: int,
+    rule: str,
+    seed: int,
 ) -> dict[int, int]:
     """Federated site per patient, never splitting a patient.
 
@@ -210,8 +234,7 @@ def assign_hospitals(
     if rule == "careunit":
         units = sorted(stays["first_careunit"].astype(str).unique())
         site = {u: i % num_hospitals for i, u in enumerate(units)}
-        first = stays.sort_values(["subject_id", "intime", "stay_id"]).drop_duplicates(
-            "subject_id")
+        first = stays.sort_values(["subject_id", "intime", "stay_id"]).drop_duplicates("subject_id")
         for row in first.itertuples(index=False):
             out[int(row.subject_id)] = site[str(row.first_careunit)]
         return out

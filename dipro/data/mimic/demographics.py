@@ -28,7 +28,12 @@ def race_group(race: object) -> str:
 
 
 def demographic_vector(
-    age: float, height: float, weight: float, gender: object, race: object, language: object,
+    age: float,
+    height: float,
+    weight: float,
+    gender: object,
+    race: object,
+    language: object,
     marital_status: object,
 ) -> np.ndarray:
     """[G] float32: age, height (cm), weight (kg) raw, then one-hots in vocab.DEMOGRAPHICS order.
@@ -39,15 +44,20 @@ def demographic_vector(
     out = np.zeros(vocab.NUM_DEMOGRAPHICS, np.float32)
     out[:3] = (age, height, weight)
     lang = "ENGLISH" if str(language).strip().upper() == "ENGLISH" else "?"
-    for key in (f"gender={str(gender).strip().upper()}", f"race={race_group(race)}",
-                f"language={lang}", f"marital_status={str(marital_status).strip().upper()}"):
+    for key in (
+        f"gender={str(gender).strip().upper()}",
+        f"race={race_group(race)}",
+        f"language={lang}",
+        f"marital_status={str(marital_status).strip().upper()}",
+    ):
         if key in vocab.DEMOGRAPHICS:
             out[vocab.DEMOGRAPHICS.index(key)] = 1.0
     return out
 
 
-def in_hospital_death(admittime: pd.Timestamp, dischtime: pd.Timestamp,
-                      deathtime: pd.Timestamp | None) -> int:
+def in_hospital_death(
+    admittime: pd.Timestamp, dischtime: pd.Timestamp, deathtime: pd.Timestamp | None
+) -> int:
     """1 when ``deathtime`` lies in [admittime, dischtime], else 0."""
     if deathtime is None or pd.isna(deathtime):
         return 0

@@ -143,10 +143,19 @@ _FAHRENHEIT = 223761
 _FIO2 = 223835
 _GCS_ITEMIDS = (220739, 223900, 223901)
 GCS_TEXT: dict[str, float] = {
-    "spontaneously": 4, "to speech": 3, "to pain": 2, "no response": 1,
-    "oriented": 5, "confused": 4, "inappropriate words": 3, "incomprehensible sounds": 2,
+    "spontaneously": 4,
+    "to speech": 3,
+    "to pain": 2,
+    "no response": 1,
+    "oriented": 5,
+    "confused": 4,
+    "inappropriate words": 3,
+    "incomprehensible sounds": 2,
     "no response-ett": 1,
-    "obeys commands": 6, "localizes pain": 5, "flex-withdraws": 4, "abnormal flexion": 3,
+    "obeys commands": 6,
+    "localizes pain": 5,
+    "flex-withdraws": 4,
+    "abnormal flexion": 3,
     "abnormal extension": 2,
 }
 _LEADING_NUMBER = re.compile(r"^\s*(\d+(?:\.\d+)?)")
@@ -190,23 +199,33 @@ def stream_events(
     needed = ["stay_id", "charttime", "itemid", "value"]
     missing = [c for c in needed if c not in header]
     if missing:
-        raise RawDataError(f"missing column(s) {missing}; found {header}", path=path,
-                           field=missing[0])
+        raise RawDataError(
+            f"missing column(s) {missing}; found {header}", path=path, field=missing[0]
+        )
     has_valuenum = "valuenum" in header
     columns = needed + (["valuenum"] if has_valuenum else [])
-    types = {"stay_id": pa.int64(), "itemid": pa.int64(), "charttime": pa.string(),
-             "value": pa.string(), "valuenum": pa.float64()}
-    convert = pacsv.ConvertOptions(include_columns=columns,
-                                   column_types={c: types[c] for c in columns},
-                                   strings_can_be_null=True)
+    types = {
+        "stay_id": pa.int64(),
+        "itemid": pa.int64(),
+        "charttime": pa.string(),
+        "value": pa.string(),
+        "valuenum": pa.float64(),
+    }
+    convert = pacsv.ConvertOptions(
+        include_columns=columns,
+        column_types={c: types[c] for c in columns},
+        strings_can_be_null=True,
+    )
     stay_set = pa.array(sorted({int(s) for s in stay_ids}), pa.int64())
     item_set = pa.array(sorted({int(i) for i in itemids}), pa.int64())
     kept: list[pa.Table] = []
     next_report = progress_every
     for batch in _csv_blocks(path, header, convert, block_size):
         stats.rows_read += batch.num_rows
-        mask = pc.and_(pc.is_in(batch.column("itemid"), value_set=item_set),
-                       pc.is_in(batch.column("stay_id"), value_set=stay_set))
+        mask = pc.and_(
+            pc.is_in(batch.column("itemid"), value_set=item_set),
+            pc.is_in(batch.column("stay_id"), value_set=stay_set),
+        )
         selected = batch.filter(pc.fill_null(mask, False))
         if selected.num_rows:
             kept.append(selected)
@@ -220,8 +239,9 @@ def stream_events(
     return _numeric_values(frame, path, has_valuenum)
 
 
-def _csv_blocks(path: Path, header: list[str], convert: pacsv.ConvertOptions, block_size: int
-                ) -> Iterator[pa.Table]:
+def _csv_blocks(
+    path: Path, header: list[str], convert: pacsv.ConvertOptions, block_size: int
+) -> Iterator[pa.Table]:
     """Parse a CSV[.gz] in blocks of about ``block_size`` bytes cut at line ends.
 
     pyarrow's own streaming reader reads ahead without bound when parsing is slower than the
@@ -236,8 +256,9 @@ def _csv_blocks(path: Path, header: list[str], convert: pacsv.ConvertOptions, bl
             if not block.endswith(b"\n"):
                 block += handle.readline()
             try:
-                yield pacsv.read_csv(pa.BufferReader(block), read_options=read_options,
-                                     convert_options=convert)
+                yield pacsv.read_csv(
+                    pa.BufferReader(block), read_options=read_options, convert_options=convert
+                )
             except pa.ArrowInvalid as err:
                 raise RawDataError(f"cannot parse a block: {err}", path=path) from err
 
@@ -256,10 +277,20 @@ def _numeric_values(frame: pd.DataFrame, path: Path, has_valuenum: bool) -> pd.D
     bad = charttime.isna()
     if bad.any():
         row = frame[bad].iloc[0]
-        raise RawDataError(f"cannot parse charttime {row['charttime']!r}", path=path,
-                           record=f"stay_id={row['stay_id']}", field="charttime")
-    return pd.DataFrame({"stay_id": frame["stay_id"].to_numpy(), "charttime": charttime,
-                         "itemid": frame["itemid"].to_numpy(), "value": value.to_numpy()})
+        raise RawDataError(
+            f"cannot parse charttime {row['charttime']!r}",
+            path=path,
+            record=f"stay_id={row['stay_id']}",
+            field="charttime",
+        )
+    return pd.DataFrame(
+        {
+            "stay_id": frame["stay_id"].to_numpy(),
+            "charttime": charttime,
+            "itemid": frame["itemid"].to_numpy(),
+            "value": value.to_numpy(),
+        }
+    )
 
 
 def to_variables(events: pd.DataFrame) -> pd.DataFrame:
@@ -296,8 +327,9 @@ def hourly_ehr(events: pd.DataFrame, stays: pd.DataFrame) -> dict[int, HourlyEhr
     V = vocab.NUM_EHR
     frame = events.merge(stays[["stay_id", "intime"]], on="stay_id", how="inner")
     hours = (frame["charttime"] - frame["intime"]) / pd.Timedelta(hours=1)
-    frame = frame.assign(hour=np.floor(hours.to_numpy()).astype(np.int64),
-                         order=np.arange(len(frame)))
+    frame = frame.assign(
+        hour=np.floor(hours.to_numpy()).astype(np.int64), order=np.arange(len(frame))
+    )
     frame = frame.sort_values(["stay_id", "hour", "var", "charttime", "order"], kind="stable")
     frame = frame.drop_duplicates(["stay_id", "hour", "var"], keep="last")
     by_stay = {int(k): g for k, g in frame.groupby("stay_id", sort=True)}

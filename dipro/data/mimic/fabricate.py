@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -54,18 +54,31 @@ _BOXES: dict[str, tuple[float, float, float, float]] = {
     "cardiac silhouette": (0.38, 0.45, 0.75, 0.80),
     "mediastinum": (0.40, 0.10, 0.60, 0.50),
 }
-_FINDING_NAMES = {f: ("pulmonary edema/hazy opacity" if f == "pulmonary edema" else f)
-                  for f in vocab.FINDINGS}
+_FINDING_NAMES = {
+    f: ("pulmonary edema/hazy opacity" if f == "pulmonary edema" else f) for f in vocab.FINDINGS
+}
 _COMPARISON_NAMES = ("worsened", "improved", "no change")
 
 # Counts at every stage for n_regular = 6 (see the module table).
 EXPECTED_COUNTS: dict[str, int] = {
-    "icustays": 15, "same_careunit": 14, "single_stay_admission": 12, "adult": 11,
-    "los_over_48h": 10, "los_within_iqr_fences": 9,
-    "cxr_images": 45, "cxr_ap": 44, "cxr_latest_per_study_view": 43, "cxr_in_stay": 32,
-    "cxr_with_files": 30, "cxr_after_8h_thinning": 29,
-    "stays_with_cxr": 9, "stays_no_96h_gap": 8, "stays_2_to_14_cxr": 7,
-    "samples_disease_progression": 17, "samples_mortality": 7, "samples_length_of_stay": 7,
+    "icustays": 15,
+    "same_careunit": 14,
+    "single_stay_admission": 12,
+    "adult": 11,
+    "los_over_48h": 10,
+    "los_within_iqr_fences": 9,
+    "cxr_images": 45,
+    "cxr_ap": 44,
+    "cxr_latest_per_study_view": 43,
+    "cxr_in_stay": 32,
+    "cxr_with_files": 30,
+    "cxr_after_8h_thinning": 29,
+    "stays_with_cxr": 9,
+    "stays_no_96h_gap": 8,
+    "stays_2_to_14_cxr": 7,
+    "samples_disease_progression": 17,
+    "samples_mortality": 7,
+    "samples_length_of_stay": 7,
 }
 
 
@@ -100,7 +113,8 @@ def real_cxr_path() -> Path:
         base = importlib.resources.files("data_store")
     except ModuleNotFoundError as err:
         raise FileNotFoundError(
-            "the pydicom-data package is not installed (pip install -e '.[dev]')") from err
+            "the pydicom-data package is not installed (pip install -e '.[dev]')"
+        ) from err
     path = Path(str(base)) / "data" / REAL_CXR_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the pydicom-data package")
@@ -189,8 +203,9 @@ class _Ids:
         return self.study
 
 
-def _synthetic_pixels(rng: np.random.Generator, severity: float, rows: int, cols: int
-                      ) -> np.ndarray:
+def _synthetic_pixels(
+    rng: np.random.Generator, severity: float, rows: int, cols: int
+) -> np.ndarray:
     y, x = np.mgrid[0:rows, 0:cols] / np.array([rows, cols])[:, None, None]
     image = 60 + 80 * y
     for cx in (0.29, 0.71):
@@ -203,22 +218,38 @@ def _synthetic_pixels(rng: np.random.Generator, severity: float, rows: int, cols
 
 def _design(n_regular: int, rng: np.random.Generator) -> list[_Stay]:
     ids = _Ids(rng)
-    units = ("Medical Intensive Care Unit (MICU)", "Surgical Intensive Care Unit (SICU)",
-             "Cardiac Vascular Intensive Care Unit (CVICU)")
-    races = ("WHITE", "BLACK/AFRICAN AMERICAN", "ASIAN - CHINESE", "HISPANIC/LATINO - DOMINICAN",
-             "OTHER", "UNKNOWN")
+    units = (
+        "Medical Intensive Care Unit (MICU)",
+        "Surgical Intensive Care Unit (SICU)",
+        "Cardiac Vascular Intensive Care Unit (CVICU)",
+    )
+    races = (
+        "WHITE",
+        "BLACK/AFRICAN AMERICAN",
+        "ASIAN - CHINESE",
+        "HISPANIC/LATINO - DOMINICAN",
+        "OTHER",
+        "UNKNOWN",
+    )
     stays: list[_Stay] = []
     base = pd.Timestamp("2150-03-01 08:00:00")
 
     def stay(i: int, hours: list[float], los: float, **kw: object) -> _Stay:
         subject = 10000000 + 37 * (i + 1)
         s = _Stay(
-            subject_id=subject, hadm_id=20000000 + 11 * (i + 1), stay_id=30000000 + 7 * (i + 1),
-            intime=base + pd.Timedelta(days=17 * i, minutes=13 * i), los_days=los,
-            first_unit=units[i % 3], last_unit=units[i % 3], age=int(rng.integers(25, 90)),
-            gender="FM"[i % 2], race=races[i % len(races)],
+            subject_id=subject,
+            hadm_id=20000000 + 11 * (i + 1),
+            stay_id=30000000 + 7 * (i + 1),
+            intime=base + pd.Timedelta(days=17 * i, minutes=13 * i),
+            los_days=los,
+            first_unit=units[i % 3],
+            last_unit=units[i % 3],
+            age=int(rng.integers(25, 90)),
+            gender="FM"[i % 2],
+            race=races[i % len(races)],
             marital=("MARRIED", "SINGLE", "WIDOWED", "DIVORCED", None)[i % 5],
-            language="ENGLISH" if i % 4 else "?", severity=float(rng.uniform(0.2, 0.8)),
+            language="ENGLISH" if i % 4 else "?",
+            severity=float(rng.uniform(0.2, 0.8)),
         )
         for key, value in kw.items():
             setattr(s, key, value)
@@ -231,8 +262,15 @@ def _design(n_regular: int, rng: np.random.Generator) -> list[_Stay]:
 
     los_regular = [3.0, 3.5, 4.0, 4.5, 5.0, 6.5]
     for i in range(n_regular):
-        stays.append(stay(i, [3, 26, 50, 70], los_regular[i % len(los_regular)],
-                          died=i in (1, 4), death_after_discharge=i == 2))
+        stays.append(
+            stay(
+                i,
+                [3, 26, 50, 70],
+                los_regular[i % len(los_regular)],
+                died=i in (1, 4),
+                death_after_discharge=i == 2,
+            )
+        )
     n = n_regular
     stays.append(stay(n, [5, 30], 4.0, last_unit=units[(n + 1) % 3]))  # E1
     e2 = stay(n + 1, [5, 30], 3.0)  # E2: a second stay in the same admission
@@ -253,15 +291,23 @@ def _design(n_regular: int, rng: np.random.Generator) -> list[_Stay]:
 def _labels(rng: np.random.Generator) -> list[tuple[str, str, str]]:
     out: dict[tuple[str, str], str] = {}
     for _ in range(int(rng.integers(2, 5))):
-        key = (vocab.REGIONS[int(rng.integers(0, vocab.NUM_REGIONS))],
-               vocab.FINDINGS[int(rng.integers(0, vocab.NUM_FINDINGS))])
+        key = (
+            vocab.REGIONS[int(rng.integers(0, vocab.NUM_REGIONS))],
+            vocab.FINDINGS[int(rng.integers(0, vocab.NUM_FINDINGS))],
+        )
         out[key] = _COMPARISON_NAMES[int(rng.integers(0, 3))]
     return sorted((*key, value) for key, value in out.items())
 
 
 def write_raw_tree(
-    root: Path | str, *, n_regular: int = 6, seed: int = 0, version: str = "2.2",
-    compress: bool = True, image_size: tuple[int, int] = (288, 320), real_cxr: bool = True,
+    root: Path | str,
+    *,
+    n_regular: int = 6,
+    seed: int = 0,
+    version: str = "2.2",
+    compress: bool = True,
+    image_size: tuple[int, int] = (288, 320),
+    real_cxr: bool = True,
 ) -> RawTree:
     """Write the fabricated cohort under ``root`` and return where everything is.
 
@@ -274,9 +320,13 @@ def write_raw_tree(
         raise ValueError(f"unknown MIMIC-IV version {version!r}; expected 1.0, 2.0 or 2.2")
     root = Path(root)
     rng = np.random.default_rng(seed)
-    tree = RawTree(root, root / "mimiciv", root / "mimic-cxr-jpg", root / "chest-imagenome" /
-                   "silver_dataset" / "scene_graph", root / "chest-imagenome" / "gold_dataset" /
-                   "gold_object_comparison_with_coordinates.txt")
+    tree = RawTree(
+        root,
+        root / "mimiciv",
+        root / "mimic-cxr-jpg",
+        root / "chest-imagenome" / "silver_dataset" / "scene_graph",
+        root / "chest-imagenome" / "gold_dataset" / "gold_object_comparison_with_coordinates.txt",
+    )
     stays = _design(n_regular, rng)
     ids = _Ids(np.random.default_rng(seed + 1))
     ids.study = 59000000
@@ -306,12 +356,17 @@ def write_raw_tree(
     tree.conflict_pair = (r0.images[1].dicom_id, r0.images[0].dicom_id)
     tree.conflict_label = ("right lung", "pleural effusion")
     r0.images[1].labels = [lab for lab in r0.images[1].labels if lab[:2] != tree.conflict_label]
-    r0.images[1].labels += [(*tree.conflict_label, "worsened"), (*tree.conflict_label, "improved"),
-                            ("cardiac silhouette", "enlarged cardiac silhouette", "no change")]
+    r0.images[1].labels += [
+        (*tree.conflict_label, "worsened"),
+        (*tree.conflict_label, "improved"),
+        ("cardiac silhouette", "enlarged cardiac silhouette", "no change"),
+    ]
     gold_img = r5.images[1]
     tree.gold_pair = (gold_img.dicom_id, r5.images[0].dicom_id)
-    gold_img.labels = [("left lung", "pleural effusion", "worsened"),
-                       ("mediastinum", "lung opacity", "worsened")]
+    gold_img.labels = [
+        ("left lung", "pleural effusion", "worsened"),
+        ("mediastinum", "lung opacity", "worsened"),
+    ]
     tree.silver_label_of_gold_pair = ("left lung", "pleural effusion", vocab.WORSENED)
     tree.gold_label = ("left lung", "pleural effusion", vocab.IMPROVED)
     tree.stays = {f"R{i}": s.stay_id for i, s in enumerate(stays[:n_regular])}
@@ -323,40 +378,90 @@ def write_raw_tree(
     return tree
 
 
-def _write_cxr(tree: RawTree, stays: list[_Stay], images: list[tuple[_Stay, _Image]],
-               rng: np.random.Generator, image_size: tuple[int, int], compress: bool) -> None:
+def _write_cxr(
+    tree: RawTree,
+    stays: list[_Stay],
+    images: list[tuple[_Stay, _Image]],
+    rng: np.random.Generator,
+    image_size: tuple[int, int],
+    compress: bool,
+) -> None:
     meta_rows, chexpert = [], {}
     for s, img in sorted(images, key=lambda p: (p[0].subject_id, p[1].study_id, p[1].hours)):
         when = s.intime + pd.Timedelta(hours=img.hours)
-        pixels = img.pixels if img.pixels is not None else _synthetic_pixels(
-            rng, s.severity * (1 + img.hours / 100), *image_size)
+        pixels = (
+            img.pixels
+            if img.pixels is not None
+            else _synthetic_pixels(rng, s.severity * (1 + img.hours / 100), *image_size)
+        )
         rows, cols = pixels.shape
         hhmmss = when.hour * 10000 + when.minute * 100 + when.second
-        study_time = f"{hhmmss}.{int(rng.integers(0, 1000)):03d}" if hhmmss > 100 else \
-            f"{hhmmss}.0"
-        meta_rows.append([img.dicom_id, s.subject_id, img.study_id, "CHEST (PORTABLE AP)",
-                          img.view, rows, cols, when.strftime("%Y%m%d"), study_time,
-                          "CHEST (PORTABLE AP)", "antero-posterior" if img.view == "AP" else
-                          "postero-anterior", "Erect"])
+        study_time = f"{hhmmss}.{int(rng.integers(0, 1000)):03d}" if hhmmss > 100 else f"{hhmmss}.0"
+        meta_rows.append(
+            [
+                img.dicom_id,
+                s.subject_id,
+                img.study_id,
+                "CHEST (PORTABLE AP)",
+                img.view,
+                rows,
+                cols,
+                when.strftime("%Y%m%d"),
+                study_time,
+                "CHEST (PORTABLE AP)",
+                "antero-posterior" if img.view == "AP" else "postero-anterior",
+                "Erect",
+            ]
+        )
         chexpert[(s.subject_id, img.study_id)] = [
-            float(rng.choice([1.0, 0.0, -1.0, np.nan])) for _ in range(14)]
+            float(rng.choice([1.0, 0.0, -1.0, np.nan])) for _ in range(14)
+        ]
         if img.write_jpeg:
             path = image_path(tree.mimic_cxr, s.subject_id, img.study_id, img.dicom_id)
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(path, format="JPEG", quality=90)
         img.pixels = pixels
-    _write_csv(tree.mimic_cxr / "mimic-cxr-2.0.0-metadata.csv",
-               ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription",
-                "ViewPosition", "Rows", "Columns", "StudyDate", "StudyTime",
-                "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
-                "PatientOrientationCodeSequence_CodeMeaning"], meta_rows, compress)
-    labels = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
-              "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity",
-              "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax",
-              "Support Devices"]
-    _write_csv(tree.mimic_cxr / "mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id",
-               *labels], [[*k, *(None if np.isnan(v) else v for v in vals)]
-                          for k, vals in sorted(chexpert.items())], compress)
+    _write_csv(
+        tree.mimic_cxr / "mimic-cxr-2.0.0-metadata.csv",
+        [
+            "dicom_id",
+            "subject_id",
+            "study_id",
+            "PerformedProcedureStepDescription",
+            "ViewPosition",
+            "Rows",
+            "Columns",
+            "StudyDate",
+            "StudyTime",
+            "ProcedureCodeSequence_CodeMeaning",
+            "ViewCodeSequence_CodeMeaning",
+            "PatientOrientationCodeSequence_CodeMeaning",
+        ],
+        meta_rows,
+        compress,
+    )
+    labels = [
+        "Atelectasis",
+        "Cardiomegaly",
+        "Consolidation",
+        "Edema",
+        "Enlarged Cardiomediastinum",
+        "Fracture",
+        "Lung Lesion",
+        "Lung Opacity",
+        "No Finding",
+        "Pleural Effusion",
+        "Pleural Other",
+        "Pneumonia",
+        "Pneumothorax",
+        "Support Devices",
+    ]
+    _write_csv(
+        tree.mimic_cxr / "mimic-cxr-2.0.0-chexpert.csv",
+        ["subject_id", "study_id", *labels],
+        [[*k, *(None if np.isnan(v) else v for v in vals)] for k, vals in sorted(chexpert.items())],
+        compress,
+    )
 
 
 def _write_imagenome(tree: RawTree, images: list[tuple[_Stay, _Image]], r5: _Stay) -> None:
@@ -367,48 +472,105 @@ def _write_imagenome(tree: RawTree, images: list[tuple[_Stay, _Image]], r5: _Sta
         assert img.pixels is not None
         rows, cols = img.pixels.shape
         objects = []
-        for region, (fx1, fy1, fx2, fy2) in [*_BOXES.items(), ("trachea", (0.45, 0.0, 0.55,
-                                                                            0.3))]:
+        for region, (fx1, fy1, fx2, fy2) in [*_BOXES.items(), ("trachea", (0.45, 0.0, 0.55, 0.3))]:
             if region == img.drop_region:
                 continue
-            x1, y1, x2, y2 = (round(fx1 * cols), round(fy1 * rows), round(fx2 * cols),
-                              round(fy2 * rows))
-            objects.append({
-                "object_id": f"{img.dicom_id}_{region}", "x1": round(fx1 * 224),
-                "y1": round(fy1 * 224), "x2": round(fx2 * 224), "y2": round(fy2 * 224),
-                "width": round((fx2 - fx1) * 224), "height": round((fy2 - fy1) * 224),
-                "bbox_name": region, "synsets": [], "name": region.title(),
-                "original_x1": x1, "original_y1": y1, "original_x2": x2, "original_y2": y2,
-                "original_width": x2 - x1, "original_height": y2 - y1})
+            x1, y1, x2, y2 = (
+                round(fx1 * cols),
+                round(fy1 * rows),
+                round(fx2 * cols),
+                round(fy2 * rows),
+            )
+            objects.append(
+                {
+                    "object_id": f"{img.dicom_id}_{region}",
+                    "x1": round(fx1 * 224),
+                    "y1": round(fy1 * 224),
+                    "x2": round(fx2 * 224),
+                    "y2": round(fy2 * 224),
+                    "width": round((fx2 - fx1) * 224),
+                    "height": round((fy2 - fy1) * 224),
+                    "bbox_name": region,
+                    "synsets": [],
+                    "name": region.title(),
+                    "original_x1": x1,
+                    "original_y1": y1,
+                    "original_x2": x2,
+                    "original_y2": y2,
+                    "original_width": x2 - x1,
+                    "original_height": y2 - y1,
+                }
+            )
         relationships = []
         for n, (region, finding, comparison) in enumerate(img.labels):
-            relationships.append({
-                "relationship_id": f"{img.dicom_id}_{img.previous}_{n}",
-                "predicate": "[]", "synsets": [],
-                "relationship_names": [f"comparison|yes|{comparison}"],
-                "relationship_contexts": [1.0],
-                "phrase": f"{finding} {comparison} in the {region}.",
-                "attributes": [f"anatomicalfinding|yes|{_FINDING_NAMES[finding]}"],
-                "bbox_name": region, "subject_id": f"{img.dicom_id}_{region}",
-                "object_id": f"{img.previous}_{region}"})
+            relationships.append(
+                {
+                    "relationship_id": f"{img.dicom_id}_{img.previous}_{n}",
+                    "predicate": "[]",
+                    "synsets": [],
+                    "relationship_names": [f"comparison|yes|{comparison}"],
+                    "relationship_contexts": [1.0],
+                    "phrase": f"{finding} {comparison} in the {region}.",
+                    "attributes": [f"anatomicalfinding|yes|{_FINDING_NAMES[finding]}"],
+                    "bbox_name": region,
+                    "subject_id": f"{img.dicom_id}_{region}",
+                    "object_id": f"{img.previous}_{region}",
+                }
+            )
         graph = {
-            "image_id": img.dicom_id, "viewpoint": img.view, "patient_id": s.subject_id,
-            "study_id": img.study_id, "gender": s.gender, "age_decile": f"{s.age // 10 * 10}-"
-            f"{s.age // 10 * 10 + 10} yrs", "reason_for_exam": "___ with dyspnea",
-            "StudyOrder": order, "StudyDateTime": str(s.intime + pd.Timedelta(hours=img.hours)),
-            "objects": objects, "attributes": [], "relationships": relationships}
+            "image_id": img.dicom_id,
+            "viewpoint": img.view,
+            "patient_id": s.subject_id,
+            "study_id": img.study_id,
+            "gender": s.gender,
+            "age_decile": f"{s.age // 10 * 10}-{s.age // 10 * 10 + 10} yrs",
+            "reason_for_exam": "___ with dyspnea",
+            "StudyOrder": order,
+            "StudyDateTime": str(s.intime + pd.Timedelta(hours=img.hours)),
+            "objects": objects,
+            "attributes": [],
+            "relationships": relationships,
+        }
         (tree.scene_graph_dir / f"{img.dicom_id}_SceneGraph.json").write_text(json.dumps(graph))
     current, previous = tree.gold_pair
     region, finding, _ = tree.gold_label
     tree.gold_file.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["patient_id", "relationship_id", "subject_id", "object_id", "bbox", "comparison",
-               "attribute", "sentence", "bbox_coord_224_subject", "bbox_coord_224_object",
-               "bbox_coord_original_subject", "bbox_coord_original_object", "label_name",
-               "current_image_id", "previous_image_id"]
-    rows = [[r5.subject_id, f"{current}_{previous}_g0", f"{current}_{region}",
-             f"{previous}_{region}", region, "improved", f"anatomicalfinding|yes|{finding}",
-             f"{finding} has improved.", "[0, 0, 1, 1]", "[0, 0, 1, 1]", "[0, 0, 1, 1]",
-             "[0, 0, 1, 1]", finding, current, previous]]
+    columns = [
+        "patient_id",
+        "relationship_id",
+        "subject_id",
+        "object_id",
+        "bbox",
+        "comparison",
+        "attribute",
+        "sentence",
+        "bbox_coord_224_subject",
+        "bbox_coord_224_object",
+        "bbox_coord_original_subject",
+        "bbox_coord_original_object",
+        "label_name",
+        "current_image_id",
+        "previous_image_id",
+    ]
+    rows = [
+        [
+            r5.subject_id,
+            f"{current}_{previous}_g0",
+            f"{current}_{region}",
+            f"{previous}_{region}",
+            region,
+            "improved",
+            f"anatomicalfinding|yes|{finding}",
+            f"{finding} has improved.",
+            "[0, 0, 1, 1]",
+            "[0, 0, 1, 1]",
+            "[0, 0, 1, 1]",
+            "[0, 0, 1, 1]",
+            finding,
+            current,
+            previous,
+        ]
+    ]
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
     writer.writerow(columns)
@@ -416,52 +578,145 @@ def _write_imagenome(tree: RawTree, images: list[tuple[_Stay, _Image]], r5: _Sta
     tree.gold_file.write_text(buffer.getvalue())
 
 
-def _write_mimic_iv(tree: RawTree, stays: list[_Stay], rng: np.random.Generator, version: str,
-                    compress: bool) -> None:
+def _write_mimic_iv(
+    tree: RawTree, stays: list[_Stay], rng: np.random.Generator, version: str, compress: bool
+) -> None:
     new = version == "2.2"
     hosp = "core" if version == "1.0" else "hosp"
     race_col = "ethnicity" if version == "1.0" else "race"
     icu_rows, adm_rows, pat_rows, chart_rows, out_rows = [], {}, {}, [], []
     for s in stays:
         outtime = s.intime + pd.Timedelta(days=s.los_days)
-        icu_rows.append([s.subject_id, s.hadm_id, s.stay_id, s.first_unit, s.last_unit,
-                         _stamp(s.intime), _stamp(outtime), round(s.los_days, 4)])
+        icu_rows.append(
+            [
+                s.subject_id,
+                s.hadm_id,
+                s.stay_id,
+                s.first_unit,
+                s.last_unit,
+                _stamp(s.intime),
+                _stamp(outtime),
+                round(s.los_days, 4),
+            ]
+        )
         admit = s.intime - pd.Timedelta(hours=5)
         disch = outtime + pd.Timedelta(days=2)
-        death = (disch - pd.Timedelta(hours=3)) if s.died else (
-            disch + pd.Timedelta(days=3) if s.death_after_discharge else None)
+        death = (
+            (disch - pd.Timedelta(hours=3))
+            if s.died
+            else (disch + pd.Timedelta(days=3) if s.death_after_discharge else None)
+        )
         if s.hadm_id not in adm_rows:
             adm_rows[s.hadm_id] = [
-                s.subject_id, s.hadm_id, _stamp(admit), _stamp(disch),
-                _stamp(death) if death is not None else None, "EW EMER.", "EMERGENCY ROOM",
-                "DIED" if s.died else "HOME", "Medicare", s.language, s.marital, s.race,
-                None, None, int(s.died)] + (["P12345"] if new else [])
-        pat_rows[s.subject_id] = [s.subject_id, s.gender, s.age, admit.year,
-                                  "2017 - 2019", None]
+                s.subject_id,
+                s.hadm_id,
+                _stamp(admit),
+                _stamp(disch),
+                _stamp(death) if death is not None else None,
+                "EW EMER.",
+                "EMERGENCY ROOM",
+                "DIED" if s.died else "HOME",
+                "Medicare",
+                s.language,
+                s.marital,
+                s.race,
+                None,
+                None,
+                int(s.died),
+            ] + (["P12345"] if new else [])
+        pat_rows[s.subject_id] = [s.subject_id, s.gender, s.age, admit.year, "2017 - 2019", None]
         chart_rows += _chart_events(s, outtime, rng, new)
         t = s.intime + pd.Timedelta(minutes=30)
         while t < outtime:
-            out_rows.append([s.subject_id, s.hadm_id, s.stay_id, *([7777] if new else []),
-                             _stamp(t), _stamp(t + pd.Timedelta(minutes=5)), 226559,
-                             round(float(rng.uniform(20, 120)), 1), "ml"])
+            out_rows.append(
+                [
+                    s.subject_id,
+                    s.hadm_id,
+                    s.stay_id,
+                    *([7777] if new else []),
+                    _stamp(t),
+                    _stamp(t + pd.Timedelta(minutes=5)),
+                    226559,
+                    round(float(rng.uniform(20, 120)), 1),
+                    "ml",
+                ]
+            )
             t += pd.Timedelta(hours=2)
     mi = tree.mimic_iv
-    _write_csv(mi / "icu" / "icustays.csv", ["subject_id", "hadm_id", "stay_id",
-               "first_careunit", "last_careunit", "intime", "outtime", "los"], icu_rows,
-               compress)
-    adm_header = ["subject_id", "hadm_id", "admittime", "dischtime", "deathtime",
-                  "admission_type", "admission_location", "discharge_location", "insurance",
-                  "language", "marital_status", race_col, "edregtime", "edouttime",
-                  "hospital_expire_flag"] + (["admit_provider_id"] if new else [])
+    _write_csv(
+        mi / "icu" / "icustays.csv",
+        [
+            "subject_id",
+            "hadm_id",
+            "stay_id",
+            "first_careunit",
+            "last_careunit",
+            "intime",
+            "outtime",
+            "los",
+        ],
+        icu_rows,
+        compress,
+    )
+    adm_header = [
+        "subject_id",
+        "hadm_id",
+        "admittime",
+        "dischtime",
+        "deathtime",
+        "admission_type",
+        "admission_location",
+        "discharge_location",
+        "insurance",
+        "language",
+        "marital_status",
+        race_col,
+        "edregtime",
+        "edouttime",
+        "hospital_expire_flag",
+    ] + (["admit_provider_id"] if new else [])
     _write_csv(mi / hosp / "admissions.csv", adm_header, list(adm_rows.values()), compress)
-    _write_csv(mi / hosp / "patients.csv", ["subject_id", "gender", "anchor_age", "anchor_year",
-               "anchor_year_group", "dod"], list(pat_rows.values()), compress)
+    _write_csv(
+        mi / hosp / "patients.csv",
+        ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"],
+        list(pat_rows.values()),
+        compress,
+    )
     care = ["caregiver_id"] if new else []
-    _write_csv(mi / "icu" / "chartevents.csv", ["subject_id", "hadm_id", "stay_id", *care,
-               "charttime", "storetime", "itemid", "value", "valuenum", "valueuom", "warning"],
-               chart_rows, compress)
-    _write_csv(mi / "icu" / "outputevents.csv", ["subject_id", "hadm_id", "stay_id", *care,
-               "charttime", "storetime", "itemid", "value", "valueuom"], out_rows, compress)
+    _write_csv(
+        mi / "icu" / "chartevents.csv",
+        [
+            "subject_id",
+            "hadm_id",
+            "stay_id",
+            *care,
+            "charttime",
+            "storetime",
+            "itemid",
+            "value",
+            "valuenum",
+            "valueuom",
+            "warning",
+        ],
+        chart_rows,
+        compress,
+    )
+    _write_csv(
+        mi / "icu" / "outputevents.csv",
+        [
+            "subject_id",
+            "hadm_id",
+            "stay_id",
+            *care,
+            "charttime",
+            "storetime",
+            "itemid",
+            "value",
+            "valueuom",
+        ],
+        out_rows,
+        compress,
+    )
 
 
 _EYE = ((4, "Spontaneously"), (3, "To Speech"), (2, "To Pain"), (1, "No Response"))
@@ -469,14 +724,27 @@ _VERBAL = ((5, "Oriented"), (4, "Confused"), (1, "No Response-ETT"))
 _MOTOR = ((6, "Obeys Commands"), (5, "Localizes Pain"), (4, "Flex-withdraws"))
 
 
-def _chart_events(s: _Stay, outtime: pd.Timestamp, rng: np.random.Generator, new: bool
-                  ) -> list[list[object]]:
+def _chart_events(
+    s: _Stay, outtime: pd.Timestamp, rng: np.random.Generator, new: bool
+) -> list[list[object]]:
     rows: list[list[object]] = []
 
-    def add(t: pd.Timestamp, itemid: int, value: object, valuenum: float | None, uom: str
-            ) -> None:
-        rows.append([s.subject_id, s.hadm_id, s.stay_id, *([4242] if new else []), _stamp(t),
-                     _stamp(t + pd.Timedelta(minutes=3)), itemid, value, valuenum, uom, 0])
+    def add(t: pd.Timestamp, itemid: int, value: object, valuenum: float | None, uom: str) -> None:
+        rows.append(
+            [
+                s.subject_id,
+                s.hadm_id,
+                s.stay_id,
+                *([4242] if new else []),
+                _stamp(t),
+                _stamp(t + pd.Timedelta(minutes=3)),
+                itemid,
+                value,
+                valuenum,
+                uom,
+                0,
+            ]
+        )
 
     hour = 0
     t = s.intime + pd.Timedelta(minutes=int(rng.integers(1, 50)))
@@ -484,26 +752,40 @@ def _chart_events(s: _Stay, outtime: pd.Timestamp, rng: np.random.Generator, new
     add(t, 224639, round(60 + 40 * s.severity, 1), round(60 + 40 * s.severity, 1), "kg")
     while t < outtime:
         sev = s.severity * (1 + hour / 100)
-        for itemid, mean, uom in ((220045, 80 + 30 * sev, "bpm"), (220179, 125 - 20 * sev,
-                                  "mmHg"), (220180, 70 - 10 * sev, "mmHg"),
-                                  (220181, 88 - 12 * sev, "mmHg"), (220210, 16 + 8 * sev,
-                                  "insp/min"), (220277, 98 - 6 * sev, "%")):
+        for itemid, mean, uom in (
+            (220045, 80 + 30 * sev, "bpm"),
+            (220179, 125 - 20 * sev, "mmHg"),
+            (220180, 70 - 10 * sev, "mmHg"),
+            (220181, 88 - 12 * sev, "mmHg"),
+            (220210, 16 + 8 * sev, "insp/min"),
+            (220277, 98 - 6 * sev, "%"),
+        ):
             v = round(float(mean + rng.normal(0, 3)), 1)
             add(t, itemid, v, v, uom)
         add(t, 220048, "SR (Sinus Rhythm)", None, None)  # not one of the 38: ignored
         if hour % 4 == 0:
             v = round(float(98.6 + 3 * sev + rng.normal(0, 0.5)), 1)
             add(t, 223761, v, v, "°F")
-            eye, verbal, motor = (_EYE[min(int(sev * 3), 3)], _VERBAL[min(int(sev * 2), 2)],
-                                  _MOTOR[min(int(sev * 3), 2)])
+            eye, verbal, motor = (
+                _EYE[min(int(sev * 3), 3)],
+                _VERBAL[min(int(sev * 2), 2)],
+                _MOTOR[min(int(sev * 3), 2)],
+            )
             add(t, 220739, eye[1], eye[0], None)
             add(t, 223900, f"{verbal[0]} {verbal[1]}", None, None)
             add(t, 223901, motor[1], None, None)
             add(t, 223835, round(0.21 + 0.4 * sev, 2), round(0.21 + 0.4 * sev, 2), "%")
         if hour % 8 == 0:
-            for itemid, mean in ((220615, 1.0 + sev), (227442, 4.2), (220645, 139.0),
-                                 (220545, 38 - 5 * sev), (227457, 230.0), (220546, 8 + 6 * sev),
-                                 (223830, 7.4 - 0.1 * sev), (225624, 15 + 20 * sev)):
+            for itemid, mean in (
+                (220615, 1.0 + sev),
+                (227442, 4.2),
+                (220645, 139.0),
+                (220545, 38 - 5 * sev),
+                (227457, 230.0),
+                (220546, 8 + 6 * sev),
+                (223830, 7.4 - 0.1 * sev),
+                (225624, 15 + 20 * sev),
+            ):
                 v = round(float(mean * rng.uniform(0.95, 1.05)), 2)
                 add(t, itemid, v, v, None)
         if hour == 5:
@@ -511,3 +793,447 @@ def _chart_events(s: _Stay, outtime: pd.Timestamp, rng: np.random.Generator, new
         t += pd.Timedelta(hours=1)
         hour += 1
     return rows
+
+
+# --- the synthetic cohort (dipro.data.synthetic) as a raw tree --------------------------------
+
+_CAREUNITS = (  # sorted by name, so the "careunit" hospital rule maps unit i back to site i
+    "Cardiac Vascular Intensive Care Unit (CVICU)",
+    "Medical Intensive Care Unit (MICU)",
+    "Neuro Surgical Intensive Care Unit (Neuro SICU)",
+    "Surgical Intensive Care Unit (SICU)",
+    "Trauma SICU (TSICU)",
+)
+_GCS_WORDS = {
+    "Glascow coma scale eye opening": dict(_EYE),
+    "Glascow coma scale verbal response": {
+        5: "Oriented",
+        4: "Confused",
+        3: "Inappropriate Words",
+        2: "Incomprehensible sounds",
+        1: "No Response-ETT",
+    },
+    "Glascow coma scale motor response": {
+        6: "Obeys Commands",
+        5: "Localizes Pain",
+        4: "Flex-withdraws",
+        3: "Abnormal Flexion",
+        2: "Abnormal extension",
+        1: "No response",
+    },
+}
+
+
+def write_cohort_raw_tree(
+    cohort: Any,
+    root: Path | str,
+    *,
+    version: str = "2.2",
+    compress: bool = True,
+    real_cxr: bool = True,
+) -> RawTree:
+    """Write a ``dipro.data.synthetic.Cohort`` as a raw MIMIC tree under ``root``.
+
+    One admission and one ICU stay per patient (care unit = ``_CAREUNITS[hospital]``), each CXR
+    an AP JPEG in its own study with its scene graph (the cohort's boxes; its region labels as
+    comparisons against the previous CXR), the cohort's observed hourly EHR as chartevents /
+    outputevents rows in the middle of their hour (temperature in Fahrenheit, GCS as MetaVision
+    text), and the first labelled pair of patient 0 copied into the gold file. With
+    ``real_cxr`` the first CXR of patient 0 is the real radiograph of pydicom-data (boxes
+    scaled to its size).
+    """
+    if int(cohort.hospital.max()) >= len(_CAREUNITS):
+        raise ValueError(f"at most {len(_CAREUNITS)} hospitals can be written as care units")
+    if version not in ("2.0", "2.2"):
+        raise ValueError(f"unknown MIMIC-IV version {version!r}; expected 2.0 or 2.2")
+    root = Path(root)
+    rng = np.random.default_rng(int(cohort.config.seed) + 7)
+    tree = RawTree(
+        root,
+        root / "mimiciv",
+        root / "mimic-cxr-jpg",
+        root / "chest-imagenome" / "silver_dataset" / "scene_graph",
+        root / "chest-imagenome" / "gold_dataset" / "gold_object_comparison_with_coordinates.txt",
+    )
+    ids = _Ids(rng)
+    base = pd.Timestamp("2160-01-01 06:00:00")
+    stays: list[_Stay] = []
+    labelled_pairs: dict[int, int] = {
+        int(cohort.pair_first[j]) + 1: j for j in range(len(cohort.pair_first))
+    }
+    real = real_cxr_pixels() if real_cxr else None
+    boxes_of: dict[str, np.ndarray] = {}
+    for i in range(cohort.num_patients):
+        s = _Stay(
+            subject_id=int(cohort.subject_id[i]),
+            hadm_id=20_000_000 + i,
+            stay_id=int(cohort.stay_id[i]),
+            intime=base + pd.Timedelta(days=13 * i, minutes=7 * i),
+            los_days=float(cohort.los_days[i]),
+            first_unit=_CAREUNITS[int(cohort.hospital[i])],
+            last_unit=_CAREUNITS[int(cohort.hospital[i])],
+            age=int(round(float(cohort.age[i]))),
+            gender=str(cohort.gender[i]),
+            race=str(cohort.race[i]),
+            marital=str(cohort.marital_status[i]),
+            language=str(cohort.language[i]),
+            died=bool(cohort.mortality[i]),
+        )
+        previous = None
+        for m in range(*cohort.cxr_slice(i).indices(len(cohort.cxr_times))):
+            img = _Image(
+                ids.dicom(),
+                ids.next_study(),
+                float(cohort.cxr_times[m]),
+                previous=previous,
+                pixels=cohort.images[m],
+            )
+            boxes = cohort.boxes[m].astype(np.float64).copy()
+            if real is not None and i == 0 and previous is None:
+                rows, cols = real.shape
+                side = cohort.images.shape[-1]
+                boxes *= np.array([cols, rows, cols, rows]) / side
+                img.pixels = real
+            boxes[~cohort.region_present[m]] = np.nan
+            boxes_of[img.dicom_id] = boxes
+            j = labelled_pairs.get(m)
+            if j is not None and previous is not None:
+                codes = cohort.pair_region_labels[j]
+                img.labels = [
+                    (vocab.REGIONS[r], vocab.FINDINGS[k], _COMPARISON_NAMES[int(codes[r, k])])
+                    for r, k in zip(*np.nonzero(codes != vocab.NOT_MENTIONED), strict=True)
+                ]
+            s.images.append(img)
+            previous = img.dicom_id
+        stays.append(s)
+    if real is not None:
+        tree.real_cxr = stays[0].images[0].dicom_id
+    images = [(s, img) for s in stays for img in s.images]
+    _write_cohort_cxr(tree, images, boxes_of, compress)
+    gold_stay = next(s for s in stays if any(img.labels for img in s.images))
+    gold_img = next(img for img in gold_stay.images if img.labels)
+    tree.gold_pair = (gold_img.dicom_id, str(gold_img.previous))
+    _write_gold(tree, gold_stay.subject_id, gold_img)
+    _write_cohort_mimic_iv(tree, cohort, stays, version, compress)
+    tree.stays = {f"patient{i}": s.stay_id for i, s in enumerate(stays)}
+    return tree
+
+
+def _write_cohort_cxr(
+    tree: RawTree,
+    images: list[tuple[_Stay, _Image]],
+    boxes_of: dict[str, np.ndarray],
+    compress: bool,
+) -> None:
+    meta_rows = []
+    tree.scene_graph_dir.mkdir(parents=True, exist_ok=True)
+    for order, (s, img) in enumerate(images):
+        assert img.pixels is not None
+        when = s.intime + pd.Timedelta(seconds=round(img.hours * 3600))
+        rows, cols = img.pixels.shape
+        hhmmss = when.hour * 10000 + when.minute * 100 + when.second
+        meta_rows.append(
+            [
+                img.dicom_id,
+                s.subject_id,
+                img.study_id,
+                "CHEST (PORTABLE AP)",
+                "AP",
+                rows,
+                cols,
+                when.strftime("%Y%m%d"),
+                f"{hhmmss}.0",
+                "CHEST (PORTABLE AP)",
+                "antero-posterior",
+                "Erect",
+            ]
+        )
+        path = image_path(tree.mimic_cxr, s.subject_id, img.study_id, img.dicom_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.pixels).save(path, format="JPEG", quality=95)
+        objects = []
+        for r, region in enumerate(vocab.REGIONS):
+            box = boxes_of[img.dicom_id][r]
+            if np.isnan(box).any():
+                continue
+            x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+            objects.append(
+                {
+                    "object_id": f"{img.dicom_id}_{region}",
+                    "bbox_name": region,
+                    "synsets": [],
+                    "name": region.title(),
+                    "original_x1": x1,
+                    "original_y1": y1,
+                    "original_x2": x2,
+                    "original_y2": y2,
+                    "original_width": x2 - x1,
+                    "original_height": y2 - y1,
+                }
+            )
+        relationships = [
+            {
+                "relationship_id": f"{img.dicom_id}_{img.previous}_{n}",
+                "predicate": "[]",
+                "synsets": [],
+                "relationship_names": [f"comparison|yes|{comparison}"],
+                "relationship_contexts": [1.0],
+                "phrase": f"{finding} {comparison}.",
+                "attributes": [f"anatomicalfinding|yes|{_FINDING_NAMES[finding]}"],
+                "bbox_name": region,
+                "subject_id": f"{img.dicom_id}_{region}",
+                "object_id": f"{img.previous}_{region}",
+            }
+            for n, (region, finding, comparison) in enumerate(img.labels)
+        ]
+        graph = {
+            "image_id": img.dicom_id,
+            "viewpoint": "AP",
+            "patient_id": s.subject_id,
+            "study_id": img.study_id,
+            "gender": s.gender,
+            "StudyOrder": order,
+            "StudyDateTime": str(when),
+            "objects": objects,
+            "attributes": [],
+            "relationships": relationships,
+        }
+        (tree.scene_graph_dir / f"{img.dicom_id}_SceneGraph.json").write_text(json.dumps(graph))
+    _write_csv(
+        tree.mimic_cxr / "mimic-cxr-2.0.0-metadata.csv",
+        [
+            "dicom_id",
+            "subject_id",
+            "study_id",
+            "PerformedProcedureStepDescription",
+            "ViewPosition",
+            "Rows",
+            "Columns",
+            "StudyDate",
+            "StudyTime",
+            "ProcedureCodeSequence_CodeMeaning",
+            "ViewCodeSequence_CodeMeaning",
+            "PatientOrientationCodeSequence_CodeMeaning",
+        ],
+        meta_rows,
+        compress,
+    )
+
+
+def _write_gold(tree: RawTree, subject_id: int, img: _Image) -> None:
+    tree.gold_file.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+    writer.writerow(
+        [
+            "patient_id",
+            "relationship_id",
+            "subject_id",
+            "object_id",
+            "bbox",
+            "comparison",
+            "attribute",
+            "sentence",
+            "bbox_coord_224_subject",
+            "bbox_coord_224_object",
+            "bbox_coord_original_subject",
+            "bbox_coord_original_object",
+            "label_name",
+            "current_image_id",
+            "previous_image_id",
+        ]
+    )
+    for n, (region, finding, comparison) in enumerate(img.labels):
+        writer.writerow(
+            [
+                subject_id,
+                f"{img.dicom_id}_{img.previous}_g{n}",
+                f"{img.dicom_id}_{region}",
+                f"{img.previous}_{region}",
+                region,
+                comparison,
+                f"anatomicalfinding|yes|{finding}",
+                f"{finding}.",
+                "[0, 0, 1, 1]",
+                "[0, 0, 1, 1]",
+                "[0, 0, 1, 1]",
+                "[0, 0, 1, 1]",
+                finding,
+                img.dicom_id,
+                img.previous,
+            ]
+        )
+    tree.gold_file.write_text(buffer.getvalue())
+
+
+def _write_cohort_mimic_iv(
+    tree: RawTree, cohort: Any, stays: list[_Stay], version: str, compress: bool
+) -> None:
+    from dipro.data.mimic.ehr import EHR_SPECS, URINE_ITEMID
+
+    new = version == "2.2"
+    care = [4242] if new else []
+    icu_rows, adm_rows, pat_rows, chart_rows, out_rows = [], [], [], [], []
+    temp = vocab.EHR_VARIABLES.index("Temperature")
+    for i, s in enumerate(stays):
+        outtime = s.intime + pd.Timedelta(days=s.los_days)
+        icu_rows.append(
+            [
+                s.subject_id,
+                s.hadm_id,
+                s.stay_id,
+                s.first_unit,
+                s.last_unit,
+                _stamp(s.intime),
+                _stamp(outtime),
+                round(s.los_days, 6),
+            ]
+        )
+        admit, disch = s.intime - pd.Timedelta(hours=3), outtime + pd.Timedelta(days=1)
+        death = _stamp(outtime - pd.Timedelta(hours=1)) if s.died else None
+        adm_rows.append(
+            [
+                s.subject_id,
+                s.hadm_id,
+                _stamp(admit),
+                _stamp(disch),
+                death,
+                "EW EMER.",
+                "EMERGENCY ROOM",
+                "DIED" if s.died else "HOME",
+                "Medicare",
+                s.language,
+                s.marital,
+                s.race,
+                None,
+                None,
+                int(s.died),
+            ]
+            + (["P12345"] if new else [])
+        )
+        pat_rows.append([s.subject_id, s.gender, s.age, admit.year, "2017 - 2019", None])
+        hours = int(cohort.num_hours[i])
+        observed = cohort.ehr_observed[i, :hours]
+        for h, v in zip(*np.nonzero(observed), strict=True):
+            t = s.intime + pd.Timedelta(hours=int(h), minutes=30)
+            value = float(cohort.ehr_values[i, h, v])
+            name = vocab.EHR_VARIABLES[v]
+            itemid = EHR_SPECS[v].itemids[0]
+            if itemid == URINE_ITEMID:
+                out_rows.append(
+                    [
+                        s.subject_id,
+                        s.hadm_id,
+                        s.stay_id,
+                        *care,
+                        _stamp(t),
+                        _stamp(t),
+                        itemid,
+                        round(value, 4),
+                        "ml",
+                    ]
+                )
+                continue
+            text: object = round(value, 4)
+            number: object = round(value, 4)
+            if v == temp:
+                text = number = round(value * 9.0 / 5.0 + 32.0, 4)
+            elif name in _GCS_WORDS:
+                words = _GCS_WORDS[name][int(round(value))]
+                text, number = (
+                    (words, int(round(value))) if h % 2 else (f"{int(round(value))} {words}", None)
+                )
+            chart_rows.append(
+                [
+                    s.subject_id,
+                    s.hadm_id,
+                    s.stay_id,
+                    *care,
+                    _stamp(t),
+                    _stamp(t),
+                    itemid,
+                    text,
+                    number,
+                    None,
+                    0,
+                ]
+            )
+    mi = tree.mimic_iv
+    _write_csv(
+        mi / "icu" / "icustays.csv",
+        [
+            "subject_id",
+            "hadm_id",
+            "stay_id",
+            "first_careunit",
+            "last_careunit",
+            "intime",
+            "outtime",
+            "los",
+        ],
+        icu_rows,
+        compress,
+    )
+    _write_csv(
+        mi / "hosp" / "admissions.csv",
+        [
+            "subject_id",
+            "hadm_id",
+            "admittime",
+            "dischtime",
+            "deathtime",
+            "admission_type",
+            "admission_location",
+            "discharge_location",
+            "insurance",
+            "language",
+            "marital_status",
+            "race",
+            "edregtime",
+            "edouttime",
+            "hospital_expire_flag",
+        ]
+        + (["admit_provider_id"] if new else []),
+        adm_rows,
+        compress,
+    )
+    _write_csv(
+        mi / "hosp" / "patients.csv",
+        ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"],
+        pat_rows,
+        compress,
+    )
+    _write_csv(
+        mi / "icu" / "chartevents.csv",
+        [
+            "subject_id",
+            "hadm_id",
+            "stay_id",
+            *(["caregiver_id"] if new else []),
+            "charttime",
+            "storetime",
+            "itemid",
+            "value",
+            "valuenum",
+            "valueuom",
+            "warning",
+        ],
+        chart_rows,
+        compress,
+    )
+    _write_csv(
+        mi / "icu" / "outputevents.csv",
+        [
+            "subject_id",
+            "hadm_id",
+            "stay_id",
+            *(["caregiver_id"] if new else []),
+            "charttime",
+            "storetime",
+            "itemid",
+            "value",
+            "valueuom",
+        ],
+        out_rows,
+        compress,
+    )

@@ -27,7 +27,10 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def crop_regions(
-    jpeg: bytes, boxes: dict[str, Box], size: int, rows: int | None = None,
+    jpeg: bytes,
+    boxes: dict[str, Box],
+    size: int,
+    rows: int | None = None,
     columns: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``jpeg`` (8-bit grayscale) once and return (crops [R, S, S] uint8, present [R])."""
@@ -81,8 +84,13 @@ class RegionFeatureExtractor:
     regions (present False) get zero features.
     """
 
-    def __init__(self, backbone: str, weights_path: str | None = None, device: str | None = None,
-                 chunk: int = 64) -> None:
+    def __init__(
+        self,
+        backbone: str,
+        weights_path: str | None = None,
+        device: str | None = None,
+        chunk: int = 64,
+    ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.dim = build_backbone(backbone, weights_path)
         self.model.to(self.device)
@@ -96,7 +104,7 @@ class RegionFeatureExtractor:
         flat = torch.from_numpy(np.ascontiguousarray(crops).reshape(n * r, 1, s, s))
         out = []
         for start in range(0, n * r, self.chunk):
-            x = flat[start:start + self.chunk].to(self.device).float().div_(255.0)
+            x = flat[start : start + self.chunk].to(self.device).float().div_(255.0)
             x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
             out.append(self.model(x).float().cpu())
         feats = torch.cat(out).numpy().reshape(n, r, self.dim)

@@ -26,12 +26,14 @@ Pair = tuple[str, str]
 
 
 def pair_region_labels(
-    silver: Iterable[RegionComparison], gold: Iterable[RegionComparison],
+    silver: Iterable[RegionComparison],
+    gold: Iterable[RegionComparison],
 ) -> tuple[dict[Pair, np.ndarray], int]:
     """Region labels [R, K] int8 per (current, previous) pair, and the number of conflicts dropped.
 
     Pairs with at least one usable comparison appear in the result.
     """
+
     def collect(items: Iterable[RegionComparison]) -> dict[Pair, dict[tuple[str, str], set[int]]]:
         table: dict[Pair, dict[tuple[str, str], set[int]]] = defaultdict(lambda: defaultdict(set))
         for c in items:

@@ -24,8 +24,10 @@ class RawDataError(ValueError):
     """A raw input file that cannot be read as the format says; names file, record and field."""
 
     def __init__(self, message: str, *, path: Path | str, record: str = "", field: str = ""):
-        where = str(path) + (f", record {record}" if record else "") + (
-            f", field {field!r}" if field else ""
+        where = (
+            str(path)
+            + (f", record {record}" if record else "")
+            + (f", field {field!r}" if field else "")
         )
         super().__init__(f"{where}: {message}")
 
@@ -77,7 +79,9 @@ def read_csv(
             row = int(bad.to_numpy().argmax())
             raise RawDataError(
                 f"cannot parse {frame[col].iloc[row]!r} as YYYY-MM-DD HH:MM:SS",
-                path=path, record=f"line {row + 2}", field=col,
+                path=path,
+                record=f"line {row + 2}",
+                field=col,
             )
         frame[col] = parsed
     return frame[required]
@@ -86,12 +90,24 @@ def read_csv(
 # --- MIMIC-IV ---------------------------------------------------------------------------------
 
 ICUSTAY_COLUMNS = [
-    "subject_id", "hadm_id", "stay_id", "first_careunit", "last_careunit", "intime", "outtime",
+    "subject_id",
+    "hadm_id",
+    "stay_id",
+    "first_careunit",
+    "last_careunit",
+    "intime",
+    "outtime",
     "los",
 ]
 ADMISSION_COLUMNS = [
-    "subject_id", "hadm_id", "admittime", "dischtime", "deathtime", "language",
-    "marital_status", "race",
+    "subject_id",
+    "hadm_id",
+    "admittime",
+    "dischtime",
+    "deathtime",
+    "language",
+    "marital_status",
+    "race",
 ]
 PATIENT_COLUMNS = ["subject_id", "gender", "anchor_age", "anchor_year"]
 
@@ -121,8 +137,16 @@ def read_patients(mimic_iv: Path) -> pd.DataFrame:
 
 # --- MIMIC-CXR-JPG ----------------------------------------------------------------------------
 
-METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns",
-                    "StudyDate", "StudyTime"]
+METADATA_COLUMNS = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+]
 
 
 def parse_study_time(value: Any) -> str:
@@ -144,11 +168,16 @@ def read_cxr_metadata(mimic_cxr: Path) -> pd.DataFrame:
         frame["dicom_id"], frame["StudyDate"], frame["StudyTime"], strict=True
     ):
         if pd.isna(date) or pd.isna(time):
-            raise RawDataError("StudyDate/StudyTime is blank", path=path, record=dicom_id,
-                               field="StudyDate" if pd.isna(date) else "StudyTime")
+            raise RawDataError(
+                "StudyDate/StudyTime is blank",
+                path=path,
+                record=dicom_id,
+                field="StudyDate" if pd.isna(date) else "StudyTime",
+            )
         stamps.append(f"{int(date):08d}{parse_study_time(time)}")
-    frame["study_datetime"] = pd.to_datetime(pd.Series(stamps, index=frame.index),
-                                             format="%Y%m%d%H%M%S")
+    frame["study_datetime"] = pd.to_datetime(
+        pd.Series(stamps, index=frame.index), format="%Y%m%d%H%M%S"
+    )
     return frame
 
 
@@ -211,11 +240,17 @@ def read_scene_graph(path: Path) -> SceneGraph:
         name = obj.get("bbox_name")
         if name in vocab.REGIONS:
             try:
-                box = tuple(float(obj[k]) for k in
-                            ("original_x1", "original_y1", "original_x2", "original_y2"))
+                box = tuple(
+                    float(obj[k])
+                    for k in ("original_x1", "original_y1", "original_x2", "original_y2")
+                )
             except (KeyError, TypeError, ValueError) as err:
-                raise RawDataError(f"bad original box ({err})", path=path,
-                                   record=str(obj.get("object_id")), field="original_x1") from err
+                raise RawDataError(
+                    f"bad original box ({err})",
+                    path=path,
+                    record=str(obj.get("object_id")),
+                    field="original_x1",
+                ) from err
             boxes[name] = box  # type: ignore[assignment]
     comparisons = []
     for rel in graph.get("relationships", []):
@@ -235,15 +270,29 @@ def read_scene_graph(path: Path) -> SceneGraph:
         for attr in rel.get("attributes", []):
             parts = attr.split("|")
             if len(parts) == 3 and parts[1] == "yes" and parts[2] in FINDING_ALIASES:
-                comparisons.append(RegionComparison(current, previous, region,
-                                                    FINDING_ALIASES[parts[2]], code))
+                comparisons.append(
+                    RegionComparison(current, previous, region, FINDING_ALIASES[parts[2]], code)
+                )
     return SceneGraph(dicom_id, boxes, tuple(comparisons))
 
 
-GOLD_COLUMNS = ["patient_id", "relationship_id", "subject_id", "object_id", "bbox", "comparison",
-                "attribute", "sentence", "bbox_coord_224_subject", "bbox_coord_224_object",
-                "bbox_coord_original_subject", "bbox_coord_original_object", "label_name",
-                "current_image_id", "previous_image_id"]
+GOLD_COLUMNS = [
+    "patient_id",
+    "relationship_id",
+    "subject_id",
+    "object_id",
+    "bbox",
+    "comparison",
+    "attribute",
+    "sentence",
+    "bbox_coord_224_subject",
+    "bbox_coord_224_object",
+    "bbox_coord_original_subject",
+    "bbox_coord_original_object",
+    "label_name",
+    "current_image_id",
+    "previous_image_id",
+]
 
 
 def read_gold_comparisons(path: Path) -> list[RegionComparison]:
@@ -255,8 +304,14 @@ def read_gold_comparisons(path: Path) -> list[RegionComparison]:
     out = []
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
-        needed = ("bbox", "comparison", "label_name", "current_image_id", "previous_image_id",
-                  "patient_id")
+        needed = (
+            "bbox",
+            "comparison",
+            "label_name",
+            "current_image_id",
+            "previous_image_id",
+            "patient_id",
+        )
         missing = [c for c in needed if c not in (reader.fieldnames or [])]
         if missing:
             raise RawDataError(f"missing column(s) {missing}", path=path, field=missing[0])
@@ -265,9 +320,15 @@ def read_gold_comparisons(path: Path) -> list[RegionComparison]:
             finding = FINDING_ALIASES.get(row["label_name"].strip().lower())
             region = row["bbox"].strip().lower()
             if comparison in _COMPARISONS and finding and region in vocab.REGIONS:
-                out.append(RegionComparison(row["current_image_id"].strip(),
-                                            row["previous_image_id"].strip(), region, finding,
-                                            vocab.PROGRESSION_CODES[comparison]))
+                out.append(
+                    RegionComparison(
+                        row["current_image_id"].strip(),
+                        row["previous_image_id"].strip(),
+                        region,
+                        finding,
+                        vocab.PROGRESSION_CODES[comparison],
+                    )
+                )
     return out
 
 

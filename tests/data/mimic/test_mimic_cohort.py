@@ -15,8 +15,9 @@ from dipro.data.mimic.labels import finding_labels
 
 @pytest.fixture(scope="module")
 def prepared(raw_tree) -> PreparedCohort:
-    paths = RawPaths(raw_tree.mimic_iv, raw_tree.mimic_cxr, raw_tree.scene_graph_dir,
-                     raw_tree.gold_file)
+    paths = RawPaths(
+        raw_tree.mimic_iv, raw_tree.mimic_cxr, raw_tree.scene_graph_dir, raw_tree.gold_file
+    )
     return prepare_samples(paths, CohortRules(), seed=23, num_hospitals=2, hospital_rule="hash")
 
 
@@ -30,8 +31,7 @@ def test_counts_at_every_stage(prepared) -> None:
     assert stages["chartevents_rows_kept"] < stages["chartevents_rows_read"]
 
 
-def test_missing_image_and_scene_graph_are_reported_by_id_and_skipped(prepared, raw_tree
-                                                                      ) -> None:
+def test_missing_image_and_scene_graph_are_reported_by_id_and_skipped(prepared, raw_tree) -> None:
     assert prepared.counts.missing_images == [raw_tree.missing_image]
     assert prepared.counts.missing_scene_graphs == [raw_tree.missing_scene_graph]
     used = {d for specs in prepared.samples.values() for s in specs for d in s.dicom_ids}
@@ -53,8 +53,11 @@ def test_cxr_within_8h_of_previous_kept_is_dropped(prepared, raw_tree) -> None:
 
 
 def test_gold_label_overrides_silver(prepared, raw_tree) -> None:
-    (spec,) = [s for s in _specs(prepared, "disease_progression")
-               if tuple(s.dicom_ids[::-1]) == raw_tree.gold_pair]
+    (spec,) = [
+        s
+        for s in _specs(prepared, "disease_progression")
+        if tuple(s.dicom_ids[::-1]) == raw_tree.gold_pair
+    ]
     region, finding, code = raw_tree.gold_label
     r, k = vocab.REGIONS.index(region), vocab.FINDINGS.index(finding)
     assert raw_tree.silver_label_of_gold_pair[2] != code  # silver said otherwise
@@ -65,14 +68,18 @@ def test_gold_label_overrides_silver(prepared, raw_tree) -> None:
 
 
 def test_conflicting_region_comparison_is_dropped(prepared, raw_tree) -> None:
-    (spec,) = [s for s in _specs(prepared, "disease_progression")
-               if tuple(s.dicom_ids[::-1]) == raw_tree.conflict_pair]
+    (spec,) = [
+        s
+        for s in _specs(prepared, "disease_progression")
+        if tuple(s.dicom_ids[::-1]) == raw_tree.conflict_pair
+    ]
     region, finding = raw_tree.conflict_label
     labels = spec.record["region_labels"][0]
-    assert labels[vocab.REGIONS.index(region), vocab.FINDINGS.index(finding)] == \
-        vocab.NOT_MENTIONED
-    cs, ecs = vocab.REGIONS.index("cardiac silhouette"), vocab.FINDINGS.index(
-        "enlarged cardiac silhouette")
+    assert labels[vocab.REGIONS.index(region), vocab.FINDINGS.index(finding)] == vocab.NOT_MENTIONED
+    cs, ecs = (
+        vocab.REGIONS.index("cardiac silhouette"),
+        vocab.FINDINGS.index("enlarged cardiac silhouette"),
+    )
     assert labels[cs, ecs] == vocab.NO_CHANGE
     assert prepared.counts.stages["conflicting_region_labels_dropped"] >= 1
 
@@ -82,8 +89,11 @@ def test_icu_samples_use_cxrs_and_ehr_of_the_first_48h(prepared) -> None:
         rec = s.record
         assert rec["cxr_times"].size >= 2 and np.all(rec["cxr_times"] < 48)
         assert rec["ehr_times"].tolist() == list(range(1, 49))
-        assert rec["region_labels"].shape == (rec["cxr_times"].size - 1, vocab.NUM_REGIONS,
-                                              vocab.NUM_FINDINGS)
+        assert rec["region_labels"].shape == (
+            rec["cxr_times"].size - 1,
+            vocab.NUM_REGIONS,
+            vocab.NUM_FINDINGS,
+        )
     deaths = sorted(s.record["mortality"] for s in _specs(prepared, "mortality"))
     assert deaths == [0, 0, 0, 0, 0, 1, 1]  # R1, R4 die in hospital; R2 dies after discharge
 
@@ -118,20 +128,30 @@ def test_assign_splits_quota_and_determinism() -> None:
 
 
 def test_careunit_hospitals_keep_a_patient_on_one_site() -> None:
-    stays = pd.DataFrame({
-        "subject_id": [1, 1, 2, 3], "stay_id": [10, 11, 12, 13],
-        "intime": pd.to_datetime(["2150-01-01", "2150-02-01", "2150-01-01", "2150-01-01"]),
-        "first_careunit": ["MICU", "SICU", "SICU", "CVICU"]})
+    stays = pd.DataFrame(
+        {
+            "subject_id": [1, 1, 2, 3],
+            "stay_id": [10, 11, 12, 13],
+            "intime": pd.to_datetime(["2150-01-01", "2150-02-01", "2150-01-01", "2150-01-01"]),
+            "first_careunit": ["MICU", "SICU", "SICU", "CVICU"],
+        }
+    )
     sites = assign_hospitals(stays, 2, "careunit", seed=0)
     assert sites == {1: 1, 2: 0, 3: 0}  # sorted units CVICU, MICU, SICU -> 0, 1, 0
     with pytest.raises(ValueError, match="hospital rule"):
         assign_hospitals(stays, 2, "random", seed=0)
 
 
-@pytest.mark.parametrize(("codes", "expected"), [
-    ([3, 3], vocab.NOT_MENTIONED), ([0, 2], vocab.WORSENED), ([1, 3], vocab.IMPROVED),
-    ([2, 2], vocab.NO_CHANGE), ([0, 1], vocab.NOT_MENTIONED),
-])
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [
+        ([3, 3], vocab.NOT_MENTIONED),
+        ([0, 2], vocab.WORSENED),
+        ([1, 3], vocab.IMPROVED),
+        ([2, 2], vocab.NO_CHANGE),
+        ([0, 1], vocab.NOT_MENTIONED),
+    ],
+)
 def test_finding_label_rule(codes: list[int], expected: int) -> None:
     region = np.full((vocab.NUM_REGIONS, vocab.NUM_FINDINGS), vocab.NOT_MENTIONED, np.int8)
     region[: len(codes), 0] = codes

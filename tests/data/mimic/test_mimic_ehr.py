@@ -19,10 +19,17 @@ def test_specs_follow_the_vocabulary_order() -> None:
     assert len(ehr.ITEMID_TO_VARIABLE) == sum(len(s.itemids) for s in ehr.EHR_SPECS)
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("4 Spontaneously", 4.0), ("Spontaneously", 4.0), ("To Pain", 2.0),
-    ("No Response-ETT", 1.0), ("Obeys Commands", 6.0), ("5 Oriented", 5.0),
-])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4 Spontaneously", 4.0),
+        ("Spontaneously", 4.0),
+        ("To Pain", 2.0),
+        ("No Response-ETT", 1.0),
+        ("Obeys Commands", 6.0),
+        ("5 Oriented", 5.0),
+    ],
+)
 def test_gcs_text_to_number(text: str, value: float) -> None:
     assert ehr.gcs_text_to_number(text) == value
 
@@ -32,21 +39,29 @@ def test_unknown_gcs_text_is_missing() -> None:
 
 
 def _write_chartevents(path: Path, rows: list[list[object]]) -> None:
-    header = "subject_id,hadm_id,stay_id,caregiver_id,charttime,storetime,itemid,value,valuenum," \
-             "valueuom,warning\n"
+    header = (
+        "subject_id,hadm_id,stay_id,caregiver_id,charttime,storetime,itemid,value,valuenum,"
+        "valueuom,warning\n"
+    )
     body = "".join(",".join("" if v is None else str(v) for v in row) + "\n" for row in rows)
     with gzip.open(path, "wt") as f:
         f.write(header + body)
 
 
 def test_hourly_grid_last_value_clip_convert_and_fill(tmp_path: Path) -> None:
-    hr, temp, gcs_eye, fio2 = (vocab.EHR_VARIABLES.index(n) for n in (
-        "Heart Rate", "Temperature", "Glascow coma scale eye opening",
-        "Fraction inspired oxygen"))
+    hr, temp, gcs_eye, fio2 = (
+        vocab.EHR_VARIABLES.index(n)
+        for n in (
+            "Heart Rate",
+            "Temperature",
+            "Glascow coma scale eye opening",
+            "Fraction inspired oxygen",
+        )
+    )
     row = [1, 2, 30, 9]
     rows = [
         [*row, "2150-01-01 00:10:00", "", 220045, 90, 90, "bpm", 0],
-        [*row, "2150-01-01 00:50:00", "", 220045, 95, 95, "bpm", 0],   # last of hour 0
+        [*row, "2150-01-01 00:50:00", "", 220045, 95, 95, "bpm", 0],  # last of hour 0
         [*row, "2150-01-01 02:05:00", "", 220045, 9999, 9999, "bpm", 0],  # clipped to 350
         [*row, "2150-01-01 01:00:00", "", 223761, 98.6, 98.6, "F", 0],  # 37 C in hour 1
         [*row, "2150-01-01 01:30:00", "", 220739, "To Pain", "", "", 0],  # text only
@@ -60,8 +75,13 @@ def test_hourly_grid_last_value_clip_convert_and_fill(tmp_path: Path) -> None:
     stats = ehr.StreamStats()
     events = ehr.stream_events(path, [30], ehr.CHART_ITEMIDS, block_size=256, stats=stats)
     assert (stats.rows_read, stats.rows_kept) == (9, 7)
-    stays = pd.DataFrame({"stay_id": [30], "intime": pd.to_datetime(["2150-01-01 00:00:00"]),
-                          "outtime": pd.to_datetime(["2150-01-01 03:30:00"])})
+    stays = pd.DataFrame(
+        {
+            "stay_id": [30],
+            "intime": pd.to_datetime(["2150-01-01 00:00:00"]),
+            "outtime": pd.to_datetime(["2150-01-01 03:30:00"]),
+        }
+    )
     grid = ehr.hourly_ehr(ehr.to_variables(events), stays)[30]
     assert grid.values.shape == (4, vocab.NUM_EHR)
     np.testing.assert_allclose(grid.values[:, hr], [95, 95, 350, 350])
@@ -78,10 +98,22 @@ def test_hourly_grid_last_value_clip_convert_and_fill(tmp_path: Path) -> None:
 def test_streaming_in_small_blocks_equals_one_read(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     n = 3000
-    rows = [[1, 2, int(rng.integers(30, 40)), 9,
-             f"2150-01-01 {int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}:00", "",
-             int(rng.choice([220045, 220179, 220048, 226730])), 80, 80, "", 0]
-            for _ in range(n)]
+    rows = [
+        [
+            1,
+            2,
+            int(rng.integers(30, 40)),
+            9,
+            f"2150-01-01 {int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}:00",
+            "",
+            int(rng.choice([220045, 220179, 220048, 226730])),
+            80,
+            80,
+            "",
+            0,
+        ]
+        for _ in range(n)
+    ]
     path = tmp_path / "chartevents.csv.gz"
     _write_chartevents(path, rows)
     small = ehr.stream_events(path, [31, 33], ehr.CHART_ITEMIDS, block_size=1 << 10)

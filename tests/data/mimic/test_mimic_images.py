@@ -34,8 +34,9 @@ def test_crop_cuts_the_box_and_marks_absent_regions() -> None:
 def test_boxes_scale_to_a_downsampled_image() -> None:
     pixels = np.zeros((50, 100), np.uint8)
     pixels[5:15, 20:40] = 255  # the full-size box (40, 10, 80, 30) at half size
-    crops, present = crop_regions(_jpeg(pixels), {"left lung": (40, 10, 80, 30)}, size=4,
-                                  rows=100, columns=200)
+    crops, present = crop_regions(
+        _jpeg(pixels), {"left lung": (40, 10, 80, 30)}, size=4, rows=100, columns=200
+    )
     assert present[vocab.REGIONS.index("left lung")]
     assert np.all(crops[vocab.REGIONS.index("left lung")] == 255)
 
@@ -48,8 +49,7 @@ def test_real_radiograph_comes_from_the_installed_package(raw_tree) -> None:
     assert pixels.shape == (1955, 1841) and pixels.dtype == np.uint8
     assert np.corrcoef(raw.ravel(), pixels.ravel().astype(np.float64))[0, 1] < -0.9  # inverted
     meta = read_cxr_metadata(raw_tree.mimic_cxr).set_index("dicom_id").loc[raw_tree.real_cxr]
-    jpeg = image_path(raw_tree.mimic_cxr, meta["subject_id"], meta["study_id"],
-                      raw_tree.real_cxr)
+    jpeg = image_path(raw_tree.mimic_cxr, meta["subject_id"], meta["study_id"], raw_tree.real_cxr)
     with Image.open(jpeg) as img:
         assert (img.mode, img.size) == ("L", (1841, 1955))
     assert (meta["Rows"], meta["Columns"]) == (1955, 1841)

@@ -24,8 +24,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
 
 def tree_checksums(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``, by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,11 +40,21 @@ def ray_session() -> Iterator[None]:
 
 def _cfg(tree: RawTree, out: Path, *extra: str) -> DictConfig:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("preprocess", overrides=[
-            f"raw.mimic_iv={tree.mimic_iv}", f"raw.mimic_cxr={tree.mimic_cxr}",
-            f"raw.scene_graph_dir={tree.scene_graph_dir}", f"raw.gold_file={tree.gold_file}",
-            f"output_root={out}", "regions.crop_size=32", "regions.num_workers=2",
-            "hospitals.num=2", "rows_per_file=4", *extra])
+        return compose(
+            "preprocess",
+            overrides=[
+                f"raw.mimic_iv={tree.mimic_iv}",
+                f"raw.mimic_cxr={tree.mimic_cxr}",
+                f"raw.scene_graph_dir={tree.scene_graph_dir}",
+                f"raw.gold_file={tree.gold_file}",
+                f"output_root={out}",
+                "regions.crop_size=32",
+                "regions.num_workers=2",
+                "hospitals.num=2",
+                "rows_per_file=4",
+                *extra,
+            ],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +75,13 @@ def test_shards_validate_with_expected_counts(first_run, raw_tree) -> None:
         assert total == EXPECTED_COUNTS[f"samples_{task}"]
         shards.verify_checksums(out, task)
         table = shards.read_table(  # validates every record
-            [p for s in vocab.SPLITS if manifest.num_samples(s)
-             for p in shards.list_shards(out, task, s)])
+            [
+                p
+                for s in vocab.SPLITS
+                if manifest.num_samples(s)
+                for p in shards.list_shards(out, task, s)
+            ]
+        )
         assert table.num_rows == total
         assert set(table.column("crop_size").to_pylist()) == {32}
         counts = manifest.generator["cohort_counts"]
@@ -75,8 +93,12 @@ def test_shards_validate_with_expected_counts(first_run, raw_tree) -> None:
 
 def test_real_radiograph_crops_are_not_blank(first_run, raw_tree) -> None:
     out, manifest, _ = first_run
-    paths = [p for s in vocab.SPLITS if manifest["mortality"].num_samples(s)
-             for p in shards.list_shards(out, "mortality", s)]
+    paths = [
+        p
+        for s in vocab.SPLITS
+        if manifest["mortality"].num_samples(s)
+        for p in shards.list_shards(out, "mortality", s)
+    ]
     table = shards.read_table(paths)
     crops = [np.frombuffer(c, np.uint8) for c in table.column("crops").to_pylist()]
     assert all(c.std() > 5 for c in crops)
@@ -98,8 +120,15 @@ def test_inputs_untouched_and_rerun_is_identical(first_run, raw_tree, tmp_path: 
 def test_features_mode_with_a_frozen_backbone(raw_tree, tmp_path: Path) -> None:
     from ray_jobs.preprocess import run_preprocess
 
-    manifests = run_preprocess(_cfg(raw_tree, tmp_path, "regions.mode=features",
-                                    "regions.backbone=resnet18", "tasks=[mortality]"))
+    manifests = run_preprocess(
+        _cfg(
+            raw_tree,
+            tmp_path,
+            "regions.mode=features",
+            "regions.backbone=resnet18",
+            "tasks=[mortality]",
+        )
+    )
     manifest = manifests["mortality"]
     assert (manifest.region_mode, manifest.feature_dim) == ("features", 512)
     table = shards.read_table(shards.list_shards(tmp_path, "mortality", "train"))
