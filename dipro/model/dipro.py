@@ -225,6 +225,11 @@ def _check_config(model_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
             f"model config: d_model {cfg['d_model']} must be even and divisible by num_heads "
             f"{cfg['num_heads']}"
         )
+    for key in ("d_model", "num_heads", "num_layers", "fusion_layers", "num_groups"):
+        if int(cfg[key]) < 1:
+            raise ValueError(f"model config: {key} must be at least 1, got {cfg[key]}")
+    if not 0.0 <= float(cfg["dropout"]) < 1.0:
+        raise ValueError(f"model config: dropout {cfg['dropout']} is not in [0, 1)")
     return cfg, {k: bool(v) for k, v in ablation.items()}
 
 

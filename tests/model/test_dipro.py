@@ -200,6 +200,10 @@ def test_builder_rejects_bad_configs() -> None:
     cfg["num_heads"] = 3
     with pytest.raises(ValueError, match="divisible by num_heads 3"):
         build_model(cfg, "mortality")
+    cfg = small_cfg()
+    cfg["fusion_layers"] = 0
+    with pytest.raises(ValueError, match="fusion_layers must be at least 1"):
+        build_model(cfg, "mortality")
     with pytest.raises(ValueError, match="unknown task"):
         build_model(small_cfg(), "sepsis")
 
@@ -210,6 +214,18 @@ def test_head_counts_come_from_the_config() -> None:
     model = build_model(cfg, "mortality")
     attentions = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
     assert attentions and all(m.num_heads == 4 for m in attentions)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_trains_under_bf16_autocast(task: str) -> None:
+    model = _build(task)
+    batch = batch_of([make_record(i, task, _cxrs(task, 2 + i)) for i in range(2)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    loss, _ = DiProLoss(task, ALL_ONES, ClassWeights.uniform())(out, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def _overfit(task: str, mode: str, steps: int, num_samples: int) -> tuple[float, float]:
