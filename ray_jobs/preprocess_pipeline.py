@@ -205,7 +205,7 @@ def build_region_cache(
         )
     tmp = {p: p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in (values_path, present_path)}
     values = present = None
-    done = 0
+    done, next_report = 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         if values is None:
             shape = (n, *batch["values"].shape[1:])
@@ -216,7 +216,9 @@ def build_region_cache(
         values[idx] = batch["values"]
         present[idx] = batch["present"]
         done += idx.size
-        log.info("regions: %d / %d images", done, n)
+        if done >= next_report or done == n:
+            log.info("regions: %d / %d images", done, n)
+            next_report = done + max(1, n // 50)
     if values is None or present is None or done != n:
         raise RuntimeError(f"region pass returned {done} of {n} images")
     values.flush()

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dipro import vocab
 from dipro.data import shards
 from dipro.data.mimic.fabricate import EXPECTED_COUNTS, RawTree
-
-ray = pytest.importorskip("ray")
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
