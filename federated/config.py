@@ -1,0 +1,109 @@
+"""The federated run's configuration: composed by Hydra from ``configs/federated.yaml``, checked
+before anything starts, and the part of it that travels to the sites.
+
+The server is the one source of the run's settings. Each training or evaluation message carries
+``SITE_CONFIG_KEY``: the JSON of the settings a site needs (task, model, loss, optimiser, local
+training, seed). Sites add only what is theirs: where their shards are (node config).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from dipro import vocab
+from dipro.data.shards import Manifest, read_manifest
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+SITE_CONFIG_KEY = "dipro-config"
+ROUND_OFFSET_KEY = "round-offset"
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+_SITE_SECTIONS = ("seed", "task", "model", "loss", "optim", "train", "federated", "data")
+
+
+class ConfigError(ValueError):
+    """A federated configuration that cannot run; raised before any site is contacted."""
+
+
+def compose_config(overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """``configs/federated.yaml`` with Hydra ``overrides``, resolved to plain containers."""
+    with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3"):
+        cfg = compose("federated", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
+    """Hydra overrides from Flower's run config (``[tool.flwr.app.config]`` or
+    ``flwr run --run-config``): the string ``overrides``, split like a shell would."""
+    return shlex.split(str(run_config.get("overrides", "")))
+
+
+def check_config(cfg: Mapping[str, Any]) -> Manifest:
+    """Validate the settings and the server's dataset; return the task's manifest there."""
+    task = cfg["task"]["name"]
+    if task not in vocab.TASKS:
+        raise ConfigError(f"task.name={task!r} is not one of {', '.join(vocab.TASKS)}")
+    fed = cfg["federated"]
+    for key in ("num_rounds", "local_epochs", "min_sites"):
+        if int(fed[key]) < 1:
+            raise ConfigError(f"federated.{key}={fed[key]} must be at least 1")
+    for key in ("fraction_train", "fraction_evaluate"):
+        if not 0.0 <= float(fed[key]) <= 1.0:
+            raise ConfigError(f"federated.{key}={fed[key]} must lie in [0, 1]")
+    if float(fed["fraction_train"]) == 0.0:
+        raise ConfigError("federated.fraction_train=0 would never train")
+    if cfg["strategy"]["name"] not in STRATEGIES:
+        raise ConfigError(
+            f"strategy.name={cfg['strategy']['name']!r} is not one of {', '.join(STRATEGIES)}"
+        )
+    if int(cfg["optim"]["batch_size"]) < 1 or float(cfg["optim"]["lr"]) <= 0:
+        raise ConfigError("optim.batch_size must be >= 1 and optim.lr > 0")
+    root = cfg["server"]["data_root"]
+    try:
+        manifest = read_manifest(root, task)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from err
+    if manifest.region_mode != cfg["model"]["region_mode"]:
+        raise ConfigError(
+            f"the {task} dataset under {root} stores {manifest.region_mode}, but "
+            f"model.region_mode={cfg['model']['region_mode']}"
+        )
+    if manifest.num_samples(cfg["server"]["eval_split"]) == 0:
+        raise ConfigError(
+            f"the {task} dataset under {root} has no {cfg['server']['eval_split']} samples "
+            "for the server to evaluate on"
+        )
+    return manifest
+
+
+def site_config(cfg: Mapping[str, Any], manifest: Manifest) -> dict[str, Any]:
+    """The settings a site needs, with the stored feature width in features mode."""
+    out = {key: cfg[key] for key in _SITE_SECTIONS}
+    out["data"] = {"root": cfg["data"]["root"]}
+    if manifest.feature_dim is not None:
+        out["model"] = {**out["model"], "feature_dim": manifest.feature_dim}
+    return out
+
+
+def train_config_record(site_cfg: Mapping[str, Any], round_offset: int) -> ConfigRecord:
+    """What the server sends with the global weights: the site config and the rounds already
+    done before this start (Flower numbers the rounds of each start from 1)."""
+    return ConfigRecord(
+        {SITE_CONFIG_KEY: json.dumps(site_cfg, sort_keys=True), ROUND_OFFSET_KEY: round_offset}
+    )
+
+
+def read_site_config(record: ConfigRecord) -> tuple[dict[str, Any], int]:
+    """The site config and the run's round number (``server-round`` + offset) of a message."""
+    if SITE_CONFIG_KEY not in record:
+        raise ConfigError(f"the server's message carries no {SITE_CONFIG_KEY!r}")
+    cfg = json.loads(str(record[SITE_CONFIG_KEY]))
+    server_round = int(record.get("server-round", 0)) + int(record.get(ROUND_OFFSET_KEY, 0))
+    return cfg, server_round

@@ -1,0 +1,219 @@
+"""One hospital's side of a federated run: its own shards, its own normalisation and class
+weights, and local training or evaluation through the shared engine.
+
+A site never reads another site's shards. Its EHR/demographic normalisation is fitted on its
+own training shards (``dipro.data.normalize.fit_norm_stats``) and its class weights are counted
+on its own training labels (``LabelCounts``); neither leaves the site. Pooling label counts
+across sites would give the central run's weights but reveal each site's label distribution,
+so the federated loss is weighted per site.
+
+Which shards are the site's: in a deployment the SuperNode's ``--node-config`` names
+``data-path`` (a dataset root in the project's shard layout) and optionally ``hospital-id``
+(only that hospital's shards of it); in a simulation the node has ``partition-id`` and the site
+is the dataset's ``partition-id``-th hospital under the run's ``data.root``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from dipro import storage
+from dipro.checkpoint import load_weights
+from dipro.data.collate import Batch, collate
+from dipro.data.normalize import NormStats, fit_norm_stats
+from dipro.data.schema import model_columns
+from dipro.data.shards import iter_numpy_batches, list_shards, read_manifest
+from dipro.engine import build_optimizer, evaluate, train_epoch
+from dipro.losses import ClassWeights, DiProLoss, LabelCounts, LossWeights
+from dipro.model import build_model
+
+_NORM_COLUMNS = ["ehr_values", "ehr_observed", "demographics"]
+_LABEL_COLUMNS = ["progression", "region_labels", "mortality", "los_days"]
+
+
+class SiteConfigError(ValueError):
+    """A SuperNode whose node config does not say where its data is."""
+
+
+class InjectedSiteFault(RuntimeError):
+    """Raised by ``federated.fail_at`` to test a site failing during a round."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """The data of one site: where its shards are and what it fitted on its training split."""
+
+    root: str
+    task: str
+    hospitals: tuple[int, ...]
+    train_paths: tuple[str, ...]
+    val_paths: tuple[str, ...]
+    norm_stats: NormStats
+    class_weights: ClassWeights
+    num_train: int
+
+    @property
+    def name(self) -> str:
+        return f"hospital {','.join(map(str, self.hospitals))} of {self.root}"
+
+
+def site_of(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Site:
+    """The site a SuperNode serves (module docstring), with its statistics fitted."""
+    task = cfg["task"]["name"]
+    if "data-path" in node_config:
+        root = str(node_config["data-path"])
+        manifest = read_manifest(root, task)
+        hospitals = (
+            (int(node_config["hospital-id"]),)
+            if "hospital-id" in node_config
+            else tuple(manifest.hospitals)
+        )
+    elif "partition-id" in node_config:
+        root = str(cfg["data"]["root"])
+        manifest = read_manifest(root, task)
+        partition = int(node_config["partition-id"])
+        if partition >= len(manifest.hospitals):
+            raise SiteConfigError(
+                f"simulated site {partition} has no hospital: the {task} dataset under {root} "
+                f"has hospitals {manifest.hospitals}"
+            )
+        hospitals = (manifest.hospitals[partition],)
+    else:
+        raise SiteConfigError(
+            "the SuperNode's node config names no data-path (start it with "
+            "--node-config 'data-path=\"/path/to/shards\"')"
+        )
+    missing = sorted(set(hospitals) - set(manifest.hospitals))
+    if missing:
+        raise SiteConfigError(
+            f"hospital-id {missing} is not in the {task} dataset under {root} "
+            f"(it has {manifest.hospitals})"
+        )
+    train = tuple(list_shards(root, task, "train", hospitals=hospitals))
+    if not train:
+        raise SiteConfigError(f"no training shards for hospital {hospitals} under {root}")
+    return Site(
+        root=root,
+        task=task,
+        hospitals=hospitals,
+        train_paths=train,
+        val_paths=tuple(list_shards(root, task, "val", hospitals=hospitals)),
+        norm_stats=fit_norm_stats(_read(path, _NORM_COLUMNS) for path in train),
+        class_weights=ClassWeights.from_counts(_label_counts(train)),
+        num_train=sum(manifest.counts["train"].get(str(h), 0) for h in hospitals),
+    )
+
+
+def _read(path: str, columns: list[str]) -> Any:
+    fs, inner = storage.resolve_filesystem(path)
+    return pq.read_table(inner, filesystem=fs, columns=columns, partitioning=None)
+
+
+def _label_counts(paths: Sequence[str]) -> LabelCounts:
+    counts = LabelCounts.zeros()
+    for path in paths:
+        counts = counts + LabelCounts.from_table(_read(path, _LABEL_COLUMNS))
+    return counts
+
+
+def batches(
+    paths: Sequence[str],
+    batch_size: int,
+    region_mode: str,
+    stats: NormStats,
+    shuffle_seed: int | None = None,
+) -> Iterator[Batch]:
+    """The shards as ``Batch`` objects through the one collate (a local shuffle if seeded)."""
+    for columns in iter_numpy_batches(paths, batch_size, model_columns(region_mode), shuffle_seed):
+        yield collate(columns, stats)
+
+
+def model_from_state(
+    cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], where: str
+) -> nn.Module:
+    """The run's model with ``state`` loaded strictly (``dipro.checkpoint.load_weights``)."""
+    model = build_model(cfg["model"], cfg["task"]["name"])
+    load_weights(model, state, where)
+    return model
+
+
+def train_site(
+    model: nn.Module,
+    site: Site,
+    cfg: Mapping[str, Any],
+    *,
+    server_round: int,
+    prox_mu: float = 0.0,
+) -> dict[str, float]:
+    """``federated.local_epochs`` passes of the engine over the site's training shards.
+
+    With ``prox_mu > 0`` the engine adds FedProx's term against a snapshot of the weights the
+    model holds on entry (the global model). Returns the last epoch's row-weighted means
+    (``loss``, ``loss/<component>``) and the totals ``samples`` and ``steps``.
+    """
+    fed, train_cfg = cfg["federated"], cfg["train"]
+    fail_at = fed.get("fail_at")
+    if (
+        fail_at
+        and int(fail_at["round"]) == server_round
+        and int(fail_at["hospital"]) in site.hospitals
+    ):
+        raise InjectedSiteFault(f"injected failure of {site.name} in round {server_round}")
+    device = fed.get("device", "cpu")
+    model.to(device)
+    global_params = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
+    loss_fn = DiProLoss(site.task, LossWeights.from_config(cfg["loss"]), site.class_weights)
+    optimizer = build_optimizer(model, cfg["optim"])
+    samples = steps = 0.0
+    stats: dict[str, float] = {}
+    for epoch in range(int(fed["local_epochs"])):
+        seed = int(cfg["seed"]) * 100_000 + server_round * 1000 + epoch * 10 + site.hospitals[0]
+        torch.manual_seed(seed)
+        stats = train_epoch(
+            model,
+            batches(
+                site.train_paths,
+                int(cfg["optim"]["batch_size"]),
+                cfg["model"]["region_mode"],
+                site.norm_stats,
+                shuffle_seed=seed,
+            ),
+            optimizer,
+            loss_fn,
+            device=device,
+            accumulation_steps=int(train_cfg["accumulation_steps"]),
+            max_grad_norm=train_cfg.get("max_grad_norm"),
+            prox_mu=prox_mu,
+            global_params=global_params,
+            max_steps=train_cfg.get("max_steps_per_epoch"),
+        )
+        samples += stats["samples"]
+        steps += stats["steps"]
+    model.to("cpu")
+    return {**stats, "samples": samples, "steps": steps}
+
+
+def evaluate_site(model: nn.Module, site: Site, cfg: Mapping[str, Any]) -> dict[str, float]:
+    """The task's metrics of ``model`` on the site's validation shards (its own statistics)."""
+    device = cfg["federated"].get("device", "cpu")
+    model.to(device)
+    loss_fn = DiProLoss(site.task, LossWeights.from_config(cfg["loss"]), site.class_weights)
+    metrics, predictions = evaluate(
+        model,
+        batches(
+            site.val_paths,
+            int(cfg["train"]["eval_batch_size"]),
+            cfg["model"]["region_mode"],
+            site.norm_stats,
+        ),
+        loss_fn,
+        device=device,
+    )
+    model.to("cpu")
+    return {**metrics, "samples": float(len(predictions))}

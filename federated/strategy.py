@@ -1,0 +1,208 @@
+"""Flower strategies from the config, and the site quorum every run enforces.
+
+``build_strategy`` gives Flower's FedAvg, FedProx (the server sends ``proximal-mu``; the sites'
+engine adds the term) or FedAdam, optionally wrapped in
+``DifferentialPrivacyClientSideFixedClipping`` (the sites clip their updates; the server adds
+Gaussian noise to the mean). ``SiteQuorum`` wraps the result so that:
+
+- waiting for sites is bounded: fewer than ``min_sites`` connected after ``wait_s`` seconds is a
+  ``NotEnoughSitesError`` (Flower alone would wait forever);
+- a site that fails during a round is logged (node id and reason) and recorded with the round;
+  the round completes with the others as long as ``min_sites`` sent an update, and is an
+  error otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+
+logger = logging.getLogger("flwr")  # Flower's log stream: shown by `flwr log` and the simulation
+
+
+class NotEnoughSitesError(RuntimeError):
+    """Fewer sites than the run's minimum connected or sent an update."""
+
+
+@dataclass
+class RoundSites:
+    """What happened to the sites of one round (Flower's round number of this start)."""
+
+    sampled: int = 0
+    updated: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    evaluate_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _failures(replies: list[Message], what: str, server_round: int) -> list[dict[str, Any]]:
+    out = []
+    for msg in replies:
+        if msg.has_error():
+            reason = str(msg.error.reason).strip()
+            node = int(msg.metadata.src_node_id)
+            logger.warning(
+                "round %d: site (node %d) failed to %s: %s", server_round, node, what, reason
+            )
+            out.append({"node_id": node, "reason": reason})
+    return out
+
+
+class SiteQuorum(Strategy):
+    """Bounded waits, logged failures and a minimum of updating sites around ``strategy``."""
+
+    def __init__(self, strategy: Strategy, min_sites: int, wait_s: float) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.min_sites = min_sites
+        self.wait_s = wait_s
+        self.rounds: dict[int, RoundSites] = {}
+
+    def _await_sites(self, grid: Grid, server_round: int) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while (connected := len(list(grid.get_node_ids()))) < self.min_sites:
+            if time.monotonic() >= deadline:
+                raise NotEnoughSitesError(
+                    f"round {server_round}: {connected} site(s) connected, the run needs at "
+                    f"least {self.min_sites} (federated.min_sites); waited {self.wait_s:.0f} s "
+                    "(federated.wait_for_sites_s)"
+                )
+            time.sleep(1.0)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._await_sites(grid, server_round)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self.rounds[server_round] = RoundSites(sampled=len(messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        sites = self.rounds.setdefault(server_round, RoundSites(sampled=len(replies)))
+        sites.failures = _failures(replies, "train", server_round)
+        sites.updated = len(replies) - len(sites.failures)
+        missing = sites.sampled - len(replies)
+        if missing > 0:
+            logger.warning(
+                "round %d: %d sampled site(s) sent no reply before the timeout",
+                server_round,
+                missing,
+            )
+        if sites.updated < self.min_sites:
+            raise NotEnoughSitesError(
+                f"round {server_round}: {sites.updated} of {sites.sampled} site(s) sent an "
+                f"update, the run needs at least {self.min_sites} (federated.min_sites); "
+                f"failures: {sites.failures}"
+            )
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            raise NotEnoughSitesError(f"round {server_round}: the strategy aggregated no update")
+        sites.train_metrics = {} if metrics is None else {k: float(v) for k, v in metrics.items()}
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._await_sites(grid, server_round)
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        sites = self.rounds.setdefault(server_round, RoundSites())
+        sites.failures += _failures(replies, "evaluate", server_round)
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        sites.evaluate_metrics = (
+            {} if metrics is None else {k: float(v) for k, v in metrics.items()}
+        )
+        return metrics
+
+    def summary(self) -> None:
+        logger.info(
+            "site quorum: at least %d site(s), waiting at most %.0f s", self.min_sites, self.wait_s
+        )
+        self.strategy.summary()
+
+
+def build_strategy(cfg: Mapping[str, Any]) -> tuple[FedAvg, SiteQuorum]:
+    """The configured strategy (returned too, for its server state) and the quorum around it."""
+    fed, spec = cfg["federated"], cfg["strategy"]
+    min_sites = int(fed["min_sites"])
+    common = {
+        "fraction_train": float(fed["fraction_train"]),
+        "fraction_evaluate": float(fed["fraction_evaluate"]),
+        "min_train_nodes": min_sites,
+        "min_evaluate_nodes": min_sites,
+        "min_available_nodes": min_sites,
+    }
+    name = spec["name"]
+    if name == "fedavg":
+        base: FedAvg = FedAvg(**common)
+    elif name == "fedprox":
+        base = FedProx(**common, proximal_mu=float(spec["proximal_mu"]))
+    elif name == "fedadam":
+        base = FedAdam(
+            **common,
+            eta=float(spec["eta"]),
+            eta_l=float(cfg["optim"]["lr"]),
+            beta_1=float(spec["beta_1"]),
+            beta_2=float(spec["beta_2"]),
+            tau=float(spec["tau"]),
+        )
+    else:
+        raise ValueError(f"unknown strategy {name!r}")
+    outer: Strategy = base
+    dp = fed.get("dp") or {}
+    if dp.get("enabled"):
+        outer = DifferentialPrivacyClientSideFixedClipping(
+            base,
+            noise_multiplier=float(dp["noise_multiplier"]),
+            clipping_norm=float(dp["clipping_norm"]),
+            num_sampled_clients=int(dp.get("num_sampled_sites") or min_sites),
+        )
+    return base, SiteQuorum(outer, min_sites, float(fed["wait_for_sites_s"]))
+
+
+class ServerOptimizerState:
+    """The moments of FedAdam, in the form a checkpoint's optimizer slot stores and restores
+    (``state_dict``/``load_state_dict`` of tensors); empty for FedAvg and FedProx."""
+
+    def __init__(self, strategy: FedAvg) -> None:
+        self.strategy = strategy
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"strategy": type(self.strategy).__name__}
+        for key in ("m_t", "v_t"):
+            moments = getattr(self.strategy, key, None)
+            if moments:
+                out[key] = {k: torch.from_numpy(np.array(v)) for k, v in moments.items()}
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("strategy") != type(self.strategy).__name__:
+            raise ValueError(
+                f"the checkpoint's server state is {state.get('strategy')!r}'s, the run uses "
+                f"{type(self.strategy).__name__}"
+            )
+        for key in ("m_t", "v_t"):
+            if key in state:
+                setattr(self.strategy, key, {k: v.numpy() for k, v in state[key].items()})
