@@ -1,0 +1,216 @@
+"""Evaluation of a checkpoint alone: ``python -m ray_jobs.evaluate checkpoint=PATH [overrides]``.
+
+The model, its task and its normalisation statistics come from the checkpoint; any split of any
+shard dataset (``data.root``) can be scored. The work is ``run_evaluation(cfg)``, which writes
+``metrics.json``, ``report.md``, the figures and the model card (``dipro.report``). A training
+run's directory is recognised from the checkpoint: Ray Train keeps each checkpoint in
+``{run_dir}/checkpoint_*/`` with the run's resolved ``config.json`` beside ``model.pt``, and the
+run's ``epoch_metrics.jsonl`` in ``{run_dir}``; from these come the learning curves, the
+monitored metric and the training data of the model card.
+
+``write_run_report(run, ...)`` is the same for a finished ``run_training`` run, found from its
+directory or its ``metrics.json`` (what the demo calls after training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from dipro import storage
+from dipro.checkpoint import CheckpointError, read_checkpoint
+from dipro.data.shards import Manifest, list_shards, read_manifest
+from dipro.evaluation import evaluate_checkpoint
+from dipro.report import ReportSettings, read_epoch_metrics, write_evaluation_report
+
+CHECKPOINT_FILE = "model.pt"
+RUN_CONFIG_FILE = "config.json"
+EPOCH_METRICS_FILE = "epoch_metrics.jsonl"
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run (no checkpoint, no data for the split, ...)."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What is known about the training run behind a checkpoint (all optional)."""
+
+    run_dir: str | None
+    config: dict[str, Any] | None
+    epoch_metrics: str | None
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike[str]) -> str:
+    """The checkpoint file: ``checkpoint`` itself, or the ``model.pt`` inside a Ray checkpoint
+    directory. Raises EvaluationError naming the path when there is none."""
+    path = os.fspath(checkpoint)
+    if not storage.exists(path):
+        raise EvaluationError(f"checkpoint={path!r}: nothing there")
+    inner = storage.join(path, CHECKPOINT_FILE)
+    if storage.exists(inner):
+        return inner
+    return path
+
+
+def run_context(checkpoint_file: str) -> RunContext:
+    """The run directory, resolved config and epoch log next to a Ray Train checkpoint."""
+    ckpt_dir = posixpath.dirname(checkpoint_file)
+    config_uri = storage.join(ckpt_dir, RUN_CONFIG_FILE)
+    if not storage.exists(config_uri):
+        return RunContext(None, None, None)
+    config = json.loads(storage.read_bytes(config_uri))
+    run_dir = posixpath.dirname(ckpt_dir)
+    epochs = storage.join(run_dir, EPOCH_METRICS_FILE)
+    return RunContext(run_dir, config, epochs if storage.exists(epochs) else None)
+
+
+def _training_manifest(
+    config: dict[str, Any] | None, task: str
+) -> tuple[Manifest | None, str | None]:
+    """The manifest and root of the data a run was trained on (None where unknown)."""
+    if config is None:
+        return None, None
+    root = config.get("data", {}).get("root")
+    try:
+        return (read_manifest(root, task), root) if root else (None, None)
+    except FileNotFoundError:
+        return None, root
+
+
+def evaluate_to_report(
+    checkpoint: str | os.PathLike[str],
+    data_root: str | os.PathLike[str] | None,
+    *,
+    split: str = "test",
+    out_dir: str | os.PathLike[str] | None = None,
+    epoch_metrics: str | os.PathLike[str] | None = None,
+    settings: ReportSettings | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    amp: str | None = None,
+) -> Path:
+    """Score ``checkpoint`` on the ``split`` shards of ``data_root`` and write the report;
+    returns the path of ``report.md``.
+
+    ``data_root`` None: the dataset the model was trained on (from the run's config).
+    ``out_dir`` None: ``{run_dir}/report-{split}`` for a Ray Train checkpoint, else
+    ``report-{split}`` beside the checkpoint file. ``epoch_metrics`` None: the run's log when
+    there is one.
+    """
+    ckpt = resolve_checkpoint(checkpoint)
+    context = run_context(ckpt)
+    try:
+        task = read_checkpoint(ckpt)["task"]
+    except CheckpointError as err:
+        raise EvaluationError(str(err)) from err
+    manifest, train_root = _training_manifest(context.config, task)
+    if data_root is None:
+        if train_root is None:
+            raise EvaluationError(
+                f"no data.root given and no run config next to {ckpt} to take it from"
+            )
+        data_root = train_root
+    try:
+        paths = list_shards(data_root, task, split)
+    except FileNotFoundError as err:
+        raise EvaluationError(str(err)) from err
+    if not paths:
+        raise EvaluationError(f"the {task} dataset under {data_root} has no {split} shards")
+    result = evaluate_checkpoint(ckpt, paths, batch_size=batch_size, device=device, amp_dtype=amp)
+    log = epoch_metrics or context.epoch_metrics
+    epochs = read_epoch_metrics(log) if log else None
+    monitor = (context.config or {}).get("task", {}).get("monitor")
+    if out_dir is None:
+        base = context.run_dir or posixpath.dirname(ckpt)
+        out_dir = os.path.join(base, f"report-{split}")
+    if storage.is_remote(out_dir):
+        raise EvaluationError(f"out_dir={os.fspath(out_dir)!r}: reports are written locally")
+    return write_evaluation_report(
+        result.predictions,
+        result.meta,
+        out_dir,
+        split=split,
+        eval_data_root=os.fspath(data_root),
+        epochs=epochs,
+        monitor=monitor,
+        training_manifest=manifest,
+        training_data_root=train_root,
+        settings=settings or ReportSettings(),
+    )
+
+
+def write_run_report(
+    run: str | os.PathLike[str],
+    *,
+    data_root: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    split: str = "test",
+    out_dir: str | os.PathLike[str] | None = None,
+    settings: ReportSettings | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> Path:
+    """The report of a finished ``run_training`` run; returns the path of ``report.md``.
+
+    ``run``: the run directory or its ``metrics.json``. ``checkpoint`` None: the run's best
+    checkpoint; ``data_root`` None: the data it was trained on; ``out_dir`` None:
+    ``{run_dir}/report-{split}``.
+    """
+    path = os.fspath(run)
+    metrics_uri = path if path.endswith(".json") else storage.join(path, "metrics.json")
+    try:
+        summary = json.loads(storage.read_bytes(metrics_uri))
+    except FileNotFoundError as err:
+        raise EvaluationError(f"{metrics_uri}: no metrics.json of a finished run") from err
+    return evaluate_to_report(
+        checkpoint or summary["best_checkpoint"],
+        data_root,
+        split=split,
+        out_dir=out_dir,
+        epoch_metrics=summary.get("epoch_metrics"),
+        settings=settings,
+        batch_size=batch_size,
+        device=device,
+    )
+
+
+def run_evaluation(cfg: DictConfig) -> Path:
+    """Evaluate ``cfg.checkpoint`` on ``cfg.split`` of ``cfg.data.root``; returns report.md."""
+    report = cfg.report
+    return evaluate_to_report(
+        cfg.checkpoint,
+        cfg.data.root,
+        split=cfg.split,
+        out_dir=cfg.out_dir,
+        epoch_metrics=cfg.epoch_metrics,
+        settings=ReportSettings(
+            resamples=int(report.bootstrap_resamples),
+            seed=int(report.bootstrap_seed),
+            level=float(report.level),
+        ),
+        batch_size=int(cfg.batch_size),
+        device=cfg.device,
+        amp=cfg.amp,
+    )
+
+
+@hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        path = run_evaluation(cfg)
+    except EvaluationError as err:
+        sys.exit(f"evaluation error: {err}")
+    print(f"report written to {path}")
+
+
+if __name__ == "__main__":
+    main()

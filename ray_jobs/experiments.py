@@ -1,0 +1,229 @@
+"""Multi-seed runs and the ablation study: ``python -m ray_jobs.experiments mode=seeds|ablations``.
+
+- ``run_seeds(cfg)``: train and test DiPro once per seed in ``cfg.seeds`` (the paper's 23, 29,
+  66) with ``run_training``, then write the mean ± std table in the paper's layout, next to the
+  paper's published numbers.
+- ``run_ablations(cfg)``: the same for DiPro and each variant of ``cfg.ablations`` (without STD,
+  without PAE, without local fusion, without global fusion, CXR-only, last-CXR-only), as one
+  table.
+
+Each run is an ordinary training run named ``{cfg.name}-{variant}-seed{seed}`` under
+``storage_path``; a run whose ``metrics.json`` already holds test metrics is reused
+(``reuse_finished``), so a study stopped halfway continues where it stopped. The tables go to
+``cfg.out_dir`` as ``{mode}.md`` and ``{mode}.json``, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from dipro import storage
+from dipro.report import SummaryRow, summary_table, write_json, write_text
+from ray_jobs.train import ConfigError, run_training
+
+FULL_MODEL = "dipro"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished training run of a study."""
+
+    variant: str
+    seed: int
+    run_dir: str
+    test: dict[str, float]
+    reused: bool
+    seconds: float
+
+
+_STUDY_KEYS = ("mode", "name", "seeds", "ablations", "out_dir", "reuse_finished")
+
+
+def _run_config(
+    cfg: DictConfig, variant: str, seed: int, ablation: Mapping[str, bool]
+) -> DictConfig:
+    """The training config of one run: the study's config with the seed, the run name and the
+    variant's ablation switches set."""
+    run = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in _STUDY_KEYS])
+    OmegaConf.set_struct(run, False)
+    run.seed = int(seed)
+    run.run_name = f"{cfg.name}-{variant}-seed{seed}"
+    for key, value in ablation.items():
+        if key not in run.model.ablation:
+            raise ConfigError(
+                f"ablations.{variant}: model.ablation has no switch {key!r} "
+                f"(switches: {', '.join(run.model.ablation)})"
+            )
+        run.model.ablation[key] = bool(value)
+    OmegaConf.set_struct(run, True)
+    return run
+
+
+def _finished(run_dir: str) -> dict[str, Any] | None:
+    uri = storage.join(run_dir, "metrics.json")
+    if not storage.exists(uri):
+        return None
+    summary = json.loads(storage.read_bytes(uri))
+    return summary if summary.get("test") else None
+
+
+def train_runs(
+    cfg: DictConfig, variant: str, ablation: Mapping[str, bool]
+) -> list[RunRecord]:
+    """Train and test ``variant`` once per seed of ``cfg.seeds`` (reusing finished runs)."""
+    records = []
+    for seed in cfg.seeds:
+        run_cfg = _run_config(cfg, variant, int(seed), ablation)
+        run_dir = storage.join(run_cfg.storage_path, run_cfg.run_name)
+        started = time.monotonic()
+        done = _finished(run_dir) if cfg.reuse_finished else None
+        if done is None:
+            result = run_training(run_cfg)
+            if result.test_metrics is None:
+                raise ConfigError(f"run {run_cfg.run_name} has no test split to report")
+            test = result.test_metrics
+        else:
+            test = done["test"]
+        seconds = time.monotonic() - started
+        print(
+            f"[{cfg.name}] {variant} seed {seed}: "
+            + ("reused" if done is not None else f"trained in {seconds:.0f} s")
+            + f", test {cfg.task.monitor.removeprefix('val/')} "
+            f"{test.get(cfg.task.monitor.removeprefix('val/'), math.nan):.4f}",
+            flush=True,
+        )
+        records.append(RunRecord(variant, int(seed), run_dir, test, done is not None, seconds))
+    return records
+
+
+def _write_study(
+    cfg: DictConfig, mode: str, title: str, rows: list[SummaryRow], records: list[RunRecord],
+    notes: list[str],
+) -> Path:
+    task = cfg.task.name
+    table, data = summary_table(task, rows)
+    out_dir = os.fspath(cfg.out_dir)
+    seeds = ", ".join(str(s) for s in cfg.seeds)
+    lines = [
+        f"# {title}: {task.replace('_', ' ')}",
+        "",
+        f"Test split of `{cfg.data.root}`; mean ± sample std over seeds {seeds}. "
+        "The paper's rows are its published MIMIC results, for reference only.",
+        "",
+        table,
+        "",
+        *notes,
+        "",
+        "## Runs",
+        "",
+        "| model | seed | run | test metrics |",
+        "|---|---|---|---|",
+        *(
+            f"| {r.variant} | {r.seed} | `{r.run_dir}` | "
+            + ", ".join(f"{k} {v:.4f}" for k, v in sorted(r.test.items())
+                        if "/" not in k and isinstance(v, float) and not math.isnan(v))
+            + " |"
+            for r in records
+        ),
+        "",
+    ]
+    payload = {
+        "task": task,
+        "mode": mode,
+        "seeds": [int(s) for s in cfg.seeds],
+        "data_root": str(cfg.data.root),
+        "table": data,
+        "runs": [
+            {"variant": r.variant, "seed": r.seed, "run_dir": r.run_dir, "reused": r.reused,
+             "seconds": r.seconds,
+             "test": {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                      for k, v in r.test.items()}}
+            for r in records
+        ],
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json(storage.join(out_dir, f"{mode}.json"), payload)
+    path = storage.join(out_dir, f"{mode}.md")
+    write_text(path, "\n".join(lines))
+    return Path(path)
+
+
+def run_seeds(cfg: DictConfig) -> Path:
+    """Train and test DiPro (as configured) over ``cfg.seeds``; write ``seeds.md`` and
+    ``seeds.json`` (mean ± std table in the paper's layout); returns the markdown path."""
+    records = train_runs(cfg, FULL_MODEL, {})
+    rows = [SummaryRow("DiPro (this run)", [r.test for r in records])]
+    return _write_study(cfg, "seeds", "DiPro over seeds", rows, records, [])
+
+
+def _is_no_op(task: str, ablation: Mapping[str, bool]) -> bool:
+    """A progression sample holds exactly one CXR pair, so keeping only the last pair changes
+    nothing: last-CXR-only is the full model there."""
+    switched_off = {k for k, v in ablation.items() if not v}
+    return task == "disease_progression" and switched_off == {"longitudinal"}
+
+
+def run_ablations(cfg: DictConfig) -> Path:
+    """DiPro and each variant of ``cfg.ablations`` over ``cfg.seeds``, as one table
+    (``ablations.md`` / ``ablations.json``); returns the markdown path.
+
+    A variant that is the full model on this task (last-CXR-only on progression, where every
+    sample has one pair) is not trained again: its row repeats DiPro's runs and says so.
+    """
+    task = cfg.task.name
+    variants = OmegaConf.to_container(cfg.ablations, resolve=True)
+    if FULL_MODEL not in variants:
+        raise ConfigError(f"ablations must include the full model {FULL_MODEL!r}")
+    rows, records, notes = [], [], []
+    full: list[RunRecord] = []
+    order = [FULL_MODEL, *(v for v in variants if v != FULL_MODEL)]
+    for variant in order:
+        spec = variants[variant] or {}
+        ablation = spec.get("ablation") or {}
+        label = spec.get("label", variant)
+        if variant != FULL_MODEL and _is_no_op(task, ablation):
+            rows.append(SummaryRow(label, [r.test for r in full], note="same model as DiPro here"))
+            notes.append(
+                f"- {label}: every {task.replace('_', ' ')} sample holds one CXR pair, so "
+                "keeping only the last pair is the full model; its row repeats DiPro's runs."
+            )
+            continue
+        runs = train_runs(cfg, variant, ablation)
+        if variant == FULL_MODEL:
+            full = runs
+        records += runs
+        rows.append(SummaryRow(label, [r.test for r in runs]))
+    return _write_study(cfg, "ablations", "DiPro and its ablations", rows, records, notes)
+
+
+def run_experiment(cfg: DictConfig) -> Path:
+    """Dispatch on ``cfg.mode``: ``seeds`` or ``ablations``."""
+    if cfg.mode == "seeds":
+        return run_seeds(cfg)
+    if cfg.mode == "ablations":
+        return run_ablations(cfg)
+    raise ConfigError(f"mode={cfg.mode!r} is not seeds or ablations")
+
+
+@hydra.main(config_path="../configs", config_name="experiments", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        path = run_experiment(cfg)
+    except ConfigError as err:
+        sys.exit(f"configuration error: {err}")
+    print(f"table written to {path}")
+
+
+if __name__ == "__main__":
+    main()
