@@ -104,8 +104,11 @@ def _steps_per_epoch(cfg: DictConfig, manifest: Manifest) -> int:
     return max(1, min(steps, int(cap)) if cap else steps)
 
 
-def build_trainer(cfg: DictConfig, manifest: Manifest) -> TorchTrainer:
-    """The ``TorchTrainer`` of a run: datasets, scaling, storage, checkpoints and failures."""
+def build_trainer(
+    cfg: DictConfig, manifest: Manifest, callbacks: list[ray.train.UserCallback] | None = None
+) -> TorchTrainer:
+    """The ``TorchTrainer`` of a run: datasets, scaling, storage, checkpoints and failures.
+    ``callbacks`` go to the run's ``RunConfig`` (a Tune trial passes ``TuneReportCallback``)."""
     task = cfg.task.name
     scaling = cfg.scaling
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -142,6 +145,7 @@ def build_trainer(cfg: DictConfig, manifest: Manifest) -> TorchTrainer:
             failure_config=ray.train.FailureConfig(
                 max_failures=int(scaling.max_failures), controller_failure_limit=3
             ),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
