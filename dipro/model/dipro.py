@@ -168,12 +168,10 @@ class DiPro(nn.Module):
 
         cls, attn = self.final_fusion(dyn_tokens, dyn_valid, ehr_tokens, ehr_valid)
         cls = self.static_fusion(cls, static.flatten(1, 2), dyn_valid, batch.demographics)
-        logits = self.heads(cls)  # [B, C, out]
-        if self.task == "disease_progression":
-            pass  # [B, K, 3]
-        elif self.task == "mortality":
+        logits = self.heads(cls)  # [B, C, out]; progression keeps [B, K, 3]
+        if self.task == "mortality":
             logits = logits.view(B)  # [B]
-        else:
+        elif self.task == "length_of_stay":
             logits = logits[:, 0]  # [B, 4]
 
         per_region = attn.reshape(B, attn.shape[1], -1, R).sum(dim=2).mean(dim=1)  # [B, R]
