@@ -27,26 +27,26 @@ class Batch:
     """A padded batch of samples. B batch, T CXRs, P = T-1 pairs, R regions, K findings,
     S crop size, F feature size, L EHR hours, V EHR variables, G demographics.
 
-    | field            | dtype   | shape             | notes                                        |
-    |------------------|---------|-------------------|----------------------------------------------|
-    | subject_id       | int64   | [B]               |                                              |
-    | stay_id          | int64   | [B]               |                                              |
-    | hospital         | int64   | [B]               |                                              |
-    | cxr_times        | float32 | [B, T]            | hours; 0 at padding                          |
-    | cxr_mask         | bool    | [B, T]            | CXR exists                                   |
-    | pair_mask        | bool    | [B, P]            | both CXRs of pair i exist                    |
-    | crops            | uint8   | [B, T, R, S, S]   | or None in features mode; 0 at padding       |
-    | features         | float32 | [B, T, R, F]      | or None in crops mode; 0 at padding          |
-    | region_present   | bool    | [B, T, R]         | region has a box; False on padded CXRs       |
-    | ehr_times        | float32 | [B, L]            | hours; 0 at padding                          |
-    | ehr_mask         | bool    | [B, L]            | EHR hour exists                              |
-    | ehr_values       | float32 | [B, L, V]         | z-scored; 0 at padding                       |
-    | ehr_observed     | bool    | [B, L, V]         | measured in that hour                        |
-    | demographics     | float32 | [B, G]            | numeric part z-scored                        |
-    | region_labels    | int64   | [B, P, R, K]      | codes 0..3; 3 on padded pairs                |
-    | progression      | int64   | [B, K]            | codes 0..3; all 3 when the task has none     |
-    | mortality        | int64   | [B]               | 0/1; IGNORE_INDEX when absent                |
-    | los_class        | int64   | [B]               | 0..3; IGNORE_INDEX when absent               |
+    | field          | dtype   | shape           | notes                                    |
+    |----------------|---------|-----------------|------------------------------------------|
+    | subject_id     | int64   | [B]             |                                          |
+    | stay_id        | int64   | [B]             |                                          |
+    | hospital       | int64   | [B]             |                                          |
+    | cxr_times      | float32 | [B, T]          | hours; 0 at padding                      |
+    | cxr_mask       | bool    | [B, T]          | CXR exists                               |
+    | pair_mask      | bool    | [B, P]          | both CXRs of pair i exist                |
+    | crops          | uint8   | [B, T, R, S, S] | or None in features mode; 0 at padding   |
+    | features       | float32 | [B, T, R, F]    | or None in crops mode; 0 at padding      |
+    | region_present | bool    | [B, T, R]       | region has a box; False on padded CXRs   |
+    | ehr_times      | float32 | [B, L]          | hours; 0 at padding                      |
+    | ehr_mask       | bool    | [B, L]          | EHR hour exists                          |
+    | ehr_values     | float32 | [B, L, V]       | z-scored; 0 at padding                   |
+    | ehr_observed   | bool    | [B, L, V]       | measured in that hour                    |
+    | demographics   | float32 | [B, G]          | numeric part z-scored                    |
+    | region_labels  | int64   | [B, P, R, K]    | codes 0..3; 3 on padded pairs            |
+    | progression    | int64   | [B, K]          | codes 0..3; all 3 when the task has none |
+    | mortality      | int64   | [B]             | 0/1; IGNORE_INDEX when absent            |
+    | los_class      | int64   | [B]             | 0..3; IGNORE_INDEX when absent           |
     """
 
     subject_id: torch.Tensor

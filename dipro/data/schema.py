@@ -3,28 +3,28 @@
 A record is one training sample of one task. Sequences are stored as plain Arrow lists,
 flattened row-major, with their leading sizes implied by other columns:
 
-| column            | Arrow type          | logical shape         | meaning                                   |
-|-------------------|---------------------|-----------------------|-------------------------------------------|
-| sample_id         | string              |                       | unique within a dataset                   |
-| subject_id        | int64               |                       | patient                                   |
-| stay_id           | int64               |                       | ICU stay                                  |
-| hospital          | int32               |                       | site (federated partition)                |
-| split             | string              |                       | train / val / test                        |
-| task              | string              |                       | one of vocab.TASKS                        |
-| cxr_times         | list<float32>       | [T]                   | hours since ICU admission, increasing     |
-| crop_size         | int32 (nullable)    |                       | S, when crops are stored                  |
-| crops             | binary (nullable)   | [T, R, S, S] uint8    | region crops ("crops" region mode)        |
-| feature_dim       | int32 (nullable)    |                       | F, when features are stored               |
-| features          | list<float32> (n.)  | [T, R, F]             | region features ("features" region mode)  |
-| region_present    | list<bool>          | [T, R]                | region has a box on that CXR              |
-| ehr_times         | list<float32>       | [L]                   | hours since ICU admission, increasing     |
-| ehr_values        | list<float32>       | [L, V]                | raw units, clipped, forward filled        |
-| ehr_observed      | list<bool>          | [L, V]                | value measured in that hour               |
-| demographics      | list<float32>       | [G]                   | age, height, weight raw; then one-hots    |
-| region_labels     | list<int8>          | [P, R, K]             | progression code per pair/region/finding  |
-| progression       | list<int8> (n.)     | [K]                   | finding-level codes (progression task)    |
-| mortality         | int8 (nullable)     |                       | in-hospital death 0/1                     |
-| los_days          | float32 (nullable)  |                       | ICU length of stay in days                |
+| column         | Arrow type         | logical shape      | meaning                            |
+|----------------|--------------------|--------------------|------------------------------------|
+| sample_id      | string             |                    | unique within a dataset            |
+| subject_id     | int64              |                    | patient                            |
+| stay_id        | int64              |                    | ICU stay                           |
+| hospital       | int32              |                    | site (federated partition)         |
+| split          | string             |                    | train / val / test                 |
+| task           | string             |                    | one of vocab.TASKS                 |
+| cxr_times      | list<float32>      | [T]                | hours since admission, increasing  |
+| crop_size      | int32 (nullable)   |                    | S, when crops are stored           |
+| crops          | binary (nullable)  | [T, R, S, S] uint8 | region crops ("crops" region mode) |
+| feature_dim    | int32 (nullable)   |                    | F, when features are stored        |
+| features       | list<float32> (n.) | [T, R, F]          | region features ("features" mode)  |
+| region_present | list<bool>         | [T, R]             | region has a box on that CXR       |
+| ehr_times      | list<float32>      | [L]                | hours since admission, increasing  |
+| ehr_values     | list<float32>      | [L, V]             | raw units, clipped, forward filled |
+| ehr_observed   | list<bool>         | [L, V]             | value measured in that hour        |
+| demographics   | list<float32>      | [G]                | age, height, weight raw; one-hots  |
+| region_labels  | list<int8>         | [P, R, K]          | code per pair, region, finding     |
+| progression    | list<int8> (n.)    | [K]                | finding-level codes (progression)  |
+| mortality      | int8 (nullable)    |                    | in-hospital death 0/1              |
+| los_days       | float32 (nullable) |                    | ICU length of stay in days         |
 
 T >= 2 CXRs, P = T - 1 pairs, R = 10 regions, K = 7 findings, V = 38 EHR variables, G = 17
 demographic features; L >= 0 EHR hours. Exactly one of ``crops`` / ``features`` is set in a

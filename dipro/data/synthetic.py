@@ -185,7 +185,7 @@ class SyntheticConfig:
     min_gap_hours: float = 8.0  # between consecutive CXRs
     max_gap_hours: float = 40.0
     icu_window_hours: int = 48  # ICU samples: CXRs and EHR of the first hours
-    change_threshold: float = 0.06  # |intensity change| above it is worsened / improved
+    change_threshold: float = 0.3  # |finding extent change| above it: worsened / improved
     not_mentioned_rate: float = 0.15  # plausible (region, finding) pairs left unlabelled
     missing_box_rate: float = 0.03  # regions without a box on a CXR
     box_jitter: float = 0.01  # per-image box jitter, fraction of the image side
@@ -326,10 +326,10 @@ def simulate_cohort(cfg: SyntheticConfig) -> Cohort:
     cxr_times, cxr_offsets = _cxr_times(cfg, num_hours, rng_stay)
     cxr_subject = np.repeat(np.arange(N), np.diff(cxr_offsets))
 
-    intensities = _intensities(hospital, site["finding_shift"], severity, cxr_subject, cxr_times,
-                               rng_find)
+    extent = _extent(hospital, site["finding_shift"], severity, cxr_subject, cxr_times, rng_find)
+    intensities = np.where(AFFINITY, 1.0 / (1.0 + np.exp(-extent)), 0.0)
     images, boxes, present, crops = _render(cfg, cxr_subject, hospital, site, intensities, rng_img)
-    pair_first, region_labels, progression = _labels(cfg, cxr_offsets, intensities, present,
+    pair_first, region_labels, progression = _labels(cfg, cxr_offsets, extent, present,
                                                      rng_find)
     ehr_values, ehr_observed = _ehr(severity, slope, num_hours, demo, rng_ehr)
 
@@ -474,11 +474,12 @@ def _cxr_times(
     return np.round(times[keep], 2), offsets
 
 
-def _intensities(
+def _extent(
     hospital: np.ndarray, finding_shift: np.ndarray, severity: np.ndarray,
     cxr_subject: np.ndarray, cxr_times: np.ndarray, rng: np.random.Generator,
 ) -> np.ndarray:
-    """Finding intensity [M, R, K] in [0, 1] at each CXR (0 outside AFFINITY)."""
+    """Latent finding extent [M, R, K] at each CXR (a logit: the rendered intensity is its
+    sigmoid). Progression labels threshold its change, which does not depend on its level."""
     N, R, K = hospital.shape[0], vocab.NUM_REGIONS, vocab.NUM_FINDINGS
     has = rng.random((N, 1, K)) < 0.8  # the patient has the finding at all
     load = (_FINDING_BASE_LOAD + finding_shift[hospital])[:, None, :] + rng.normal(
@@ -491,7 +492,7 @@ def _intensities(
     days = cxr_times[:, None, None] / 24.0
     x = load[cxr_subject] + resp[cxr_subject] * s + drift[cxr_subject] * days
     x = x + rng.normal(0.0, 0.05, x.shape)
-    return np.where(AFFINITY, 1.0 / (1.0 + np.exp(-x)), 0.0)
+    return x
 
 
 def _anatomy(cfg: SyntheticConfig, boxes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -510,7 +511,7 @@ def _anatomy(cfg: SyntheticConfig, boxes: np.ndarray, rng: np.random.Generator) 
     lungs = ellipse(boxes[:, 0], 0.08) + ellipse(boxes[:, 1], 0.08)
     heart = ellipse(boxes[:, 8], 0.1)
     spine = np.exp(-(((x - 0.5 - rng.normal(0, 0.01, (N, 1, 1))) / 0.06) ** 2))
-    body = 0.42 + rng.uniform(-0.08, 0.08, (N, 1, 1)) - 0.25 * ((x - 0.5) ** 2 + (y - 0.5) ** 2)
+    body = 0.42 + rng.uniform(-0.12, 0.12, (N, 1, 1)) - 0.25 * ((x - 0.5) ** 2 + (y - 0.5) ** 2)
     rib_period = rng.uniform(0.07, 0.1, (N, 1, 1))
     ribs = rng.uniform(0.04, 0.09, (N, 1, 1)) * np.cos(
         2 * np.pi * (y + 0.15 * np.abs(x - 0.5)) / rib_period + rng.uniform(0, 2 * np.pi, (N, 1, 1))
@@ -519,10 +520,10 @@ def _anatomy(cfg: SyntheticConfig, boxes: np.ndarray, rng: np.random.Generator) 
     for _ in range(6):
         fx, fy = rng.uniform(0.5, 4.0, (2, N, 1, 1))
         phase = rng.uniform(0, 2 * np.pi, (N, 1, 1))
-        texture += rng.normal(0.0, 0.03, (N, 1, 1)) * np.cos(2 * np.pi * (fx * x + fy * y) + phase)
+        texture += rng.normal(0.0, 0.06, (N, 1, 1)) * np.cos(2 * np.pi * (fx * x + fy * y) + phase)
     anatomy = (
         body
-        - rng.uniform(0.2, 0.35, (N, 1, 1)) * lungs
+        - rng.uniform(0.15, 0.4, (N, 1, 1)) * lungs
         + rng.uniform(0.1, 0.25, (N, 1, 1)) * heart
         + rng.uniform(0.05, 0.15, (N, 1, 1)) * spine
         + ribs * lungs
@@ -637,7 +638,7 @@ def _paste_weights(lo: np.ndarray, hi: np.ndarray, W: int) -> np.ndarray:
 
 
 def _labels(
-    cfg: SyntheticConfig, cxr_offsets: np.ndarray, intensities: np.ndarray, present: np.ndarray,
+    cfg: SyntheticConfig, cxr_offsets: np.ndarray, extent: np.ndarray, present: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Consecutive pairs of each stay; region-level codes [Q, R, K]; finding-level codes [Q, K]."""
@@ -645,7 +646,7 @@ def _labels(
     pair_first = np.concatenate(
         [np.arange(cxr_offsets[i], cxr_offsets[i + 1] - 1) for i in range(counts.shape[0])]
     ).astype(np.int64)
-    delta = intensities[pair_first + 1] - intensities[pair_first]  # [Q, R, K]
+    delta = extent[pair_first + 1] - extent[pair_first]  # [Q, R, K]
     thr = cfg.change_threshold
     codes = np.where(delta > thr, vocab.WORSENED,
                      np.where(delta < -thr, vocab.IMPROVED, vocab.NO_CHANGE))
