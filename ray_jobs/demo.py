@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dipro import vocab
 from dipro.data.shards import Manifest, read_manifest
-from dipro.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from dipro.data.synthetic import SyntheticConfig, generator_info, write_synthetic_dataset
 
 
 def ensure_synthetic_data(cfg: Mapping[str, Any]) -> Path:
@@ -31,7 +31,7 @@ def ensure_synthetic_data(cfg: Mapping[str, Any]) -> Path:
     if isinstance(generator, DictConfig):
         generator = OmegaConf.to_container(generator, resolve=True)
     synth = SyntheticConfig.from_mapping(generator)
-    wanted = {"name": "synthetic", **synth.to_dict()}
+    wanted = generator_info(synth)
     existing = {}
     for task in vocab.TASKS:
         try:

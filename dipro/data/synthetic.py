@@ -29,9 +29,10 @@ tree, so a seed fixes every byte):
   observed almost hourly, lab panels every 4-24 h or never, PEEP only for ventilated patients;
   forward filled from the normal value, with the observed mask.
 
-Public API (also used by the raw-MIMIC writer): :class:`SyntheticConfig`,
-:func:`simulate_cohort` -> :class:`Cohort` (everything in memory), :func:`cohort_records` (sample
-records of one task), :func:`write_synthetic_dataset` (all tasks as Parquet shards).
+Public API (also for the raw-MIMIC writer): :class:`SyntheticConfig`; :func:`simulate_cohort`
+-> :class:`Cohort` (everything in memory: stays, full CXRs, boxes, times, finding intensities,
+labels, hourly EHR, demographics, outcomes); :func:`cohort_records` (the sample records of one
+task); :func:`write_synthetic_dataset` (all tasks as Parquet shards, see dipro.data.shards).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ from torchvision.ops import roi_align
 from dipro import vocab
 from dipro.data.shards import Manifest, write_dataset
 
+# Bump when a code change alters the generated data for the same config, so that datasets
+# written by older code are recognised as different (dipro.data.synthetic.generator_info).
+GENERATOR_VERSION: Final[int] = 1
 MAX_STAY_HOURS: Final[int] = 11 * 24  # LOS < 11 days (vocab.LOS_BIN_EDGES)
 _KNOT_HOURS: Final[int] = 24
 _PROFILE_GRID: Final[int] = 24  # finding patterns are drawn on this grid in box coordinates
@@ -794,6 +798,11 @@ def _ehr_fields(cohort: Cohort, patient: int, hours: np.ndarray) -> dict[str, np
     }
 
 
+def generator_info(cfg: SyntheticConfig) -> dict[str, Any]:
+    """What the manifest records as the generator of a synthetic dataset."""
+    return {"name": "synthetic", "version": GENERATOR_VERSION, **cfg.to_dict()}
+
+
 def write_synthetic_dataset(
     cfg: SyntheticConfig,
     root: str | os.PathLike[str],
@@ -813,7 +822,7 @@ def write_synthetic_dataset(
             root,
             task,
             rows_per_file=cfg.rows_per_file,
-            generator={"name": "synthetic", **cfg.to_dict()},
+            generator=generator_info(cfg),
             overwrite=overwrite,
         )
         for task in tasks
