@@ -1,0 +1,165 @@
+"""Ray nodes started with ``ray start`` on loopback for tests, and stopped by their own process
+group (never ``ray stop``, which would kill every Ray process on the host)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # The dashboard's modules get 30 s to start by default: too short on a loaded 2-core CI box.
+    env["RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT"] = "240"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _node_ports() -> list[str]:
+    return [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
+class LocalCluster:
+    """A head node (and optionally worker nodes) on 127.0.0.1 in a private temp dir."""
+
+    def __init__(self) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self._procs: list[subprocess.Popen] = []
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, args: list[str]) -> None:
+        log = Path(self.temp_dir) / f"node{len(self._procs)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [RAY, "start", "--block", "--disable-usage-stats", *args, *_node_ports()],
+                env=_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._procs.append(proc)
+
+    def logs(self) -> str:
+        """What the ``ray start`` processes printed (for failure messages)."""
+        return "\n".join(
+            p.read_text(errors="replace") for p in Path(self.temp_dir).glob("node*.log")
+        )
+
+    def start_head(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        self._start(
+            [
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={self.gcs_port}",
+                f"--num-cpus={num_cpus}",
+                f"--resources={json.dumps(resources or {})}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--temp-dir={self.temp_dir}",
+            ]
+        )
+        self.client(timeout=240)
+
+    def add_worker(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        self._start(
+            [
+                f"--address=127.0.0.1:{self.gcs_port}",
+                "--node-ip-address=127.0.0.1",
+                f"--num-cpus={num_cpus}",
+                f"--resources={json.dumps(resources or {})}",
+            ]
+        )
+
+    def client(self, timeout: float = 60) -> JobSubmissionClient:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return JobSubmissionClient(self.dashboard)
+            except Exception as err:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"no Ray dashboard at {self.dashboard}:\n{self.logs()}"
+                    ) from err
+                time.sleep(2)
+
+    def submit(self, entrypoint: str, working_dir: str) -> str:
+        """Submit with ``ray job submit`` (the CLI users run) and return the job id."""
+        proc = subprocess.run(
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                self.dashboard,
+                "--working-dir",
+                working_dir,
+                "--no-wait",
+                "--",
+                *entrypoint.split(),
+            ],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=True,
+        )
+        for line in proc.stdout.splitlines():
+            if "submitted successfully" in line:
+                return line.split("'")[1]
+        raise AssertionError(f"no job id in:\n{proc.stdout}\n{proc.stderr}")
+
+    def wait(self, job_id: str, timeout: float) -> tuple[JobStatus, str]:
+        client = self.client()
+        deadline = time.monotonic() + timeout
+        status = client.get_job_status(job_id)
+        while not status.is_terminal() and time.monotonic() < deadline:
+            time.sleep(3)
+            status = client.get_job_status(job_id)
+        if not status.is_terminal():
+            client.stop_job(job_id)
+        return status, client.get_job_logs(job_id)
+
+    def stop(self) -> None:
+        """Stop every process this cluster started, by process group; workers first."""
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self._procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)

@@ -1,0 +1,69 @@
+"""``ray job submit`` of the real entrypoint to a Ray head on loopback, and to a two-node
+cluster whose training workers must land on both nodes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_MODEL
+from local_cluster import LocalCluster
+from ray.job_submission import JobStatus
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _train_command(data_root: Path, runs: Path, name: str, *extra: str) -> str:
+    args = [
+        sys.executable,
+        "-m",
+        "ray_jobs.train",
+        "task=mortality",
+        f"data.root={data_root}",
+        f"storage_path={runs}",
+        f"run_name={name}",
+        "train.max_epochs=1",
+        *TINY_MODEL,
+        *extra,
+    ]
+    return " ".join(args)
+
+
+@pytest.fixture
+def cluster():
+    local = LocalCluster()
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def test_job_submit_trains_on_a_local_head(cluster, tiny_data_root, tmp_path):
+    cluster.start_head(num_cpus=4)
+    job = cluster.submit(_train_command(tiny_data_root, tmp_path, "job"), str(REPO))
+    status, logs = cluster.wait(job, timeout=600)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert metrics["test"] is not None and "auprc" in metrics["test"]
+
+
+def test_two_node_cluster_runs_workers_on_both_nodes(cluster, tiny_data_root, tmp_path):
+    cluster.start_head(num_cpus=2, resources={"head_node": 1})
+    cluster.add_worker(num_cpus=2, resources={"second_node": 1})
+    command = _train_command(
+        tiny_data_root,
+        tmp_path,
+        "two_nodes",
+        "scaling.resources_per_worker.CPU=1",
+        "+scaling.placement_strategy=STRICT_SPREAD",
+    )
+    job = cluster.submit(command, str(REPO))
+    status, logs = cluster.wait(job, timeout=600)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    epochs = [
+        json.loads(line)
+        for line in (tmp_path / "two_nodes" / "epoch_metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(set(epochs[0]["worker_nodes"])) == 2, epochs[0]["worker_nodes"]
