@@ -13,6 +13,8 @@ clips the update (new weights minus the global weights) to the asked L2 norm bef
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -43,6 +45,17 @@ def _scalars(values: dict[str, float], prefix: str) -> dict[str, float]:
     }
 
 
+def _trained_state(
+    model: torch.nn.Module, received: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The trained state dict, with integer buffers (BatchNorm's step counters, unused with a
+    momentum) as received: they would count the site's local steps and escape DP clipping."""
+    return {
+        key: value if value.is_floating_point() else received[key]
+        for key, value in model.state_dict().items()
+    }
+
+
 @app.train(mods=[clip_update_when_asked])
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's shards; reply with its weights and scalars."""
@@ -58,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": int(stats["samples"]), **_scalars(stats, "train-")}
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.state_dict()),
+            "arrays": ArrayRecord(_trained_state(model, state)),
             "metrics": MetricRecord(metrics),
         }
     )
