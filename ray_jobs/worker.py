@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -175,6 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 local_metrics.get("loss", math.nan),
                 len(local_preds),
                 ray.get_runtime_context().get_node_id(),
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             )
         )
         predictions = Predictions.concatenate([Predictions.from_arrays(g[0]) for g in gathered])
@@ -212,7 +214,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     extra={"bad_epochs": bad_epochs, "stopped": stopped, "metrics": metrics},
                 )
                 (Path(tmp) / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-                _write_epoch_metrics(cfg, {**metrics, "worker_nodes": [g[3] for g in gathered]})
+                _write_epoch_metrics(
+                    cfg,
+                    {
+                        **metrics,
+                        "worker_nodes": [g[3] for g in gathered],
+                        "worker_max_rss_mb": [round(g[4], 1) for g in gathered],
+                    },
+                )
                 print(
                     f"[{task}] epoch {epoch}/{max_epochs}  train loss {stats['loss']:.4f}  "
                     f"val loss {val_loss:.4f}  {monitor} {value:.4f} (best {best_text})  "
