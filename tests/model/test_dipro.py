@@ -155,6 +155,17 @@ def test_each_ablation_is_a_trainable_variant(switch: str) -> None:
         assert p.grad is not None, f"{name} got no gradient without {switch}"
 
 
+def test_sample_without_ehr_hours_is_finite() -> None:
+    task = "disease_progression"
+    model = _build(task)
+    batch = batch_of([make_record(1, task, 2, ehr_times=[]), make_record(2, task, 2, ehr_times=[])])
+    assert not batch.ehr_mask.any()
+    out = model(batch)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.region_attention).all()
+    _train_step(model, batch, task)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_cxr_only_model_ignores_the_ehr() -> None:
     model = _build("mortality", ehr=False).eval()
     record = make_record(1, "mortality", 3, num_ehr=5)
