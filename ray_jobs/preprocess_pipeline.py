@@ -260,6 +260,12 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
         if task not in vocab.TASKS:
             raise ValueError(f"unknown task {task!r} in tasks; expected some of {vocab.TASKS}")
     output_root = Path(cfg.output_root)
+    existing = [t for t in tasks if (output_root / t / "manifest.json").exists()]
+    if existing and not cfg.overwrite:
+        raise FileExistsError(
+            f"{output_root} already holds the {existing} datasets; pass overwrite=true to "
+            "replace them"
+        )
     prepared = prepare_samples(
         paths,
         rules,

@@ -132,3 +132,12 @@ def test_features_mode_with_a_frozen_backbone(raw_tree, tmp_path: Path) -> None:
     assert (manifest.region_mode, manifest.feature_dim) == ("features", 512)
     table = shards.read_table(shards.list_shards(tmp_path, "mortality", "train"))
     assert table.column("crops").null_count == table.num_rows
+
+
+def test_existing_shards_are_kept_without_overwrite(first_run, raw_tree) -> None:
+    from ray_jobs.preprocess import run_preprocess
+
+    out, manifests, _ = first_run
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        run_preprocess(_cfg(raw_tree, out))
+    assert shards.read_manifest(out, "mortality").files == manifests["mortality"].files
