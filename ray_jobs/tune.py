@@ -198,6 +198,12 @@ def check_sweep(cfg: DictConfig) -> dict[str, Any]:
     return space
 
 
+def _expected_trials(cfg: DictConfig) -> int:
+    """Trials of the whole sweep: num_samples, times the grid's size when it has one."""
+    grid = [len(spec["values"]) for spec in cfg.tune.space.values() if spec.type == "grid"]
+    return int(cfg.tune.num_samples) * math.prod(grid)
+
+
 def _last_epoch(cfg: DictConfig) -> int:
     """The last epoch the run ``cfg.run_name`` recorded (0 for a new run)."""
     uri = storage.join(run_dir(cfg), EPOCH_METRICS_FILE)
@@ -246,7 +252,9 @@ def _trial_rows(cfg: DictConfig, results: tune.ResultGrid, keys: list[str]) -> p
         row["train_run"] = storage.join(cfg.storage_path, f"{cfg.tune.name}-{trial_id}")
         rows.append(row)
     table = pd.DataFrame(rows)
-    return table.sort_values(f"best {monitor}", ascending=mode == "min", na_position="last")
+    return table.sort_values(
+        f"best {monitor}", ascending=mode == "min", na_position="last", kind="stable"
+    )
 
 
 def _markdown(table: pd.DataFrame) -> str:
@@ -354,10 +362,10 @@ def run_sweep(cfg: DictConfig, callbacks: list[tune.Callback] | None = None) -> 
             ),
         )
     results = tuner.fit()
-    finished = results.num_terminated + results.num_errors
-    if finished < len(results):
+    finished, expected = results.num_terminated + results.num_errors, _expected_trials(cfg)
+    if finished < expected:
         raise SweepInterrupted(
-            f"sweep {name} stopped with {finished} of {len(results)} trials finished; run it "
+            f"sweep {name} stopped with {finished} of {expected} trials finished; run it "
             f"again with tune.name={name} to resume"
         )
     table = _trial_rows(cfg, results, list(space))
