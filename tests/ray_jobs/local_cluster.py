@@ -29,7 +29,9 @@ def _env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    # The dashboard's modules get 30 s to start by default: too short on a loaded 2-core CI box.
+    # The dashboard gets 60 s to start and each of its modules 30 s by default: too short on a
+    # loaded 2-core CI machine.
+    env["RAY_DASHBOARD_STARTUP_TIMEOUT_S"] = "300"
     env["RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT"] = "240"
     env.pop("RAY_ADDRESS", None)
     return env
@@ -91,7 +93,7 @@ class LocalCluster:
                 f"--temp-dir={self.temp_dir}",
             ]
         )
-        self.client(timeout=240)
+        self.client(timeout=360)
 
     def add_worker(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
         self._start(

@@ -127,6 +127,25 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     assert result.num_trials == 2
 
 
+def test_optuna_searcher_drives_a_sweep(tiny_data_root, ray_session, tmp_path):
+    pytest.importorskip("optuna")
+    cfg = compose_tune(
+        tiny_data_root,
+        tmp_path,
+        "optuna",
+        "tune.search=optuna",
+        "tune.num_samples=1",
+        "tune.first_trial_from_config=false",
+        "tune.scheduler=fifo",
+    )
+    result = run_sweep(cfg)
+
+    assert result.num_trials == 1 and Path(result.best_config).exists()
+    assert 1e-4 <= result.best_overrides["optim.lr"] <= 1e-2
+    # Tune keeps a Searcher's state (Optuna's study) next to the experiment state.
+    assert list((tmp_path / "optuna").glob("searcher-state-*.pkl"))
+
+
 @pytest.mark.parametrize(
     ("settings", "space", "message"),
     [
