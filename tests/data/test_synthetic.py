@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
@@ -218,3 +219,10 @@ def test_demo_data_is_reused_refused_when_stale_and_replaced_on_request(tmp_path
     assert read_manifest(tmp_path, "mortality").generator["seed"] == 2
     text = format_counts({t: read_manifest(tmp_path, t) for t in vocab.TASKS})
     assert "disease_progression" in text and "length_of_stay" in text
+
+
+def test_hydra_data_config_matches_the_defaults() -> None:
+    """configs/data/synthetic.yaml spells out the SyntheticConfig defaults, not other values."""
+    path = Path(__file__).resolve().parents[2] / "configs" / "data" / "synthetic.yaml"
+    generator = OmegaConf.to_container(OmegaConf.load(path).generator)
+    assert SyntheticConfig.from_mapping(generator) == SyntheticConfig()
