@@ -141,3 +141,23 @@ def test_existing_shards_are_kept_without_overwrite(first_run, raw_tree) -> None
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_preprocess(_cfg(raw_tree, out))
     assert shards.read_manifest(out, "mortality").files == manifests["mortality"].files
+
+
+def test_shards_collate_into_a_batch(first_run) -> None:
+    from dipro.data.collate import collate
+    from dipro.data.schema import model_columns
+
+    out, manifests, _ = first_run
+    for task, manifest in manifests.items():
+        paths = shards.list_shards(out, task, "train")
+        columns = next(shards.iter_numpy_batches(paths, 4, columns=model_columns("crops")))
+        batch = collate(columns, manifest.norm())
+        T = batch.cxr_times.shape[1]
+        assert batch.crops is not None
+        assert batch.crops.shape == (batch.size, T, vocab.NUM_REGIONS, 32, 32)
+        assert batch.ehr_values.shape[2] == vocab.NUM_EHR
+        assert bool(batch.ehr_values.isfinite().all())
+        if task == "disease_progression":
+            assert bool((batch.progression != vocab.NOT_MENTIONED).any())
+        else:
+            assert bool((batch.los_class >= 0).all())
