@@ -191,7 +191,10 @@ def _figure_bytes(fig: Any) -> bytes:
 
 
 def plot_learning_curves(
-    epochs: Sequence[Mapping[str, Any]], task: str, monitor: str | None = None
+    epochs: Sequence[Mapping[str, Any]],
+    task: str,
+    monitor: str | None = None,
+    monitor_mode: str = "max",
 ) -> bytes:
     """PNG of the training curves in a run's ``epoch_metrics.jsonl`` records: train and val loss
     on the left, the task's validation metrics on the right, the best epoch marked."""
@@ -211,11 +214,9 @@ def plot_learning_curves(
         values = [float(e.get(f"val/{metric}", math.nan)) for e in epochs]
         if not all(math.isnan(v) for v in values):
             metric_ax.plot(x, values, marker="o", label=METRIC_LABELS[metric])
-    if monitor is not None:
-        scores = [float(e.get(monitor, math.nan)) for e in epochs]
-        if not all(math.isnan(s) for s in scores):
-            best = x[int(np.nanargmax(scores))]
-            metric_ax.axvline(best, color="grey", linestyle="--", label=f"best epoch ({best})")
+    best = _best_epoch(epochs, monitor, monitor_mode)
+    if best is not None:
+        metric_ax.axvline(best, color="grey", linestyle="--", label=f"best epoch ({best})")
     metric_ax.set(xlabel="epoch", ylabel="score", title="Validation metrics", ylim=(0.0, 1.0))
     metric_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     for ax in (loss_ax, metric_ax):
@@ -247,8 +248,13 @@ def plot_region_attention(attention: Mapping[str, float], title: str) -> bytes:
     for ((cx, cy), (lx, ly), short), v, c in zip(_REGION_MARKS, values, shade, strict=True):
         chest.add_patch(Circle((cx, cy), 0.045, fc=cmap(c), ec="black", lw=0.8, zorder=3))
         chest.annotate(
-            f"{short}\n{fmt(v)}", xy=(cx, cy), xytext=(lx, ly), ha="center", va="center",
-            fontsize=9, zorder=4,
+            f"{short}\n{fmt(v)}",
+            xy=(cx, cy),
+            xytext=(lx, ly),
+            ha="center",
+            va="center",
+            fontsize=9,
+            zorder=4,
             bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "#bbbbbb"},
             arrowprops={"arrowstyle": "-", "color": "#555555", "lw": 0.8},
         )
@@ -259,13 +265,20 @@ def plot_region_attention(attention: Mapping[str, float], title: str) -> bytes:
     chest.set_title("Frontal chest, patient's left on the image's right", fontsize=10)
 
     order = np.arange(len(values))[::-1]
-    bars.barh([vocab.REGIONS[i] for i in order], values[order],
-              color=[cmap(shade[i]) for i in order], edgecolor="black", linewidth=0.5)
+    bars.barh(
+        [vocab.REGIONS[i] for i in order],
+        values[order],
+        color=[cmap(shade[i]) for i in order],
+        edgecolor="black",
+        linewidth=0.5,
+    )
     for pos, i in enumerate(order):
         bars.text(values[i], pos, f" {fmt(values[i])}", va="center", fontsize=8)
     bars.axvline(1.0 / vocab.NUM_REGIONS, color="grey", linestyle="--", lw=1)
-    bars.set(xlabel="mean attention (dashed line: uniform, 0.1)",
-             xlim=(0, max(top, 1.0 / vocab.NUM_REGIONS) * 1.3))
+    bars.set(
+        xlabel="mean attention (dashed line: uniform, 0.1)",
+        xlim=(0, max(top, 1.0 / vocab.NUM_REGIONS) * 1.3),
+    )
     bars.grid(axis="x", alpha=0.3)
     fig.suptitle(title)
     fig.subplots_adjust(wspace=0.35)
@@ -288,8 +301,12 @@ def _input_contract(meta: CheckpointMeta) -> list[tuple[str, str, str, str]]:
     image = (
         ("crops", "uint8", "[B, T, R, S, S]", "region crops of each CXR, cut by the region boxes")
         if crops
-        else ("features", "float32", f"[B, T, R, {cfg.get('feature_dim')}]",
-              "stored region features of a frozen backbone")
+        else (
+            "features",
+            "float32",
+            f"[B, T, R, {cfg.get('feature_dim')}]",
+            "stored region features of a frozen backbone",
+        )
     )
     return [
         ("cxr_times", "float32", "[B, T]", "hours since ICU admission, increasing"),
@@ -298,11 +315,19 @@ def _input_contract(meta: CheckpointMeta) -> list[tuple[str, str, str, str]]:
         ("region_present", "bool", "[B, T, R]", "True = the region has a box on that CXR"),
         ("ehr_times", "float32", "[B, L]", "hours since ICU admission"),
         ("ehr_mask", "bool", "[B, L]", "True = EHR hour present"),
-        ("ehr_values", "float32", f"[B, L, {vocab.NUM_EHR}]",
-         "hourly EHR, z-scored with the training split's statistics (stored in the checkpoint)"),
+        (
+            "ehr_values",
+            "float32",
+            f"[B, L, {vocab.NUM_EHR}]",
+            "hourly EHR, z-scored with the training split's statistics (stored in the checkpoint)",
+        ),
         ("ehr_observed", "bool", f"[B, L, {vocab.NUM_EHR}]", "True = measured in that hour"),
-        ("demographics", "float32", f"[B, {vocab.NUM_DEMOGRAPHICS}]",
-         "age, height, weight (z-scored), then one-hot gender, race, language, marital status"),
+        (
+            "demographics",
+            "float32",
+            f"[B, {vocab.NUM_DEMOGRAPHICS}]",
+            "age, height, weight (z-scored), then one-hot gender, race, language, marital status",
+        ),
     ]
 
 
@@ -320,8 +345,12 @@ def _output_contract(task: str) -> list[tuple[str, str, str, str]]:
     }[task]
     return [
         ("logits", "float32", logits[0], logits[1]),
-        ("region_attention", "float32", f"[B, {vocab.NUM_REGIONS}]",
-         "attention of the task tokens over the regions, rows sum to 1 (a reading aid only)"),
+        (
+            "region_attention",
+            "float32",
+            f"[B, {vocab.NUM_REGIONS}]",
+            "attention of the task tokens over the regions, rows sum to 1 (a reading aid only)",
+        ),
     ]
 
 
@@ -378,8 +407,10 @@ def model_card(
     limitations = _limitations(task, manifest, n_samples)
     table = TABLE_METRICS[task]
     eval_metrics = {
-        m: {"value": _finite(metrics.get(m, math.nan)),
-            "ci": [_finite(v) for v in intervals.get(m, (math.nan, math.nan))]}
+        m: {
+            "value": _finite(metrics.get(m, math.nan)),
+            "ci": [_finite(v) for v in intervals.get(m, (math.nan, math.nan))],
+        }
         for m in table
     }
     training_data: dict[str, Any] = {"root": data_root}
@@ -419,18 +450,26 @@ def model_card(
             "inputs": {n: {"dtype": d, "shape": s, "meaning": m} for n, d, s, m in inputs},
             "outputs": {n: {"dtype": d, "shape": s, "meaning": m} for n, d, s, m in outputs},
             "dimensions": {
-                "B": "batch", "T": "CXRs per sample (2 for progression)",
+                "B": "batch",
+                "T": "CXRs per sample (2 for progression)",
                 "R": f"{vocab.NUM_REGIONS} regions",
                 "S": "crop side in pixels"
-                + (f" ({manifest.crop_size} in the training data)"
-                   if manifest is not None and manifest.crop_size else ""),
+                + (
+                    f" ({manifest.crop_size} in the training data)"
+                    if manifest is not None and manifest.crop_size
+                    else ""
+                ),
                 "L": "EHR hours",
             },
             "codes": codes,
         },
         "training_data": training_data,
-        "eval_metrics": {"split": split, "n_samples": n_samples, "level": level,
-                         "metrics": eval_metrics},
+        "eval_metrics": {
+            "split": split,
+            "n_samples": n_samples,
+            "level": level,
+            "metrics": eval_metrics,
+        },
         "limitations": limitations,
         "references": ["arXiv:2510.11112"],
     }
@@ -469,8 +508,11 @@ def model_card(
     ]
     if task == "disease_progression":
         codes_text = ", ".join(f"{name} = {code}" for name, code in vocab.PROGRESSION_CODES.items())
-        lines += ["", f"Findings, in tensor order: {', '.join(vocab.FINDINGS)}.",
-                  f"Progression codes: {codes_text}."]
+        lines += [
+            "",
+            f"Findings, in tensor order: {', '.join(vocab.FINDINGS)}.",
+            f"Progression codes: {codes_text}.",
+        ]
     lines += ["", "## Training data", ""]
     if manifest is None:
         lines.append(f"The training dataset's manifest was not found (data root: {data_root}).")
@@ -482,15 +524,19 @@ def model_card(
             "",
             _counts_table(manifest),
         ]
-        if task == "disease_progression" and "progression" in manifest.train_label_counts:
+        if task == "disease_progression":
             rows = [
                 [finding, *map(str, counts)]
                 for finding, counts in zip(
-                    vocab.FINDINGS, manifest.train_label_counts["progression"], strict=True
+                    vocab.FINDINGS, manifest.label_counts().progression, strict=True
                 )
             ]
-            lines += ["", "Training labels per finding:", "",
-                      markdown_table(["finding", *vocab.PROGRESSION_CODES], rows)]
+            lines += [
+                "",
+                "Training labels per finding:",
+                "",
+                markdown_table(["finding", *list(vocab.PROGRESSION_CODES)[:3]], rows),
+            ]
     pct = round(100 * level)
     lines += [
         "",
@@ -498,8 +544,10 @@ def model_card(
         "",
         markdown_table(
             ["metric", "value", f"{pct}% CI"],
-            [[METRIC_LABELS[m], fmt(metrics.get(m, math.nan)), _ci_text(intervals.get(m))]
-             for m in table],
+            [
+                [METRIC_LABELS[m], fmt(metrics.get(m, math.nan)), _ci_text(intervals.get(m))]
+                for m in table
+            ],
         ),
         "",
         "## Known limitations",
@@ -516,10 +564,17 @@ def _counts_table(manifest: Manifest) -> str:
     for split in vocab.SPLITS:
         per = manifest.counts.get(split, {})
         subjects = sum(manifest.subjects.get(split, {}).values())
-        rows.append([split, *(str(per.get(str(h), 0)) for h in hospitals),
-                     str(manifest.num_samples(split)), str(subjects)])
-    return markdown_table(["split", *(f"hospital {h}" for h in hospitals), "samples", "subjects"],
-                          rows)
+        rows.append(
+            [
+                split,
+                *(str(per.get(str(h), 0)) for h in hospitals),
+                str(manifest.num_samples(split)),
+                str(subjects),
+            ]
+        )
+    return markdown_table(
+        ["split", *(f"hospital {h}" for h in hospitals), "samples", "subjects"], rows
+    )
 
 
 def _ci_text(interval: tuple[float, float] | None) -> str:
@@ -549,6 +604,7 @@ def write_evaluation_report(
     eval_data_root: str,
     epochs: Sequence[Mapping[str, Any]] | None = None,
     monitor: str | None = None,
+    monitor_mode: str = "max",
     training_manifest: Manifest | None = None,
     training_data_root: str | None = None,
     settings: ReportSettings | None = None,
@@ -557,7 +613,8 @@ def write_evaluation_report(
     ``out_dir`` (local directory); returns the path of ``report.md``.
 
     ``epochs``: the run's ``epoch_metrics.jsonl`` records, for the learning curves (omitted
-    when None). ``training_manifest``: the manifest of the data the model was trained on, for
+    when None); ``monitor`` / ``monitor_mode``: the run's model-selection metric, marked on
+    them. ``training_manifest``: the manifest of the data the model was trained on, for
     the model card.
     """
     settings = settings or ReportSettings()
@@ -574,20 +631,35 @@ def write_evaluation_report(
     )
     confusion = confusion_matrices(predictions)
     attention = mean_region_attention(predictions)
-    hospitals = {str(h): int(c) for h, c in zip(*np.unique(predictions.hospital,
-                                                          return_counts=True), strict=True)}
+    hospitals = {
+        str(h): int(c)
+        for h, c in zip(*np.unique(predictions.hospital, return_counts=True), strict=True)
+    }
 
     figures = {"region_attention": "region_attention.png"}
-    _write(out / figures["region_attention"], plot_region_attention(
-        attention, f"Mean region attention, {task.replace('_', ' ')} ({split}, n = "
-        f"{len(predictions)})"))
+    _write(
+        out / figures["region_attention"],
+        plot_region_attention(
+            attention,
+            f"Mean region attention, {task.replace('_', ' ')} ({split}, n = {len(predictions)})",
+        ),
+    )
     if epochs:
         figures["learning_curves"] = "learning_curves.png"
-        _write(out / figures["learning_curves"], plot_learning_curves(epochs, task, monitor))
+        _write(
+            out / figures["learning_curves"],
+            plot_learning_curves(epochs, task, monitor, monitor_mode),
+        )
 
     card_md, card_json = model_card(
-        meta, metrics=metrics, intervals=intervals, split=split, n_samples=len(predictions),
-        level=settings.level, manifest=training_manifest, data_root=training_data_root,
+        meta,
+        metrics=metrics,
+        intervals=intervals,
+        split=split,
+        n_samples=len(predictions),
+        level=settings.level,
+        manifest=training_manifest,
+        data_root=training_data_root,
     )
     _write(out / "model_card.md", card_md.encode())
     _write(out / "model_card.json", _json_bytes(card_json))
@@ -602,8 +674,12 @@ def write_evaluation_report(
         "samples_per_hospital": hospitals,
         "metrics": {k: _finite(v) for k, v in metrics.items()},
         "intervals": {k: [_finite(lo), _finite(hi)] for k, (lo, hi) in intervals.items()},
-        "bootstrap": {"resamples": settings.resamples, "seed": settings.seed,
-                      "level": settings.level, "unit": "sample"},
+        "bootstrap": {
+            "resamples": settings.resamples,
+            "seed": settings.seed,
+            "level": settings.level,
+            "unit": "sample",
+        },
         "confusion_matrices": confusion,
         "class_names": list(CLASS_NAMES[task]),
         "region_attention": attention,
@@ -611,7 +687,7 @@ def write_evaluation_report(
         "model_card": "model_card.md",
     }
     _write(out / "metrics.json", _json_bytes(payload))
-    report = render_report(payload, epochs=epochs, monitor=monitor)
+    report = render_report(payload, epochs=epochs, monitor=monitor, monitor_mode=monitor_mode)
     _write(out / "report.md", report.encode())
     return out / "report.md"
 
@@ -621,6 +697,7 @@ def render_report(
     *,
     epochs: Sequence[Mapping[str, Any]] | None = None,
     monitor: str | None = None,
+    monitor_mode: str = "max",
 ) -> str:
     """``report.md`` from the ``metrics.json`` payload of ``write_evaluation_report``."""
     task = payload["task"]
@@ -652,11 +729,17 @@ def render_report(
         "",
         markdown_table(
             ["model", *(METRIC_LABELS[m] for m in table)],
-            [["DiPro (this checkpoint)", *(value(m) for m in table)],
-             ["DiPro (this checkpoint), " f"{pct}% CI", *(ci(m) for m in table)]]
-            + [[f"{name} (paper, MIMIC)",
-                *(fmt_mean_std(*ref[m], decimals=3) if m in ref else "" for m in table)]
-               for name, ref in PAPER_RESULTS[task].items()],
+            [
+                ["DiPro (this checkpoint)", *(value(m) for m in table)],
+                [f"DiPro (this checkpoint), {pct}% CI", *(ci(m) for m in table)],
+            ]
+            + [
+                [
+                    f"{name} (paper, MIMIC)",
+                    *(fmt_mean_std(*ref[m], decimals=3) if m in ref else "" for m in table),
+                ]
+                for name, ref in PAPER_RESULTS[task].items()
+            ],
         ),
         "",
         "The paper's rows are the published MIMIC results (mean ± std over 3 seeds), for "
@@ -674,29 +757,53 @@ def render_report(
         rows = []
         for finding in vocab.FINDINGS:
             base = f"per_finding/{finding}"
-            rows.append([finding, str(int(metrics[f"{base}/n"])),
-                         *(value(f"{base}/{m}") for m in columns),
-                         ci(f"{base}/f1")])
-        lines += ["", "## Per-finding metrics", "",
-                  "Labelled rows (code != 3) of each finding; the paper's numbers are the mean "
-                  "over these rows of the table.", "",
-                  markdown_table(["finding", "n", *(METRIC_LABELS[m] for m in columns),
-                                  f"F1 {pct}% CI"], rows)]
-    lines += ["", "## Confusion matrices", "",
-              "Rows: true class, columns: predicted class"
-              + (" (threshold 0.5)." if task == "mortality" else ".")]
+            rows.append(
+                [
+                    finding,
+                    str(int(metrics[f"{base}/n"])),
+                    *(value(f"{base}/{m}") for m in columns),
+                    ci(f"{base}/f1"),
+                ]
+            )
+        lines += [
+            "",
+            "## Per-finding metrics",
+            "",
+            "Each finding is scored on its labelled rows (code != 3), n of them; the "
+            "headline metrics above are the means of these rows over the findings.",
+            "",
+            markdown_table(
+                ["finding", "n", *(METRIC_LABELS[m] for m in columns), f"F1 {pct}% CI"], rows
+            ),
+        ]
+    lines += [
+        "",
+        "## Confusion matrices",
+        "",
+        "Rows: true class, columns: predicted class"
+        + (" (threshold 0.5)." if task == "mortality" else "."),
+    ]
     names = payload["class_names"]
     for name, matrix in payload["confusion_matrices"].items():
-        lines += ["", f"**{name}**", "",
-                  markdown_table(["true \\ predicted", *names],
-                                 [[names[i], *map(str, row)] for i, row in enumerate(matrix)])]
+        lines += [
+            "",
+            f"**{name}**",
+            "",
+            markdown_table(
+                ["true \\ predicted", *names],
+                [[names[i], *map(str, row)] for i, row in enumerate(matrix)],
+            ),
+        ]
     lines += ["", "## Learning curves", ""]
     if "learning_curves" in payload["figures"]:
         lines.append(f"![learning curves]({payload['figures']['learning_curves']})")
         if epochs:
-            best = _best_epoch(epochs, monitor)
-            lines += ["", f"{len(epochs)} epochs logged"
-                      + (f"; best {monitor} at epoch {best}." if best is not None else ".")]
+            best = _best_epoch(epochs, monitor, monitor_mode)
+            lines += [
+                "",
+                f"{len(epochs)} epochs logged"
+                + (f"; best {monitor} at epoch {best}." if best is not None else "."),
+            ]
     else:
         lines.append("No epoch log was given for this checkpoint.")
     attention = payload["region_attention"]
@@ -727,13 +834,15 @@ def _all_metrics(task: str, metrics: Mapping[str, Any]) -> list[str]:
     return [*TABLE_METRICS[task], *rest]
 
 
-def _best_epoch(epochs: Sequence[Mapping[str, Any]], monitor: str | None) -> int | None:
+def _best_epoch(epochs: Sequence[Mapping[str, Any]], monitor: str | None, mode: str) -> int | None:
+    """The epoch with the best ``monitor`` (``mode`` max or min); None when unknown."""
     if monitor is None:
         return None
     scores = [float(e.get(monitor, math.nan)) for e in epochs]
     if all(math.isnan(s) for s in scores):
         return None
-    return int(epochs[int(np.nanargmax(scores))]["epoch"])
+    pick = np.nanargmax if mode == "max" else np.nanargmin
+    return int(epochs[int(pick(scores))]["epoch"])
 
 
 def read_epoch_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -780,16 +889,30 @@ def summary_table(
         data[row.label] = {
             "runs": len(row.runs),
             "note": row.note,
-            **{m: {"mean": _finite(stats[m][0]), "std": _finite(stats[m][1]),
-                   "values": [_finite(float(r[m])) for r in row.runs]}
-               for m in columns if m in stats},
+            **{
+                m: {
+                    "mean": _finite(stats[m][0]),
+                    "std": _finite(stats[m][1]),
+                    "values": [_finite(float(r[m])) for r in row.runs],
+                }
+                for m in columns
+                if m in stats
+            },
         }
-        body.append([row.label + (f" ({row.note})" if row.note else ""),
-                     *(fmt_mean_std(*stats[m]) if m in stats else "n/a" for m in columns)])
+        body.append(
+            [
+                row.label + (f" ({row.note})" if row.note else ""),
+                *(fmt_mean_std(*stats[m]) if m in stats else "n/a" for m in columns),
+            ]
+        )
     if with_paper:
         for name, ref in PAPER_RESULTS[task].items():
-            body.append([f"{name} (paper, MIMIC)",
-                         *(fmt_mean_std(*ref[m], decimals=3) if m in ref else "" for m in columns)])
+            body.append(
+                [
+                    f"{name} (paper, MIMIC)",
+                    *(fmt_mean_std(*ref[m], decimals=3) if m in ref else "" for m in columns),
+                ]
+            )
     return markdown_table(["model", *(METRIC_LABELS[m] for m in columns)], body), data
 
 

@@ -128,7 +128,7 @@ def evaluate_to_report(
     result = evaluate_checkpoint(ckpt, paths, batch_size=batch_size, device=device, amp_dtype=amp)
     log = epoch_metrics or context.epoch_metrics
     epochs = read_epoch_metrics(log) if log else None
-    monitor = (context.config or {}).get("task", {}).get("monitor")
+    task_cfg = (context.config or {}).get("task", {})
     if out_dir is None:
         base = context.run_dir or posixpath.dirname(ckpt)
         out_dir = os.path.join(base, f"report-{split}")
@@ -141,7 +141,8 @@ def evaluate_to_report(
         split=split,
         eval_data_root=os.fspath(data_root),
         epochs=epochs,
-        monitor=monitor,
+        monitor=task_cfg.get("monitor"),
+        monitor_mode=task_cfg.get("monitor_mode", "max"),
         training_manifest=manifest,
         training_data_root=train_root,
         settings=settings or ReportSettings(),

@@ -78,37 +78,36 @@ def _finished(run_dir: str) -> dict[str, Any] | None:
     return summary if summary.get("test") else None
 
 
-def train_runs(
-    cfg: DictConfig, variant: str, ablation: Mapping[str, bool]
-) -> list[RunRecord]:
-    """Train and test ``variant`` once per seed of ``cfg.seeds`` (reusing finished runs)."""
-    records = []
-    for seed in cfg.seeds:
-        run_cfg = _run_config(cfg, variant, int(seed), ablation)
-        run_dir = storage.join(run_cfg.storage_path, run_cfg.run_name)
-        started = time.monotonic()
-        done = _finished(run_dir) if cfg.reuse_finished else None
-        if done is None:
-            result = run_training(run_cfg)
-            if result.test_metrics is None:
-                raise ConfigError(f"run {run_cfg.run_name} has no test split to report")
-            test = result.test_metrics
-        else:
-            test = done["test"]
-        seconds = time.monotonic() - started
-        print(
-            f"[{cfg.name}] {variant} seed {seed}: "
-            + ("reused" if done is not None else f"trained in {seconds:.0f} s")
-            + f", test {cfg.task.monitor.removeprefix('val/')} "
-            f"{test.get(cfg.task.monitor.removeprefix('val/'), math.nan):.4f}",
-            flush=True,
-        )
-        records.append(RunRecord(variant, int(seed), run_dir, test, done is not None, seconds))
-    return records
+def train_run(cfg: DictConfig, variant: str, seed: int, ablation: Mapping[str, bool]) -> RunRecord:
+    """Train and test ``variant`` with ``seed`` (or reuse the finished run of that name)."""
+    run_cfg = _run_config(cfg, variant, seed, ablation)
+    run_dir = storage.join(run_cfg.storage_path, run_cfg.run_name)
+    started = time.monotonic()
+    done = _finished(run_dir) if cfg.reuse_finished else None
+    if done is None:
+        result = run_training(run_cfg)
+        if result.test_metrics is None:
+            raise ConfigError(f"run {run_cfg.run_name} has no test split to report")
+        test = result.test_metrics
+    else:
+        test = done["test"]
+    seconds = time.monotonic() - started
+    metric = cfg.task.monitor.removeprefix("val/")
+    print(
+        f"[{cfg.name}] {variant} seed {seed}: "
+        + ("reused" if done is not None else f"trained in {seconds:.0f} s")
+        + f", test {metric} {test.get(metric, math.nan):.4f}",
+        flush=True,
+    )
+    return RunRecord(variant, seed, run_dir, test, done is not None, seconds)
 
 
 def _write_study(
-    cfg: DictConfig, mode: str, title: str, rows: list[SummaryRow], records: list[RunRecord],
+    cfg: DictConfig,
+    mode: str,
+    title: str,
+    rows: list[SummaryRow],
+    records: list[RunRecord],
     notes: list[str],
 ) -> Path:
     task = cfg.task.name
@@ -131,8 +130,11 @@ def _write_study(
         "|---|---|---|---|",
         *(
             f"| {r.variant} | {r.seed} | `{r.run_dir}` | "
-            + ", ".join(f"{k} {v:.4f}" for k, v in sorted(r.test.items())
-                        if "/" not in k and isinstance(v, float) and not math.isnan(v))
+            + ", ".join(
+                f"{k} {v:.4f}"
+                for k, v in sorted(r.test.items())
+                if "/" not in k and isinstance(v, float) and not math.isnan(v)
+            )
             + " |"
             for r in records
         ),
@@ -145,10 +147,17 @@ def _write_study(
         "data_root": str(cfg.data.root),
         "table": data,
         "runs": [
-            {"variant": r.variant, "seed": r.seed, "run_dir": r.run_dir, "reused": r.reused,
-             "seconds": r.seconds,
-             "test": {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                      for k, v in r.test.items()}}
+            {
+                "variant": r.variant,
+                "seed": r.seed,
+                "run_dir": r.run_dir,
+                "reused": r.reused,
+                "seconds": r.seconds,
+                "test": {
+                    k: (None if isinstance(v, float) and math.isnan(v) else v)
+                    for k, v in r.test.items()
+                },
+            }
             for r in records
         ],
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -162,7 +171,7 @@ def _write_study(
 def run_seeds(cfg: DictConfig) -> Path:
     """Train and test DiPro (as configured) over ``cfg.seeds``; write ``seeds.md`` and
     ``seeds.json`` (mean ± std table in the paper's layout); returns the markdown path."""
-    records = train_runs(cfg, FULL_MODEL, {})
+    records = [train_run(cfg, FULL_MODEL, int(seed), {}) for seed in cfg.seeds]
     rows = [SummaryRow("DiPro (this run)", [r.test for r in records])]
     return _write_study(cfg, "seeds", "DiPro over seeds", rows, records, [])
 
@@ -185,25 +194,29 @@ def run_ablations(cfg: DictConfig) -> Path:
     variants = OmegaConf.to_container(cfg.ablations, resolve=True)
     if FULL_MODEL not in variants:
         raise ConfigError(f"ablations must include the full model {FULL_MODEL!r}")
-    rows, records, notes = [], [], []
-    full: list[RunRecord] = []
-    order = [FULL_MODEL, *(v for v in variants if v != FULL_MODEL)]
-    for variant in order:
-        spec = variants[variant] or {}
-        ablation = spec.get("ablation") or {}
-        label = spec.get("label", variant)
-        if variant != FULL_MODEL and _is_no_op(task, ablation):
-            rows.append(SummaryRow(label, [r.test for r in full], note="same model as DiPro here"))
-            notes.append(
-                f"- {label}: every {task.replace('_', ' ')} sample holds one CXR pair, so "
-                "keeping only the last pair is the full model; its row repeats DiPro's runs."
-            )
+    specs = {name: spec or {} for name, spec in variants.items()}
+    ablations = {name: spec.get("ablation") or {} for name, spec in specs.items()}
+    trained = [
+        name
+        for name in (FULL_MODEL, *(v for v in variants if v != FULL_MODEL))
+        if name == FULL_MODEL or not _is_no_op(task, ablations[name])
+    ]
+    # Seeds outermost: a study stopped halfway has every variant for its first seeds.
+    records = [
+        train_run(cfg, name, int(seed), ablations[name]) for seed in cfg.seeds for name in trained
+    ]
+    rows, notes = [], []
+    for name in (FULL_MODEL, *(v for v in variants if v != FULL_MODEL)):
+        label = specs[name].get("label", name)
+        if name in trained:
+            rows.append(SummaryRow(label, [r.test for r in records if r.variant == name]))
             continue
-        runs = train_runs(cfg, variant, ablation)
-        if variant == FULL_MODEL:
-            full = runs
-        records += runs
-        rows.append(SummaryRow(label, [r.test for r in runs]))
+        full = [r.test for r in records if r.variant == FULL_MODEL]
+        rows.append(SummaryRow(label, full, note="same model as DiPro here"))
+        notes.append(
+            f"- {label}: every {task.replace('_', ' ')} sample holds one CXR pair, so keeping "
+            "only the last pair is the full model; its row repeats DiPro's runs."
+        )
     return _write_study(cfg, "ablations", "DiPro and its ablations", rows, records, notes)
 
 

@@ -39,9 +39,7 @@ def _progression(n: int, seed: int, not_mentioned: float = 0.1) -> Predictions:
     labels[rng.random((n, K)) < not_mentioned] = vocab.NOT_MENTIONED
     attention = rng.dirichlet(np.arange(1, R + 1), size=n).astype(np.float32)
     ids = np.arange(n)
-    return Predictions(
-        "disease_progression", logits, labels, ids, ids, ids % 3, attention
-    )
+    return Predictions("disease_progression", logits, labels, ids, ids, ids % 3, attention)
 
 
 def _mortality(n: int, seed: int) -> Predictions:
@@ -55,22 +53,38 @@ def _mortality(n: int, seed: int) -> Predictions:
 
 def _meta(task: str) -> CheckpointMeta:
     model_cfg = {
-        "region_mode": "crops", "backbone": "resnet18", "d_model": 16, "num_heads": 2,
-        "num_layers": 1, "num_groups": 8,
-        "ablation": {"std": True, "pae": False, "local_fusion": True, "global_fusion": True,
-                     "ehr": True, "longitudinal": True},
+        "region_mode": "crops",
+        "backbone": "resnet18",
+        "d_model": 16,
+        "num_heads": 2,
+        "num_layers": 1,
+        "num_groups": 8,
+        "ablation": {
+            "std": True,
+            "pae": False,
+            "local_fusion": True,
+            "global_fusion": True,
+            "ehr": True,
+            "longitudinal": True,
+        },
     }
-    return CheckpointMeta(path="/runs/x/model.pt", task=task, model_cfg=model_cfg,
-                          format_version=1, data_schema_version=1, epoch=3)
+    return CheckpointMeta(
+        path="/runs/x/model.pt",
+        task=task,
+        model_cfg=model_cfg,
+        format_version=1,
+        data_schema_version=1,
+        epoch=3,
+    )
 
 
 @pytest.mark.parametrize(("make", "metric"), [(_mortality, "auroc"), (_progression, "f1")])
 def test_bootstrap_interval_holds_the_estimate_and_narrows_with_more_samples(make, metric):
     widths = []
-    for n in (80, 800):
+    for n in (40, 400):
         predictions = make(n, seed=1)
         point = compute_metrics(predictions)[metric]
-        low, high = bootstrap_intervals(predictions, resamples=60, seed=0)[metric]
+        low, high = bootstrap_intervals(predictions, resamples=40, seed=0)[metric]
         assert low <= point <= high, f"n={n}: {point} outside [{low}, {high}]"
         widths.append(high - low)
     # The width shrinks like 1 / sqrt(n): ten times the samples, about a third of the width.
@@ -101,9 +115,17 @@ def test_mortality_confusion_ignores_absent_labels():
     predictions = _mortality(40, seed=2)
     labels = predictions.labels.copy()
     labels[:5] = IGNORE_INDEX
-    matrix = np.asarray(confusion_matrices(
-        Predictions("mortality", predictions.logits, labels, *([predictions.subject_id] * 3),
-                    predictions.region_attention))["mortality"])
+    matrix = np.asarray(
+        confusion_matrices(
+            Predictions(
+                "mortality",
+                predictions.logits,
+                labels,
+                *([predictions.subject_id] * 3),
+                predictions.region_attention,
+            )
+        )["mortality"]
+    )
     assert matrix.shape == (2, 2) and matrix.sum() == 35
 
 
@@ -125,8 +147,13 @@ def test_summary_table_gives_mean_and_sample_std_next_to_the_paper():
 
 def test_learning_curves_png_opens(tmp_path):
     epochs = [
-        {"epoch": e, "train/loss": 2.0 / e, "val/loss": 2.2 / e, "val/auroc": 0.5 + 0.05 * e,
-         "val/auprc": 0.3 + 0.04 * e}
+        {
+            "epoch": e,
+            "train/loss": 2.0 / e,
+            "val/loss": 2.2 / e,
+            "val/auroc": 0.5 + 0.05 * e,
+            "val/auprc": 0.3 + 0.04 * e,
+        }
         for e in range(1, 6)
     ]
     path = tmp_path / "curves.png"
@@ -148,20 +175,36 @@ def _table_rows(markdown: str, heading: str) -> list[list[str]]:
 def test_written_report_has_every_section_and_the_numbers_of_metrics_json(tmp_path):
     predictions = _progression(120, seed=4)
     report = write_evaluation_report(
-        predictions, _meta("disease_progression"), tmp_path, split="test",
-        eval_data_root="/data", settings=ReportSettings(resamples=30),
+        predictions,
+        _meta("disease_progression"),
+        tmp_path,
+        split="test",
+        eval_data_root="/data",
+        settings=ReportSettings(resamples=30),
     )
     text = report.read_text()
-    for heading in ("Summary", "Results (paper layout)", "Confidence intervals",
-                    "Per-finding metrics", "Confusion matrices", "Learning curves",
-                    "Region attention", "Model card"):
+    for heading in (
+        "Summary",
+        "Results (paper layout)",
+        "Confidence intervals",
+        "Per-finding metrics",
+        "Confusion matrices",
+        "Learning curves",
+        "Region attention",
+        "Model card",
+    ):
         assert f"\n## {heading}\n" in text, heading
     payload = json.loads((tmp_path / "metrics.json").read_text())
     metrics, intervals = payload["metrics"], payload["intervals"]
     assert metrics["f1"] == pytest.approx(compute_metrics(predictions)["f1"])
     for name, value, ci in _table_rows(text, "Confidence intervals"):
-        key = {"Precision": "precision", "Recall": "recall", "F1": "f1", "AUPRC": "auprc",
-               "AUROC": "auroc"}.get(name, name)
+        key = {
+            "Precision": "precision",
+            "Recall": "recall",
+            "F1": "f1",
+            "AUPRC": "auprc",
+            "AUROC": "auroc",
+        }.get(name, name)
         assert float(value) == pytest.approx(round(metrics[key], 4), abs=1e-12)
         low, high = map(float, re.findall(_NUMBER, ci))
         assert (low, high) == pytest.approx([round(v, 4) for v in intervals[key]], abs=1e-12)
@@ -185,7 +228,10 @@ def test_written_report_has_every_section_and_the_numbers_of_metrics_json(tmp_pa
 def test_report_refuses_predictions_of_another_task(tmp_path):
     with pytest.raises(ValueError, match="mortality"):
         write_evaluation_report(
-            _mortality(10, 0), _meta("disease_progression"), tmp_path, split="test",
+            _mortality(10, 0),
+            _meta("disease_progression"),
+            tmp_path,
+            split="test",
             eval_data_root="/data",
         )
     assert not (Path(tmp_path) / "report.md").exists()
