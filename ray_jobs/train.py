@@ -15,7 +15,6 @@ import sys
 from dataclasses import dataclass
 
 import hydra
-import pyarrow.parquet as pq
 import ray
 import ray.train
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from dipro import storage, vocab
 from dipro.data.shards import Manifest, list_shards, read_manifest
 from dipro.evaluation import evaluate_checkpoint
-from dipro.losses import ClassWeights, LabelCounts
+from dipro.losses import ClassWeights
 from ray_jobs.data import read_split
 from ray_jobs.worker import CHECKPOINT_FILE, EPOCH_METRICS_FILE, run_dir, train_loop_per_worker
 
@@ -82,19 +81,6 @@ def check_config(cfg: DictConfig) -> Manifest:
     return manifest
 
 
-_LABEL_COLUMNS = ["progression", "region_labels", "mortality", "los_days"]
-
-
-def train_label_counts(root: str, task: str) -> LabelCounts:
-    """Label counts of the training split, reading only the label columns of its shards."""
-    counts = LabelCounts.zeros()
-    for path in list_shards(root, task, "train"):
-        fs, inner = storage.resolve_filesystem(path)
-        table = pq.read_table(inner, filesystem=fs, columns=_LABEL_COLUMNS, partitioning=None)
-        counts = counts + LabelCounts.from_table(table)
-    return counts
-
-
 def _steps_per_epoch(cfg: DictConfig, manifest: Manifest) -> int:
     """Optimizer steps each worker takes per epoch (for the cosine schedule's length)."""
     rows = manifest.num_samples("train") // int(cfg.scaling.num_workers)
@@ -123,9 +109,7 @@ def build_trainer(
         train_loop_config={
             "cfg": resolved,
             "norm_stats": manifest.norm_stats,
-            "class_weights": ClassWeights.from_counts(
-                train_label_counts(cfg.data.root, task)
-            ).to_dict(),
+            "class_weights": ClassWeights.from_counts(manifest.label_counts()).to_dict(),
             "steps_per_epoch": _steps_per_epoch(cfg, manifest),
         },
         scaling_config=ray.train.ScalingConfig(

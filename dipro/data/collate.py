@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from dipro import vocab
+from dipro.data.labels import IGNORE_INDEX
 from dipro.data.normalize import NormStats
-
-IGNORE_INDEX = -1
 
 
 @dataclass(frozen=True)

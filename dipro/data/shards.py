@@ -40,6 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dipro import storage, vocab
+from dipro.data.labels import LABEL_COLUMNS, LabelCounts
 from dipro.data.normalize import NormStats, fit_norm_stats
 from dipro.data.schema import (
     KNOWN_SCHEMA_VERSIONS,
@@ -61,8 +62,9 @@ class Manifest:
     """What ``{root}/{task}/manifest.json`` holds.
 
     counts / subjects: split -> hospital id (as a string, JSON keys) -> samples / distinct
-    subjects. train_label_counts: "progression" [K][4] counts of codes 0..3 per finding, or
-    "mortality" [2] and "los_class" [4]. files: path relative to the task directory -> sha256.
+    subjects. train_label_counts: ``dipro.data.labels.LabelCounts.to_dict()`` of the training
+    split (class counts that the loss weights come from). files: path relative to the task
+    directory -> sha256.
     """
 
     task: str
@@ -85,6 +87,9 @@ class Manifest:
 
     def num_samples(self, split: str) -> int:
         return sum(self.counts.get(split, {}).values())
+
+    def label_counts(self) -> LabelCounts:
+        return LabelCounts.from_dict(self.train_label_counts)
 
     def norm(self) -> NormStats:
         """The training-split normalisation statistics."""
@@ -217,7 +222,6 @@ def _write_all(
     writer = _Writer(fs, tmp, shown, rows_per_file)
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     subjects: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
-    labels = _LabelCounter(task)
     mode: tuple[str, int] | None = None
     for record in records:
         rid = f"subject_id={record.get('subject_id')} stay_id={record.get('stay_id')}"
@@ -237,8 +241,6 @@ def _write_all(
         split, hospital = str(record["split"]), str(record["hospital"])
         counts[split][hospital] += 1
         subjects[split][hospital].add(int(record["subject_id"]))
-        if split == "train":
-            labels.add(record)
         writer.add(record)
     writer.close()
     if mode is None:
@@ -252,6 +254,14 @@ def _write_all(
         )
         for rel in train
     )
+    labels = LabelCounts.zeros()
+    for rel in train:
+        labels = labels + LabelCounts.from_table(
+            pq.read_table(
+                posixpath.join(tmp, rel), columns=list(LABEL_COLUMNS), filesystem=fs,
+                partitioning=None,
+            )
+        )
     manifest = Manifest(
         task=task,
         schema_version=SCHEMA_VERSION,
@@ -263,7 +273,7 @@ def _write_all(
         subjects=_sorted_counts(
             {s: {h: len(v) for h, v in d.items()} for s, d in subjects.items()}
         ),
-        train_label_counts=labels.result(),
+        train_label_counts=labels.to_dict(),
         norm_stats=stats.to_dict(),
         generator=generator,
         files={rel: _sha256(fs, posixpath.join(tmp, rel)) for rel in sorted(writer.files)},
@@ -271,30 +281,6 @@ def _write_all(
     with fs.open_output_stream(posixpath.join(tmp, MANIFEST_NAME)) as out:
         out.write(_manifest_bytes(manifest))
     return manifest
-
-
-class _LabelCounter:
-    def __init__(self, task: str) -> None:
-        self.task = task
-        self.progression = np.zeros((vocab.NUM_FINDINGS, vocab.NOT_MENTIONED + 1), np.int64)
-        self.mortality = np.zeros(2, np.int64)
-        self.los = np.zeros(vocab.NUM_LOS_CLASSES, np.int64)
-
-    def add(self, record: Mapping[str, Any]) -> None:
-        if self.task == "disease_progression":
-            codes = np.asarray(record["progression"], np.int64).reshape(-1)
-            if codes.shape == (vocab.NUM_FINDINGS,) and codes.min() >= 0:
-                np.add.at(self.progression, (np.arange(vocab.NUM_FINDINGS), codes), 1)
-        else:
-            if record.get("mortality") in (0, 1):
-                self.mortality[int(record["mortality"])] += 1
-            if record.get("los_days") is not None:
-                self.los[vocab.los_class(float(record["los_days"]))] += 1
-
-    def result(self) -> dict[str, Any]:
-        if self.task == "disease_progression":
-            return {"progression": self.progression.tolist()}
-        return {"mortality": self.mortality.tolist(), "los_class": self.los.tolist()}
 
 
 def _region_mode(record: Mapping[str, Any], source: str, rid: str) -> tuple[str, int]:
