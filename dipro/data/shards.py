@@ -89,7 +89,14 @@ class Manifest:
         return sum(self.counts.get(split, {}).values())
 
     def label_counts(self) -> LabelCounts:
-        return LabelCounts.from_dict(self.train_label_counts)
+        """The training split's label counts (what the loss weights come from)."""
+        try:
+            return LabelCounts.from_dict(self.train_label_counts)
+        except KeyError as err:
+            raise SchemaError(
+                f"the {self.task} manifest has no training label count {err}: the dataset was "
+                "written by an older version; write it again"
+            ) from err
 
     def norm(self) -> NormStats:
         """The training-split normalisation statistics."""

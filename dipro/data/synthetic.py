@@ -52,7 +52,7 @@ from dipro.data.shards import Manifest, write_dataset
 
 # Bump when a code change alters the generated data for the same config, so that datasets
 # written by older code are recognised as different (dipro.data.synthetic.generator_info).
-GENERATOR_VERSION: Final[int] = 1
+GENERATOR_VERSION: Final[int] = 2
 MAX_STAY_HOURS: Final[int] = 11 * 24  # LOS < 11 days (vocab.LOS_BIN_EDGES)
 _KNOT_HOURS: Final[int] = 24
 _PROFILE_GRID: Final[int] = 24  # finding patterns are drawn on this grid in box coordinates
