@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import sys
 import time
 from collections.abc import Mapping
@@ -70,12 +71,31 @@ def _run_config(
     return run
 
 
-def _finished(run_dir: str) -> dict[str, Any] | None:
+# The settings a reused run must share with the run the study asks for.
+_SAME_RUN_KEYS = ("task", "model", "data", "optim", "loss", "train", "seed")
+
+
+def _finished(run_cfg: DictConfig, run_dir: str) -> dict[str, Any] | None:
+    """The ``metrics.json`` of a finished run of this name, or None. A finished run trained with
+    other settings (its checkpoint's ``config.json``) is refused, not silently reused."""
     uri = storage.join(run_dir, "metrics.json")
     if not storage.exists(uri):
         return None
     summary = json.loads(storage.read_bytes(uri))
-    return summary if summary.get("test") else None
+    if not summary.get("test"):
+        return None
+    config_uri = storage.join(posixpath.dirname(summary["best_checkpoint"]), "config.json")
+    trained = json.loads(storage.read_bytes(config_uri))
+    wanted = OmegaConf.to_container(run_cfg, resolve=True)
+    for config in (trained, wanted):  # set from the dataset in "features" mode
+        config.get("model", {}).pop("feature_dim", None)
+    differ = [k for k in _SAME_RUN_KEYS if trained.get(k) != wanted.get(k)]
+    if differ:
+        raise ConfigError(
+            f"{run_dir} holds a finished run with other {', '.join(differ)} settings: give the "
+            "study another name, or reuse_finished=false to train it again"
+        )
+    return summary
 
 
 def train_run(cfg: DictConfig, variant: str, seed: int, ablation: Mapping[str, bool]) -> RunRecord:
@@ -83,7 +103,7 @@ def train_run(cfg: DictConfig, variant: str, seed: int, ablation: Mapping[str, b
     run_cfg = _run_config(cfg, variant, seed, ablation)
     run_dir = storage.join(run_cfg.storage_path, run_cfg.run_name)
     started = time.monotonic()
-    done = _finished(run_dir) if cfg.reuse_finished else None
+    done = _finished(run_cfg, run_dir) if cfg.reuse_finished else None
     if done is None:
         result = run_training(run_cfg)
         if result.test_metrics is None:

@@ -20,7 +20,7 @@ from dipro.data.shards import read_manifest
 from dipro.report import ReportSettings
 from ray_jobs.evaluate import EvaluationError, evaluate_to_report, write_run_report
 from ray_jobs.experiments import run_ablations, run_seeds
-from ray_jobs.train import run_training
+from ray_jobs.train import ConfigError, run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -214,3 +214,6 @@ def test_ablation_table_and_seed_table_over_real_runs(tiny_data_root, ray_sessio
         data["table"]["DiPro"]["f1"]["mean"]
     )
     assert "(paper, MIMIC)" in seeds.read_text()
+    # A finished run of the same name with other settings is refused, not silently reused.
+    with pytest.raises(ConfigError, match="other optim settings"):
+        run_seeds(_experiments(tiny_data_root, tmp_path, "mode=seeds", "optim.lr=0.5"))
