@@ -11,19 +11,15 @@ present False (mask convention: True = present).
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 
 from dipro import vocab
+from dipro.model.regions import BACKBONES, CropBackbone, build_backbone
 
 Box = tuple[float, float, float, float]
-
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def crop_regions(
@@ -55,33 +51,13 @@ def crop_regions(
     return crops, present
 
 
-def build_backbone(name: str, weights_path: str | Path | None) -> tuple[torch.nn.Module, int]:
-    """A frozen torchvision ResNet without its classifier, and its feature size F.
-
-    Weights come from ``weights_path`` (a state dict saved with torch.save, loaded strictly with
-    weights_only=True); without it the backbone keeps its seeded random initialisation, which
-    is only good for tests. Nothing is downloaded.
-    """
-    if name not in ("resnet18", "resnet34", "resnet50", "resnet101"):
-        raise ValueError(f"unknown backbone {name!r}; expected a torchvision resnet")
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None)
-    if weights_path is not None:
-        state = torch.load(Path(weights_path), map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
-    dim = model.fc.in_features
-    model.fc = torch.nn.Identity()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, dim
-
-
 class RegionFeatureExtractor:
     """Frozen backbone over region crops: [N, R, S, S] uint8 -> [N, R, F] float32.
 
-    Grayscale is repeated to 3 channels and normalised with the ImageNet statistics; absent
-    regions (present False) get zero features.
+    The same backbone and pixel normalisation as the model's crops mode
+    (``dipro.model.regions.CropBackbone``), so stored features and end-to-end crops agree; the
+    backbone keeps a seeded random initialisation without ``weights_path``. Absent regions
+    (present False) get zero features.
     """
 
     def __init__(
@@ -92,21 +68,20 @@ class RegionFeatureExtractor:
         chunk: int = 64,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.dim = build_backbone(backbone, weights_path)
-        self.model.to(self.device)
+        torch.manual_seed(0)
+        self.model = CropBackbone(build_backbone(backbone, weights_path)).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.dim = BACKBONES[backbone]
         self.chunk = chunk
-        self.mean = torch.tensor(_IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(_IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def __call__(self, crops: np.ndarray, present: np.ndarray) -> np.ndarray:
         n, r, s, _ = crops.shape
-        flat = torch.from_numpy(np.ascontiguousarray(crops).reshape(n * r, 1, s, s))
-        out = []
-        for start in range(0, n * r, self.chunk):
-            x = flat[start : start + self.chunk].to(self.device).float().div_(255.0)
-            x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
-            out.append(self.model(x).float().cpu())
+        flat = torch.from_numpy(np.ascontiguousarray(crops).reshape(n * r, s, s))
+        out = [
+            self.model(flat[start : start + self.chunk].to(self.device)).float().cpu()
+            for start in range(0, n * r, self.chunk)
+        ]
         feats = torch.cat(out).numpy().reshape(n, r, self.dim)
         feats[~present.astype(bool)] = 0.0
         return feats.astype(np.float32)
