@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.util.state import list_nodes
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -33,6 +35,7 @@ def _env() -> dict[str, str]:
     # loaded 2-core CI machine.
     env["RAY_DASHBOARD_STARTUP_TIMEOUT_S"] = "300"
     env["RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT"] = "240"
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "300"
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -96,14 +99,28 @@ class LocalCluster:
         self.client(timeout=360)
 
     def add_worker(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
-        self._start(
-            [
-                f"--address=127.0.0.1:{self.gcs_port}",
-                "--node-ip-address=127.0.0.1",
-                f"--num-cpus={num_cpus}",
-                f"--resources={json.dumps(resources or {})}",
-            ]
-        )
+        """Start a worker node and wait until the cluster counts it alive (one retry: a raylet
+        gets only 30 s to register, which a loaded machine can miss)."""
+        expected = self.alive_nodes() + 1
+        for _ in range(2):
+            self._start(
+                [
+                    f"--address=127.0.0.1:{self.gcs_port}",
+                    "--node-ip-address=127.0.0.1",
+                    f"--num-cpus={num_cpus}",
+                    f"--resources={json.dumps(resources or {})}",
+                ]
+            )
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and self._procs[-1].poll() is None:
+                if self.alive_nodes() >= expected:
+                    return
+                time.sleep(3)
+        raise RuntimeError(f"the worker node did not join:\n{self.logs()}")
+
+    def alive_nodes(self) -> int:
+        nodes = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")])
+        return len(nodes)
 
     def client(self, timeout: float = 60) -> JobSubmissionClient:
         deadline = time.monotonic() + timeout
@@ -165,3 +182,4 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
