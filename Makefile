@@ -8,6 +8,9 @@ export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 export FLWR_TELEMETRY_ENABLED ?= 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION ?= 1
+# Ray's dashboard gets 60 s to start (30 s per module) by default: too short on a busy 2-core box.
+export RAY_DASHBOARD_STARTUP_TIMEOUT_S ?= 300
+export RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT ?= 240
 
 .PHONY: install demo test lint bench clean
 

@@ -46,8 +46,6 @@ def ray_session() -> Iterator[None]:
     """One in-process Ray for the session, with more logical CPUs than cores so that two
     training workers and Ray Data never starve each other."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
-    os.environ.setdefault("RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT", "240")
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=True)
     yield

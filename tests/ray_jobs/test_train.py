@@ -112,3 +112,38 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("configuration error:") and "/nonexistent/shards" in lines[-1]
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+def test_raw_mimic_tree_to_one_training_epoch(ray_session, tmp_path):
+    """The path a credentialed user runs: raw MIMIC files -> ray_jobs.preprocess -> shards ->
+    ray_jobs.train, on the synthetic cohort written in the MIMIC formats."""
+    from hydra import compose, initialize_config_dir
+
+    from dipro.data.mimic.fabricate import write_cohort_raw_tree
+    from dipro.data.synthetic import SyntheticConfig, simulate_cohort
+    from ray_jobs.preprocess import run_preprocess
+
+    cohort = simulate_cohort(SyntheticConfig(seed=11, num_patients=40, image_size=64))
+    tree = write_cohort_raw_tree(cohort, tmp_path / "raw")
+    shards = tmp_path / "shards"
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        prep = compose(
+            "preprocess",
+            overrides=[
+                f"raw.mimic_iv={tree.mimic_iv}",
+                f"raw.mimic_cxr={tree.mimic_cxr}",
+                f"raw.scene_graph_dir={tree.scene_graph_dir}",
+                f"raw.gold_file={tree.gold_file}",
+                f"output_root={shards}",
+                "regions.crop_size=16",
+                "tasks=[mortality]",
+            ],
+        )
+    manifests = run_preprocess(prep)
+    assert manifests["mortality"].num_samples("train") > 0
+
+    result = run_training(
+        compose_train(_overrides(shards, tmp_path / "runs", "from_raw", "train.max_epochs=1"))
+    )
+    assert [e["epoch"] for e in _epochs(Path(result.run_dir))] == [1]
+    assert result.test_metrics is None or "auroc" in result.test_metrics
