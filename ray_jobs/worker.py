@@ -120,6 +120,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer, cfg["optim"], max(1, max_epochs * int(config["steps_per_epoch"]))
     )
 
+    amp = scaling.get("amp")
+    use_fp16 = amp in ("fp16", "float16") and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_fp16 else None  # loss scale kept across epochs
     start_epoch, best, bad_epochs = 1, None, 0
     restored = ray.train.get_checkpoint()
     if restored is not None:
@@ -154,7 +157,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scheduler=scheduler,
             accumulation_steps=accumulation,
             max_grad_norm=train_cfg.get("max_grad_norm"),
-            amp_dtype=scaling.get("amp"),
+            amp_dtype=amp,
+            scaler=scaler,
             max_steps=train_cfg.get("max_steps_per_epoch"),
             on_step=_fault_hook(cfg, epoch, rank, world),
         )
@@ -168,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ),
             loss_fn,
             device=device,
-            amp_dtype=scaling.get("amp"),
+            amp_dtype=amp,
         )
         gathered = _gather(
             (
