@@ -141,6 +141,8 @@ class Processes:
 def processes(tmp_path: Path) -> Iterator[Processes]:
     env = {
         **os.environ,
+        # the SuperLink and SuperNodes start flower-superexec from PATH
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_HOME": str(tmp_path / "flwr-home"),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -190,7 +192,6 @@ def test_tls_and_node_auth_deployment_runs_one_round(tiny_data_root, tmp_path, p
             "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1",
             "--port", str(port),
-            "--database", str(tmp_path / "superlink.db"),
         ],
     )  # fmt: skip
     home = Path(processes.env["FLWR_HOME"])

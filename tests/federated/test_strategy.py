@@ -1,0 +1,81 @@
+"""Strategies from the config, and FedAdam's server state through the project's checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+)
+
+from dipro import checkpoint as ckpt_io
+from federated.config import ConfigError, check_config
+from federated.strategy import ServerOptimizerState, build_strategy
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)]
+)
+def test_strategy_from_config(tiny_data_root, tmp_path, name, kind):
+    cfg = compose(tiny_data_root, tmp_path, f"strategy={name}", "federated.min_sites=3")
+    base, quorum = build_strategy(cfg)
+    assert type(base) is kind and quorum.strategy is base and quorum.min_sites == 3
+    assert base.min_train_nodes == base.min_available_nodes == 3
+    if name == "fedprox":
+        assert base.proximal_mu == cfg["strategy"]["proximal_mu"] > 0
+
+
+def test_dp_wraps_the_strategy_with_client_side_clipping(tiny_data_root, tmp_path):
+    cfg = compose(
+        tiny_data_root, tmp_path, "federated.dp.enabled=true", "federated.dp.clipping_norm=2.5"
+    )
+    base, quorum = build_strategy(cfg)
+    assert isinstance(quorum.strategy, DifferentialPrivacyClientSideFixedClipping)
+    assert quorum.strategy.strategy is base and quorum.strategy.clipping_norm == 2.5
+
+
+def test_fedadam_moments_survive_a_checkpoint(tiny_data_root, tmp_path):
+    cfg = compose(tiny_data_root, tmp_path, "strategy=fedadam")
+    base, _ = build_strategy(cfg)
+    rng = np.random.default_rng(0)
+    base.m_t = {"a.weight": rng.normal(size=(3, 2)).astype(np.float32)}
+    base.v_t = {"a.weight": rng.random((3, 2)).astype(np.float32)}
+    path = tmp_path / "last.pt"
+    ckpt_io.save_checkpoint(
+        path,
+        torch.nn.Linear(2, 3),
+        model_cfg={},
+        task="mortality",
+        optimizer=ServerOptimizerState(base),
+    )
+
+    restored, _ = build_strategy(cfg)
+    ServerOptimizerState(restored).load_state_dict(
+        ckpt_io.read_checkpoint(path)["training"]["optimizer"]
+    )
+    np.testing.assert_array_equal(restored.m_t["a.weight"], base.m_t["a.weight"])
+    np.testing.assert_array_equal(restored.v_t["a.weight"], base.v_t["a.weight"])
+    other, _ = build_strategy(compose(tiny_data_root, tmp_path, "strategy=fedavg"))
+    with pytest.raises(ValueError, match="FedAdam"):
+        ServerOptimizerState(other).load_state_dict(
+            ckpt_io.read_checkpoint(path)["training"]["optimizer"]
+        )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("federated.num_rounds=0", "num_rounds"),
+        ("federated.fraction_train=0", "fraction_train"),
+        ("data.root=/nonexistent/shards", "/nonexistent/shards"),
+        ("model.region_mode=features", "region_mode"),
+    ],
+)
+def test_bad_config_fails_before_any_site_is_contacted(tiny_data_root, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose(tiny_data_root, tmp_path, override))
