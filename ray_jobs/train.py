@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import hydra
 import ray
+import ray.data
 import ray.train
 from omegaconf import DictConfig, OmegaConf
 from ray.train.torch import TorchTrainer
@@ -100,6 +101,10 @@ def build_trainer(
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if manifest.feature_dim is not None:
         resolved["model"]["feature_dim"] = manifest.feature_dim
+    # Each epoch re-runs the read pipeline; its progress bars would bury the epoch lines.
+    ray.data.DataContext.get_current().enable_progress_bars = bool(
+        cfg.train.get("data_progress_bars", False)
+    )
     datasets = {
         split: read_split(cfg.data.root, task, split, cfg.model.region_mode)
         for split in ("train", "val")
