@@ -209,6 +209,7 @@ def plot_learning_curves(
         values = [float(e.get(key, math.nan)) for e in epochs]
         loss_ax.plot(x, values, marker="o", label=label)
     loss_ax.set(xlabel="epoch", ylabel="loss (total, weighted)", title="Loss")
+    loss_ax.ticklabel_format(axis="y", useOffset=False)
     loss_ax.legend()
     for metric in TABLE_METRICS[task]:
         values = [float(e.get(f"val/{metric}", math.nan)) for e in epochs]
@@ -228,15 +229,23 @@ def plot_learning_curves(
 
 def plot_region_attention(attention: Mapping[str, float], title: str) -> bytes:
     """PNG of the mean region attention: drawn over a schematic frontal chest (the patient's
-    left on the image's right) and as a labelled bar chart."""
+    left on the image's right) and as a labelled bar chart.
+
+    Colours are relative to uniform attention (0.1): red above it, blue below, white at it, so
+    an attention that prefers no region reads as such.
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
     from matplotlib.patches import Circle, Ellipse
 
     values = np.asarray([attention[r] for r in vocab.REGIONS], dtype=np.float64)
-    top = float(np.nanmax(values)) if np.isfinite(values).any() else 0.0
-    top = top if top > 0 else 1.0
-    cmap = _colormap()
-    shade = np.nan_to_num(values / top)
+    uniform = 1.0 / vocab.NUM_REGIONS
+    top = float(np.nanmax(values)) if np.isfinite(values).any() else uniform
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=max(2 * uniform, top))
+    cmap = colormaps["RdBu_r"]
+    shade = norm(np.nan_to_num(values, nan=uniform))
     fig = Figure(figsize=(13, 5.6))
     chest, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1.0]})
 
@@ -274,21 +283,25 @@ def plot_region_attention(attention: Mapping[str, float], title: str) -> bytes:
     )
     for pos, i in enumerate(order):
         bars.text(values[i], pos, f" {fmt(values[i])}", va="center", fontsize=8)
-    bars.axvline(1.0 / vocab.NUM_REGIONS, color="grey", linestyle="--", lw=1)
+    bars.axvline(uniform, color="grey", linestyle="--", lw=1)
     bars.set(
         xlabel="mean attention (dashed line: uniform, 0.1)",
-        xlim=(0, max(top, 1.0 / vocab.NUM_REGIONS) * 1.3),
+        xlim=(0, max(top, uniform) * 1.3),
     )
     bars.grid(axis="x", alpha=0.3)
+    colorbar = fig.colorbar(
+        ScalarMappable(norm=norm, cmap=cmap),
+        ax=chest,
+        orientation="horizontal",
+        shrink=0.6,
+        fraction=0.05,
+        pad=0.02,
+    )
+    colorbar.set_label("attention (white = uniform, red above, blue below)", fontsize=8)
+    colorbar.ax.tick_params(labelsize=8)
     fig.suptitle(title)
-    fig.subplots_adjust(wspace=0.35)
+    fig.subplots_adjust(wspace=0.6)
     return _figure_bytes(fig)
-
-
-def _colormap() -> Any:
-    from matplotlib import colormaps
-
-    return colormaps["YlOrRd"]
 
 
 # ---------------------------------------------------------------- model card
