@@ -7,6 +7,7 @@ is bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -111,6 +112,13 @@ class Processes:
     def __init__(self, env: dict[str, str], logs: Path) -> None:
         self.env, self.logs = env, logs
         self.started: list[subprocess.Popen[bytes]] = []
+        self.ports: list[int] = []
+
+    def port(self) -> int:
+        """A free loopback port; processes whose command line names it are stopped too."""
+        port = _free_port()
+        self.ports.append(port)
+        return port
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("wb") as log:
@@ -135,6 +143,22 @@ class Processes:
                     break
                 except subprocess.TimeoutExpired:
                     continue
+        self._stop_detached()
+
+    def _stop_detached(self) -> None:
+        """Stop what the SuperLink and SuperNodes started in sessions of their own (ServerApp,
+        ClientApp, SuperExec processes): they name one of this test's ports."""
+        markers = [f"127.0.0.1:{port}" for port in self.ports]
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if any(marker in cmdline for marker in markers):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry.name), signal.SIGKILL)
 
 
 @pytest.fixture
@@ -180,7 +204,7 @@ def test_tls_and_node_auth_deployment_runs_one_round(tiny_data_root, tmp_path, p
     certs = tmp_path / "certs"
     certs.mkdir()
     _write_tls(certs)
-    port = _free_port()
+    port = processes.port()
     superlink = processes.start(
         "superlink",
         [
@@ -222,7 +246,7 @@ def test_tls_and_node_auth_deployment_runs_one_round(tiny_data_root, tmp_path, p
                 "--root-certificates", str(certs / "ca.crt"),
                 "--auth-supernode-private-key", str(private),
                 "--node-config", f'data-path="{tiny_data_root}" hospital-id={hospital}',
-                "--port", str(_free_port()),
+                "--port", str(processes.port()),
             ],
         )  # fmt: skip
 
