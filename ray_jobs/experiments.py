@@ -75,6 +75,14 @@ def _run_config(
 _SAME_RUN_KEYS = ("task", "model", "data", "optim", "loss", "train", "seed")
 
 
+def _agree(trained: Any, wanted: Any) -> bool:
+    """True when two config values agree on every key both have (a key added to the configs
+    after a run trained does not make it differ)."""
+    if isinstance(trained, dict) and isinstance(wanted, dict):
+        return all(_agree(trained[k], wanted[k]) for k in trained.keys() & wanted.keys())
+    return trained == wanted
+
+
 def _finished(run_cfg: DictConfig, run_dir: str) -> dict[str, Any] | None:
     """The ``metrics.json`` of a finished run of this name, or None. A finished run trained with
     other settings (its checkpoint's ``config.json``) is refused, not silently reused."""
@@ -89,7 +97,7 @@ def _finished(run_cfg: DictConfig, run_dir: str) -> dict[str, Any] | None:
     wanted = OmegaConf.to_container(run_cfg, resolve=True)
     for config in (trained, wanted):  # set from the dataset in "features" mode
         config.get("model", {}).pop("feature_dim", None)
-    differ = [k for k in _SAME_RUN_KEYS if trained.get(k) != wanted.get(k)]
+    differ = [k for k in _SAME_RUN_KEYS if not _agree(trained.get(k), wanted.get(k))]
     if differ:
         raise ConfigError(
             f"{run_dir} holds a finished run with other {', '.join(differ)} settings: give the "
