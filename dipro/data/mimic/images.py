@@ -77,7 +77,7 @@ class RegionFeatureExtractor:
     @torch.no_grad()
     def __call__(self, crops: np.ndarray, present: np.ndarray) -> np.ndarray:
         n, r, s, _ = crops.shape
-        flat = torch.from_numpy(np.ascontiguousarray(crops).reshape(n * r, s, s))
+        flat = torch.from_numpy(np.array(crops, np.uint8).reshape(n * r, s, s))  # a writable copy
         out = [
             self.model(flat[start : start + self.chunk].to(self.device)).float().cpu()
             for start in range(0, n * r, self.chunk)
