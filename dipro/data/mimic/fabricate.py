@@ -642,80 +642,17 @@ def _write_mimic_iv(
                 ]
             )
             t += pd.Timedelta(hours=2)
-    mi = tree.mimic_iv
-    _write_csv(
-        mi / "icu" / "icustays.csv",
-        [
-            "subject_id",
-            "hadm_id",
-            "stay_id",
-            "first_careunit",
-            "last_careunit",
-            "intime",
-            "outtime",
-            "los",
-        ],
-        icu_rows,
-        compress,
-    )
-    adm_header = [
-        "subject_id",
-        "hadm_id",
-        "admittime",
-        "dischtime",
-        "deathtime",
-        "admission_type",
-        "admission_location",
-        "discharge_location",
-        "insurance",
-        "language",
-        "marital_status",
+    _write_mimic_iv_tables(
+        tree.mimic_iv,
+        hosp,
         race_col,
-        "edregtime",
-        "edouttime",
-        "hospital_expire_flag",
-    ] + (["admit_provider_id"] if new else [])
-    _write_csv(mi / hosp / "admissions.csv", adm_header, list(adm_rows.values()), compress)
-    _write_csv(
-        mi / hosp / "patients.csv",
-        ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"],
+        new,
+        compress,
+        icu_rows,
+        list(adm_rows.values()),
         list(pat_rows.values()),
-        compress,
-    )
-    care = ["caregiver_id"] if new else []
-    _write_csv(
-        mi / "icu" / "chartevents.csv",
-        [
-            "subject_id",
-            "hadm_id",
-            "stay_id",
-            *care,
-            "charttime",
-            "storetime",
-            "itemid",
-            "value",
-            "valuenum",
-            "valueuom",
-            "warning",
-        ],
         chart_rows,
-        compress,
-    )
-    _write_csv(
-        mi / "icu" / "outputevents.csv",
-        [
-            "subject_id",
-            "hadm_id",
-            "stay_id",
-            *care,
-            "charttime",
-            "storetime",
-            "itemid",
-            "value",
-            "valueuom",
-        ],
         out_rows,
-        compress,
     )
 
 
@@ -1158,7 +1095,35 @@ def _write_cohort_mimic_iv(
                     0,
                 ]
             )
-    mi = tree.mimic_iv
+    _write_mimic_iv_tables(
+        tree.mimic_iv,
+        "hosp",
+        "race",
+        new,
+        compress,
+        icu_rows,
+        adm_rows,
+        pat_rows,
+        chart_rows,
+        out_rows,
+    )
+
+
+def _write_mimic_iv_tables(
+    mi: Path,
+    hosp: str,
+    race_col: str,
+    new: bool,
+    compress: bool,
+    icu_rows: list[list[object]],
+    adm_rows: list[list[object]],
+    pat_rows: list[list[object]],
+    chart_rows: list[list[object]],
+    out_rows: list[list[object]],
+) -> None:
+    """The MIMIC-IV tables the preprocessing reads, with the 2.2/3.x columns when ``new``."""
+    extra = ["caregiver_id"] if new else []
+    event_keys = ["subject_id", "hadm_id", "stay_id", *extra, "charttime", "storetime", "itemid"]
     _write_csv(
         mi / "icu" / "icustays.csv",
         [
@@ -1175,7 +1140,7 @@ def _write_cohort_mimic_iv(
         compress,
     )
     _write_csv(
-        mi / "hosp" / "admissions.csv",
+        mi / hosp / "admissions.csv",
         [
             "subject_id",
             "hadm_id",
@@ -1188,52 +1153,27 @@ def _write_cohort_mimic_iv(
             "insurance",
             "language",
             "marital_status",
-            "race",
+            race_col,
             "edregtime",
             "edouttime",
             "hospital_expire_flag",
-        ]
-        + (["admit_provider_id"] if new else []),
+            *(["admit_provider_id"] if new else []),
+        ],
         adm_rows,
         compress,
     )
     _write_csv(
-        mi / "hosp" / "patients.csv",
+        mi / hosp / "patients.csv",
         ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"],
         pat_rows,
         compress,
     )
     _write_csv(
         mi / "icu" / "chartevents.csv",
-        [
-            "subject_id",
-            "hadm_id",
-            "stay_id",
-            *(["caregiver_id"] if new else []),
-            "charttime",
-            "storetime",
-            "itemid",
-            "value",
-            "valuenum",
-            "valueuom",
-            "warning",
-        ],
+        [*event_keys, "value", "valuenum", "valueuom", "warning"],
         chart_rows,
         compress,
     )
     _write_csv(
-        mi / "icu" / "outputevents.csv",
-        [
-            "subject_id",
-            "hadm_id",
-            "stay_id",
-            *(["caregiver_id"] if new else []),
-            "charttime",
-            "storetime",
-            "itemid",
-            "value",
-            "valueuom",
-        ],
-        out_rows,
-        compress,
+        mi / "icu" / "outputevents.csv", [*event_keys, "value", "valueuom"], out_rows, compress
     )
