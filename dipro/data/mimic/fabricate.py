@@ -39,7 +39,7 @@ import pandas as pd
 from PIL import Image
 
 from dipro import vocab
-from dipro.data.mimic.readers import image_path
+from dipro.data.mimic.readers import GOLD_COLUMNS, image_path
 
 REAL_CXR_FILE = "RG1_UNCR.dcm"
 _BOXES: dict[str, tuple[float, float, float, float]] = {
@@ -80,6 +80,22 @@ EXPECTED_COUNTS: dict[str, int] = {
     "samples_mortality": 7,
     "samples_length_of_stay": 7,
 }
+
+# mimic-cxr-2.0.0-metadata.csv, in the published column order (MIMIC_FORMATS.md).
+CXR_METADATA_COLUMNS = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+]
 
 
 @dataclass
@@ -423,20 +439,7 @@ def _write_cxr(
         img.pixels = pixels
     _write_csv(
         tree.mimic_cxr / "mimic-cxr-2.0.0-metadata.csv",
-        [
-            "dicom_id",
-            "subject_id",
-            "study_id",
-            "PerformedProcedureStepDescription",
-            "ViewPosition",
-            "Rows",
-            "Columns",
-            "StudyDate",
-            "StudyTime",
-            "ProcedureCodeSequence_CodeMeaning",
-            "ViewCodeSequence_CodeMeaning",
-            "PatientOrientationCodeSequence_CodeMeaning",
-        ],
+        CXR_METADATA_COLUMNS,
         meta_rows,
         compress,
     )
@@ -535,23 +538,6 @@ def _write_imagenome(tree: RawTree, images: list[tuple[_Stay, _Image]], r5: _Sta
     current, previous = tree.gold_pair
     region, finding, _ = tree.gold_label
     tree.gold_file.parent.mkdir(parents=True, exist_ok=True)
-    columns = [
-        "patient_id",
-        "relationship_id",
-        "subject_id",
-        "object_id",
-        "bbox",
-        "comparison",
-        "attribute",
-        "sentence",
-        "bbox_coord_224_subject",
-        "bbox_coord_224_object",
-        "bbox_coord_original_subject",
-        "bbox_coord_original_object",
-        "label_name",
-        "current_image_id",
-        "previous_image_id",
-    ]
     rows = [
         [
             r5.subject_id,
@@ -573,7 +559,7 @@ def _write_imagenome(tree: RawTree, images: list[tuple[_Stay, _Image]], r5: _Sta
     ]
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
-    writer.writerow(columns)
+    writer.writerow(GOLD_COLUMNS)
     writer.writerows(rows)
     tree.gold_file.write_text(buffer.getvalue())
 
@@ -938,20 +924,7 @@ def _write_cohort_cxr(
         (tree.scene_graph_dir / f"{img.dicom_id}_SceneGraph.json").write_text(json.dumps(graph))
     _write_csv(
         tree.mimic_cxr / "mimic-cxr-2.0.0-metadata.csv",
-        [
-            "dicom_id",
-            "subject_id",
-            "study_id",
-            "PerformedProcedureStepDescription",
-            "ViewPosition",
-            "Rows",
-            "Columns",
-            "StudyDate",
-            "StudyTime",
-            "ProcedureCodeSequence_CodeMeaning",
-            "ViewCodeSequence_CodeMeaning",
-            "PatientOrientationCodeSequence_CodeMeaning",
-        ],
+        CXR_METADATA_COLUMNS,
         meta_rows,
         compress,
     )
@@ -961,25 +934,7 @@ def _write_gold(tree: RawTree, subject_id: int, img: _Image) -> None:
     tree.gold_file.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
-    writer.writerow(
-        [
-            "patient_id",
-            "relationship_id",
-            "subject_id",
-            "object_id",
-            "bbox",
-            "comparison",
-            "attribute",
-            "sentence",
-            "bbox_coord_224_subject",
-            "bbox_coord_224_object",
-            "bbox_coord_original_subject",
-            "bbox_coord_original_object",
-            "label_name",
-            "current_image_id",
-            "previous_image_id",
-        ]
-    )
+    writer.writerow(GOLD_COLUMNS)
     for n, (region, finding, comparison) in enumerate(img.labels):
         writer.writerow(
             [
