@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dipro import vocab
+from dipro.config import FEDERATED_SCHEMA, ConfigError, validate
 from dipro.data.shards import Manifest, read_manifest
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -26,10 +26,6 @@ SITE_CONFIG_KEY = "dipro-config"
 ROUND_OFFSET_KEY = "round-offset"
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 _SITE_SECTIONS = ("seed", "task", "model", "loss", "optim", "train", "federated", "data")
-
-
-class ConfigError(ValueError):
-    """A federated configuration that cannot run; raised before any site is contacted."""
 
 
 def compose_config(overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -46,25 +42,14 @@ def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
 
 
 def check_config(cfg: Mapping[str, Any]) -> Manifest:
-    """Validate the settings and the server's dataset; return the task's manifest there."""
+    """Validate the settings (``dipro.config.FEDERATED_SCHEMA``, ConfigError before any site
+    is contacted) and the server's dataset; return the task's manifest there."""
+    validate(cfg, FEDERATED_SCHEMA)
     task = cfg["task"]["name"]
-    if task not in vocab.TASKS:
-        raise ConfigError(f"task.name={task!r} is not one of {', '.join(vocab.TASKS)}")
-    fed = cfg["federated"]
-    for key in ("num_rounds", "local_epochs", "min_sites"):
-        if int(fed[key]) < 1:
-            raise ConfigError(f"federated.{key}={fed[key]} must be at least 1")
-    for key in ("fraction_train", "fraction_evaluate"):
-        if not 0.0 <= float(fed[key]) <= 1.0:
-            raise ConfigError(f"federated.{key}={fed[key]} must lie in [0, 1]")
-    if float(fed["fraction_train"]) == 0.0:
-        raise ConfigError("federated.fraction_train=0 would never train")
     if cfg["strategy"]["name"] not in STRATEGIES:
         raise ConfigError(
             f"strategy.name={cfg['strategy']['name']!r} is not one of {', '.join(STRATEGIES)}"
         )
-    if int(cfg["optim"]["batch_size"]) < 1 or float(cfg["optim"]["lr"]) <= 0:
-        raise ConfigError("optim.batch_size must be >= 1 and optim.lr > 0")
     root = cfg["server"]["data_root"]
     try:
         manifest = read_manifest(root, task)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from omegaconf import DictConfig
 
 from dipro import storage
 from dipro.checkpoint import CheckpointError, read_checkpoint
+from dipro.config import EVALUATE_SCHEMA, ConfigError, exit_with_error, validate
 from dipro.data.shards import Manifest, list_shards, read_manifest
 from dipro.evaluation import evaluate_checkpoint
 from dipro.report import ReportSettings, read_epoch_metrics, write_evaluation_report
@@ -185,7 +185,9 @@ def write_run_report(
 
 
 def run_evaluation(cfg: DictConfig) -> Path:
-    """Evaluate ``cfg.checkpoint`` on ``cfg.split`` of ``cfg.data.root``; returns report.md."""
+    """Evaluate ``cfg.checkpoint`` on ``cfg.split`` of ``cfg.data.root``; returns report.md.
+    The settings are checked first (``dipro.config.EVALUATE_SCHEMA``: ConfigError)."""
+    validate(cfg, EVALUATE_SCHEMA)
     report = cfg.report
     return evaluate_to_report(
         cfg.checkpoint,
@@ -208,8 +210,10 @@ def run_evaluation(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     try:
         path = run_evaluation(cfg)
+    except ConfigError as err:
+        exit_with_error("configuration", err)
     except EvaluationError as err:
-        sys.exit(f"evaluation error: {err}")
+        exit_with_error("evaluation", err)
     print(f"report written to {path}")
 
 

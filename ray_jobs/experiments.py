@@ -19,7 +19,6 @@ import json
 import math
 import os
 import posixpath
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,8 +29,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dipro import storage
+from dipro.config import TRAIN_SCHEMA, ConfigError, exit_with_error, validate
 from dipro.report import SummaryRow, summary_table, write_json, write_text
-from ray_jobs.train import ConfigError, run_training
+from ray_jobs.train import run_training
 
 FULL_MODEL = "dipro"
 
@@ -55,7 +55,7 @@ def _run_config(
     cfg: DictConfig, variant: str, seed: int, ablation: Mapping[str, bool]
 ) -> DictConfig:
     """The training config of one run: the study's config with the seed, the run name and the
-    variant's ablation switches set."""
+    variant's ablation switches set, checked (``dipro.config.TRAIN_SCHEMA``)."""
     run = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in _STUDY_KEYS])
     OmegaConf.set_struct(run, False)
     run.seed = int(seed)
@@ -66,8 +66,12 @@ def _run_config(
                 f"ablations.{variant}: model.ablation has no switch {key!r} "
                 f"(switches: {', '.join(run.model.ablation)})"
             )
-        run.model.ablation[key] = bool(value)
+        run.model.ablation[key] = value
     OmegaConf.set_struct(run, True)
+    try:
+        validate(run, TRAIN_SCHEMA)
+    except ConfigError as err:
+        raise ConfigError(f"ablations.{variant}: {err}") from err
     return run
 
 
@@ -199,6 +203,8 @@ def _write_study(
 def run_seeds(cfg: DictConfig) -> Path:
     """Train and test DiPro (as configured) over ``cfg.seeds``; write ``seeds.md`` and
     ``seeds.json`` (mean ± std table in the paper's layout); returns the markdown path."""
+    for seed in cfg.seeds:
+        _run_config(cfg, FULL_MODEL, int(seed), {})
     records = [train_run(cfg, FULL_MODEL, int(seed), {}) for seed in cfg.seeds]
     rows = [SummaryRow("DiPro (this run)", [r.test for r in records])]
     return _write_study(cfg, "seeds", "DiPro over seeds", rows, records, [])
@@ -229,6 +235,8 @@ def run_ablations(cfg: DictConfig) -> Path:
         for name in (FULL_MODEL, *(v for v in variants if v != FULL_MODEL))
         if name == FULL_MODEL or not _is_no_op(task, ablations[name])
     ]
+    for name in trained:  # every variant is checked before the first one trains
+        _run_config(cfg, name, int(cfg.seeds[0]), ablations[name])
     # Seeds outermost: a study stopped halfway has every variant for its first seeds.
     records = [
         train_run(cfg, name, int(seed), ablations[name]) for seed in cfg.seeds for name in trained
@@ -262,7 +270,7 @@ def main(cfg: DictConfig) -> None:
     try:
         path = run_experiment(cfg)
     except ConfigError as err:
-        sys.exit(f"configuration error: {err}")
+        exit_with_error("configuration", err)
     print(f"table written to {path}")
 
 

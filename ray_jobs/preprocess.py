@@ -1,6 +1,8 @@
 """Raw MIMIC tree -> shards of the three tasks: ``python -m ray_jobs.preprocess [overrides]``.
 
-The work is ``run_preprocess`` (ray_jobs/preprocess_pipeline.py); this only composes the config.
+The work is ``run_preprocess`` (ray_jobs/preprocess_pipeline.py); this only composes the config
+and turns a bad setting or a bad raw file into one line and exit status 2: ``configuration
+error: ...`` or ``preprocessing error: FILE, record R, field 'F': ...``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from dipro.config import ConfigError, exit_with_error
+from dipro.data.mimic.readers import RawDataError
+from dipro.data.schema import SchemaError
 from ray_jobs.preprocess_pipeline import run_preprocess
 
 __all__ = ["main", "run_preprocess"]
@@ -18,7 +23,12 @@ __all__ = ["main", "run_preprocess"]
 @hydra.main(version_base="1.3", config_path="../configs", config_name="preprocess")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_preprocess(cfg)
+    try:
+        run_preprocess(cfg)
+    except ConfigError as err:
+        exit_with_error("configuration", err)
+    except (RawDataError, SchemaError, FileNotFoundError, FileExistsError) as err:
+        exit_with_error("preprocessing", err)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from dipro import vocab
+from dipro.config import PREPROCESS_SCHEMA, validate
 from dipro.data.mimic.build import PreparedCohort, RawPaths, SampleSpec, prepare_samples
 from dipro.data.mimic.cohort import CohortRules
 from dipro.data.mimic.images import RegionFeatureExtractor, crop_regions
@@ -84,7 +85,12 @@ class _CropBatch:
                     int(cols),
                 )
             except (OSError, ValueError) as err:
-                raise RawDataError(f"cannot decode or crop the image ({err})", path=path) from err
+                raise RawDataError(
+                    f"cannot decode or crop the image ({err})",
+                    path=path,
+                    record=f"dicom_id={Path(path).stem}",
+                    field="JPEG",
+                ) from err
             crops.append(c)
             present.append(p)
         return {"index": batch["index"], "values": np.stack(crops), "present": np.stack(present)}
@@ -243,22 +249,39 @@ def _records(
         yield {**spec.record, **cache.region_fields(spec.dicom_ids, settings)}
 
 
+def raw_data_cause(err: BaseException) -> RawDataError | None:
+    """The RawDataError behind an error of a Ray Data stage (Ray wraps what a UDF raises, and
+    its message carries the remote traceback), or None."""
+    seen: set[int] = set()
+    found = None
+    stack: list[BaseException | None] = [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if type(current) is RawDataError:
+            found = current
+        stack += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return found
+
+
 def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
     """Turn the raw tree named by ``cfg.raw`` into shards under ``cfg.output_root``.
 
     Returns each task's manifest. Starts Ray in-process (``cfg.ray``) unless already running.
+    The settings (``dipro.config.PREPROCESS_SCHEMA``: ConfigError) and the raw roots are checked
+    before any work. A raw file that cannot be read raises RawDataError naming the file, the
+    record and the field, also when it fails inside a Ray Data stage.
     """
     import ray
 
+    validate(cfg, PREPROCESS_SCHEMA)
     paths = RawPaths.from_config(cfg.raw)
+    paths.check()
     rules = CohortRules(**OmegaConf.to_container(cfg.cohort, resolve=True))
     settings = RegionSettings(**OmegaConf.to_container(cfg.regions, resolve=True))
-    if settings.mode not in ("crops", "features"):
-        raise ValueError(f"regions.mode={settings.mode!r}; expected 'crops' or 'features'")
     tasks = list(cfg.tasks)
-    for task in tasks:
-        if task not in vocab.TASKS:
-            raise ValueError(f"unknown task {task!r} in tasks; expected some of {vocab.TASKS}")
     output_root = Path(cfg.output_root)
     existing = [t for t in tasks if (output_root / t / "manifest.json").exists()]
     if existing and not cfg.overwrite:
@@ -276,7 +299,13 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
     )
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False)
-    cache = build_region_cache(prepared, settings, output_root / "_cache")
+    try:
+        cache = build_region_cache(prepared, settings, output_root / "_cache")
+    except Exception as err:
+        raw = raw_data_cause(err)
+        if raw is None:
+            raise
+        raise raw from None
     generator = {
         "name": "mimic",
         "cohort_counts": prepared.counts.stages,

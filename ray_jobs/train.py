@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 
 import hydra
@@ -21,16 +20,13 @@ import ray.train
 from omegaconf import DictConfig, OmegaConf
 from ray.train.torch import TorchTrainer
 
-from dipro import storage, vocab
+from dipro import storage
+from dipro.config import TRAIN_SCHEMA, ConfigError, exit_with_error, validate
 from dipro.data.shards import Manifest, list_shards, read_manifest
 from dipro.evaluation import evaluate_checkpoint
 from dipro.losses import ClassWeights
 from ray_jobs.data import read_split
 from ray_jobs.worker import CHECKPOINT_FILE, EPOCH_METRICS_FILE, run_dir, train_loop_per_worker
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; raised before any worker starts."""
 
 
 @dataclass(frozen=True)
@@ -46,21 +42,12 @@ class TrainingResult:
 def check_config(cfg: DictConfig) -> Manifest:
     """Validate the settings and the dataset; return the task's manifest.
 
-    Raises ConfigError with one clear line: unknown task, no dataset at the shard path, a
-    dataset whose region mode differs from the model's, num_workers < 1, ...
+    Raises ConfigError with one clear line: a value of the wrong type or range
+    (``dipro.config.TRAIN_SCHEMA``), no dataset at the shard path, a dataset whose region mode
+    differs from the model's, ...
     """
+    validate(cfg, TRAIN_SCHEMA)
     task = cfg.task.name
-    if task not in vocab.TASKS:
-        raise ConfigError(f"task.name={task!r} is not one of {', '.join(vocab.TASKS)}")
-    if int(cfg.scaling.num_workers) < 1:
-        raise ConfigError(f"scaling.num_workers={cfg.scaling.num_workers} must be at least 1")
-    for key in ("max_epochs", "accumulation_steps", "eval_batch_size"):
-        if int(cfg.train[key]) < 1:
-            raise ConfigError(f"train.{key}={cfg.train[key]} must be at least 1")
-    if int(cfg.optim.batch_size) < 1 or float(cfg.optim.lr) <= 0:
-        raise ConfigError("optim.batch_size must be >= 1 and optim.lr > 0")
-    if cfg.task.monitor_mode not in ("max", "min"):
-        raise ConfigError(f"task.monitor_mode={cfg.task.monitor_mode!r} is not max or min")
     if cfg.scaling.get("require_remote_storage"):
         for key, value in (("storage_path", cfg.storage_path), ("data.root", cfg.data.root)):
             try:
@@ -220,7 +207,7 @@ def main(cfg: DictConfig) -> None:
     try:
         result = run_training(cfg)
     except ConfigError as err:
-        sys.exit(f"configuration error: {err}")
+        exit_with_error("configuration", err)
     print(json.dumps({"run_dir": result.run_dir, "test": result.test_metrics}, indent=2))
 
 

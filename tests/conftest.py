@@ -31,3 +31,44 @@ def tiny_dataset(
     root = tmp_path_factory.mktemp("tiny_dataset")
     write_synthetic_dataset(tiny_synthetic_config, root)
     return root
+
+
+def _checksums(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def tree_checksums():
+    """``tree_checksums(root)``: sha256 of every file under ``root`` by relative path (compare
+    before and after a failing command: nothing already written may change)."""
+    return _checksums
+
+
+@pytest.fixture
+def entrypoint(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """``entrypoint(module, *overrides) -> (exit code, stderr lines)``: run ``python -m module
+    overrides...`` as a user does (the module as ``__main__``, its ``@hydra.main`` parsing the
+    command line), in this process, from ``tmp_path``."""
+    import runpy
+    import sys
+
+    def run(module: str, *overrides: str) -> tuple[int, list[str]]:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "argv", [module, *overrides])
+        monkeypatch.delitem(sys.modules, module, raising=False)
+        capsys.readouterr()
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        err = capsys.readouterr().err
+        return code, [line for line in err.splitlines() if line.strip()]
+
+    return run

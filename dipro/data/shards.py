@@ -14,7 +14,9 @@ Atomicity: a dataset is written whole into a hidden sibling directory ``{root}/.
 validated, then renamed to ``{root}/{task}``. Replacing an existing dataset (``overwrite=True``)
 renames the old one away, renames the new one in and deletes the old one, so a reader sees the
 old dataset or the new one, never a mix; a failed write deletes its temporary directory and
-leaves any previous dataset untouched. On object stores, which cannot rename directories, files
+leaves any previous dataset untouched. The temporary directory is named
+``.{task}.tmp-{host}-{pid}-{random}``: one left by a process of this host that no longer runs (a
+killed writer) is deleted by the next write of the task. On object stores, which cannot rename directories, files
 are copied into place with the manifest last (after the old manifest is deleted), so readers that
 go through the manifest (:func:`list_shards`) never see a partial dataset.
 
@@ -28,6 +30,7 @@ import hashlib
 import json
 import os
 import posixpath
+import socket
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -166,7 +169,8 @@ def write_dataset(
     final = posixpath.join(base, task)
     if _exists(fs, final) and not overwrite:
         raise FileExistsError(_exists_message(root, task))
-    tmp = posixpath.join(base, f".{task}.tmp-{uuid.uuid4().hex}")
+    _remove_stale_tmp(fs, base, task)
+    tmp = posixpath.join(base, f".{task}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex}")
     fs.create_dir(tmp, recursive=True)
     try:
         manifest = _write_all(records, fs, tmp, root, task, rows_per_file, dict(generator or {}))
@@ -474,6 +478,35 @@ def _sorted_counts(counts: Mapping[str, Mapping[str, int]]) -> dict[str, dict[st
         for split in vocab.SPLITS
         if split in counts
     }
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp(fs: pafs.FileSystem, base: str, task: str) -> None:
+    """Delete the temporary directories of ``task`` left by writers of this host that no longer
+    run (a writer killed before its ``finally``); those of live or other hosts' writers stay."""
+    if not _exists(fs, base):
+        return
+    prefix = f".{task}.tmp-{_host()}-"
+    for info in fs.get_file_info(pafs.FileSelector(base)):
+        name = info.base_name
+        if info.type != pafs.FileType.Directory or not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            fs.delete_dir(info.path)
 
 
 def _exists(fs: pafs.FileSystem, path: str) -> bool:

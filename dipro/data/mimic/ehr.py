@@ -72,7 +72,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from dipro import vocab
-from dipro.data.mimic.readers import RawDataError
+from dipro.data.mimic.readers import READ_ERRORS, RawDataError, locate_csv_error
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,10 @@ def stream_events(
     for GCS items, or ``value`` for outputevents).
     """
     stats = stats if stats is not None else StreamStats()
-    header = pd.read_csv(path, nrows=0).columns.tolist()
+    try:
+        header = pd.read_csv(path, nrows=0).columns.tolist()
+    except READ_ERRORS as err:
+        raise locate_csv_error(path, err) from err
     needed = ["stay_id", "charttime", "itemid", "value"]
     missing = [c for c in needed if c not in header]
     if missing:
@@ -250,17 +253,19 @@ def _csv_blocks(
     """
     opener = gzip.open if path.suffix == ".gz" else open
     read_options = pacsv.ReadOptions(column_names=header)
-    with opener(path, "rb") as handle:
-        handle.readline()
-        while block := handle.read(block_size):
-            if not block.endswith(b"\n"):
-                block += handle.readline()
-            try:
-                yield pacsv.read_csv(
+    types = {"stay_id": int, "itemid": int, "valuenum": float}
+    try:
+        with opener(path, "rb") as handle:
+            handle.readline()
+            while block := handle.read(block_size):
+                if not block.endswith(b"\n"):
+                    block += handle.readline()
+                table = pacsv.read_csv(
                     pa.BufferReader(block), read_options=read_options, convert_options=convert
                 )
-            except pa.ArrowInvalid as err:
-                raise RawDataError(f"cannot parse a block: {err}", path=path) from err
+                yield table
+    except (pa.ArrowInvalid, *READ_ERRORS) as err:
+        raise locate_csv_error(path, err, dtype=types) from err
 
 
 def _numeric_values(frame: pd.DataFrame, path: Path, has_valuenum: bool) -> pd.DataFrame:

@@ -10,7 +10,9 @@ accepted. Nothing here writes to the raw tree.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,74 @@ def find_table(root: Path, candidates: list[str]) -> Path:
     raise FileNotFoundError(f"{root}: none of {tried} exists")
 
 
+# What reading a damaged CSV[.gz] raises: a truncated or corrupt gzip stream, bytes that are not
+# UTF-8, a value that does not convert to the column's type, a malformed line.
+READ_ERRORS = (EOFError, OSError, zlib.error, UnicodeDecodeError, ValueError)
+_KEY_COLUMNS = ("subject_id", "stay_id", "hadm_id", "dicom_id")
+
+
+def _converts(value: str, dtype: Any) -> bool:
+    if value == "" or dtype in (str, "str", "string", object):
+        return True
+    try:
+        (float if dtype in (float, "float", "float64") else int)(value)
+    except ValueError:
+        return False
+    return True
+
+
+def locate_csv_error(
+    path: Path, err: BaseException, *, sep: str = ",", dtype: dict[str, Any] | None = None
+) -> RawDataError:
+    """The RawDataError of a CSV[.gz] that failed to read with ``err``: the file is read again
+    line by line to name the first bad line (with its subject/stay/dicom id), and the column of
+    bytes that are not UTF-8 or of a value that is not of the column's ``dtype``."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    header: list[str] | None = None
+    line_no = 0
+    try:
+        with opener(path, "rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                    bad_bytes = None
+                except UnicodeDecodeError as bad:
+                    text, bad_bytes = raw.decode("latin-1"), bad
+                row = next(csv.reader([text], delimiter=sep), [])
+                if header is None:
+                    header = [c.strip() for c in row]
+                    if bad_bytes is None:
+                        continue
+                cells = dict(zip(header, row, strict=False))
+                keys = ", ".join(f"{k}={cells[k]}" for k in _KEY_COLUMNS if cells.get(k))
+                record = f"line {line_no}" + (f" ({keys})" if keys else "")
+                if bad_bytes is not None:
+                    column = next((c for c, v in cells.items() if not v.isascii()), "")
+                    return RawDataError(
+                        f"bytes that are not UTF-8 ({bad_bytes.reason}): the file must be "
+                        "UTF-8 encoded",
+                        path=path,
+                        record=record,
+                        field=column,
+                    )
+                for column, kind in (dtype or {}).items():
+                    value = cells.get(column, "")
+                    if not _converts(value, kind):
+                        return RawDataError(
+                            f"{value!r} is not a valid {getattr(kind, '__name__', kind)} value",
+                            path=path,
+                            record=record,
+                            field=column,
+                        )
+    except (EOFError, OSError, zlib.error) as broken:
+        return RawDataError(
+            f"the file is truncated or corrupt ({broken}); the last whole line is {line_no}",
+            path=path,
+            record=f"line {line_no + 1}",
+        )
+    return RawDataError(f"cannot read the file ({' '.join(str(err).split())})", path=path)
+
+
 def read_csv(
     path: Path,
     required: list[str],
@@ -56,7 +126,10 @@ def read_csv(
 
     ``renames`` maps alternative column names of older versions to the current ones.
     """
-    header = pd.read_csv(path, nrows=0, sep=sep).columns.tolist()
+    try:
+        header = pd.read_csv(path, nrows=0, sep=sep).columns.tolist()
+    except READ_ERRORS as err:
+        raise locate_csv_error(path, err, sep=sep) from err
     renames = {old: new for old, new in (renames or {}).items() if old in header}
     present = {renames.get(c, c) for c in header}
     missing = [c for c in required if c not in present]
@@ -65,13 +138,13 @@ def read_csv(
             f"missing column(s) {missing}; found {header}", path=path, field=missing[0]
         )
     wanted = [c for c in header if renames.get(c, c) in required]
-    frame = pd.read_csv(
-        path,
-        usecols=wanted,
-        sep=sep,
-        dtype={k: v for k, v in (dtype or {}).items() if k in wanted},
-        keep_default_na=True,
-    ).rename(columns=renames)
+    types = {k: v for k, v in (dtype or {}).items() if k in wanted}
+    try:
+        frame = pd.read_csv(
+            path, usecols=wanted, sep=sep, dtype=types, keep_default_na=True
+        ).rename(columns=renames)
+    except READ_ERRORS as err:
+        raise locate_csv_error(path, err, sep=sep, dtype=types) from err
     for col in parse_dates or []:
         parsed = pd.to_datetime(frame[col], format="%Y-%m-%d %H:%M:%S", errors="coerce")
         bad = parsed.isna() & frame[col].notna()
@@ -230,10 +303,20 @@ def read_scene_graph(path: Path) -> SceneGraph:
     c in worsened/improved/no change; each of its ``category|yes|<finding>`` attributes whose
     finding is in vocab.FINDINGS (after FINDING_ALIASES) gives one RegionComparison.
     """
+    record = path.name.removesuffix("_SceneGraph.json")
     try:
-        graph = json.loads(path.read_text())
+        graph = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise RawDataError(f"bytes that are not UTF-8 ({err.reason})", path=path) from err
     except json.JSONDecodeError as err:
-        raise RawDataError(f"not valid JSON ({err})", path=path) from err
+        raise RawDataError(f"not valid JSON ({err})", path=path, record=record) from err
+    if not isinstance(graph, dict):
+        raise RawDataError(
+            f"a scene graph is a JSON object, this file holds a {type(graph).__name__}",
+            path=path,
+            record=record,
+            field="(top level)",
+        )
     dicom_id = str(graph.get("image_id", path.name.removesuffix("_SceneGraph.json")))
     boxes: dict[str, tuple[float, float, float, float]] = {}
     for obj in graph.get("objects", []):

@@ -1,0 +1,122 @@
+"""The typed config check (dipro.config) at the entrypoints: one ``configuration error:`` line
+naming the key, exit status 2, before Ray starts and before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from hydra import compose, initialize_config_dir
+
+from dipro.config import (
+    EVALUATE_SCHEMA,
+    FEDERATED_SCHEMA,
+    PREPROCESS_SCHEMA,
+    TRAIN_SCHEMA,
+    ConfigError,
+    validate,
+)
+from ray_jobs.train import CHECKPOINT_FILE
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+_SCHEMAS = {
+    "train": TRAIN_SCHEMA,
+    "tune": TRAIN_SCHEMA,
+    "experiments": TRAIN_SCHEMA,
+    "demo": TRAIN_SCHEMA,
+    "evaluate": EVALUATE_SCHEMA,
+    "preprocess": PREPROCESS_SCHEMA,
+    "federated": FEDERATED_SCHEMA,
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        *((name, []) for name in ("tune", "experiments", "demo", "federated")),
+        *(("train", [f"task={t}"]) for t in ("disease_progression", "mortality", "length_of_stay")),
+        ("evaluate", ["checkpoint=model.pt"]),
+        ("preprocess", [f"raw.{k}=/raw" for k in ("mimic_iv", "mimic_cxr", "scene_graph_dir")]),
+    ],
+)
+def test_every_shipped_config_passes_its_schema(name, overrides):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(name, overrides=overrides)
+    validate(cfg, _SCHEMAS[name])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.ablation.ehr=off", "model.ablation.ehr='off' is not a boolean"),
+        ("optim.lr=abc", "optim.lr='abc' is not a number"),
+        ("optim.lr=nan", "optim.lr=nan is not a finite number"),
+        ("model.d_model=65", "model.d_model=65 is not a multiple of model.num_heads=8"),
+        ("train.max_epochs=two", "train.max_epochs='two' is not an integer"),
+        ("+model.ablation.no_such_switch=false", "model.ablation.no_such_switch is not a known"),
+    ],
+)
+def test_train_refuses_a_mistyped_setting_before_ray(
+    entrypoint, tree_checksums, tiny_dataset, tmp_path, override, message
+):
+    runs = tmp_path / "runs"
+    before = tree_checksums(tiny_dataset)
+    code, lines = entrypoint(
+        "ray_jobs.train", f"data.root={tiny_dataset}", f"storage_path={runs}", override
+    )
+    assert code == 2
+    assert lines == [f"configuration error: {lines[0].removeprefix('configuration error: ')}"]
+    assert message in lines[0]
+    assert not ray.is_initialized()
+    assert not runs.exists() and tree_checksums(tiny_dataset) == before
+
+
+def test_ablation_study_checks_every_variant_before_training(
+    entrypoint, tree_checksums, tiny_dataset, tmp_path
+):
+    runs = tmp_path / "runs"
+    before = tree_checksums(tiny_dataset)
+    code, lines = entrypoint(
+        "ray_jobs.experiments",
+        "mode=ablations",
+        f"data.root={tiny_dataset}",
+        f"storage_path={runs}",
+        "ablations.cxr_only.ablation.ehr=off",  # the last variant but one
+    )
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("configuration error: ablations.cxr_only: model.ablation.ehr=")
+    assert not ray.is_initialized()
+    assert not runs.exists() and tree_checksums(tiny_dataset) == before
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("split=valid", "split='valid' is not one of 'train' | 'val' | 'test'"),
+        ("batch_size=0", "batch_size=0 must be at least 1"),
+        pytest.param(
+            "device=cuda",
+            "device=cuda, but this machine has no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there"),
+        ),
+    ],
+)
+def test_evaluate_refuses_bad_settings(entrypoint, tree_checksums, tmp_path, override, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CHECKPOINT_FILE).write_bytes(b"a checkpoint that must not be read")
+    before = tree_checksums(run)
+    code, lines = entrypoint("ray_jobs.evaluate", f"checkpoint={run / CHECKPOINT_FILE}", override)
+    assert code == 2
+    assert lines == [f"configuration error: {message}" + lines[0].split(message, 1)[-1]]
+    assert tree_checksums(run) == before
+
+
+def test_a_closed_section_names_the_unknown_key():
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["+model.ablation.fusion=false"])
+    with pytest.raises(ConfigError, match=r"model\.ablation\.fusion is not a known setting"):
+        validate(cfg, TRAIN_SCHEMA)
