@@ -66,13 +66,17 @@ class RegionSettings:
 
 
 class _CropBatch:
-    """map_batches UDF: decode each JPEG once, crop and resize all its regions."""
+    """map_batches UDF: decode each JPEG once, crop and resize all its regions.
+
+    An image that cannot be decoded or cropped is not raised here (Ray would bury it in a remote
+    traceback): its crops are blank and its ``error`` says why; the driver raises on it."""
 
     def __init__(self, crop_size: int) -> None:
         self.crop_size = crop_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        crops, present = [], []
+        crops, present, errors = [], [], []
+        blank = np.zeros((vocab.NUM_REGIONS, self.crop_size, self.crop_size), np.uint8)
         for path, boxes, rows, cols in zip(
             batch["path"], batch["boxes"], batch["rows"], batch["columns"], strict=True
         ):
@@ -84,16 +88,19 @@ class _CropBatch:
                     int(rows),
                     int(cols),
                 )
+                error = ""
             except (OSError, ValueError) as err:
-                raise RawDataError(
-                    f"cannot decode or crop the image ({err})",
-                    path=path,
-                    record=f"dicom_id={Path(path).stem}",
-                    field="JPEG",
-                ) from err
+                c, p = blank, np.zeros(vocab.NUM_REGIONS, np.bool_)
+                error = " ".join(str(err).split()) or type(err).__name__
             crops.append(c)
             present.append(p)
-        return {"index": batch["index"], "values": np.stack(crops), "present": np.stack(present)}
+            errors.append(error)
+        return {
+            "index": batch["index"],
+            "values": np.stack(crops),
+            "present": np.stack(present),
+            "error": np.array(errors, dtype=object),
+        }
 
 
 class _FeatureBatch:
@@ -104,7 +111,12 @@ class _FeatureBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feats = self.extractor(batch["values"], batch["present"])
-        return {"index": batch["index"], "values": feats, "present": batch["present"]}
+        return {
+            "index": batch["index"],
+            "values": feats,
+            "present": batch["present"],
+            "error": batch["error"],
+        }
 
 
 @dataclass
@@ -213,6 +225,17 @@ def build_region_cache(
     values = present = None
     done, next_report = 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        failed = [(int(i), e) for i, e in zip(batch["index"], batch["error"], strict=True) if e]
+        if failed:
+            for temp in tmp.values():
+                temp.unlink(missing_ok=True)
+            row = items.iloc[failed[0][0]]
+            raise RawDataError(
+                f"cannot decode or crop the image ({failed[0][1]})",
+                path=row.path,
+                record=f"dicom_id={row.dicom_id}",
+                field="JPEG",
+            )
         if values is None:
             shape = (n, *batch["values"].shape[1:])
             values = np.lib.format.open_memmap(tmp[values_path], "w+", batch["values"].dtype, shape)
@@ -249,30 +272,13 @@ def _records(
         yield {**spec.record, **cache.region_fields(spec.dicom_ids, settings)}
 
 
-def raw_data_cause(err: BaseException) -> RawDataError | None:
-    """The RawDataError behind an error of a Ray Data stage (Ray wraps what a UDF raises, and
-    its message carries the remote traceback), or None."""
-    seen: set[int] = set()
-    found = None
-    stack: list[BaseException | None] = [err]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if type(current) is RawDataError:
-            found = current
-        stack += [getattr(current, "cause", None), current.__cause__, current.__context__]
-    return found
-
-
 def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
     """Turn the raw tree named by ``cfg.raw`` into shards under ``cfg.output_root``.
 
     Returns each task's manifest. Starts Ray in-process (``cfg.ray``) unless already running.
     The settings (``dipro.config.PREPROCESS_SCHEMA``: ConfigError) and the raw roots are checked
     before any work. A raw file that cannot be read raises RawDataError naming the file, the
-    record and the field, also when it fails inside a Ray Data stage.
+    record and the field (an image that fails in the Ray Data stage included).
     """
     import ray
 
@@ -299,13 +305,7 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
     )
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False)
-    try:
-        cache = build_region_cache(prepared, settings, output_root / "_cache")
-    except Exception as err:
-        raw = raw_data_cause(err)
-        if raw is None:
-            raise
-        raise raw from None
+    cache = build_region_cache(prepared, settings, output_root / "_cache")
     generator = {
         "name": "mimic",
         "cohort_counts": prepared.counts.stages,

@@ -179,3 +179,45 @@ def test_config_rows_per_file_reaches_the_shards(tmp_path: Path) -> None:
     cfg = SyntheticConfig(seed=4, num_patients=10, image_size=32, crop_size=4, rows_per_file=3)
     manifest = write_synthetic_dataset(cfg, tmp_path, tasks=("mortality",))["mortality"]
     assert manifest.rows_per_file == 3 and manifest.generator["seed"] == 4
+
+
+_SLOW_WRITER = """
+import sys, time
+from dipro.data.shards import write_dataset
+from dipro.data.synthetic import SyntheticConfig, cohort_records, simulate_cohort
+
+cohort = simulate_cohort(SyntheticConfig(seed=7, num_patients=24, image_size=64, crop_size=16))
+
+def records():
+    for i, record in enumerate(cohort_records(cohort, "mortality")):
+        if i == 3:
+            time.sleep(600)  # killed here, its temporary directory half written
+        yield record
+
+write_dataset(records(), sys.argv[1], "mortality", rows_per_file=1)
+"""
+
+
+def test_a_killed_writer_leaves_a_temporary_directory_the_next_write_removes(
+    tmp_path: Path, tiny_cohort: Cohort
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    writer = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(tmp_path)], env=env)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".mortality.tmp-*/split=*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    (stale,) = tmp_path.glob(".mortality.tmp-*")
+    live = tmp_path / f".mortality.tmp-{stale.name.split('-')[1]}-{os.getpid()}-0"
+    live.mkdir()  # a writer of this host that still runs (this process)
+
+    write_dataset(_records(tiny_cohort), tmp_path, "mortality", rows_per_file=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["mortality", live.name])
+    verify_checksums(tmp_path, "mortality")
