@@ -220,3 +220,30 @@ def load_checkpoint(
         extra=training.get("extra") or {},
     )
     return model, meta
+
+
+def check_matches(
+    payload: Mapping[str, Any],
+    where: str,
+    *,
+    task: str,
+    norm_stats: NormStats | None = None,
+    region_mode: str | None = None,
+) -> None:
+    """Raise CheckpointError when the checkpoint (``read_checkpoint``'s dict) is of another
+    task, was trained on data with other normalisation statistics than ``norm_stats`` (the
+    training split of the data it is used with), or reads another region mode."""
+    if payload["task"] != task:
+        raise CheckpointError(f"{where}: a {payload['task']} checkpoint, not a {task} one")
+    stored = payload["training"].get("norm_stats")
+    if norm_stats is not None:
+        if stored is None:
+            raise CheckpointError(f"{where}: carries no normalisation statistics")
+        if NormStats.from_dict(stored).to_dict() != norm_stats.to_dict():
+            raise CheckpointError(
+                f"{where}: trained on data with other normalisation statistics than this "
+                "dataset's training split (the data changed since, or it is another dataset)"
+            )
+    mode = payload["model_cfg"].get("region_mode")
+    if region_mode is not None and mode != region_mode:
+        raise CheckpointError(f"{where}: the model reads {mode}, the data store {region_mode}")

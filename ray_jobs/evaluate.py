@@ -25,7 +25,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dipro import storage
-from dipro.checkpoint import CheckpointError, read_checkpoint
+from dipro.checkpoint import CheckpointError, check_matches, read_checkpoint
 from dipro.config import EVALUATE_SCHEMA, ConfigError, exit_with_error, validate
 from dipro.data.shards import Manifest, list_shards, read_manifest
 from dipro.evaluation import evaluate_checkpoint
@@ -109,9 +109,16 @@ def evaluate_to_report(
     ckpt = resolve_checkpoint(checkpoint)
     context = run_context(ckpt)
     try:
-        task = read_checkpoint(ckpt)["task"]
+        payload = read_checkpoint(ckpt)
     except CheckpointError as err:
         raise EvaluationError(str(err)) from err
+    task = payload["task"]
+    run_task = (context.config or {}).get("task", {}).get("name", task)
+    if run_task != task:
+        raise EvaluationError(
+            f"{ckpt}: a {task} checkpoint in the directory of a {run_task} run "
+            f"({context.run_dir}): its config and learning curves are not this model's"
+        )
     manifest, train_root = _training_manifest(context.config, task)
     if data_root is None:
         if train_root is None:
@@ -119,15 +126,37 @@ def evaluate_to_report(
                 f"no data.root given and no run config next to {ckpt} to take it from"
             )
         data_root = train_root
+    # The data it was trained on must still be that data; other data is scored with the
+    # training statistics the checkpoint carries.
+    own_data = manifest is not None and os.fspath(data_root) == os.fspath(train_root)
     try:
+        eval_manifest = read_manifest(data_root, task)
         paths = list_shards(data_root, task, split)
-    except FileNotFoundError as err:
+        check_matches(
+            payload,
+            ckpt,
+            task=task,
+            norm_stats=manifest.norm() if own_data else None,
+            region_mode=eval_manifest.region_mode,
+        )
+    except (FileNotFoundError, CheckpointError) as err:
         raise EvaluationError(str(err)) from err
+    if payload["training"].get("norm_stats") is None:
+        raise EvaluationError(
+            f"{ckpt}: carries no normalisation statistics, so its inputs cannot be normalised "
+            "as in training"
+        )
     if not paths:
         raise EvaluationError(f"the {task} dataset under {data_root} has no {split} shards")
-    result = evaluate_checkpoint(ckpt, paths, batch_size=batch_size, device=device, amp_dtype=amp)
     log = epoch_metrics or context.epoch_metrics
     epochs = read_epoch_metrics(log) if log else None
+    logged = {e["task"] for e in epochs or [] if "task" in e}
+    if logged - {task}:
+        raise EvaluationError(
+            f"epoch_metrics={log} logs a {', '.join(sorted(logged))} run, the checkpoint is "
+            f"a {task} model"
+        )
+    result = evaluate_checkpoint(ckpt, paths, batch_size=batch_size, device=device, amp_dtype=amp)
     task_cfg = (context.config or {}).get("task", {})
     if out_dir is None:
         base = context.run_dir or posixpath.dirname(ckpt)

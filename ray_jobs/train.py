@@ -12,6 +12,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import hydra
 import ray
@@ -20,13 +21,20 @@ import ray.train
 from omegaconf import DictConfig, OmegaConf
 from ray.train.torch import TorchTrainer
 
+from dipro import checkpoint as ckpt_io
 from dipro import storage
 from dipro.config import TRAIN_SCHEMA, ConfigError, exit_with_error, validate
 from dipro.data.shards import Manifest, list_shards, read_manifest
 from dipro.evaluation import evaluate_checkpoint
 from dipro.losses import ClassWeights
 from ray_jobs.data import read_split
-from ray_jobs.worker import CHECKPOINT_FILE, EPOCH_METRICS_FILE, run_dir, train_loop_per_worker
+from ray_jobs.worker import (
+    CHECKPOINT_FILE,
+    EPOCH_METRICS_FILE,
+    run_checkpoints,
+    run_dir,
+    train_loop_per_worker,
+)
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,31 @@ def check_config(cfg: DictConfig) -> Manifest:
     for split in ("train", "val"):
         if manifest.num_samples(split) == 0:
             raise ConfigError(f"the {task} dataset under {cfg.data.root} has no {split} samples")
+    _check_resumable(cfg, manifest)
     return manifest
+
+
+def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
+    """A run of this name that exists must be of this task and trained on this data (its
+    newest loadable checkpoint's task, region mode and normalisation statistics)."""
+    for uri in run_checkpoints(OmegaConf.to_container(cfg, resolve=True)):
+        try:
+            payload = ckpt_io.read_checkpoint(uri)
+        except ckpt_io.CheckpointError:
+            continue  # the worker skips it and says so
+        try:
+            ckpt_io.check_matches(
+                payload,
+                uri,
+                task=cfg.task.name,
+                norm_stats=manifest.norm(),
+                region_mode=manifest.region_mode,
+            )
+        except ckpt_io.CheckpointError as err:
+            raise ConfigError(
+                f"run_name={cfg.run_name} exists and cannot be resumed with this config: {err}"
+            ) from err
+        return
 
 
 def _steps_per_epoch(cfg: DictConfig, manifest: Manifest) -> int:
@@ -175,15 +207,35 @@ def _test_metrics(cfg: DictConfig, checkpoint_uri: str) -> dict[str, float] | No
     )
 
 
+def _best_loadable(
+    cfg: DictConfig, kept: list[tuple[ray.train.Checkpoint, dict[str, Any]]]
+) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
+    """The best kept checkpoint on ``task.monitor`` whose file loads (a damaged one, skipped
+    on resume, may still hold the best score)."""
+    monitor, sign = cfg.task.monitor, 1.0 if cfg.task.monitor_mode == "max" else -1.0
+
+    def score(pair: tuple[ray.train.Checkpoint, dict[str, Any]]) -> float:
+        value = float(pair[1].get(monitor, math.nan))
+        return -math.inf if math.isnan(value) else sign * value
+
+    ranked = sorted(kept, key=score, reverse=True)
+    for checkpoint, metrics in ranked:
+        uri = _checkpoint_uri(cfg, checkpoint.path)
+        try:
+            ckpt_io.read_checkpoint(uri)
+        except ckpt_io.CheckpointError as err:
+            print(f"[{cfg.task.name}] best checkpoint: skipped {err}", flush=True)
+            continue
+        return checkpoint, metrics
+    raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint that loads")
+
+
 def run_training(cfg: DictConfig) -> TrainingResult:
     """Train (or resume) ``cfg.run_name``; evaluate its best checkpoint on the test split."""
     manifest = check_config(cfg)
     ensure_ray(cfg)
     result = build_trainer(cfg, manifest).fit()
-    best = result.get_best_checkpoint(cfg.task.monitor, cfg.task.monitor_mode)
-    if best is None:
-        raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint")
-    best_val = next(m for c, m in result.best_checkpoints if c.path == best.path)
+    best, best_val = _best_loadable(cfg, result.best_checkpoints)
     checkpoint_uri = _checkpoint_uri(cfg, best.path)
     test_metrics = _test_metrics(cfg, checkpoint_uri) if cfg.train.evaluate_test else None
     out = {

@@ -9,18 +9,22 @@ Early stopping is decided on the gathered metrics, so every rank stops at the sa
 Resume: a worker group started on an existing run (a restart after a failure, or the same run
 name started again) gets the latest checkpoint from ``ray.train.get_checkpoint`` and continues
 with the next epoch: model, optimizer, scheduler, early-stopping state and epoch all come back.
+A checkpoint that does not load (truncated, corrupt) is skipped for the newest older one of the
+run that does, and rank 0 says which one was skipped and why.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import posixpath
 import resource
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -48,6 +52,52 @@ class InjectedFault(RuntimeError):
 def run_dir(cfg: dict[str, Any]) -> str:
     """Where Ray Train keeps this run: ``{storage_path}/{run_name}``."""
     return storage.join(cfg["storage_path"], cfg["run_name"])
+
+
+def run_checkpoints(cfg: dict[str, Any]) -> list[str]:
+    """The ``model.pt`` of each of the run's checkpoint directories, newest first (Ray Train
+    names them ``checkpoint_{timestamp}``)."""
+    fs, base = storage.resolve_filesystem(run_dir(cfg))
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    names = sorted(
+        (
+            info.base_name
+            for info in fs.get_file_info(pafs.FileSelector(base))
+            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+        ),
+        reverse=True,
+    )
+    return [storage.join(run_dir(cfg), name, CHECKPOINT_FILE) for name in names]
+
+
+def _restore(
+    cfg: dict[str, Any], model: torch.nn.Module, latest: ray.train.Checkpoint, rank: int
+) -> dict[str, Any]:
+    """The payload of the newest checkpoint that loads into ``model``, not newer than Ray's
+    ``latest``; the ones skipped are named with their error (rank 0)."""
+    latest_name = posixpath.basename(latest.path.rstrip("/"))
+    candidates = [
+        uri
+        for uri in run_checkpoints(cfg)
+        if posixpath.basename(posixpath.dirname(uri)) <= latest_name
+    ]
+    errors = []
+    for uri in candidates:
+        try:
+            payload = ckpt_io.read_checkpoint(uri)
+            ckpt_io.load_weights(model, payload["weights"], uri)
+        except ckpt_io.CheckpointError as err:
+            errors.append(str(err))
+            if rank == 0:
+                print(f"[{cfg['task']['name']}] resume: skipped {err}", flush=True)
+            continue
+        if rank == 0 and errors:
+            print(f"[{cfg['task']['name']}] resume: from {uri}", flush=True)
+        return payload
+    raise ckpt_io.CheckpointError(
+        f"run {cfg['run_name']}: no checkpoint loads ({'; '.join(errors) or 'none found'})"
+    )
 
 
 def _gather(value: Any) -> list[Any]:
@@ -126,10 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch, best, bad_epochs = 1, None, 0
     restored = ray.train.get_checkpoint()
     if restored is not None:
-        with restored.as_directory() as directory:
-            path = Path(directory) / CHECKPOINT_FILE
-            payload = ckpt_io.read_checkpoint(path)
-            ckpt_io.load_weights(model, payload["weights"], str(path))
+        payload = _restore(cfg, model, restored, rank)
         state = payload["training"]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -222,6 +269,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     cfg,
                     {
                         **metrics,
+                        "task": task,
                         "worker_nodes": [g[3] for g in gathered],
                         "worker_max_rss_mb": [round(g[4], 1) for g in gathered],
                     },

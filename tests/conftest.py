@@ -51,10 +51,11 @@ def tree_checksums():
 
 
 @pytest.fixture
-def entrypoint(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def entrypoint(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """``entrypoint(module, *overrides) -> (exit code, stderr lines)``: run ``python -m module
     overrides...`` as a user does (the module as ``__main__``, its ``@hydra.main`` parsing the
-    command line), in this process, from ``tmp_path``."""
+    command line), in this process, from ``tmp_path``. ``entrypoint.stdout`` is what it (and
+    the Ray workers it started) printed."""
     import runpy
     import sys
 
@@ -62,13 +63,16 @@ def entrypoint(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPat
         monkeypatch.chdir(tmp_path)
         monkeypatch.setattr(sys, "argv", [module, *overrides])
         monkeypatch.delitem(sys.modules, module, raising=False)
-        capsys.readouterr()
+        capfd.readouterr()
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
-        err = capsys.readouterr().err
+        out, err = capfd.readouterr()
+        run.stdout = out
         return code, [line for line in err.splitlines() if line.strip()]
+
+    run.stdout = ""
 
     return run
