@@ -271,6 +271,7 @@ FEDERATED: dict[str, Spec] = {
     "federated.fraction_evaluate": Float(ge=0.0, le=1.0),
     "federated.min_sites": Int(min=1),
     "federated.min_report_count": Int(min=1),
+    "federated.site_log_dir": Str(nullable=True),
     "federated.wait_for_sites_s": Float(gt=0.0),
     "federated.round_timeout_s": Float(gt=0.0),
     "federated.device": Choice(("cpu", "cuda")),

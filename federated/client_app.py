@@ -9,23 +9,119 @@ site's normalisation statistics and class weights stay at the site.
 
 With the server's DP wrapper on, the server asks for clipping and Flower's ``fixedclipping_mod``
 clips the update (new weights minus the global weights) to the asked L2 norm before it leaves.
+
+A site that fails keeps the error: the full traceback goes to the site's own log
+(``site_log_path``) and the reply is a Flower error whose reason is only
+``site failed: {category}`` (``FAILURE_CATEGORIES``), never a path, an id or an exception text.
+A site with fewer than ``federated.min_report_count`` examples to train or evaluate on sends no
+metrics and no weights: it replies ``site failed: too-few-examples`` and the round goes on
+without it (its metrics would be those of a handful of patients).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import os
+import traceback
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
 
+import pyarrow as pa
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from dipro.checkpoint import CheckpointError
+from dipro.config import ConfigError
+from dipro.data.schema import SchemaError
 from federated.config import read_site_config
-from federated.site import evaluate_site, model_from_state, site_of, train_site
+from federated.site import (
+    InjectedSiteFault,
+    SiteConfigError,
+    evaluate_site,
+    model_from_state,
+    site_of,
+    train_site,
+)
 
 app = ClientApp()
+logger = logging.getLogger("dipro.site")
+
+# What a failing site tells the server: the category only (docs/federated.md).
+FAILURE_CATEGORIES: Final[dict[str, int]] = {
+    "site-data": 1,  # its shards are missing, unreadable or fail validation
+    "site-config": 2,  # its node config or the run's settings do not fit its data or model
+    "too-few-examples": 3,  # fewer than federated.min_report_count examples
+    "injected-fault": 4,  # federated.fail_at (tests)
+    "site-error": 5,  # anything else
+}
+
+
+class TooFewExamples(RuntimeError):
+    """Fewer examples than ``federated.min_report_count``: nothing is reported."""
+
+
+def failure_category(err: BaseException) -> str:
+    """The category of a site's error (the only thing about it the server learns)."""
+    if isinstance(err, TooFewExamples):
+        return "too-few-examples"
+    if isinstance(err, InjectedSiteFault):
+        return "injected-fault"
+    if isinstance(err, SiteConfigError | ConfigError | CheckpointError):
+        return "site-config"
+    if isinstance(err, SchemaError | OSError | pa.ArrowException | ValueError | KeyError):
+        return "site-data"
+    return "site-error"
+
+
+def site_log_path(node_config: Mapping[str, Any], cfg: Mapping[str, Any] | None) -> Path | None:
+    """The site's own log: the node config's ``log-path`` (a deployment), else
+    ``{federated.site_log_dir}/site-{partition-id}.log`` (a simulation), else None (the
+    SuperNode's own stderr)."""
+    if "log-path" in node_config:
+        return Path(str(node_config["log-path"]))
+    log_dir = (cfg or {}).get("federated", {}).get("site_log_dir")
+    if log_dir and "partition-id" in node_config:
+        return Path(log_dir) / f"site-{int(node_config['partition-id'])}.log"
+    return None
+
+
+def _failed(
+    msg: Message, context: Context, cfg: Mapping[str, Any] | None, what: str, err: Exception
+) -> Message:
+    """Log ``err`` (being handled) in full at the site; reply with its category only."""
+    category = failure_category(err)
+    text = traceback.format_exc()
+    path = site_log_path(context.node_config, cfg)
+    if path is None:
+        logger.error("site failed to %s (%s):\n%s", what, category, text)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        with path.open("a") as log:
+            log.write(f"{stamp} pid {os.getpid()} failed to {what} ({category}):\n{text}\n")
+    error = Error(code=FAILURE_CATEGORIES[category], reason=f"site failed: {category}")
+    return Message(error=error, reply_to=msg)
+
+
+def _contained(msg: Message, context: Context, what: str, work: Callable[..., Message]) -> Message:
+    cfg = None
+    try:
+        cfg, server_round = read_site_config(msg.content["config"])
+        return work(cfg, server_round)
+    except Exception as err:
+        return _failed(msg, context, cfg, what, err)
+
+
+def _enough(cfg: Mapping[str, Any], samples: float) -> None:
+    minimum = int(cfg["federated"].get("min_report_count", 1))
+    if samples < minimum:
+        raise TooFewExamples(f"{int(samples)} examples, below federated.min_report_count")
 
 
 def clip_update_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -59,33 +155,46 @@ def _trained_state(
 @app.train(mods=[clip_update_when_asked])
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's shards; reply with its weights and scalars."""
-    config = msg.content["config"]
-    cfg, server_round = read_site_config(config)
-    torch.set_num_threads(int(cfg["federated"]["threads"]))
-    site = site_of(context.node_config, cfg)
-    state = msg.content["arrays"].to_torch_state_dict()
-    model = model_from_state(cfg, state, f"the global model of round {server_round}")
-    stats = train_site(
-        model, site, cfg, server_round=server_round, prox_mu=float(config.get("proximal-mu", 0.0))
-    )
-    metrics = {"num-examples": int(stats["samples"]), **_scalars(stats, "train-")}
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(_trained_state(model, state)),
-            "metrics": MetricRecord(metrics),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+
+    def work(cfg: Mapping[str, Any], server_round: int) -> Message:
+        config = msg.content["config"]
+        torch.set_num_threads(int(cfg["federated"]["threads"]))
+        site = site_of(context.node_config, cfg)
+        state = msg.content["arrays"].to_torch_state_dict()
+        model = model_from_state(cfg, state, f"the global model of round {server_round}")
+        stats = train_site(
+            model,
+            site,
+            cfg,
+            server_round=server_round,
+            prox_mu=float(config.get("proximal-mu", 0.0)),
+        )
+        _enough(cfg, stats["samples"])
+        metrics = {"num-examples": int(stats["samples"]), **_scalars(stats, "train-")}
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(_trained_state(model, state)),
+                "metrics": MetricRecord(metrics),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    return _contained(msg, context, "train", work)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this site's validation shards; reply with scalars only."""
-    cfg, server_round = read_site_config(msg.content["config"])
-    torch.set_num_threads(int(cfg["federated"]["threads"]))
-    site = site_of(context.node_config, cfg)
-    state = msg.content["arrays"].to_torch_state_dict()
-    model = model_from_state(cfg, state, f"the global model of round {server_round}")
-    values = evaluate_site(model, site, cfg)
-    metrics = {"num-examples": int(values["samples"]), **_scalars(values, "val-")}
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    def work(cfg: Mapping[str, Any], server_round: int) -> Message:
+        torch.set_num_threads(int(cfg["federated"]["threads"]))
+        site = site_of(context.node_config, cfg)
+        _enough(cfg, 0 if not site.val_paths else 1)
+        state = msg.content["arrays"].to_torch_state_dict()
+        model = model_from_state(cfg, state, f"the global model of round {server_round}")
+        values = evaluate_site(model, site, cfg)
+        _enough(cfg, values["samples"])
+        metrics = {"num-examples": int(values["samples"]), **_scalars(values, "val-")}
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return _contained(msg, context, "evaluate", work)

@@ -5,11 +5,19 @@ Flower's ``run_simulation`` starts Ray and calls ``ray.shutdown()`` when it ends
 share a process with another Ray user. The simulated sites are the dataset's first
 ``simulation.num_sites`` hospitals (partition-id i is the i-th hospital). Exit status 0 when the
 run finished, 1 with a ``federated run failed:`` line when it did not.
+
+It dies with its launcher: the kernel sends it SIGKILL when the launcher exits for any reason
+(``PR_SET_PDEATHSIG``; a SIGKILL of the launcher's process group included), and the Ray
+processes it started share its fate (Ray's own parent-death signals), so no orphan ever goes on
+writing the run directory. The launcher's pid is ``DIPRO_LAUNCHER_PID``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -24,6 +32,19 @@ from federated.server import REPORT_FILE
 from federated.server_app import server_app_for
 
 FAILED = "federated run failed:"
+LAUNCHER_PID_ENV = "DIPRO_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher() -> None:
+    """Have the kernel SIGKILL this process when its parent exits (Linux); exit now if the
+    launcher is already gone (it died before this process asked)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher is not None and os.getppid() != int(launcher):
+        os._exit(1)
 
 
 def num_sites(cfg: dict[str, Any]) -> int:
@@ -55,6 +76,7 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 def main(argv: list[str]) -> int:
+    die_with_launcher()
     cfg = json.loads(Path(argv[0]).read_text())
     try:
         simulate(cfg)

@@ -5,10 +5,17 @@ The work is ``run_federated(cfg)``: check the config and the data, then run the 
 ``simulation.timeout_s``, with its output in ``{out_dir}/simulation.log``. Flower's runtime
 dependency installation and telemetry are turned off for it. The ``@hydra.main`` wrapper only
 composes the config and calls it.
+
+One run directory, one writer: the launcher takes an exclusive lock on ``{out_dir}/.lock``
+(holding its pid) before it writes anything, and the simulation inherits it; a second launcher
+on the same ``out_dir`` is refused with ``RunDirectoryInUse`` naming the other process. The
+simulation dies with its launcher (``federated.sim_process.die_with_launcher``), and the lock
+with the last of them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -21,11 +28,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dipro import storage
+from dipro.config import exit_with_error
 from federated.config import ConfigError, check_config
 from federated.server import FederatedResult, read_result
-from federated.sim_process import FAILED
+from federated.sim_process import FAILED, LAUNCHER_PID_ENV
 
 LOG_FILE = "simulation.log"
+LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 _ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -37,6 +46,29 @@ _ENV = {
 
 class FederatedRunError(RuntimeError):
     """The simulation failed or ran out of time; the message says why and where the log is."""
+
+
+class RunDirectoryInUse(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+def lock_run_directory(out_dir: Path) -> int:
+    """An exclusive lock on ``{out_dir}/.lock`` holding this pid; returns its descriptor (the
+    lock lasts while it, or a copy inherited by a child, is open). Raises RunDirectoryInUse
+    naming the holder's pid when another process has it."""
+    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirectoryInUse(
+            f"{out_dir} is in use by process {holder} (a simulation of this run is still "
+            "going); wait for it to end or stop it before starting this run again"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -74,6 +106,14 @@ def run_federated(cfg: DictConfig | dict[str, Any]) -> FederatedResult:
         raise ConfigError("a simulation writes to a local out_dir")
     out_dir = Path(resolved["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_directory(out_dir)
+    try:
+        return _simulate(resolved, out_dir, lock)
+    finally:
+        os.close(lock)
+
+
+def _simulate(resolved: dict[str, Any], out_dir: Path, lock: int) -> FederatedResult:
     config_path = out_dir / CONFIG_FILE
     storage.write_bytes_atomic(
         str(config_path), json.dumps(resolved, indent=2, sort_keys=True).encode()
@@ -86,8 +126,9 @@ def run_federated(cfg: DictConfig | dict[str, Any]) -> FederatedResult:
             [sys.executable, "-m", "federated.sim_process", str(config_path)],
             stdout=sink,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **_ENV},
+            env={**os.environ, **_ENV, LAUNCHER_PID_ENV: str(os.getpid())},
             start_new_session=True,
+            pass_fds=(lock,),
         )
         try:
             code = proc.wait(timeout=timeout)
@@ -110,7 +151,9 @@ def main(cfg: DictConfig) -> None:
     try:
         result = run_federated(cfg)
     except ConfigError as err:
-        sys.exit(f"configuration error: {err}")
+        exit_with_error("configuration", err)
+    except RunDirectoryInUse as err:
+        exit_with_error("run directory", err)
     except FederatedRunError as err:
         sys.exit(str(err))
     print(json.dumps({"out_dir": result.out_dir, "test": result.test_metrics}, indent=2))

@@ -25,6 +25,7 @@ TINY = [
     "optim.batch_size=4",
     "train.accumulation_steps=1",
     "train.eval_batch_size=16",
+    "federated.min_report_count=1",  # tiny sites: a handful of validation samples each
 ]
 
 

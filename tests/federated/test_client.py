@@ -138,8 +138,10 @@ def test_the_injected_fault_fails_only_its_hospital_in_its_round(tiny_data_root,
         "train.max_steps_per_epoch=1",
         "+federated.fail_at={hospital: 1, round: 1}",
     )
-    with pytest.raises(InjectedSiteFault, match="round 1"):
-        app(_message(cfg, _global_model(cfg)), _context(SIM_SITE))
+    failed = app(_message(cfg, _global_model(cfg)), _context(SIM_SITE))
+    assert failed.has_error() and failed.error.reason == "site failed: injected-fault"
+    log = (tmp_path.parent / f"{tmp_path.name}-site-logs" / "site-1.log").read_text()
+    assert f"{InjectedSiteFault.__name__}: injected failure of hospital 1" in log
     other = app(_message(cfg, _global_model(cfg)), _context({"partition-id": 0}))
     assert not other.has_error(), other.error
 

@@ -70,9 +70,12 @@ def test_a_failing_site_is_logged_and_the_round_completes(tiny_data_root, tmp_pa
     (line,) = _rounds(out)[1:]
     assert line["sites"]["sampled"] == 3 and line["sites"]["updated"] == 2
     (failure,) = line["sites"]["failures"]
-    assert "injected failure of hospital 1" in failure["reason"]
+    assert failure["reason"] == "site failed: injected-fault"
     log = (out / "simulation.log").read_text()
-    assert "failed to train" in log and "injected failure of hospital 1" in log
+    assert "failed to train: site failed: injected-fault" in log
+    assert "injected failure of hospital 1" not in log  # the details stay at the site
+    site_log = (tmp_path / "run-site-logs" / "site-1.log").read_text()
+    assert "InjectedSiteFault: injected failure of hospital 1" in site_log
     assert result.rounds == 1 and Path(result.final_checkpoint).exists()
 
 

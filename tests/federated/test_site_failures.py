@@ -1,0 +1,184 @@
+"""What leaves a failing or small site, and one writer per run directory: the real ClientApp
+as the SuperNode calls it, ``python -m federated.simulate`` as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY, compose
+from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from dipro.data.shards import list_shards, read_manifest
+from dipro.model import build_model
+from federated.client_app import FAILURE_CATEGORIES, app
+from federated.config import site_config, train_config_record
+from federated.simulate import lock_run_directory
+
+LEAKS = re.compile(r"subject_id|stay_id|/split=")
+DOCS = REPO / "docs" / "federated.md"
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)
+
+
+def _ask(cfg, partition: int, message_type=MessageType.TRAIN) -> Message:
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], cfg["task"]["name"])
+    config = train_config_record(
+        site_config(cfg, read_manifest(cfg["data"]["root"], "mortality")), 0
+    )
+    config["server-round"] = 1
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
+    msg = Message(content=content, dst_node_id=7, message_type=message_type)
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": partition, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
+    return app(msg, context)
+
+
+def _documented_list(section: str) -> set[str]:
+    """The backquoted names of a ``<!-- section -->`` list in docs/federated.md."""
+    text = DOCS.read_text().split(f"<!-- {section} -->", 1)[1].split("<!-- end -->", 1)[0]
+    return set(re.findall(r"^- `([^`]+)`", text, flags=re.M))
+
+
+def test_a_site_with_a_bad_shard_tells_the_server_only_a_category(
+    tiny_data_root, tmp_path, tree_checksums
+):
+    data = tmp_path / "shards"
+    shutil.copytree(tiny_data_root, data)
+    (bad,) = list_shards(data, "mortality", "train", hospitals=(1,))[:1]
+    Path(bad).write_bytes(b"PAR1 not a parquet file PAR1")
+    before = tree_checksums(data)
+    cfg = compose(data, tmp_path / "run", "train.max_steps_per_epoch=1")
+
+    reply = _ask(cfg, partition=1)
+
+    assert reply.has_error()
+    assert reply.error.reason == "site failed: site-data"
+    assert reply.error.code == FAILURE_CATEGORIES["site-data"]
+    assert not LEAKS.search(reply.error.reason)
+    site_log = (tmp_path / "run-site-logs" / "site-1.log").read_text()
+    assert "Traceback" in site_log and "/split=train/hospital=1/" in site_log
+    assert tree_checksums(data) == before
+    assert set(FAILURE_CATEGORIES) == _documented_list("failure categories")
+
+
+def test_replies_carry_exactly_the_documented_metrics(tiny_data_root, tmp_path):
+    cfg = compose(tiny_data_root, tmp_path / "run", "train.max_steps_per_epoch=1")
+    train = _ask(cfg, partition=0)
+    evaluate = _ask(cfg, partition=0, message_type=MessageType.EVALUATE)
+    assert not train.has_error() and not evaluate.has_error()
+    sent = set(train.content["metrics"]) | set(evaluate.content["metrics"])
+    documented = _documented_list("metrics")
+    assert sent <= documented, sent - documented
+    assert {"num-examples", "train-loss", "val-loss"} <= sent
+    assert set(train.content.array_records) == {"arrays"}
+
+
+def test_a_site_below_the_minimum_count_reports_nothing(tiny_data_root, tmp_path):
+    manifest = read_manifest(tiny_data_root, "mortality")
+    val_rows = manifest.counts["val"].get("0", 0)
+    cfg = compose(tiny_data_root, tmp_path / "run", f"federated.min_report_count={val_rows + 1}")
+    reply = _ask(cfg, partition=0, message_type=MessageType.EVALUATE)
+    assert reply.has_error() and reply.error.reason == "site failed: too-few-examples"
+    assert not reply.has_content()
+
+
+def test_a_second_launcher_on_a_locked_run_directory_is_refused(
+    tiny_data_root, tmp_path, entrypoint, tree_checksums
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "round_metrics.jsonl").write_text('{"round": 0}\n')
+    lock = lock_run_directory(out)  # this process plays the launcher still running
+    before = tree_checksums(out)
+    try:
+        code, lines = entrypoint(
+            "federated.simulate", *compose_args(tiny_data_root, out), "federated.num_rounds=1"
+        )
+    finally:
+        os.close(lock)
+    assert code == 2 and len(lines) == 1
+    assert lines[0] == (
+        f"run directory error: {out} is in use by process {os.getpid()} (a simulation of this "
+        "run is still going); wait for it to end or stop it before starting this run again"
+    )
+    assert tree_checksums(out) == before
+
+
+def compose_args(data_root: Path, out: Path) -> list[str]:
+    return [*TINY, f"data.root={data_root}", f"out_dir={out}"]
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process whose ancestry (or session) leads to ``pid``."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,sid="], capture_output=True, text=True).stdout
+    rows = [tuple(map(int, line.split())) for line in out.splitlines() if line.strip()]
+    found, frontier = set(), {pid}
+    while frontier:
+        found |= frontier
+        frontier = {p for p, pp, _ in rows if pp in frontier} - found
+    sessions = {s for p, _, s in rows if p in found and p != pid}
+    return {p for p, _, s in rows if p in found or s in sessions} - {pid}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_killing_the_launchers_group_stops_the_whole_simulation(tiny_data_root, tmp_path):
+    out = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "federated.simulate",
+            *compose_args(tiny_data_root, out),
+            "federated.num_rounds=20",
+            "simulation.timeout_s=900",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (out / "round_metrics.jsonl").exists():
+        time.sleep(1)
+    simulation = _descendants(launcher.pid)
+    assert simulation, "the simulation never started"
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (alive := _alive(simulation)):
+        time.sleep(0.5)
+    assert not _alive(simulation), f"still running after SIGKILL of the launcher: {alive}"
+
+
+def _alive(pids: set[int]) -> set[int]:
+    live = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().split(") ", 1)[1][0] != "Z":
+                    live.add(pid)
+        except FileNotFoundError:
+            continue
+    return live
