@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 
 from dipro import storage
 from dipro.checkpoint import CheckpointError, read_checkpoint
-from dipro.data.shards import Manifest, list_shards, read_manifest
+from dipro.data.schema import SchemaError
+from dipro.data.shards import ChecksumError, Manifest, list_shards, read_manifest, verify_shards
 from dipro.evaluation import evaluate_checkpoint
 from dipro.report import ReportSettings, read_epoch_metrics, write_evaluation_report
 
@@ -97,9 +98,12 @@ def evaluate_to_report(
     batch_size: int = 32,
     device: str = "cpu",
     amp: str | None = None,
+    verify_checksums: bool = True,
 ) -> Path:
     """Score ``checkpoint`` on the ``split`` shards of ``data_root`` and write the report;
-    returns the path of ``report.md``.
+    returns the path of ``report.md``. The shards are checked first (footers, and their sha256
+    against the manifest unless ``verify_checksums`` is False) and every record is validated as
+    it is read: bad data raises SchemaError or ChecksumError naming the file.
 
     ``data_root`` None: the dataset the model was trained on (from the run's config).
     ``out_dir`` None: ``{run_dir}/report-{split}`` for a Ray Train checkpoint, else
@@ -125,6 +129,7 @@ def evaluate_to_report(
         raise EvaluationError(str(err)) from err
     if not paths:
         raise EvaluationError(f"the {task} dataset under {data_root} has no {split} shards")
+    verify_shards(data_root, task, paths, checksums=verify_checksums)
     result = evaluate_checkpoint(ckpt, paths, batch_size=batch_size, device=device, amp_dtype=amp)
     log = epoch_metrics or context.epoch_metrics
     epochs = read_epoch_metrics(log) if log else None
@@ -201,6 +206,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
         batch_size=int(cfg.batch_size),
         device=cfg.device,
         amp=cfg.amp,
+        verify_checksums=bool(cfg.data.get("verify_checksums", True)),
     )
 
 
@@ -210,6 +216,8 @@ def main(cfg: DictConfig) -> None:
         path = run_evaluation(cfg)
     except EvaluationError as err:
         sys.exit(f"evaluation error: {err}")
+    except (SchemaError, ChecksumError) as err:
+        sys.exit(f"data error: {err}")
     print(f"report written to {path}")
 
 

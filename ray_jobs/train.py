@@ -22,7 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from ray.train.torch import TorchTrainer
 
 from dipro import storage, vocab
-from dipro.data.shards import Manifest, list_shards, read_manifest
+from dipro.data.schema import SchemaError
+from dipro.data.shards import (
+    ChecksumError,
+    Manifest,
+    list_shards,
+    read_manifest,
+    verify_shards,
+)
 from dipro.evaluation import evaluate_checkpoint
 from dipro.losses import ClassWeights
 from ray_jobs.data import read_split
@@ -47,7 +54,10 @@ def check_config(cfg: DictConfig) -> Manifest:
     """Validate the settings and the dataset; return the task's manifest.
 
     Raises ConfigError with one clear line: unknown task, no dataset at the shard path, a
-    dataset whose region mode differs from the model's, num_workers < 1, ...
+    dataset whose region mode differs from the model's, num_workers < 1, ... The shards the run
+    will read are checked too, once per run: their footers against the schema and (unless
+    ``data.verify_checksums=false``) their sha256 against the manifest, raising SchemaError or
+    ChecksumError naming the file.
     """
     task = cfg.task.name
     if task not in vocab.TASKS:
@@ -79,7 +89,33 @@ def check_config(cfg: DictConfig) -> Manifest:
     for split in ("train", "val"):
         if manifest.num_samples(split) == 0:
             raise ConfigError(f"the {task} dataset under {cfg.data.root} has no {split} samples")
+    splits = ("train", "val", "test") if cfg.train.evaluate_test else ("train", "val")
+    verify_shards(
+        cfg.data.root,
+        task,
+        [path for split in splits for path in list_shards(cfg.data.root, task, split)],
+        checksums=bool(cfg.data.get("verify_checksums", True)),
+    )
     return manifest
+
+
+def data_error(err: BaseException) -> SchemaError | ChecksumError | None:
+    """The bad-data error behind ``err``, however deep Ray wrapped it (a data task's error
+    inside a worker's inside the trainer's), or None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (SchemaError, ChecksumError)) and not isinstance(
+            current, ray.exceptions.RayError
+        ):
+            return current
+        todo.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+        todo.extend(getattr(current, "worker_failures", {}).values())
+    return None
 
 
 def _steps_per_epoch(cfg: DictConfig, manifest: Manifest) -> int:
@@ -192,7 +228,13 @@ def run_training(cfg: DictConfig) -> TrainingResult:
     """Train (or resume) ``cfg.run_name``; evaluate its best checkpoint on the test split."""
     manifest = check_config(cfg)
     ensure_ray(cfg)
-    result = build_trainer(cfg, manifest).fit()
+    try:
+        result = build_trainer(cfg, manifest).fit()
+    except Exception as err:
+        bad = data_error(err)
+        if bad is None:
+            raise
+        raise bad from None
     best = result.get_best_checkpoint(cfg.task.monitor, cfg.task.monitor_mode)
     if best is None:
         raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint")
@@ -221,6 +263,8 @@ def main(cfg: DictConfig) -> None:
         result = run_training(cfg)
     except ConfigError as err:
         sys.exit(f"configuration error: {err}")
+    except (SchemaError, ChecksumError) as err:
+        sys.exit(f"data error: {err}")
     print(json.dumps({"run_dir": result.run_dir, "test": result.test_metrics}, indent=2))
 
 
