@@ -1,5 +1,6 @@
 """Evaluation of a checkpoint alone on shards: the model, its normalisation statistics and its
-task all come from the checkpoint; the shards are read with plain pyarrow and the one collate."""
+task all come from the checkpoint; the shards are read (every record validated) with the one
+pyarrow reader of ``dipro.data.shards`` and the one collate."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from dipro.checkpoint import CheckpointMeta, load_checkpoint
 from dipro.data.collate import collate
 from dipro.data.schema import model_columns
-from dipro.data.shards import iter_numpy_batches
+from dipro.data.shards import iter_arrow_batches
 from dipro.engine import evaluate
 from dipro.metrics import Predictions
 
@@ -44,7 +45,7 @@ def evaluate_checkpoint(
     columns = model_columns(meta.model_cfg["region_mode"])
     batches = (
         collate(columns_batch, meta.norm_stats)
-        for columns_batch in iter_numpy_batches(shard_paths, batch_size, columns)
+        for columns_batch in iter_arrow_batches(shard_paths, batch_size, columns)
     )
     metrics, predictions = evaluate(model, batches, device=device, amp_dtype=amp_dtype)
     return EvaluationResult(metrics, predictions, meta)

@@ -19,16 +19,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
 from torch import nn
 
-from dipro import storage
 from dipro.checkpoint import load_weights
 from dipro.data.collate import Batch, collate
 from dipro.data.normalize import NormStats, fit_norm_stats
 from dipro.data.schema import model_columns
-from dipro.data.shards import iter_numpy_batches, list_shards, read_manifest
+from dipro.data.shards import (
+    iter_arrow_batches,
+    list_shards,
+    read_manifest,
+    read_table,
+    verify_shards,
+)
 from dipro.engine import build_optimizer, evaluate, train_epoch
 from dipro.losses import ClassWeights, DiProLoss, LabelCounts, LossWeights
 from dipro.model import build_model
@@ -98,21 +103,24 @@ def site_of(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Site:
     train = tuple(list_shards(root, task, "train", hospitals=hospitals))
     if not train:
         raise SiteConfigError(f"no training shards for hospital {hospitals} under {root}")
+    val = tuple(list_shards(root, task, "val", hospitals=hospitals))
+    verify_shards(
+        root, task, train + val, checksums=bool(cfg["data"].get("verify_checksums", True))
+    )
     return Site(
         root=root,
         task=task,
         hospitals=hospitals,
         train_paths=train,
-        val_paths=tuple(list_shards(root, task, "val", hospitals=hospitals)),
+        val_paths=val,
         norm_stats=fit_norm_stats(_read(path, _NORM_COLUMNS) for path in train),
         class_weights=ClassWeights.from_counts(_label_counts(train)),
         num_train=sum(manifest.counts["train"].get(str(h), 0) for h in hospitals),
     )
 
 
-def _read(path: str, columns: list[str]) -> Any:
-    fs, inner = storage.resolve_filesystem(path)
-    return pq.read_table(inner, filesystem=fs, columns=columns, partitioning=None)
+def _read(path: str, columns: list[str]) -> pa.Table:
+    return read_table([path], columns)  # every record validated before the site fits on it
 
 
 def _label_counts(paths: Sequence[str]) -> LabelCounts:
@@ -130,7 +138,7 @@ def batches(
     shuffle_seed: int | None = None,
 ) -> Iterator[Batch]:
     """The shards as ``Batch`` objects through the one collate (a local shuffle if seeded)."""
-    for columns in iter_numpy_batches(paths, batch_size, model_columns(region_mode), shuffle_seed):
+    for columns in iter_arrow_batches(paths, batch_size, model_columns(region_mode), shuffle_seed):
         yield collate(columns, stats)
 
 

@@ -1,8 +1,12 @@
 """Ray Data pipelines that stream the Parquet shards of one task to Ray Train workers.
 
-Only the columns the model needs are read; rows reach the workers block by block and are padded
-by the project's one collate (``dipro.data.collate``) inside ``iter_torch_batches``. Nothing is
-materialised in the driver.
+The shards' footers (and, once per run, their checksums) are checked by the driver before the
+pipeline is built (``dipro.data.shards.verify_shards``). Each read block is then validated where
+it is read, in the map that follows the Parquet read (``dipro.data.schema.first_fault`` over
+the whole block), and cut to the columns the model needs; a bad record fails its read task with
+a ``SchemaError`` naming its shard file, subject/stay id and field. Blocks stay Arrow tables all
+the way to the worker, where the project's one collate (``dipro.data.collate``) decodes each
+batch at once inside ``iter_torch_batches``. Nothing is materialised in the driver.
 """
 
 from __future__ import annotations
@@ -10,45 +14,71 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
+import pyarrow as pa
 import ray.data
-from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.collate_fn import ArrowBatchCollateFn
 
 from dipro.data.collate import Batch, collate
 from dipro.data.normalize import NormStats
-from dipro.data.schema import model_columns
+from dipro.data.schema import COLUMNS, first_fault, model_columns
 from dipro.data.shards import list_shards
 
+PATH_COLUMN = "path"  # the shard file of each row (``read_parquet(include_paths=True)``)
 
-class RayBatchCollate(NumpyBatchCollateFn):
+
+class RayBatchCollate(ArrowBatchCollateFn):
     """``dipro.data.collate.collate`` in the form ``iter_torch_batches`` accepts.
 
     The returned ``Batch`` is not a plain dict of tensors, so Ray leaves it on the CPU: the
-    engine moves it to the worker's device.
+    engine moves it to the worker's device (non-blocking from pinned memory with
+    ``pin_memory``).
     """
 
-    def __init__(self, norm_stats: Mapping[str, Any]) -> None:
+    def __init__(self, norm_stats: Mapping[str, Any], pin_memory: bool = False) -> None:
         self._stats = NormStats.from_dict(dict(norm_stats))
+        self._pin_memory = pin_memory
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
-        return collate(batch, self._stats)
+    def __call__(self, batch: pa.Table) -> Batch:
+        return collate(batch, self._stats, pin_memory=self._pin_memory)
 
 
-def read_split(root: str, task: str, split: str, region_mode: str) -> ray.data.Dataset:
-    """Lazily read the shards of ``{root}/{task}/split={split}`` listed in the manifest, with the
-    model's columns only.
+def validate_block(block: pa.Table, columns: list[str]) -> pa.Table:
+    """Raise SchemaError (naming the row's shard file) on the block's first bad record; else
+    the block with ``columns`` only."""
+    fault = first_fault(block)
+    if fault is not None:
+        raise fault.error(block.column(PATH_COLUMN)[fault.row].as_py())
+    return block.select(columns)
+
+
+def read_split(
+    root: str, task: str, split: str, region_mode: str, num_blocks: int | None = None
+) -> ray.data.Dataset:
+    """Lazily read and validate the shards of ``{root}/{task}/split={split}`` listed in the
+    manifest; rows keep the model's columns only.
 
     File order is shuffled per epoch for the training split; the hive partition columns are not
-    re-added (the records carry ``split`` and ``hospital`` themselves).
+    re-added (the records carry ``split`` and ``hospital`` themselves). ``num_blocks`` sets the
+    read parallelism (None: one read task per shard file, so that a block is not a handful of
+    rows).
     """
     paths = list_shards(root, task, split)
     if not paths:
         raise FileNotFoundError(f"no {split!r} shards for {task!r} under {root!r}")
-    return ray.data.read_parquet(
+    dataset = ray.data.read_parquet(
         paths,
-        columns=model_columns(region_mode),
+        columns=list(COLUMNS),
+        include_paths=True,
         partitioning=None,
         shuffle="files" if split == "train" else None,
+        override_num_blocks=num_blocks or len(paths),
+    )
+    return dataset.map_batches(
+        validate_block,
+        batch_size=None,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+        fn_kwargs={"columns": model_columns(region_mode)},
     )
 
 
@@ -60,11 +90,12 @@ def iter_batches(
     shuffle_buffer: int | None,
     prefetch_batches: int = 1,
     seed: int | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[Batch]:
     """Iterate a worker's dataset shard as ``Batch`` objects (a local shuffle buffer if set)."""
     yield from shard.iter_torch_batches(
         batch_size=batch_size,
-        collate_fn=RayBatchCollate(norm_stats),
+        collate_fn=RayBatchCollate(norm_stats, pin_memory),
         local_shuffle_buffer_size=shuffle_buffer,
         local_shuffle_seed=seed,
         prefetch_batches=prefetch_batches,

@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 from dipro import storage
 from dipro.checkpoint import CheckpointError, check_matches, read_checkpoint
 from dipro.config import EVALUATE_SCHEMA, ConfigError, exit_with_error, validate
-from dipro.data.shards import Manifest, list_shards, read_manifest
+from dipro.data.schema import SchemaError
+from dipro.data.shards import ChecksumError, Manifest, list_shards, read_manifest, verify_shards
 from dipro.evaluation import evaluate_checkpoint
 from dipro.report import ReportSettings, read_epoch_metrics, write_evaluation_report
 
@@ -97,9 +98,12 @@ def evaluate_to_report(
     batch_size: int = 32,
     device: str = "cpu",
     amp: str | None = None,
+    verify_checksums: bool = True,
 ) -> Path:
     """Score ``checkpoint`` on the ``split`` shards of ``data_root`` and write the report;
-    returns the path of ``report.md``.
+    returns the path of ``report.md``. The shards are checked first (footers, and their sha256
+    against the manifest unless ``verify_checksums`` is False) and every record is validated as
+    it is read: bad data raises SchemaError or ChecksumError naming the file.
 
     ``data_root`` None: the dataset the model was trained on (from the run's config).
     ``out_dir`` None: ``{run_dir}/report-{split}`` for a Ray Train checkpoint, else
@@ -148,6 +152,7 @@ def evaluate_to_report(
         )
     if not paths:
         raise EvaluationError(f"the {task} dataset under {data_root} has no {split} shards")
+    verify_shards(data_root, task, paths, checksums=verify_checksums)
     log = epoch_metrics or context.epoch_metrics
     epochs = read_epoch_metrics(log) if log else None
     logged = {e["task"] for e in epochs or [] if "task" in e}
@@ -232,6 +237,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
         batch_size=int(cfg.batch_size),
         device=cfg.device,
         amp=cfg.amp,
+        verify_checksums=bool(cfg.data.get("verify_checksums", True)),
     )
 
 
@@ -243,6 +249,8 @@ def main(cfg: DictConfig) -> None:
         exit_with_error("configuration", err)
     except EvaluationError as err:
         exit_with_error("evaluation", err)
+    except (SchemaError, ChecksumError) as err:
+        exit_with_error("data", err)
     print(f"report written to {path}")
 
 

@@ -24,7 +24,14 @@ from ray.train.torch import TorchTrainer
 from dipro import checkpoint as ckpt_io
 from dipro import storage
 from dipro.config import TRAIN_SCHEMA, ConfigError, exit_with_error, validate
-from dipro.data.shards import Manifest, list_shards, read_manifest
+from dipro.data.schema import SchemaError
+from dipro.data.shards import (
+    ChecksumError,
+    Manifest,
+    list_shards,
+    read_manifest,
+    verify_shards,
+)
 from dipro.evaluation import evaluate_checkpoint
 from dipro.losses import ClassWeights
 from ray_jobs.data import read_split
@@ -52,7 +59,9 @@ def check_config(cfg: DictConfig) -> Manifest:
 
     Raises ConfigError with one clear line: a value of the wrong type or range
     (``dipro.config.TRAIN_SCHEMA``), no dataset at the shard path, a dataset whose region mode
-    differs from the model's, ...
+    differs from the model's, ... The shards the run will read are checked too, once per run:
+    their footers against the schema and (unless ``data.verify_checksums=false``) their sha256
+    against the manifest, raising SchemaError or ChecksumError naming the file.
     """
     validate(cfg, TRAIN_SCHEMA)
     task = cfg.task.name
@@ -74,6 +83,13 @@ def check_config(cfg: DictConfig) -> Manifest:
     for split in ("train", "val"):
         if manifest.num_samples(split) == 0:
             raise ConfigError(f"the {task} dataset under {cfg.data.root} has no {split} samples")
+    splits = ("train", "val", "test") if cfg.train.evaluate_test else ("train", "val")
+    verify_shards(
+        cfg.data.root,
+        task,
+        [path for split in splits for path in list_shards(cfg.data.root, task, split)],
+        checksums=bool(cfg.data.get("verify_checksums", True)),
+    )
     _check_resumable(cfg, manifest)
     return manifest
 
@@ -99,6 +115,25 @@ def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
                 f"run_name={cfg.run_name} exists and cannot be resumed with this config: {err}"
             ) from err
         return
+
+
+def data_error(err: BaseException) -> SchemaError | ChecksumError | None:
+    """The bad-data error behind ``err``, however deep Ray wrapped it (a data task's error
+    inside a worker's inside the trainer's), or None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (SchemaError, ChecksumError)) and not isinstance(
+            current, ray.exceptions.RayError
+        ):
+            return current
+        todo.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+        todo.extend(getattr(current, "worker_failures", {}).values())
+    return None
 
 
 def _steps_per_epoch(cfg: DictConfig, manifest: Manifest) -> int:
@@ -234,7 +269,13 @@ def run_training(cfg: DictConfig) -> TrainingResult:
     """Train (or resume) ``cfg.run_name``; evaluate its best checkpoint on the test split."""
     manifest = check_config(cfg)
     ensure_ray(cfg)
-    result = build_trainer(cfg, manifest).fit()
+    try:
+        result = build_trainer(cfg, manifest).fit()
+    except Exception as err:
+        bad = data_error(err)
+        if bad is None:
+            raise
+        raise bad from None
     best, best_val = _best_loadable(cfg, result.best_checkpoints)
     checkpoint_uri = _checkpoint_uri(cfg, best.path)
     test_metrics = _test_metrics(cfg, checkpoint_uri) if cfg.train.evaluate_test else None
@@ -260,6 +301,8 @@ def main(cfg: DictConfig) -> None:
         result = run_training(cfg)
     except ConfigError as err:
         exit_with_error("configuration", err)
+    except (SchemaError, ChecksumError) as err:
+        exit_with_error("data", err)
     print(json.dumps({"run_dir": result.run_dir, "test": result.test_metrics}, indent=2))
 
 

@@ -186,6 +186,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start_epoch = max_epochs + 1
 
     patience = train_cfg.get("patience")
+    pin_memory = bool(scaling.get("pin_memory", False)) and device.type == "cuda"
     for epoch in range(start_epoch, max_epochs + 1):
         started = time.monotonic()
         stats = train_epoch(
@@ -197,6 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 shuffle_buffer=scaling.get("local_shuffle_buffer_size"),
                 prefetch_batches=int(scaling.get("prefetch_batches", 1)),
                 seed=int(cfg["seed"]) * 1000 + epoch * 10 + rank,
+                pin_memory=pin_memory,
             ),
             optimizer,
             loss_fn,
@@ -216,6 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 batch_size=int(train_cfg["eval_batch_size"]),
                 norm_stats=config["norm_stats"],
                 shuffle_buffer=None,
+                pin_memory=pin_memory,
             ),
             loss_fn,
             device=device,

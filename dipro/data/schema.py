@@ -33,11 +33,14 @@ dataset. The schema version travels in the Arrow schema metadata under ``dipro.s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dipro import vocab
 
@@ -112,9 +115,17 @@ class SchemaError(ValueError):
             f", field {field!r}" if field else ""
         )
         super().__init__(f"{where}: {message}")
+        self.reason = message
         self.source = source
         self.record = record
         self.field = field
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # Keyword-only parts survive pickling (Ray hands the error from a data task to the driver).
+        return (
+            partial(SchemaError, source=self.source, record=self.record, field=self.field),
+            (self.reason,),
+        )
 
 
 def records_to_table(records: list[Mapping[str, Any]]) -> pa.Table:
@@ -160,112 +171,229 @@ def schema_version_of(schema: pa.Schema, source: str = "<memory>") -> int:
     return version
 
 
-def validate(table: pa.Table, source: str = "<memory>") -> None:
-    """Check every record of ``table`` against the contract; raise SchemaError on the first fault.
-
-    The error names ``source`` (the shard), the record's subject/stay id and the field.
-    """
-    schema_version_of(table.schema, source)
+def validate_schema(schema: pa.Schema, source: str = "<memory>") -> None:
+    """Check a shard's schema (its footer is enough): known version, every column, every type."""
+    schema_version_of(schema, source)
     for f in SCHEMA:
-        if f.name not in table.column_names:
+        if f.name not in schema.names:
             raise SchemaError("missing column", source=source, field=f.name)
-        actual = table.schema.field(f.name).type
+        actual = schema.field(f.name).type
         if actual != f.type:
             raise SchemaError(f"has type {actual}, expected {f.type}", source=source, field=f.name)
-    rows = table.to_pylist()
-    for row in rows:
-        _validate_row(row, source)
 
 
-def _fail(row: Mapping[str, Any], source: str, field: str, message: str) -> SchemaError:
-    return SchemaError(message, source=source, record=_record_id(row), field=field)
+def validate(table: pa.Table, source: str = "<memory>") -> None:
+    """Check ``table``'s schema and every record; raise SchemaError on the first bad record.
+
+    The error names ``source`` (the shard), the record's subject/stay id and the field. The
+    record checks are vectorised over whole columns (see :func:`first_fault`).
+    """
+    validate_schema(table.schema, source)
+    fault = first_fault(table)
+    if fault is not None:
+        raise fault.error(source)
 
 
-def _check_array(
-    row: Mapping[str, Any], source: str, field: str, expected: int, what: str
-) -> np.ndarray:
-    value = row[field]
-    if value is None:
-        raise _fail(row, source, field, "is null")
-    arr = np.asarray(value)
-    if arr.size != expected:
-        raise _fail(row, source, field, f"has {arr.size} values, expected {expected} ({what})")
-    return arr
+@dataclass(frozen=True)
+class Fault:
+    """The first bad record of a table: its row, its subject/stay id, the field and why."""
+
+    row: int
+    record: str
+    field: str
+    message: str
+
+    def error(self, source: str) -> SchemaError:
+        """The fault as a SchemaError naming ``source``."""
+        return SchemaError(self.message, source=source, record=self.record, field=self.field)
 
 
-def _validate_row(row: Mapping[str, Any], source: str) -> None:
+def first_fault(table: pa.Table) -> Fault | None:
+    """The earliest record of ``table`` (whose columns have the SCHEMA types) that breaks the
+    contract, or None. On a record with several faults, the field checked first is named.
+
+    Every check is a numpy/Arrow operation over a whole column (list columns as their flat
+    values and per-row lengths), so a block of rows costs a few passes over its buffers.
+    """
+    n = table.num_rows
+    if n == 0:
+        return None
+    faults = _Faults(table)
     R, K, V, G = vocab.NUM_REGIONS, vocab.NUM_FINDINGS, vocab.NUM_EHR, vocab.NUM_DEMOGRAPHICS
     for name in ("sample_id", "subject_id", "stay_id", "hospital", "split", "task"):
-        if row[name] is None:
-            raise _fail(row, source, name, "is null")
-    if row["split"] not in vocab.SPLITS:
-        raise _fail(row, source, "split", f"{row['split']!r} is not one of {vocab.SPLITS}")
-    task = row["task"]
-    if task not in vocab.TASKS:
-        raise _fail(row, source, "task", f"{task!r} is not one of {vocab.TASKS}")
-
-    times = np.asarray(row["cxr_times"] or [], dtype=np.float64)
-    T = times.size
-    if T < 2:
-        raise _fail(row, source, "cxr_times", f"has {T} CXRs, at least 2 are needed")
-    if not np.all(np.isfinite(times)) or np.any(np.diff(times) <= 0):
-        raise _fail(row, source, "cxr_times", "times are not finite and strictly increasing")
-    P = T - 1
-
-    has_crops, has_features = row["crops"] is not None, row["features"] is not None
-    if has_crops == has_features:
-        raise _fail(row, source, "crops", "exactly one of crops / features must be set")
-    if has_crops:
-        S = row["crop_size"]
-        if S is None or S <= 0:
-            raise _fail(row, source, "crop_size", f"{S!r} is not a positive crop size")
-        if len(row["crops"]) != T * R * S * S:
-            raise _fail(
-                row, source, "crops",
-                f"has {len(row['crops'])} bytes, expected T*R*S*S = {T}*{R}*{S}*{S}",
-            )
-    else:
-        F = row["feature_dim"]
-        if F is None or F <= 0:
-            raise _fail(row, source, "feature_dim", f"{F!r} is not a positive feature size")
-        feats = _check_array(row, source, "features", T * R * F, f"T*R*F = {T}*{R}*{F}")
-        if not np.all(np.isfinite(feats.astype(np.float64))):
-            raise _fail(row, source, "features", "contains NaN or infinite values")
-
-    _check_array(row, source, "region_present", T * R, f"T*R = {T}*{R}")
-
-    ehr_times = np.asarray(row["ehr_times"] or [], dtype=np.float64)
-    L = ehr_times.size
-    if not np.all(np.isfinite(ehr_times)) or np.any(np.diff(ehr_times) <= 0):
-        raise _fail(row, source, "ehr_times", "times are not finite and strictly increasing")
-    values = _check_array(row, source, "ehr_values", L * V, f"L*V = {L}*{V}")
-    if not np.all(np.isfinite(values.astype(np.float64))):
-        raise _fail(row, source, "ehr_values", "contains NaN or infinite values")
-    _check_array(row, source, "ehr_observed", L * V, f"L*V = {L}*{V}")
-    demo = _check_array(row, source, "demographics", G, f"G = {G}")
-    if not np.all(np.isfinite(demo.astype(np.float64))):
-        raise _fail(row, source, "demographics", "contains NaN or infinite values")
-
-    region_labels = _check_array(row, source, "region_labels", P * R * K, f"P*R*K = {P}*{R}*{K}")
-    _check_codes(row, source, "region_labels", region_labels)
-
-    if task == "disease_progression":
-        if T != 2:
-            raise _fail(row, source, "cxr_times", f"a progression sample has 2 CXRs, not {T}")
-        codes = _check_array(row, source, "progression", K, f"K = {K}")
-        _check_codes(row, source, "progression", codes)
-    else:
-        mortality = row["mortality"]
-        if mortality is None or mortality not in (0, 1):
-            raise _fail(row, source, "mortality", f"{mortality!r} is not 0 or 1")
-        los = row["los_days"]
-        if los is None or not np.isfinite(los) or los <= 0:
-            raise _fail(row, source, "los_days", f"{los!r} is not a positive number of days")
-
-
-def _check_codes(row: Mapping[str, Any], source: str, field: str, codes: np.ndarray) -> None:
-    bad = (codes < 0) | (codes > vocab.NOT_MENTIONED)
-    if np.any(bad):
-        raise _fail(
-            row, source, field, f"code {int(codes[bad][0])} is outside 0..{vocab.NOT_MENTIONED}"
+        faults.add(name, _nulls(table, name), lambda r: "is null")
+    for name, allowed in (("split", vocab.SPLITS), ("task", vocab.TASKS)):
+        column = table.column(name)
+        known = pc.is_in(column, value_set=pa.array(allowed)).to_numpy(zero_copy_only=False)
+        faults.add(
+            name, ~known, lambda r, c=column, a=allowed: f"{c[r].as_py()!r} is not one of {a}"
         )
+
+    T = np.maximum(_lengths(table, "cxr_times"), 0)
+    faults.add("cxr_times", T < 2, lambda r: f"has {T[r]} CXRs, at least 2 are needed")
+    faults.add(
+        "cxr_times", _not_increasing(table, "cxr_times"),
+        lambda r: "times are not finite and strictly increasing",
+    )
+    P = np.maximum(T - 1, 0)
+
+    has_crops, has_features = ~_nulls(table, "crops"), ~_nulls(table, "features")
+    faults.add(
+        "crops", has_crops == has_features,
+        lambda r: "exactly one of crops / features must be set",
+    )
+    S = _integers(table, "crop_size")
+    faults.add(
+        "crop_size", has_crops & ~(S > 0),
+        lambda r: f"{table.column('crop_size')[r].as_py()!r} is not a positive crop size",
+    )
+    crop_bytes = pc.binary_length(table.column("crops")).fill_null(0).to_numpy()
+    expected_bytes = T * R * S * S
+    faults.add(
+        "crops", has_crops & (crop_bytes != expected_bytes),
+        lambda r: f"has {crop_bytes[r]} bytes, expected T*R*S*S = {T[r]}*{R}*{S[r]}*{S[r]}",
+    )
+    F = _integers(table, "feature_dim")
+    faults.add(
+        "feature_dim", has_features & ~(F > 0),
+        lambda r: f"{table.column('feature_dim')[r].as_py()!r} is not a positive feature size",
+    )
+    faults.add_size("features", has_features, T * R * F, lambda r: f"T*R*F = {T[r]}*{R}*{F[r]}")
+    faults.add("features", has_features & _not_finite(table, "features"),
+               lambda r: "contains NaN or infinite values")
+
+    faults.add_size("region_present", None, T * R, lambda r: f"T*R = {T[r]}*{R}")
+
+    L = np.maximum(_lengths(table, "ehr_times"), 0)
+    faults.add(
+        "ehr_times", _not_increasing(table, "ehr_times"),
+        lambda r: "times are not finite and strictly increasing",
+    )
+    faults.add_size("ehr_values", None, L * V, lambda r: f"L*V = {L[r]}*{V}")
+    faults.add("ehr_values", _not_finite(table, "ehr_values"),
+               lambda r: "contains NaN or infinite values")
+    faults.add_size("ehr_observed", None, L * V, lambda r: f"L*V = {L[r]}*{V}")
+    faults.add_size("demographics", None, np.full(n, G), lambda r: f"G = {G}")
+    faults.add("demographics", _not_finite(table, "demographics"),
+               lambda r: "contains NaN or infinite values")
+
+    faults.add_size("region_labels", None, P * R * K, lambda r: f"P*R*K = {P[r]}*{R}*{K}")
+    faults.add_codes("region_labels", None)
+
+    progression = (
+        pc.equal(table.column("task"), "disease_progression")
+        .fill_null(False)
+        .to_numpy(zero_copy_only=False)
+    )
+    faults.add(
+        "cxr_times", progression & (T != 2),
+        lambda r: f"a progression sample has 2 CXRs, not {T[r]}",
+    )
+    faults.add_size("progression", progression, np.full(n, K), lambda r: f"K = {K}")
+    faults.add_codes("progression", progression)
+
+    outcome = ~progression & ~_nulls(table, "task")
+    mortality = table.column("mortality")
+    mortality_ok = pc.is_in(mortality, value_set=pa.array([0, 1], pa.int8()))
+    faults.add(
+        "mortality", outcome & ~mortality_ok.to_numpy(zero_copy_only=False),
+        lambda r: f"{mortality[r].as_py()!r} is not 0 or 1",
+    )
+    los = table.column("los_days")
+    los_values = pc.fill_null(los, np.nan).to_numpy().astype(np.float64)
+    faults.add(
+        "los_days", outcome & ~(np.isfinite(los_values) & (los_values > 0)),
+        lambda r: f"{los[r].as_py()!r} is not a positive number of days",
+    )
+    return faults.first
+
+
+class _Faults:
+    """Collects, over column-wise checks, the earliest bad row (ties: the check added first)."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.first: Fault | None = None
+
+    def add(self, field: str, bad: np.ndarray, message: Callable[[int], str]) -> None:
+        if not bad.any():
+            return
+        row = int(np.argmax(bad))
+        if self.first is None or row < self.first.row:
+            subject = self.table.column("subject_id")[row].as_py()
+            stay = self.table.column("stay_id")[row].as_py()
+            self.first = Fault(row, f"subject_id={subject} stay_id={stay}", field, message(row))
+
+    def add_size(
+        self, field: str, rows: np.ndarray | None, expected: np.ndarray,
+        what: Callable[[int], str],
+    ) -> None:
+        """Rows (all, or those of ``rows``) whose list ``field`` is null or of another size."""
+        sizes = _lengths(self.table, field)
+        bad = sizes != expected
+        self.add(
+            field, bad if rows is None else rows & bad,
+            lambda r: "is null" if sizes[r] < 0
+            else f"has {sizes[r]} values, expected {expected[r]} ({what(r)})",
+        )
+
+    def add_codes(self, field: str, rows: np.ndarray | None) -> None:
+        """Rows (all, or those of ``rows``) with a label code outside 0..NOT_MENTIONED."""
+        codes = _flat(self.table, field)
+        bad_at = np.flatnonzero((codes < 0) | (codes > vocab.NOT_MENTIONED))
+        bad = _rows_of(self.table, field, bad_at)
+        self.add(
+            field, bad if rows is None else rows & bad,
+            lambda r: f"code {_first_code_of(self.table, field, r)} is outside "
+            f"0..{vocab.NOT_MENTIONED}",
+        )
+
+
+def _nulls(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).is_null().to_numpy(zero_copy_only=False)
+
+
+def _integers(table: pa.Table, name: str) -> np.ndarray:
+    """A nullable integer column as int64, with 0 where null."""
+    return pc.fill_null(table.column(name), 0).to_numpy().astype(np.int64)
+
+
+def _lengths(table: pa.Table, name: str) -> np.ndarray:
+    """Values per row of a list column, -1 where null."""
+    return pc.fill_null(pc.list_value_length(table.column(name)), -1).to_numpy().astype(np.int64)
+
+
+def _flat(table: pa.Table, name: str) -> np.ndarray:
+    """All values of a list column, row after row (null rows contribute none)."""
+    return pc.list_flatten(table.column(name)).to_numpy()
+
+
+def _rows_of(table: pa.Table, name: str, positions: np.ndarray) -> np.ndarray:
+    """A per-row mask of the rows that hold the flat ``positions`` of list column ``name``."""
+    bad = np.zeros(table.num_rows, bool)
+    if positions.size:
+        ends = np.cumsum(np.maximum(_lengths(table, name), 0))
+        bad[np.searchsorted(ends, positions, side="right")] = True
+    return bad
+
+
+def _not_finite(table: pa.Table, name: str) -> np.ndarray:
+    values = _flat(table, name)
+    return _rows_of(table, name, np.flatnonzero(~np.isfinite(values)))
+
+
+def _not_increasing(table: pa.Table, name: str) -> np.ndarray:
+    """Rows of a list column of times with a non-finite value or a step that is not > 0."""
+    values = _flat(table, name).astype(np.float64)
+    bad_at = list(np.flatnonzero(~np.isfinite(values)))
+    steps = np.diff(values) <= 0
+    starts = np.cumsum(np.maximum(_lengths(table, name), 0))[:-1]
+    starts = starts[(starts > 0) & (starts < values.size)]
+    steps[starts - 1] = False  # the step from one row's last value to the next row's first
+    bad_at.extend(np.flatnonzero(steps) + 1)
+    return _rows_of(table, name, np.asarray(bad_at, np.int64))
+
+
+def _first_code_of(table: pa.Table, name: str, row: int) -> int:
+    codes = np.asarray(table.column(name)[row].as_py())
+    return int(codes[(codes < 0) | (codes > vocab.NOT_MENTIONED)][0])

@@ -34,6 +34,7 @@ import socket
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -51,8 +52,8 @@ from dipro.data.schema import (
     SCHEMA_VERSION,
     SchemaError,
     records_to_table,
-    schema_version_of,
     validate,
+    validate_schema,
 )
 
 MANIFEST_NAME: Final[str] = "manifest.json"
@@ -385,16 +386,76 @@ def list_shards(
     return out
 
 
-def verify_checksums(root: str | os.PathLike[str], task: str) -> None:
-    """Raise ValueError naming every shard whose sha256 differs from the manifest's."""
+class ChecksumError(ValueError):
+    """Shards whose bytes are missing or differ from the sha256 the manifest recorded."""
+
+
+def verify_shards(
+    root: str | os.PathLike[str],
+    task: str,
+    paths: Sequence[str] | None = None,
+    *,
+    checksums: bool = True,
+    threads: int = 8,
+) -> None:
+    """Check shards of ``{root}/{task}`` before a run reads them: each file's footer against the
+    schema (version, columns, types) and, with ``checksums``, its sha256 against the manifest.
+
+    ``paths`` are shards as :func:`list_shards` returns them (all of the manifest's when None).
+    Files are hashed streamed (1 MiB at a time) in ``threads`` parallel threads. A file this
+    process verified before and whose size and modification time are unchanged is not hashed
+    again, so every reader may call this at its first use of a file and a run pays one pass.
+
+    Raises:
+        SchemaError: a footer breaks the schema (naming the file and the field).
+        ChecksumError: naming every file that is missing, unknown to the manifest or altered.
+    """
     manifest = read_manifest(root, task)
-    bad = []
-    for rel, expected in sorted(manifest.files.items()):
-        fs, path = storage.resolve_filesystem(_join(root, task, rel))
-        if not _exists(fs, path) or _sha256(fs, path) != expected:
-            bad.append(rel)
+    by_path = {_join(root, task, rel): digest for rel, digest in manifest.files.items()}
+    wanted = sorted(by_path) if paths is None else [os.fspath(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(wanted)))) as pool:
+        faults = list(
+            pool.map(lambda path: _verify_shard(path, by_path.get(path), checksums), wanted)
+        )
+    bad = [fault for fault in faults if fault]
     if bad:
-        raise ValueError(f"{_join(root, task)}: checksum mismatch or missing file: {bad}")
+        raise ChecksumError(
+            f"{len(bad)} shard(s) of {_join(root, task)} do not match its manifest: "
+            + "; ".join(bad)
+            + " (to read them anyway, knowingly: data.verify_checksums=false)"
+        )
+
+
+def verify_checksums(root: str | os.PathLike[str], task: str) -> None:
+    """Raise ChecksumError naming every shard whose sha256 differs from the manifest's."""
+    verify_shards(root, task)
+
+
+_VERIFIED: dict[str, tuple[str, int | None, Any]] = {}  # path -> (sha256, size, mtime) seen
+
+
+def _verify_shard(path: str, expected: str | None, checksums: bool) -> str:
+    """'' if the shard at ``path`` is sound, else what is wrong with it (schema faults raise)."""
+    if expected is None:
+        return f"{path} is not in the manifest"
+    fs, inner = storage.resolve_filesystem(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        return f"{path} is missing"
+    if checksums and _VERIFIED.get(path) != (expected, info.size, info.mtime):
+        actual = _sha256(fs, inner)
+        if actual != expected:
+            return (
+                f"{path} fails its checksum (sha256 {actual[:16]}..., the manifest's "
+                f"{expected[:16]}...)"
+            )
+        _VERIFIED[path] = (expected, info.size, info.mtime)
+    try:
+        schema = pq.read_schema(inner, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise SchemaError(f"cannot read shard: {err}", source=path) from err
+    validate_schema(schema, path)
+    return ""
 
 
 def read_table(
@@ -411,19 +472,16 @@ def read_table(
     return pa.concat_tables(tables)
 
 
-def iter_numpy_batches(
+def iter_arrow_batches(
     paths: Sequence[str | os.PathLike[str]],
     batch_size: int,
     columns: Sequence[str] | None = None,
     shuffle_seed: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Yield batches as dict[column, np.ndarray] in the form Ray Data hands to a collate.
+) -> Iterator[pa.Table]:
+    """Yield validated batches of ``batch_size`` rows as Arrow tables (the collate's input).
 
-    Scalar columns are typed arrays (integer columns with nulls become float with NaN), list
-    columns object arrays of numpy arrays (None for null), binary columns object arrays of
-    bytes, strings object arrays of str. Shards are read one at a time; with ``shuffle_seed``
-    the shard order and the rows within each shard are shuffled (a local shuffle). The last
-    batch may be smaller.
+    Shards are read (and validated) one at a time; with ``shuffle_seed`` the shard order and
+    the rows within each shard are shuffled (a local shuffle). The last batch may be smaller.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -436,10 +494,26 @@ def iter_numpy_batches(
             table = table.take(pa.array(rng.permutation(table.num_rows)))
         pending = table if pending is None else pa.concat_tables([pending, table])
         while pending.num_rows >= batch_size:
-            yield _to_numpy(pending.slice(0, batch_size))
+            yield pending.slice(0, batch_size)
             pending = pending.slice(batch_size)
     if pending is not None and pending.num_rows:
-        yield _to_numpy(pending)
+        yield pending
+
+
+def iter_numpy_batches(
+    paths: Sequence[str | os.PathLike[str]],
+    batch_size: int,
+    columns: Sequence[str] | None = None,
+    shuffle_seed: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """:func:`iter_arrow_batches` as dict[column, np.ndarray].
+
+    Scalar columns are typed arrays (integer columns with nulls become float with NaN), list
+    columns object arrays of numpy arrays (None for null), binary columns object arrays of
+    bytes, strings object arrays of str.
+    """
+    for table in iter_arrow_batches(paths, batch_size, columns, shuffle_seed):
+        yield _to_numpy(table)
 
 
 def _read_shard(path: str | os.PathLike[str], columns: Sequence[str] | None) -> pa.Table:
@@ -449,7 +523,6 @@ def _read_shard(path: str | os.PathLike[str], columns: Sequence[str] | None) -> 
         table = pq.read_table(inner, filesystem=fs, partitioning=None)
     except (OSError, pa.ArrowInvalid) as err:
         raise SchemaError(f"cannot read shard: {err}", source=source) from err
-    schema_version_of(table.schema, source)
     validate(table, source)
     if columns is None:
         return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dipro.data.schema import SCHEMA, VERSION_KEY, SchemaError, records_to_table, validate
+from dipro.data.schema import (
+    SCHEMA,
+    VERSION_KEY,
+    SchemaError,
+    first_fault,
+    records_to_table,
+    validate,
+)
 from dipro.data.shards import read_table
 from dipro.data.synthetic import Cohort, cohort_records
 
@@ -67,6 +75,27 @@ def _times_backwards(rec: dict[str, Any]) -> None:
     rec["cxr_times"] = rec["cxr_times"][::-1].copy()
 
 
+def _mortality_two(rec: dict[str, Any]) -> None:
+    rec["mortality"] = 2
+
+
+def _progression_five(rec: dict[str, Any]) -> None:
+    rec["progression"] = np.array([0, 1, 2, 3, 5, 0, 1], np.int8)
+
+
+def _short_crop_buffer(rec: dict[str, Any]) -> None:
+    rec["crops"] = rec["crops"].reshape(-1)[:-7]
+
+
+def _nan_ehr(rec: dict[str, Any]) -> None:
+    rec["ehr_values"] = rec["ehr_values"].copy()
+    rec["ehr_values"][-1, -1] = np.nan
+
+
+def _missing_demographic(rec: dict[str, Any]) -> None:
+    rec["demographics"] = rec["demographics"][:-1]
+
+
 BAD_RECORDS: list[tuple[str, str, Callable[[dict[str, Any]], None]]] = [
     ("disease_progression", "ehr_values", _shorter_ehr),
     ("disease_progression", "cxr_times", _one_cxr),
@@ -74,6 +103,11 @@ BAD_RECORDS: list[tuple[str, str, Callable[[dict[str, Any]], None]]] = [
     ("mortality", "region_labels", _bad_region_code),
     ("length_of_stay", "los_days", _nan_label),
     ("mortality", "cxr_times", _times_backwards),
+    ("mortality", "mortality", _mortality_two),
+    ("disease_progression", "progression", _progression_five),
+    ("disease_progression", "crops", _short_crop_buffer),
+    ("length_of_stay", "ehr_values", _nan_ehr),
+    ("mortality", "demographics", _missing_demographic),
 ]
 
 
@@ -96,6 +130,23 @@ def test_bad_record_names_shard_record_and_field(
     assert f"subject_id={bad['subject_id']} stay_id={bad['stay_id']}" in message
     assert repr(field) in message
     assert info.value.field == field
+    assert pickle.loads(pickle.dumps(info.value)).args == info.value.args
+
+
+def test_the_earliest_bad_record_is_named_across_chunks(tiny_cohort: Cohort) -> None:
+    """Column-wise checks still name the first bad row, wherever its chunk and whatever the
+    order of the checks that catch the later rows."""
+    records = _records(tiny_cohort, "mortality", 6)
+    records[2]["cxr_times"] = records[2]["cxr_times"][::-1].copy()
+    records[3]["mortality"] = 2
+    records[5]["los_days"] = -1.0
+    table = pa.concat_tables([records_to_table(records[:3]), records_to_table(records[3:])])
+    assert table.column("cxr_times").num_chunks == 2
+    fault = first_fault(table)
+    assert fault is not None and (fault.row, fault.field) == (2, "cxr_times")
+    assert first_fault(table.slice(3)).field == "mortality"
+    assert first_fault(table.slice(4)).field == "los_days"
+    assert first_fault(table.slice(0, 2)) is None
 
 
 def _write_table(tmp_path: Path, table: pa.Table) -> Path:
