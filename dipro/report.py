@@ -497,8 +497,9 @@ def model_card(
         f"- Checkpoint: `{meta.path}` (format {meta.format_version}, data schema "
         f"{meta.data_schema_version}, epoch {meta.epoch})",
         f"- Architecture: DiPro, backbone {cfg.get('backbone')} on {cfg.get('region_mode')}, "
-        f"d_model {cfg.get('d_model')}, {cfg.get('num_heads')} heads, {cfg.get('num_layers')} "
-        f"EHR layers, {cfg.get('num_groups')} groups",
+        f"d_model {cfg.get('d_model')}, {cfg.get('num_heads')} heads, {cfg.get('ehr_layers')} "
+        f"EHR / {cfg.get('local_fusion_layers')} local fusion layers, "
+        f"{cfg.get('num_groups')} groups",
         f"- Ablations switched off: {', '.join(off) if off else 'none (the full model)'}",
         "- Reference: Liu et al., NeurIPS 2025, arXiv:2510.11112",
         "",

@@ -57,7 +57,8 @@ def _meta(task: str) -> CheckpointMeta:
         "backbone": "resnet18",
         "d_model": 16,
         "num_heads": 2,
-        "num_layers": 1,
+        "ehr_layers": 1,
+        "local_fusion_layers": 1,
         "num_groups": 8,
         "ablation": {
             "std": True,
