@@ -61,13 +61,35 @@ def unwrap(model: nn.Module) -> nn.Module:
 def learning_rate(
     optim_cfg: Mapping[str, Any], world_size: int = 1, accumulation_steps: int = 1
 ) -> float:
-    """The lr to use: ``optim.lr`` as configured, or, with ``lr_scaling: linear``, multiplied by
-    world_size x accumulation_steps (an explicit choice; the default ``none`` never rescales)."""
+    """The lr to use: ``optim.lr`` as configured, or, with ``lr_scaling: linear``, scaled by the
+    effective batch relative to the training the lr belongs to (``optim.reference``):
+
+        lr_used = lr * (batch_size * accumulation_steps * world_size)
+                     / (reference.batch_size * reference.accumulation_steps * reference.num_workers)
+
+    The default ``none`` never rescales; ``linear`` needs ``optim.batch_size`` and
+    ``optim.reference`` with the three keys above.
+    """
     lr = float(optim_cfg["lr"])
     scaling = optim_cfg.get("lr_scaling", "none")
     if scaling not in LR_SCALINGS:
         raise ValueError(f"optim.lr_scaling {scaling!r} is not one of {LR_SCALINGS}")
-    return lr * world_size * accumulation_steps if scaling == "linear" else lr
+    if scaling == "none":
+        return lr
+    reference = optim_cfg.get("reference")
+    keys = ("batch_size", "accumulation_steps", "num_workers")
+    if reference is None or "batch_size" not in optim_cfg or any(k not in reference for k in keys):
+        raise ValueError(
+            "optim.lr_scaling linear needs optim.batch_size and optim.reference with "
+            f"{list(keys)} (the training the configured lr belongs to)"
+        )
+    used = int(optim_cfg["batch_size"]) * accumulation_steps * world_size
+    ref = 1
+    for key in keys:
+        if int(reference[key]) < 1:
+            raise ValueError(f"optim.reference.{key} must be at least 1, got {reference[key]}")
+        ref *= int(reference[key])
+    return lr * used / ref
 
 
 def build_optimizer(

@@ -28,6 +28,7 @@ Definitions (scikit-learn does the arithmetic):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -71,6 +72,8 @@ class Predictions:
     | stay_id          | [N]                          |                                         |
     | hospital         | [N]                          | site                                    |
     | region_attention | [N, R]                       | attention of the task tokens on regions |
+    | region_changed   | [N, R]                       | bool: the region's label says worsened  |
+    |                  |                              | or improved in some pair and finding    |
     """
 
     task: str
@@ -80,6 +83,7 @@ class Predictions:
     stay_id: np.ndarray
     hospital: np.ndarray
     region_attention: np.ndarray
+    region_changed: np.ndarray
 
     def __post_init__(self) -> None:
         if self.task not in vocab.TASKS:
@@ -113,6 +117,10 @@ class Predictions:
         def cpu(t: torch.Tensor) -> np.ndarray:
             return t.detach().float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
 
+        region = batch.region_labels  # [B, P, R, K]
+        moved = (region == vocab.WORSENED) | (region == vocab.IMPROVED)
+        changed = (moved & batch.pair_mask[:, :, None, None]).any(dim=-1).any(dim=1)  # [B, R]
+
         return cls(
             task=task,
             logits=cpu(output.logits),
@@ -121,6 +129,7 @@ class Predictions:
             stay_id=cpu(batch.stay_id),
             hospital=cpu(batch.hospital),
             region_attention=cpu(output.region_attention),
+            region_changed=cpu(changed),
         )
 
     @classmethod
@@ -141,6 +150,7 @@ class Predictions:
             stay_id=ids,
             hospital=ids,
             region_attention=np.zeros((0, vocab.NUM_REGIONS), np.float32),
+            region_changed=np.zeros((0, vocab.NUM_REGIONS), bool),
         )
 
     @classmethod
@@ -321,6 +331,47 @@ def bootstrap_ci(
         else:
             low, high = np.percentile(arr, [tail, 100.0 - tail])
             out[key] = (float(low), float(high))
+    return out
+
+
+def paired_bootstrap_difference(
+    metric_fn: MetricFn,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict[str, float]]:
+    """metric(a) - metric(b) of two models scored on the same rows, with a paired percentile
+    bootstrap interval: each resample draws rows with replacement and scores both models on the
+    same draw. Returns ``{metric: {"difference", "low", "high"}}``; a resample where either side
+    is undefined (NaN) is left out of that metric's interval."""
+    _check_rows(probs_a, labels)
+    _check_rows(probs_b, labels)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    point_a, point_b = metric_fn(probs_a, labels), metric_fn(probs_b, labels)
+    rng = np.random.default_rng(seed)
+    rows = labels.shape[0]
+    draws: dict[str, list[float]] = {key: [] for key in point_a}
+    for _ in range(n):
+        idx = rng.integers(0, rows, size=rows)
+        a, b = metric_fn(probs_a[idx], labels[idx]), metric_fn(probs_b[idx], labels[idx])
+        for key in draws:
+            draws[key].append(a[key] - b[key])
+    tail = 100.0 * (1.0 - level) / 2.0
+    out = {}
+    for key, values in draws.items():
+        arr = np.asarray(values, dtype=np.float64)
+        arr = arr[~np.isnan(arr)]
+        low, high = np.percentile(arr, [tail, 100.0 - tail]) if arr.size else (math.nan,) * 2
+        out[key] = {
+            "difference": float(point_a[key] - point_b[key]),
+            "low": float(low),
+            "high": float(high),
+        }
     return out
 
 

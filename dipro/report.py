@@ -181,6 +181,50 @@ def mean_region_attention(predictions: Predictions) -> dict[str, float]:
     return {region: float(v) for region, v in zip(vocab.REGIONS, mean, strict=True)}
 
 
+def attention_faithfulness(
+    predictions: Predictions, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
+    """How much more attention the changed regions get than their share of regions.
+
+    Over the samples with at least one changed and one unchanged region (``region_changed``):
+
+        a_n   = sum over changed regions r of attention[n, r]       attention share on them
+        s_n   = (changed regions of n) / R                          their share of regions
+        ratio = mean_n a_n / mean_n s_n
+
+    1 is attention blind to change; above 1, attention prefers the regions that changed. The
+    interval is the percentile bootstrap of the ratio over those samples.
+    """
+    changed = predictions.region_changed.astype(bool)
+    keep = changed.any(axis=1) & ~changed.all(axis=1)
+    n = int(keep.sum())
+    if n == 0:
+        return {
+            "ratio": None,
+            "interval": [None, None],
+            "n_samples": 0,
+            "attention_on_changed": None,
+            "share_of_changed": None,
+        }
+    attention = predictions.region_attention[keep].astype(np.float64)
+    on_changed = (attention * changed[keep]).sum(axis=1)  # a_n [n]
+    share = changed[keep].mean(axis=1)  # s_n [n]
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for b in range(resamples):
+        idx = rng.integers(0, n, size=n)
+        draws[b] = on_changed[idx].mean() / share[idx].mean()
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(draws, [tail, 100.0 - tail])
+    return {
+        "ratio": float(on_changed.mean() / share.mean()),
+        "interval": [float(low), float(high)],
+        "n_samples": n,
+        "attention_on_changed": float(on_changed.mean()),
+        "share_of_changed": float(share.mean()),
+    }
+
+
 # ---------------------------------------------------------------- figures
 
 
@@ -497,8 +541,9 @@ def model_card(
         f"- Checkpoint: `{meta.path}` (format {meta.format_version}, data schema "
         f"{meta.data_schema_version}, epoch {meta.epoch})",
         f"- Architecture: DiPro, backbone {cfg.get('backbone')} on {cfg.get('region_mode')}, "
-        f"d_model {cfg.get('d_model')}, {cfg.get('num_heads')} heads, {cfg.get('num_layers')} "
-        f"EHR layers, {cfg.get('num_groups')} groups",
+        f"d_model {cfg.get('d_model')}, {cfg.get('num_heads')} heads, {cfg.get('ehr_layers')} "
+        f"EHR / {cfg.get('local_fusion_layers')} local fusion layers, "
+        f"{cfg.get('num_groups')} groups",
         f"- Ablations switched off: {', '.join(off) if off else 'none (the full model)'}",
         "- Reference: Liu et al., NeurIPS 2025, arXiv:2510.11112",
         "",
@@ -644,6 +689,9 @@ def write_evaluation_report(
     )
     confusion = confusion_matrices(predictions)
     attention = mean_region_attention(predictions)
+    faithfulness = attention_faithfulness(
+        predictions, resamples=settings.resamples, seed=settings.seed, level=settings.level
+    )
     hospitals = {
         str(h): int(c)
         for h, c in zip(*np.unique(predictions.hospital, return_counts=True), strict=True)
@@ -696,6 +744,7 @@ def write_evaluation_report(
         "confusion_matrices": confusion,
         "class_names": list(CLASS_NAMES[task]),
         "region_attention": attention,
+        "region_attention_faithfulness": faithfulness,
         "figures": figures,
         "model_card": "model_card.md",
     }
@@ -832,6 +881,7 @@ def render_report(
         "",
         markdown_table(["region", "attention"], [[r, fmt(attention[r])] for r in order]),
         "",
+        *_faithfulness_lines(payload),
         "## Model card",
         "",
         f"Intended use, input/output contract, training data and limitations: "
@@ -839,6 +889,27 @@ def render_report(
         "",
     ]
     return "\n".join(lines)
+
+
+def _faithfulness_lines(payload: Mapping[str, Any]) -> list[str]:
+    """The report's paragraph on the attention faithfulness ratio (``attention_faithfulness``)."""
+    faith = payload.get("region_attention_faithfulness") or {}
+    if not faith.get("n_samples"):
+        return [
+            "Faithfulness: no sample has both changed and unchanged regions, so the ratio of "
+            "attention on changed regions is not defined here.",
+            "",
+        ]
+    pct = round(100 * payload["bootstrap"]["level"])
+    low, high = faith["interval"]
+    return [
+        f"Faithfulness: the regions whose label changed (worsened or improved) get "
+        f"{fmt(faith['attention_on_changed'])} of the attention while they are "
+        f"{fmt(faith['share_of_changed'])} of the regions: ratio **{fmt(faith['ratio'])}** "
+        f"({pct}% interval {fmt(low)} to {fmt(high)}; {faith['n_samples']} samples; "
+        "1 = attention blind to change).",
+        "",
+    ]
 
 
 def _all_metrics(task: str, metrics: Mapping[str, Any]) -> list[str]:

@@ -7,6 +7,12 @@
   without PAE, without local fusion, without global fusion, CXR-only, last-CXR-only), as one
   table.
 
+``ablations.json`` also holds, for each variant, its test metrics per seed with their mean and
+std, and against the full model the paired difference (DiPro minus variant, same seed and test
+sample) with a percentile bootstrap interval over the test samples pooled across seeds
+(``paired_bootstrap``: resamples, seed, level). The predictions behind it come from each run's
+best checkpoint scored again on the test split.
+
 Each run is an ordinary training run named ``{cfg.name}-{variant}-seed{seed}`` under
 ``storage_path``; a run whose ``metrics.json`` already holds test metrics is reused
 (``reuse_finished``), so a study stopped halfway continues where it stopped. The tables go to
@@ -26,10 +32,19 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dipro import storage
 from dipro.config import TRAIN_SCHEMA, ConfigError, exit_with_error, validate
+from dipro.data.shards import list_shards
+from dipro.evaluation import evaluate_checkpoint
+from dipro.metrics import (
+    TASK_METRICS,
+    Predictions,
+    mean_std_over_seeds,
+    paired_bootstrap_difference,
+)
 from dipro.report import SummaryRow, summary_table, write_json, write_text
 from ray_jobs.train import run_training
 
@@ -48,7 +63,15 @@ class RunRecord:
     seconds: float
 
 
-_STUDY_KEYS = ("mode", "name", "seeds", "ablations", "out_dir", "reuse_finished")
+_STUDY_KEYS = (
+    "mode",
+    "name",
+    "seeds",
+    "ablations",
+    "out_dir",
+    "reuse_finished",
+    "paired_bootstrap",
+)
 
 
 def _run_config(
@@ -134,6 +157,56 @@ def train_run(cfg: DictConfig, variant: str, seed: int, ablation: Mapping[str, b
     return RunRecord(variant, seed, run_dir, test, done is not None, seconds)
 
 
+def test_predictions(cfg: DictConfig, record: RunRecord) -> Predictions:
+    """The test-split predictions of a finished run's best checkpoint, scored on the CPU."""
+    summary = json.loads(storage.read_bytes(storage.join(record.run_dir, "metrics.json")))
+    paths = list_shards(cfg.data.root, cfg.task.name, "test")
+    return evaluate_checkpoint(
+        summary["best_checkpoint"], paths, batch_size=int(cfg.train.eval_batch_size)
+    ).predictions
+
+
+def paired_comparison(
+    task: str,
+    full: list[Predictions],
+    variant: list[Predictions],
+    *,
+    resamples: int,
+    seed: int,
+    level: float,
+) -> dict[str, Any]:
+    """DiPro minus a variant, both lists in the same seed order: per seed the metric difference,
+    and over the test samples of every seed pooled (row i of seed s of DiPro against row i of
+    seed s of the variant) the difference with a paired bootstrap interval."""
+    for a, b in zip(full, variant, strict=True):
+        if not (
+            np.array_equal(a.subject_id, b.subject_id) and np.array_equal(a.stay_id, b.stay_id)
+        ):
+            raise ValueError("DiPro and the variant were not scored on the same test samples")
+    metric_fn = TASK_METRICS[task]
+    per_seed = []
+    for a, b in zip(full, variant, strict=True):
+        ma, mb = metric_fn(a.probabilities, a.labels), metric_fn(b.probabilities, a.labels)
+        per_seed.append({k: ma[k] - mb[k] for k in ma if "/" not in k})
+    pooled_a = Predictions.concatenate(full)
+    pooled_b = Predictions.concatenate(variant)
+    pooled = paired_bootstrap_difference(
+        metric_fn,
+        pooled_a.probabilities,
+        pooled_b.probabilities,
+        pooled_a.labels,
+        n=resamples,
+        seed=seed,
+        level=level,
+    )
+    return {
+        "per_seed": per_seed,
+        "pooled": {k: v for k, v in pooled.items() if "/" not in k},
+        "samples": len(pooled_a),
+        "bootstrap": {"resamples": resamples, "seed": seed, "level": level, "unit": "sample"},
+    }
+
+
 def _write_study(
     cfg: DictConfig,
     mode: str,
@@ -141,6 +214,7 @@ def _write_study(
     rows: list[SummaryRow],
     records: list[RunRecord],
     notes: list[str],
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     task = cfg.task.name
     table, data = summary_table(task, rows)
@@ -192,6 +266,7 @@ def _write_study(
             }
             for r in records
         ],
+        **(extra or {}),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_json(storage.join(out_dir, f"{mode}.json"), payload)
@@ -242,6 +317,7 @@ def run_ablations(cfg: DictConfig) -> Path:
         train_run(cfg, name, int(seed), ablations[name]) for seed in cfg.seeds for name in trained
     ]
     rows, notes = [], []
+    results = _variant_results(cfg, trained, records)
     for name in (FULL_MODEL, *(v for v in variants if v != FULL_MODEL)):
         label = specs[name].get("label", name)
         if name in trained:
@@ -253,7 +329,65 @@ def run_ablations(cfg: DictConfig) -> Path:
             f"- {label}: every {task.replace('_', ' ')} sample holds one CXR pair, so keeping "
             "only the last pair is the full model; its row repeats DiPro's runs."
         )
-    return _write_study(cfg, "ablations", "DiPro and its ablations", rows, records, notes)
+    for name, result in results.items():
+        pooled = result.get("vs_dipro", {}).get("pooled", {})
+        if pooled:
+            label = specs[name].get("label", name)
+            pct = round(100 * float(cfg.paired_bootstrap.level))
+            notes.append(
+                f"- DiPro minus {label} (paired, {pct}% bootstrap over the pooled test samples): "
+                + ", ".join(
+                    f"{k} {v['difference']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]"
+                    for k, v in sorted(pooled.items())
+                )
+            )
+    extra = {"variants": _json_safe(results)}
+    return _write_study(cfg, "ablations", "DiPro and its ablations", rows, records, notes, extra)
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+def _variant_results(
+    cfg: DictConfig, trained: list[str], records: list[RunRecord]
+) -> dict[str, Any]:
+    """Per variant: test metrics per seed, their mean and std, and the paired comparison with
+    the full model (``paired_comparison``)."""
+    boot = cfg.paired_bootstrap
+    seeds = [int(s) for s in cfg.seeds]
+    by_run = {(r.variant, r.seed): r for r in records}
+    predictions = {
+        key: test_predictions(cfg, record) for key, record in by_run.items() if key[0] in trained
+    }
+    out: dict[str, Any] = {}
+    for name in trained:
+        tests = [by_run[(name, s)].test for s in seeds]
+        scalar = [{k: v for k, v in m.items() if "/" not in k} for m in tests]
+        summary = mean_std_over_seeds(scalar)
+        result: dict[str, Any] = {
+            "per_seed": {str(s): m for s, m in zip(seeds, scalar, strict=True)},
+            "mean": {k: mean for k, (mean, _) in summary.items()},
+            "std": {k: std for k, (_, std) in summary.items()},
+        }
+        if name != FULL_MODEL:
+            result["vs_dipro"] = paired_comparison(
+                cfg.task.name,
+                [predictions[(FULL_MODEL, s)] for s in seeds],
+                [predictions[(name, s)] for s in seeds],
+                resamples=int(boot.resamples),
+                seed=int(boot.seed),
+                level=float(boot.level),
+            )
+        out[name] = result
+    return out
 
 
 def run_experiment(cfg: DictConfig) -> Path:

@@ -1,7 +1,8 @@
 """Forward+backward throughput and peak memory of DiPro per task and region mode.
 
 The model is built from configs/model/dipro.yaml with each task preset's overrides (the
-authors' widths: d_model 256/256/128, EHR layers 2/4/2; ResNet-50 on 224 x 224 crops), fed with
+authors' widths: d_model 256/256/128, local fusion layers 1/2/1; ResNet-50 on 224 x 224
+crops), fed with
 random records collated by the project's collate, and trained on the task's total loss
 (dipro.losses, uniform class weights). Each (task, mode) runs in a fresh process so that its
 peak memory is its own: CPU reports the growth of the peak resident set size (ru_maxrss) over
@@ -133,7 +134,7 @@ def bench_one(task: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
         "mode": mode,
         "batch": batch_size,
         "d_model": model_cfg["d_model"],
-        "layers": model_cfg["num_layers"],
+        "layers": model_cfg["local_fusion_layers"],
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "samples_per_s": args.steps * batch_size / seconds,
         "peak_mib": peak_mib,

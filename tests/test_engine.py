@@ -37,7 +37,8 @@ MODEL_CFG = {
     "feature_dim": FEATURE_DIM,
     "d_model": 16,
     "num_heads": 2,
-    "num_layers": 1,
+    "ehr_layers": 1,
+    "local_fusion_layers": 1,
     "fusion_layers": 1,
     "num_groups": 4,
     "dropout": 0.0,
@@ -205,8 +206,15 @@ def test_optimizer_uses_the_configured_lr_unless_scaling_is_explicit():
     assert build_optimizer(model, {"lr": 1e-5}, world_size=4, accumulation_steps=4).param_groups[0][
         "lr"
     ] == pytest.approx(1e-5)
-    linear = {"lr": 1e-5, "lr_scaling": "linear"}
-    assert learning_rate(linear, world_size=4, accumulation_steps=4) == pytest.approx(1.6e-4)
+    reference = {"batch_size": 4, "accumulation_steps": 4, "num_workers": 1}
+    linear = {"lr": 1.6e-4, "lr_scaling": "linear", "batch_size": 4, "reference": reference}
+    # lr x (4 x 4 x 1) / (4 x 4 x 1): the reference training itself keeps its lr
+    assert learning_rate(linear, world_size=1, accumulation_steps=4) == pytest.approx(1.6e-4)
+    # 8 workers, accumulation 1, batch 8: lr x (8 x 1 x 8) / (4 x 4 x 1) = 4 x lr
+    wider = {**linear, "batch_size": 8}
+    assert learning_rate(wider, world_size=8, accumulation_steps=1) == pytest.approx(6.4e-4)
+    with pytest.raises(ValueError, match="optim.reference"):
+        learning_rate({"lr": 1e-5, "lr_scaling": "linear", "batch_size": 4})
     with pytest.raises(ValueError, match="lr_scaling"):
         learning_rate({"lr": 1e-5, "lr_scaling": "sqrt"})
 

@@ -27,6 +27,7 @@ from dipro.metrics import (
     length_of_stay_metrics,
     mean_std_over_seeds,
     mortality_metrics,
+    paired_bootstrap_difference,
     progression_metrics,
 )
 from dipro.model.output import DiProOutput
@@ -257,6 +258,7 @@ def test_predictions_refuse_mixed_tasks_and_ragged_fields():
         stay_id=np.zeros(2, int),
         hospital=np.zeros(2, int),
         region_attention=np.zeros((2, vocab.NUM_REGIONS)),
+        region_changed=np.zeros((2, vocab.NUM_REGIONS), bool),
     )
     with pytest.raises(ValueError, match="different tasks"):
         Predictions.concatenate([a, b])
@@ -269,4 +271,28 @@ def test_predictions_refuse_mixed_tasks_and_ragged_fields():
             stay_id=np.zeros(3, int),
             hospital=np.zeros(2, int),
             region_attention=np.zeros((2, vocab.NUM_REGIONS)),
+            region_changed=np.zeros((2, vocab.NUM_REGIONS), bool),
         )
+
+
+def test_paired_bootstrap_difference_scores_both_models_on_the_same_draws():
+    rng = np.random.default_rng(8)
+    labels = (rng.random(80) < 0.4).astype(np.int64)
+    good = np.clip(0.5 * labels + 0.5 * rng.random(80), 0, 1)
+    weak = rng.random(80)
+    fn = mortality_metrics
+    got = paired_bootstrap_difference(fn, good, weak, labels, n=40, seed=3)
+    assert got["auroc"]["difference"] == pytest.approx(
+        roc_auc_score(labels, good) - roc_auc_score(labels, weak)
+    )
+    # the interval: the same 40 draws of rows, each scoring both models on that draw
+    draws = np.random.default_rng(3)
+    diffs = []
+    for _ in range(40):
+        idx = draws.integers(0, 80, size=80)
+        diffs.append(roc_auc_score(labels[idx], good[idx]) - roc_auc_score(labels[idx], weak[idx]))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    assert (got["auroc"]["low"], got["auroc"]["high"]) == pytest.approx((low, high))
+    assert got["auroc"]["low"] > 0
+    same = paired_bootstrap_difference(fn, good, good, labels, n=10)
+    assert same["auroc"] == {"difference": 0.0, "low": 0.0, "high": 0.0}

@@ -20,6 +20,7 @@ from dipro.report import (
     PAPER_RESULTS,
     ReportSettings,
     SummaryRow,
+    attention_faithfulness,
     bootstrap_intervals,
     confusion_matrices,
     plot_learning_curves,
@@ -39,7 +40,8 @@ def _progression(n: int, seed: int, not_mentioned: float = 0.1) -> Predictions:
     labels[rng.random((n, K)) < not_mentioned] = vocab.NOT_MENTIONED
     attention = rng.dirichlet(np.arange(1, R + 1), size=n).astype(np.float32)
     ids = np.arange(n)
-    return Predictions("disease_progression", logits, labels, ids, ids, ids % 3, attention)
+    changed = rng.random((n, R)) < 0.3
+    return Predictions("disease_progression", logits, labels, ids, ids, ids % 3, attention, changed)
 
 
 def _mortality(n: int, seed: int) -> Predictions:
@@ -48,7 +50,8 @@ def _mortality(n: int, seed: int) -> Predictions:
     logits = (rng.normal(size=n) + 1.5 * labels - 0.5).astype(np.float32)
     ids = np.arange(n)
     attention = np.full((n, R), 1.0 / R, np.float32)
-    return Predictions("mortality", logits, labels, ids, ids, ids % 2, attention)
+    changed = np.zeros((n, R), bool)
+    return Predictions("mortality", logits, labels, ids, ids, ids % 2, attention, changed)
 
 
 def _meta(task: str) -> CheckpointMeta:
@@ -57,7 +60,8 @@ def _meta(task: str) -> CheckpointMeta:
         "backbone": "resnet18",
         "d_model": 16,
         "num_heads": 2,
-        "num_layers": 1,
+        "ehr_layers": 1,
+        "local_fusion_layers": 1,
         "num_groups": 8,
         "ablation": {
             "std": True,
@@ -123,6 +127,7 @@ def test_mortality_confusion_ignores_absent_labels():
                 labels,
                 *([predictions.subject_id] * 3),
                 predictions.region_attention,
+                predictions.region_changed,
             )
         )["mortality"]
     )
@@ -214,6 +219,8 @@ def test_written_report_has_every_section_and_the_numbers_of_metrics_json(tmp_pa
         assert float(row[4]) == pytest.approx(round(metrics[f"per_finding/{finding}/f1"], 4))
     for region, value in _table_rows(text, "Region attention"):
         assert float(value) == pytest.approx(round(payload["region_attention"][region], 4))
+    faith = payload["region_attention_faithfulness"]
+    assert faith["n_samples"] > 0 and f"ratio **{round(faith['ratio'], 4)}" in text
     # Without an epoch log the report says so instead of drawing an empty figure.
     assert "No epoch log" in text and "learning_curves" not in payload["figures"]
     with Image.open(tmp_path / "region_attention.png") as image:
@@ -235,3 +242,35 @@ def test_report_refuses_predictions_of_another_task(tmp_path):
             eval_data_root="/data",
         )
     assert not (Path(tmp_path) / "report.md").exists()
+
+
+def test_attention_faithfulness_ratio_matches_its_formula():
+    rng = np.random.default_rng(5)
+    n = 200
+    changed = rng.random((n, R)) < 0.3
+    changed[0] = False  # no changed region: left out
+    changed[1] = True  # every region changed: left out
+    # attention that leans towards the changed regions: weight 3 on them, 1 elsewhere
+    weight = np.where(changed, 3.0, 1.0) * rng.uniform(0.5, 1.5, size=(n, R))
+    attention = (weight / weight.sum(1, keepdims=True)).astype(np.float32)
+    base = _progression(n, seed=5)
+    ids = [base.subject_id] * 3
+    leaning = Predictions("disease_progression", base.logits, base.labels, *ids, attention, changed)
+    faith = attention_faithfulness(leaning, resamples=300, seed=1)
+    keep = changed.any(1) & ~changed.all(1)  # rows 0 and 1 (and any like them) are left out
+    assert not keep[0] and not keep[1]
+    a = (attention[keep].astype(np.float64) * changed[keep]).sum(1)
+    s = changed[keep].sum(1) / R
+    assert faith["n_samples"] == keep.sum()
+    assert faith["ratio"] == pytest.approx(a.mean() / s.mean())
+    low, high = faith["interval"]
+    assert 1.0 < low < faith["ratio"] < high
+    uniform = Predictions(
+        "disease_progression",
+        base.logits,
+        base.labels,
+        *([base.subject_id] * 3),
+        np.full((n, R), 1.0 / R, np.float32),
+        changed,
+    )
+    assert attention_faithfulness(uniform, resamples=50)["ratio"] == pytest.approx(1.0)

@@ -54,7 +54,8 @@ MODEL_KEYS: tuple[str, ...] = (
     "feature_dim",
     "d_model",
     "num_heads",
-    "num_layers",
+    "ehr_layers",
+    "local_fusion_layers",
     "fusion_layers",
     "num_groups",
     "dropout",
@@ -223,7 +224,14 @@ def _check_config(model_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
             f"model config: d_model {cfg['d_model']} must be even and divisible by num_heads "
             f"{cfg['num_heads']}"
         )
-    for key in ("d_model", "num_heads", "num_layers", "fusion_layers", "num_groups"):
+    for key in (
+        "d_model",
+        "num_heads",
+        "ehr_layers",
+        "local_fusion_layers",
+        "fusion_layers",
+        "num_groups",
+    ):
         if int(cfg[key]) < 1:
             raise ValueError(f"model config: {key} must be at least 1, got {cfg[key]}")
     if not 0.0 <= float(cfg["dropout"]) < 1.0:
@@ -255,13 +263,13 @@ def build_model(model_cfg: Mapping[str, Any], task: str) -> DiPro:
     ehr = local_ehr = local_fusion = global_fusion = None
     if ablation["ehr"]:
         ehr = EHREncoder(
-            vocab.NUM_EHR, D, heads, int(cfg["num_layers"]), dropout, bool(cfg["ehr_use_observed"])
+            vocab.NUM_EHR, D, heads, int(cfg["ehr_layers"]), dropout, bool(cfg["ehr_use_observed"])
         )
         if ablation["local_fusion"]:
-            local_ehr = LocalEHRAttention(D, heads, dropout)
-            local_fusion = LocalFusion(D, heads, dropout)
+            local_ehr = LocalEHRAttention(D, heads)
+            local_fusion = LocalFusion(D, heads, int(cfg["local_fusion_layers"]))
         if ablation["global_fusion"]:
-            global_fusion = GlobalFusion(D, heads, dropout)
+            global_fusion = GlobalFusion(D, heads)
 
     num_tokens = K if task == "disease_progression" else 1
     out_dim = vocab.task_output_dim(task) // num_tokens
@@ -278,6 +286,6 @@ def build_model(model_cfg: Mapping[str, Any], task: str) -> DiPro:
         static_fusion=StaticFusion(
             D, heads, int(cfg["num_groups"]), vocab.NUM_DEMOGRAPHICS, dropout
         ),
-        heads=TaskHeads(D, num_tokens, out_dim),
+        heads=TaskHeads(D, num_tokens, out_dim, dropout),
         longitudinal=ablation["longitudinal"],
     )

@@ -2,12 +2,12 @@
 
 Global EHR (one sequence per sample):
 
-    e_j      = Dropout(LayerNorm(W_e x_j + b_e)) + PE(t_j)      PE: sinusoidal of the hour t_j
-    E_global = TransformerEncoder([cls || e_1 .. e_L])          EHR padding masked
+    e_j      = Dropout(Dropout(LayerNorm(W_e x_j + b_e)) + PE(t_j))   PE: sinusoidal of hour t_j
+    E_global = TransformerEncoder([cls || e_1 .. e_L])                EHR padding masked
 
-x_j is [values_j || observed_j] (2V): a deliberate choice over the spec's V inputs, because the
-values are forward filled and only the observed flags say which ones were measured in that
-hour (missingness is informative in ICU data). ``use_observed=False`` gives the spec's V inputs.
+x_j is the V values of hour j (the spec, the authors); ``use_observed=True`` feeds
+[values_j || observed_j] (2V) instead, since the values are forward filled and only the observed
+flags say which were measured that hour. cls ~ N(0, 1), as the authors initialise it.
 
 Local EHR per interval i = [t_i, t_{i+1}] (queries: one per EHR step j, keys/values: the step
 tokens of E_global):
@@ -15,7 +15,9 @@ tokens of E_global):
     q[i, j]        = MLP(t_j - t_i, t_{i+1} - t_j, sigmoid((t_j - t_i)(t_{i+1} - t_j)))
     AttnMask[i, j] = -|t_j - (t_i + t_{i+1}) / 2|   if t_j in [t_i, t_{i+1}] (and step j exists)
                      -inf                            otherwise
-    E_local[i]     = MHA(q[i], E_global, E_global, additive mask AttnMask[i])
+    E_local[i]     = MHA(q[i], E_global, E_global, additive mask AttnMask[i])   (no dropout)
+
+The MLP is Linear(3, D/2) -> GELU -> Linear(D/2, D), the authors' time encoder.
 
 An interval that contains no EHR step has no key: its E_local rows are set to zero (a zero
 context, no NaN), and the local fusion masks them out.
@@ -84,7 +86,8 @@ class EHREncoder(nn.Module):
         self.embed = nn.Sequential(
             nn.Linear(in_dim, d_model), nn.LayerNorm(d_model), nn.Dropout(dropout)
         )
-        self.cls = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
+        self.position_dropout = nn.Dropout(dropout)
+        self.cls = nn.Parameter(torch.randn(1, 1, d_model))
         self.encoder = transformer_encoder(d_model, num_heads, num_layers, dropout)
 
     def forward(
@@ -95,7 +98,8 @@ class EHREncoder(nn.Module):
         mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([values, observed.to(values.dtype)], dim=-1) if self.use_observed else values
-        e = self.embed(x) + sinusoidal_embedding(times, self.cls.shape[-1]).to(x.dtype)  # [B, L, D]
+        position = sinusoidal_embedding(times, self.cls.shape[-1]).to(x.dtype)  # [B, L, D]
+        e = self.position_dropout(self.embed(x) + position)  # [B, L, D]
         B = e.shape[0]
         tokens = torch.cat([self.cls.expand(B, -1, -1).to(e.dtype), e], dim=1)  # [B, 1+L, D]
         valid = torch.cat([mask.new_ones(B, 1), mask], dim=1)  # [B, 1+L]
@@ -126,7 +130,9 @@ class IntervalTimeEmbedding(nn.Module):
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(3, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(3, d_model // 2), nn.GELU(), nn.Linear(d_model // 2, d_model)
+        )
 
     def forward(self, cxr_times: torch.Tensor, ehr_times: torch.Tensor) -> torch.Tensor:
         since = ehr_times.unsqueeze(1) - cxr_times[:, :-1].unsqueeze(-1)  # [B, P, L]
@@ -138,11 +144,11 @@ class IntervalTimeEmbedding(nn.Module):
 class LocalEHRAttention(nn.Module):
     """E_local [B, P, L, D] and in_interval [B, P, L] from the step tokens of E_global [B, L, D]."""
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, d_model: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.time = IntervalTimeEmbedding(d_model)
-        self.attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
 
     def forward(
         self,

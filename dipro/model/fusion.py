@@ -1,13 +1,20 @@
 """CXR-EHR fusion of MMF (DIPRO_SPEC.md section 4, last three items).
 
-    Dy_fuse[i] = LN(Dy[i] + MHA(Dy[i], [E_local[i] || Dy[i]], [E_local[i] || Dy[i]]))  local
+    X^0 = Dy[i];  for n = 1 .. N_local:                                                 local
+        (q, k_x, v_x) = W_x X^{n-1},  (k_e, v_e) = W_e E_local[i]
+        X^n = LN(X^{n-1} + MHA(q, [k_e || k_x], [v_e || v_x]))
+    Dy_fuse[i] = X^{N_local}
     H          = LN(E_global + MHA(E_global, Dy_fuse, Dy_fuse))                        global
     [c || . || .] = TransformerEncoder([task CLS || Dy_fuse || H])                      final
 
-Local fusion keys: the EHR steps inside interval i (in_interval) and the R dynamic tokens of
-pair i (always valid, so no row is empty). Global fusion masks the tokens of padded pairs (the
-mask the authors accepted and never applied). The final encoder masks padded pairs and EHR
-steps.
+Local fusion stacks N_local layers (the authors' "transformer layers" // 2), each with its own
+projections of the region tokens (W_x: D -> 3D) and of the interval's EHR tokens (W_e: D -> 2D)
+ahead of the attention, as in the authors' region-aware attention. Its keys: the EHR steps inside
+interval i (in_interval) and the R dynamic tokens of pair i (always valid, so no row is empty).
+The attention modules have no dropout (the authors' MultiheadAttention default); the final
+encoder's layers use the model dropout. The task CLS tokens start from N(0, 1). Global fusion
+masks the tokens of padded pairs (the mask the authors accepted and never applied). The final
+encoder masks padded pairs and EHR steps.
 
 | tensor        | shape              | notes                                           |
 |---------------|--------------------|-------------------------------------------------|
@@ -30,38 +37,62 @@ from torch import nn
 from dipro.model.masks import key_padding_mask
 
 
-class LocalFusion(nn.Module):
-    """Dy [B, P, R, D], E_local [B, P, L, D], in_interval [B, P, L] -> Dy_fuse [B, P, R, D]."""
+class LocalFusionLayer(nn.Module):
+    """One local fusion layer: regions [N, R, D] attend to [EHR steps (L) || regions (R)].
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+    ``valid`` [N, L + R] marks the keys (True = valid).
+    """
+
+    def __init__(self, d_model: int, num_heads: int) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.region_proj = nn.Linear(d_model, 3 * d_model)  # W_x
+        self.ehr_proj = nn.Linear(d_model, 2 * d_model)  # W_e
+        self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
         self.norm = nn.LayerNorm(d_model)
+
+    def forward(
+        self, regions: torch.Tensor, ehr: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        query, key_x, value_x = self.region_proj(regions).chunk(3, dim=-1)  # three [N, R, D]
+        key_e, value_e = self.ehr_proj(ehr).chunk(2, dim=-1)  # two [N, L, D]
+        out, _ = self.attn(
+            query,
+            torch.cat([key_e, key_x], dim=1),  # [N, L + R, D]
+            torch.cat([value_e, value_x], dim=1),
+            key_padding_mask=key_padding_mask(valid),
+            need_weights=False,
+        )  # [N, R, D]
+        return self.norm(regions + out)
+
+
+class LocalFusion(nn.Module):
+    """Dy [B, P, R, D], E_local [B, P, L, D], in_interval [B, P, L] -> Dy_fuse [B, P, R, D]
+    through ``num_layers`` stacked ``LocalFusionLayer``s."""
+
+    def __init__(self, d_model: int, num_heads: int, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(LocalFusionLayer(d_model, num_heads) for _ in range(num_layers))
 
     def forward(
         self, dynamic: torch.Tensor, local_ehr: torch.Tensor, in_interval: torch.Tensor
     ) -> torch.Tensor:
         B, P, R, D = dynamic.shape
         L = local_ehr.shape[2]
-        query = dynamic.reshape(B * P, R, D)
-        keys = torch.cat([local_ehr, dynamic], dim=2).reshape(B * P, L + R, D)
+        x = dynamic.reshape(B * P, R, D)
+        ehr = local_ehr.reshape(B * P, L, D)
         valid = torch.cat([in_interval, in_interval.new_ones(B, P, R)], dim=2)  # [B, P, L+R]
-        out, _ = self.attn(
-            query,
-            keys,
-            keys,
-            key_padding_mask=key_padding_mask(valid.reshape(B * P, L + R)),
-            need_weights=False,
-        )  # [B*P, R, D]
-        return self.norm(query + out).view(B, P, R, D)
+        valid = valid.reshape(B * P, L + R)
+        for layer in self.layers:
+            x = layer(x, ehr, valid)
+        return x.view(B, P, R, D)
 
 
 class GlobalFusion(nn.Module):
     """E_global [B, N_e, D] attends to Dy_fuse tokens [B, P*R, D] (padded pairs masked) -> H."""
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, d_model: int, num_heads: int) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
         self.norm = nn.LayerNorm(d_model)
 
     def forward(
@@ -84,7 +115,7 @@ class FinalFusion(nn.Module):
         self, d_model: int, num_heads: int, num_layers: int, num_tokens: int, dropout: float
     ) -> None:
         super().__init__()
-        self.cls = nn.Parameter(torch.randn(1, num_tokens, d_model) * 0.02)
+        self.cls = nn.Parameter(torch.randn(1, num_tokens, d_model))  # N(0, 1)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
                 d_model, num_heads, dim_feedforward=4 * d_model, dropout=dropout, batch_first=True

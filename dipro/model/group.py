@@ -4,7 +4,10 @@
     GE(X)  = softmax(X W) Gm                       W: D x G, Gm: G x D, softmax over the G groups
     demo   = Dropout(ReLU(W_g g + b_g))            one demographic token from g in R^17
     c'     = LN(c + MHA(c, GE([S || demo]), GE([S || demo])))   static tokens of padded pairs masked
-    logits = head_m(c'_m)                          head_m: Linear D->D, ReLU, Linear D->out
+    logits = head_m(c'_m)                 head_m: Linear D->D, ReLU, Dropout, Linear D->out
+
+W and Gm start Xavier-uniform, the attention has no dropout, and the heads drop out before their
+last layer, as in the authors' model.
 
 | tensor         | shape             | notes                                          |
 |----------------|-------------------|------------------------------------------------|
@@ -31,7 +34,9 @@ class GroupEmbedding(nn.Module):
     def __init__(self, d_model: int, num_groups: int) -> None:
         super().__init__()
         self.assign = nn.Linear(d_model, num_groups, bias=False)  # W: D x G
-        self.groups = nn.Parameter(torch.randn(num_groups, d_model) * d_model**-0.5)  # Gm: G x D
+        self.groups = nn.Parameter(torch.empty(num_groups, d_model))  # Gm: G x D
+        nn.init.xavier_uniform_(self.assign.weight)
+        nn.init.xavier_uniform_(self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.assign(x), dim=-1) @ self.groups.to(x.dtype)
@@ -48,7 +53,7 @@ class StaticFusion(nn.Module):
             nn.Linear(num_demographics, d_model), nn.ReLU(), nn.Dropout(dropout)
         )
         self.group = GroupEmbedding(d_model, num_groups)
-        self.attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
         self.norm = nn.LayerNorm(d_model)
 
     def forward(
@@ -70,10 +75,15 @@ class StaticFusion(nn.Module):
 class TaskHeads(nn.Module):
     """One MLP head per task token: c' [B, C, D] -> logits [B, C, out]."""
 
-    def __init__(self, d_model: int, num_tokens: int, out_dim: int) -> None:
+    def __init__(self, d_model: int, num_tokens: int, out_dim: int, dropout: float) -> None:
         super().__init__()
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, out_dim))
+            nn.Sequential(
+                nn.Linear(d_model, d_model),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(d_model, out_dim),
+            )
             for _ in range(num_tokens)
         )
 

@@ -4,11 +4,14 @@ The reversed pair swaps the two halves of z = [F[t_i, r] || F[t_{i+1}, r]]:
 
     z~ = [F[t_{i+1}, r] || F[t_i, r]],   S~ = f_s(z~),   Dy~ = f_d(z~)
     y^ = f_k(Dy),  y~ = f_k(Dy~)          K region heads f_k: Linear D->D, ReLU, Linear D->3
-    L_dyn    = sum_k [ CE_w(y^_k, y_k) + CE_w(y~_k, rev(y_k)) ]
+    L_dyn    = sum_k CE_w([y^_k ; y~_k], [y_k ; rev(y_k)])      one CE over both row sets
     L_static = mean ||S - stopgrad(S~)||^2 (mean over valid tokens and feature elements)
 
 rev swaps worsened and improved and keeps no change; not mentioned (3) stays masked. CE_w is
-the class-weighted cross-entropy over the labelled (pair, region) rows of finding k.
+the class-weighted cross-entropy of finding k over the labelled (pair, region) rows of the
+original and the reversed pass together, sum(w[y_n] ce_n) / sum(w[y_n]), each row weighted by
+the class it is labelled with (a reversed row labelled worsened has worsened's weight), as the
+authors' model computes it.
 
 | tensor                 | shape              | notes                                      |
 |------------------------|--------------------|--------------------------------------------|
@@ -107,15 +110,9 @@ def dynamic_loss(
     mask: torch.Tensor,
     class_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L_dyn = region CE of y^ against y plus region CE of y~ against rev(y).
-
-    With class weights, the reversed term uses the weights with worsened and improved swapped, so
-    a class keeps its weight under reversal.
+    """L_dyn: per finding, one weighted cross-entropy over the rows of y^ (labels y) and of y~
+    (labels rev(y)) together, summed over findings; each row is weighted by its own label's class.
     """
-    rev_weight = None
-    if class_weight is not None:
-        order = [vocab.IMPROVED, vocab.WORSENED, vocab.NO_CHANGE]
-        rev_weight = class_weight[..., order]
-    return region_cross_entropy(region_logits, labels, mask, class_weight) + region_cross_entropy(
-        region_logits_rev, reverse_labels(labels), mask, rev_weight
-    )
+    logits = torch.cat([region_logits, region_logits_rev], dim=0)  # [2B, P, R, K, 3]
+    targets = torch.cat([labels, reverse_labels(labels)], dim=0)  # [2B, P, R, K]
+    return region_cross_entropy(logits, targets, mask.repeat(2, 1, 1), class_weight)

@@ -2,8 +2,9 @@
 
 For pair i and region r, with z = [F[t_i, r] || F[t_{i+1}, r]] in R^{2D}:
 
-    S[i, r]  = f_s(z)        static (patient anatomy)          f_s, f_d: 2D -> 4D -> D MLPs
-    Dy[i, r] = f_d(z)        dynamic (change over the interval)  (Linear, BN, GELU, Dropout, Linear)
+    S[i, r]  = f_s(z)        static (patient anatomy)
+    Dy[i, r] = f_d(z)        dynamic (change over the interval)
+    f(z)     = Dropout(BN(W_2 GELU(W_1 z + b_1) + b_2))     W_1: 2D -> 4D, W_2: 4D -> D
 
     L_orth = mean over valid (i, r) of cos(S[i, r], Dy[i, r])^2
     L_temp = mean over valid (i, i+1, r) of mean_d (S[i, r, d] - S[i+1, r, d])^2
@@ -18,6 +19,10 @@ no sample has two consecutive valid pairs (P < 2).
 | z           | [B, P, R, 2D]  | P = T - 1                                           |
 | valid       | [B, P, R]      | True = token of an existing pair                    |
 | S, Dy       | [B, P, R, D]   | zero on invalid tokens                              |
+
+f_s and f_d end in a BatchNorm over their D outputs, as in the authors' model: S and Dy are
+normalised per feature, the scale on which the published lambdas of L_orth, L_temp and L_static
+were tuned.
 
 Mask convention: True = valid. BatchNorm sees the valid tokens only (gathered rows).
 """
@@ -37,13 +42,14 @@ def pair_tokens(features: torch.Tensor) -> torch.Tensor:
 
 
 def projection(d_model: int, dropout: float) -> nn.Sequential:
-    """One STD projection 2D -> 4D -> D over token rows [N, 2D] -> [N, D]."""
+    """One STD projection over token rows [N, 2D] -> [N, D]:
+    Linear(2D, 4D) -> GELU -> Linear(4D, D) -> BatchNorm(D) -> Dropout."""
     return nn.Sequential(
         nn.Linear(2 * d_model, 4 * d_model),
-        TokenBatchNorm(4 * d_model),
         nn.GELU(),
-        nn.Dropout(dropout),
         nn.Linear(4 * d_model, d_model),
+        TokenBatchNorm(d_model),
+        nn.Dropout(dropout),
     )
 
 

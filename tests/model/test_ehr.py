@@ -47,7 +47,7 @@ def test_interval_attention_mask_matches_reference() -> None:
 
 def test_interval_without_ehr_step_gives_zero_context_and_finite_gradients() -> None:
     torch.manual_seed(0)
-    attn = LocalEHRAttention(d_model=8, num_heads=2, dropout=0.0)
+    attn = LocalEHRAttention(d_model=8, num_heads=2)
     steps = torch.randn(1, 4, 8, requires_grad=True)
     ehr_times = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     ehr_mask = torch.ones(1, 4, dtype=torch.bool)
@@ -67,7 +67,7 @@ def test_interval_without_ehr_step_gives_zero_context_and_finite_gradients() -> 
 
 def test_local_attention_only_sees_steps_inside_the_interval() -> None:
     torch.manual_seed(0)
-    attn = LocalEHRAttention(d_model=8, num_heads=2, dropout=0.0).eval()
+    attn = LocalEHRAttention(d_model=8, num_heads=2).eval()
     steps = torch.randn(1, 6, 8)
     ehr_times = torch.arange(6.0).view(1, 6)
     cxr_times = torch.tensor([[1.0, 3.0]])

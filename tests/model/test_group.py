@@ -46,5 +46,5 @@ def test_static_fusion_masks_padded_static_tokens() -> None:
 
 
 def test_task_heads_one_per_token() -> None:
-    heads = TaskHeads(d_model=8, num_tokens=7, out_dim=3)
+    heads = TaskHeads(d_model=8, num_tokens=7, out_dim=3, dropout=0.1)
     assert heads(torch.randn(2, 7, 8)).shape == (2, 7, 3)

@@ -91,18 +91,39 @@ def test_region_cross_entropy_matches_reference(weighted: bool) -> None:
     assert got == pytest.approx(ref, rel=1e-9)
 
 
-def test_dynamic_loss_uses_reversed_labels_and_swapped_weights() -> None:
+def test_dynamic_loss_is_one_ce_over_original_and_reversed_rows() -> None:
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(2, 2, 4, 7, 3, generator=g, dtype=torch.float64)
     logits_rev = torch.randn(2, 2, 4, 7, 3, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 4, (2, 2, 4, 7), generator=g)
-    mask = torch.ones(2, 2, 4, dtype=torch.bool)
+    mask = torch.rand(2, 2, 4, generator=g) < 0.8
     weight = torch.rand(7, 3, generator=g, dtype=torch.float64) + 0.5
-    w = weight.numpy()
-    ref = _weighted_ce_reference(logits, labels, mask, w) + _weighted_ce_reference(
-        logits_rev, reverse_labels(labels), mask, w[:, [1, 0, 2]]
-    )
+    lg, lg_rev, w, m = logits.numpy(), logits_rev.numpy(), weight.numpy(), mask.numpy()
+    y, y_rev = labels.numpy(), reverse_labels(labels).numpy()
+    # L_dyn = sum_k [sum_n w[k, y_n] ce_n] / [sum_n w[k, y_n]], n over the labelled rows of the
+    # original pass (labels y) and of the reversed pass (labels rev(y)) together
+    ref = 0.0
+    for k in range(7):
+        num = den = 0.0
+        for rows, targets in ((lg, y), (lg_rev, y_rev)):
+            for idx in zip(*np.nonzero(m), strict=True):
+                c = targets[idx][k]
+                if c == vocab.NOT_MENTIONED:
+                    continue
+                row = rows[idx][k]
+                num += w[k, c] * (np.log(np.exp(row).sum()) - row[c])
+                den += w[k, c]
+        ref += num / den if den > 0 else 0.0
     assert dynamic_loss(logits, logits_rev, labels, mask, weight).item() == pytest.approx(ref)
+    # half of the former sum of two CEs when both passes carry the same weight mass
+    same = dynamic_loss(logits, logits, labels, mask, None).item()
+    assert same == pytest.approx(
+        0.5
+        * (
+            region_cross_entropy(logits, labels, mask).item()
+            + region_cross_entropy(logits, reverse_labels(labels), mask).item()
+        )
+    )
 
 
 def test_region_heads_one_head_per_finding() -> None:

@@ -91,3 +91,22 @@ def test_disentangler_batchnorm_ignores_invalid_tokens_in_training() -> None:
     torch.testing.assert_close(d1, d2)
     assert s1[1, 2].abs().sum() == 0 and d1[1, 2].abs().sum() == 0
     assert not math.isclose(s1[valid].std().item(), 0.0)
+
+
+def test_projection_is_linear_gelu_linear_batchnorm_dropout() -> None:
+    torch.manual_seed(1)
+    std = Disentangler(d_model=4, dropout=0.0).train()
+    z = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    std = std.double()
+    valid = torch.ones(2, 3, 5, dtype=torch.bool)
+    static, _ = std(z, valid)
+    w1, w2 = std.static[0], std.static[2]
+    rows = z.reshape(-1, 8)
+    hidden = rows @ w1.weight.T + w1.bias  # [N, 16]
+    gelu = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))
+    pre = gelu @ w2.weight.T + w2.bias  # [N, 4]
+    # BatchNorm(D) over the token rows with batch statistics (biased variance), weight 1, bias 0
+    ref = (pre - pre.mean(0)) / torch.sqrt(pre.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(static.reshape(-1, 4), ref)
+    # normalised outputs: each feature has mean 0 and variance 1 over the valid tokens
+    torch.testing.assert_close(static.reshape(-1, 4).mean(0), torch.zeros(4, dtype=torch.float64))

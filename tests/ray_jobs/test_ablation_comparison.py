@@ -1,0 +1,51 @@
+"""The paired comparison of ablations.json: DiPro minus a variant per seed and pooled over the
+test samples of every seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dipro import vocab
+from dipro.metrics import Predictions, mortality_metrics
+from ray_jobs.experiments import paired_comparison
+
+
+def _mortality(labels: np.ndarray, scores: np.ndarray) -> Predictions:
+    n = labels.shape[0]
+    ids = np.arange(n)
+    logits = np.log(scores / (1.0 - scores)).astype(np.float32)
+    flat = np.full((n, vocab.NUM_REGIONS), 1.0 / vocab.NUM_REGIONS, np.float32)
+    changed = np.zeros((n, vocab.NUM_REGIONS), bool)
+    return Predictions("mortality", logits, labels, ids, ids, ids % 2, flat, changed)
+
+
+def test_paired_comparison_per_seed_and_pooled():
+    rng = np.random.default_rng(2)
+    labels = (rng.random(60) < 0.4).astype(np.int64)
+    full = [_mortality(labels, np.clip(0.6 * labels + 0.4 * rng.random(60), 0.01, 0.99))]
+    full.append(_mortality(labels, np.clip(0.5 * labels + 0.5 * rng.random(60), 0.01, 0.99)))
+    weak = [_mortality(labels, rng.uniform(0.05, 0.95, 60)) for _ in range(2)]
+    out = paired_comparison("mortality", full, weak, resamples=50, seed=0, level=0.95)
+    for s in range(2):
+        expected = (
+            mortality_metrics(full[s].probabilities, labels)["auroc"]
+            - mortality_metrics(weak[s].probabilities, labels)["auroc"]
+        )
+        assert out["per_seed"][s]["auroc"] == pytest.approx(expected)
+    pooled_labels = np.concatenate([labels, labels])
+    pooled = (
+        mortality_metrics(np.concatenate([f.probabilities for f in full]), pooled_labels)["auroc"]
+        - mortality_metrics(np.concatenate([w.probabilities for w in weak]), pooled_labels)["auroc"]
+    )
+    assert out["samples"] == 120
+    assert out["pooled"]["auroc"]["difference"] == pytest.approx(pooled)
+    assert out["pooled"]["auroc"]["low"] > 0
+
+
+def test_paired_comparison_refuses_other_samples():
+    labels = np.array([0, 1, 0, 1])
+    a = _mortality(labels, np.full(4, 0.5))
+    b = Predictions(**{**a.__dict__, "stay_id": np.arange(4) + 10})
+    with pytest.raises(ValueError, match="same test samples"):
+        paired_comparison("mortality", [a], [b], resamples=5, seed=0, level=0.95)
