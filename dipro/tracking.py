@@ -161,9 +161,7 @@ class Tracker:
             )
         )
 
-    def run(
-        self, run_dir: str, name: str, kind: str, parent: str | None = None
-    ) -> str:
+    def run(self, run_dir: str, name: str, kind: str, parent: str | None = None) -> str:
         """The id of the MLflow run of ``run_dir`` (created when there is none), marked running
         and under ``parent`` when one is given."""
         found = self.client.search_runs(

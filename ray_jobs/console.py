@@ -5,8 +5,10 @@ log file, unless ``verbose=true``.
 ``session(cfg, name)`` opens the job's console: it prints the header (where the outputs, the
 log file and the MLflow store are) and, unless ``cfg.verbose``, sends the process's stdout and
 stderr to ``{log_dir}/{name}.log``. Ray forwards every worker's and actor's output to the
-driver (``ray.init(log_to_driver=True)``) and the driver writes it to its stdout/stderr, so the
-log file holds everything the console showed before, in order; ``say`` writes to the console.
+driver (``ray.init(log_to_driver=True)``, the default) and the driver writes it to its
+stdout/stderr; the stream handlers of Ray's, Ray Data's and MLflow's loggers are pointed at the
+log file too. So the log file holds everything the console showed before, in order; ``say``
+writes to the console.
 
 ``follow_epochs`` prints the epoch lines of a training run while ``fit()`` runs, from the
 ``epoch_metrics.jsonl`` that rank 0 writes (the run directory is the source of truth, so the
@@ -16,6 +18,7 @@ same line comes out for a run on one laptop or on a cluster with remote storage)
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -59,17 +62,36 @@ def session(cfg: Mapping[str, Any], name: str, outputs: str) -> Iterator[None]:
     say(f"MLflow:  {tracking.describe()}")
     with open(path, "a", buffering=1) as log:
         log.write(f"\n===== {name} {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
+        terminal = (sys.stdout, sys.stderr)
         _console = sys.stdout
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                _point_handlers(terminal, log)
                 yield
         finally:
+            _point_handlers((log,), terminal[1])
             _console = None
 
 
+def _point_handlers(streams: tuple[TextIO, ...], target: TextIO) -> None:
+    """Point every logging stream handler that writes to one of ``streams`` at ``target`` (Ray's
+    and MLflow's loggers keep the stream they were made with)."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and not isinstance(handler, logging.FileHandler)
+                and any(handler.stream is s for s in streams)
+            ):
+                handler.setStream(target)
+
+
 def _fmt(value: Any) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else (
-        f"{value:.4f}"
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else (f"{value:.4f}")
     )
 
 
