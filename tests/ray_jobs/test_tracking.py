@@ -26,7 +26,7 @@ from dipro.tracking import PARENT_TAG, RUN_DIR_TAG, dataset_identity, numeric_me
 from ray_jobs.train import run_training
 from ray_jobs.tune import run_sweep
 
-# A training run, a two-trial sweep and a server start: ~3 min idle, over 15 min on a busy 2-core box.
+# A training run, a two-trial sweep and a server start: ~3 min idle, 15+ min on a busy 2-core box.
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(2400)]
 
 
