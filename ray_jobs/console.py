@@ -41,7 +41,8 @@ def say(line: str) -> None:
 
 
 def log_file(cfg: Mapping[str, Any], name: str) -> str:
-    return os.path.join(str(cfg["log_dir"]), f"{name}.log")
+    """``{log_dir}/{name}.log`` (``outputs/logs`` for a config from before ``log_dir``)."""
+    return os.path.join(str(cfg.get("log_dir") or os.path.join("outputs", "logs")), f"{name}.log")
 
 
 @contextlib.contextmanager
