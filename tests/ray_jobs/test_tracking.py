@@ -65,7 +65,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600
         while True:
             assert proc.poll() is None, (home / "server.log").read_text()[-2000:]
             try:
@@ -74,7 +74,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
                         break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, "mlflow server did not start in 180 s"
+            assert time.monotonic() < deadline, "mlflow server did not start in 600 s"
             time.sleep(1)
         yield uri
     finally:
