@@ -7,6 +7,11 @@
    report next to the run.
 3. Prints the test metrics of every task beside what chance would score, and writes them to
    ``{demo.output_dir}/metrics.json``.
+
+The console shows a header (outputs, log file, MLflow store, Ray), the counts, one line per
+epoch and the results; Ray's and the workers' output goes to ``{log_dir}/demo.log`` unless
+``verbose=true``. Each task's run is an MLflow run with its report attached and its best
+checkpoint registered as a version of ``dipro-{task}``.
 """
 
 from __future__ import annotations
