@@ -21,6 +21,10 @@ At the end the best round's checkpoint is scored on ``server.test_split`` with
 ``dipro.evaluation.evaluate_checkpoint`` and ``{out_dir}/metrics.json`` is written with the keys
 of a central run's (``task``, ``run_name``, ``seed``, ``best_checkpoint``, ``val``, ``test``)
 plus the federated ones.
+
+With ``tracking.enabled`` the run is one MLflow run (``dipro.tracking``), logged by the server
+only, from what it already holds: the config and dataset identity, each round's metrics as the
+round ends (step = round), the test metrics and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from dipro import checkpoint as ckpt_io
-from dipro import storage
+from dipro import storage, tracking
 from dipro.data.shards import Manifest, list_shards
 from dipro.engine import evaluate
 from dipro.evaluation import evaluate_checkpoint
@@ -89,8 +93,10 @@ class RoundRecorder:
         round_offset: int,
         best_round: int | None,
         best_metric: float | None,
+        tracked: tuple[tracking.Tracker, str] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.tracked = tracked
         self.model = model
         self.quorum = quorum
         self.server_state = server_state
@@ -148,14 +154,19 @@ class RoundRecorder:
         if run_round > 0:
             self._checkpoint(run_round, val)
         self._append(record)
+        if self.tracked is not None:
+            self.tracked[0].log_history(self.tracked[1], [record], "round")
         monitor = cfg["task"]["monitor"]
         logger.info(
-            "round %d: %s %.4f (best %s at round %s)",
+            "round %d: train loss %.4f  val loss %.4f  %s %.4f (best %s at round %s)  %.1f s",
             run_round,
+            record.get("train/loss", math.nan),
+            val.get("val/loss", math.nan),
             monitor,
             val.get(monitor, math.nan),
-            self.best_metric,
+            "n/a" if self.best_metric is None else f"{self.best_metric:.4f}",
             self.best_round,
+            record["seconds"],
         )
         return MetricRecord({k: v for k, v in val.items() if "/per_finding/" not in k})
 
@@ -229,6 +240,13 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
             server_state.load_state_dict(training["optimizer"])
         logger.info("resuming %s after round %d of %d", cfg["run_name"], done, num_rounds)
 
+    tracked = None
+    tracker = tracking.open_tracker(cfg)
+    if tracker is not None:
+        run_id = tracker.run(str(cfg["out_dir"]), str(cfg["run_name"]), "federated")
+        dataset = tracking.dataset_identity(str(cfg["server"]["data_root"]), manifest.to_dict())
+        tracker.log_params(run_id, {**tracking.flatten(cfg), **dataset})
+        tracked = (tracker, run_id)
     recorder = RoundRecorder(
         cfg,
         manifest,
@@ -238,6 +256,7 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
         round_offset=done,
         best_round=best_round,
         best_metric=best_metric,
+        tracked=tracked,
     )
     if done < num_rounds:
         config = train_config_record(sites_cfg, done)
@@ -250,7 +269,15 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
             evaluate_config=train_config_record(sites_cfg, done),
             evaluate_fn=recorder,
         )
-    return write_report(cfg)
+    result = write_report(cfg)
+    if tracked is not None:
+        tracker, run_id = tracked
+        rounds = tracking.read_jsonl(storage.join(result.out_dir, ROUND_METRICS_FILE))
+        tracker.log_history(run_id, rounds, "round")
+        tracker.log_summary(run_id, result.test_metrics or {}, "test/")
+        tracker.log_files(run_id, [storage.join(result.out_dir, REPORT_FILE)], None)
+        tracker.finish(run_id)
+    return result
 
 
 def write_report(cfg: Mapping[str, Any]) -> FederatedResult:

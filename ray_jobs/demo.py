@@ -7,6 +7,11 @@
    report next to the run.
 3. Prints the test metrics of every task beside what chance would score, and writes them to
    ``{demo.output_dir}/metrics.json``.
+
+The console shows a header (outputs, log file, MLflow store, Ray), the counts, one line per
+epoch and the results; Ray's and the workers' output goes to ``{log_dir}/demo.log`` unless
+``verbose=true``. Each task's run is an MLflow run with its report attached and its best
+checkpoint registered as a version of ``dipro-{task}``.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dipro import storage, vocab
+from dipro import storage, tracking, vocab
 from dipro.data.shards import Manifest, read_manifest
 from dipro.data.synthetic import SyntheticConfig, generator_info, write_synthetic_dataset
+from ray_jobs.console import say, session
 from ray_jobs.evaluate import write_run_report
 from ray_jobs.train import ensure_ray, run_training
 
@@ -83,8 +89,8 @@ def prepare_data(data_cfg: Mapping[str, Any]) -> dict[str, Manifest]:
     root = ensure_synthetic_data(data_cfg)
     seconds = time.perf_counter() - start
     manifests = {task: read_manifest(root, task) for task in vocab.TASKS}
-    print(f"synthetic cohort under {root} (ready in {seconds:.1f} s)")
-    print(format_counts(manifests))
+    say(f"synthetic cohort under {root} (ready in {seconds:.1f} s)")
+    say(format_counts(manifests))
     return manifests
 
 
@@ -111,7 +117,7 @@ def run_demo(cfg: DictConfig, overrides: list[str]) -> dict[str, dict[str, float
     ensure_ray(cfg)
     results: dict[str, dict[str, float]] = {}
     for task in cfg.demo.tasks:
-        print(f"\n=== {task}: training on Ray ===", flush=True)
+        say(f"\n=== {task}: training on Ray ===")
         task_cfg = compose(
             "train",
             overrides=[f"task={task}", f"+experiment={cfg.demo.experiment}", *overrides],
@@ -120,22 +126,23 @@ def run_demo(cfg: DictConfig, overrides: list[str]) -> dict[str, dict[str, float
         started = time.perf_counter()
         result = run_training(task_cfg)
         report = write_run_report(result.run_dir)
+        tracker = tracking.open_tracker(task_cfg)
+        if tracker is not None and result.mlflow_run is not None:
+            tracker.log_dir(result.mlflow_run, report.parent, "report")
         results[task] = dict(result.test_metrics or {})
-        print(
-            f"=== {task}: done in {time.perf_counter() - started:.0f} s; report {report} ===",
-            flush=True,
-        )
+        say(f"=== {task}: done in {time.perf_counter() - started:.0f} s; report {report} ===")
     summary = storage.join(str(cfg.demo.output_dir), "metrics.json")
     storage.write_bytes_atomic(summary, json.dumps(results, indent=2).encode())
-    print("\ntest metrics of the best checkpoints")
-    print(_summary_table(results))
-    print(f"written to {summary}")
+    say("\ntest metrics of the best checkpoints")
+    say(_summary_table(results))
+    say(f"written to {summary}")
     return results
 
 
 @hydra.main(config_path="../configs", config_name="demo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_demo(cfg, [o for o in HydraConfig.get().overrides.task if not o.startswith("demo.")])
+    with session(cfg, "demo", str(cfg.demo.output_dir)):
+        run_demo(cfg, [o for o in HydraConfig.get().overrides.task if not o.startswith("demo.")])
 
 
 if __name__ == "__main__":

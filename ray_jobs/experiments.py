@@ -16,7 +16,9 @@ best checkpoint scored again on the test split.
 Each run is an ordinary training run named ``{cfg.name}-{variant}-seed{seed}`` under
 ``storage_path``; a run whose ``metrics.json`` already holds test metrics is reused
 (``reuse_finished``), so a study stopped halfway continues where it stopped. The tables go to
-``cfg.out_dir`` as ``{mode}.md`` and ``{mode}.json``, written atomically.
+``cfg.out_dir`` as ``{mode}.md`` and ``{mode}.json``, written atomically. In MLflow the study is
+one parent run (its settings and both tables) with every training run, reused ones included,
+as a child.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from dipro import storage
+from dipro import storage, tracking
 from dipro.config import TRAIN_SCHEMA, ConfigError, exit_with_error, validate
-from dipro.data.shards import list_shards
+from dipro.data.shards import list_shards, read_manifest
 from dipro.evaluation import evaluate_checkpoint
 from dipro.metrics import (
     TASK_METRICS,
@@ -46,6 +48,7 @@ from dipro.metrics import (
     paired_bootstrap_difference,
 )
 from dipro.report import SummaryRow, summary_table, write_json, write_text
+from ray_jobs.console import say, session
 from ray_jobs.train import run_training
 
 FULL_MODEL = "dipro"
@@ -133,26 +136,48 @@ def _finished(run_cfg: DictConfig, run_dir: str) -> dict[str, Any] | None:
     return summary
 
 
-def train_run(cfg: DictConfig, variant: str, seed: int, ablation: Mapping[str, bool]) -> RunRecord:
-    """Train and test ``variant`` with ``seed`` (or reuse the finished run of that name)."""
+def _study_run(cfg: DictConfig, mode: str) -> tuple[tracking.Tracker, str] | None:
+    """The MLflow run that groups a study's runs (None when tracking is off)."""
+    tracker = tracking.open_tracker(cfg)
+    if tracker is None:
+        return None
+    study_dir = storage.join(os.fspath(cfg.out_dir), mode)
+    parent = tracker.run(study_dir, f"{cfg.name}-{mode}", mode)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tracker.log_params(parent, tracking.flatten({"study": {k: resolved[k] for k in _STUDY_KEYS}}))
+    return tracker, parent
+
+
+def train_run(
+    cfg: DictConfig,
+    variant: str,
+    seed: int,
+    ablation: Mapping[str, bool],
+    study: tuple[tracking.Tracker, str] | None = None,
+) -> RunRecord:
+    """Train and test ``variant`` with ``seed`` (or reuse the finished run of that name); its
+    MLflow run goes under the ``study`` run."""
     run_cfg = _run_config(cfg, variant, seed, ablation)
     run_dir = storage.join(run_cfg.storage_path, run_cfg.run_name)
     started = time.monotonic()
     done = _finished(run_cfg, run_dir) if cfg.reuse_finished else None
     if done is None:
-        result = run_training(run_cfg)
+        result = run_training(run_cfg, tracking_parent=study[1] if study else None)
         if result.test_metrics is None:
             raise ConfigError(f"run {run_cfg.run_name} has no test split to report")
         test = result.test_metrics
     else:
         test = done["test"]
+        if study is not None:
+            manifest = read_manifest(run_cfg.data.root, run_cfg.task.name).to_dict()
+            resolved = OmegaConf.to_container(run_cfg, resolve=True)
+            tracking.track_training(study[0], resolved, manifest, parent=study[1])
     seconds = time.monotonic() - started
     metric = cfg.task.monitor.removeprefix("val/")
-    print(
+    say(
         f"[{cfg.name}] {variant} seed {seed}: "
         + ("reused" if done is not None else f"trained in {seconds:.0f} s")
-        + f", test {metric} {test.get(metric, math.nan):.4f}",
-        flush=True,
+        + f", test {metric} {test.get(metric, math.nan):.4f}"
     )
     return RunRecord(variant, seed, run_dir, test, done is not None, seconds)
 
@@ -215,6 +240,7 @@ def _write_study(
     records: list[RunRecord],
     notes: list[str],
     extra: Mapping[str, Any] | None = None,
+    study: tuple[tracking.Tracker, str] | None = None,
 ) -> Path:
     task = cfg.task.name
     table, data = summary_table(task, rows)
@@ -272,6 +298,10 @@ def _write_study(
     write_json(storage.join(out_dir, f"{mode}.json"), payload)
     path = storage.join(out_dir, f"{mode}.md")
     write_text(path, "\n".join(lines))
+    if study is not None:
+        tracker, parent = study
+        tracker.log_files(parent, [path, storage.join(out_dir, f"{mode}.json")], None)
+        tracker.finish(parent)
     return Path(path)
 
 
@@ -280,9 +310,10 @@ def run_seeds(cfg: DictConfig) -> Path:
     ``seeds.json`` (mean ± std table in the paper's layout); returns the markdown path."""
     for seed in cfg.seeds:
         _run_config(cfg, FULL_MODEL, int(seed), {})
-    records = [train_run(cfg, FULL_MODEL, int(seed), {}) for seed in cfg.seeds]
+    study = _study_run(cfg, "seeds")
+    records = [train_run(cfg, FULL_MODEL, int(seed), {}, study) for seed in cfg.seeds]
     rows = [SummaryRow("DiPro (this run)", [r.test for r in records])]
-    return _write_study(cfg, "seeds", "DiPro over seeds", rows, records, [])
+    return _write_study(cfg, "seeds", "DiPro over seeds", rows, records, [], study)
 
 
 def _is_no_op(task: str, ablation: Mapping[str, bool]) -> bool:
@@ -313,8 +344,11 @@ def run_ablations(cfg: DictConfig) -> Path:
     for name in trained:  # every variant is checked before the first one trains
         _run_config(cfg, name, int(cfg.seeds[0]), ablations[name])
     # Seeds outermost: a study stopped halfway has every variant for its first seeds.
+    study = _study_run(cfg, "ablations")
     records = [
-        train_run(cfg, name, int(seed), ablations[name]) for seed in cfg.seeds for name in trained
+        train_run(cfg, name, int(seed), ablations[name], study)
+        for seed in cfg.seeds
+        for name in trained
     ]
     rows, notes = [], []
     results = _variant_results(cfg, trained, records)
@@ -342,7 +376,9 @@ def run_ablations(cfg: DictConfig) -> Path:
                 )
             )
     extra = {"variants": _json_safe(results)}
-    return _write_study(cfg, "ablations", "DiPro and its ablations", rows, records, notes, extra)
+    return _write_study(
+        cfg, "ablations", "DiPro and its ablations", rows, records, notes, extra, study
+    )
 
 
 def _json_safe(obj: Any) -> Any:
@@ -402,7 +438,8 @@ def run_experiment(cfg: DictConfig) -> Path:
 @hydra.main(config_path="../configs", config_name="experiments", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        path = run_experiment(cfg)
+        with session(cfg, f"{cfg.name}-{cfg.mode}", os.fspath(cfg.out_dir)):
+            path = run_experiment(cfg)
     except ConfigError as err:
         exit_with_error("configuration", err)
     print(f"table written to {path}")

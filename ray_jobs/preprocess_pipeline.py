@@ -39,6 +39,7 @@ from dipro.data.mimic.cohort import CohortRules
 from dipro.data.mimic.images import RegionFeatureExtractor, crop_regions
 from dipro.data.mimic.readers import RawDataError
 from dipro.data.shards import Manifest, write_dataset
+from ray_jobs.console import Progress
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,8 @@ def build_region_cache(
         )
     tmp = {p: p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in (values_path, present_path)}
     values = present = None
-    done, next_report = 0, 0
+    done = 0
+    progress = Progress(f"region {settings.mode} pass: images", n)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         failed = [(int(i), e) for i, e in zip(batch["index"], batch["error"], strict=True) if e]
         if failed:
@@ -245,9 +247,7 @@ def build_region_cache(
         values[idx] = batch["values"]
         present[idx] = batch["present"]
         done += idx.size
-        if done >= next_report or done == n:
-            log.info("regions: %d / %d images", done, n)
-            next_report = done + max(1, n // 50)
+        progress.step(idx.size)
     if values is None or present is None or done != n:
         raise RuntimeError(f"region pass returned {done} of {n} images")
     values.flush()

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray.train.torch import TorchTrainer
 
 from dipro import checkpoint as ckpt_io
-from dipro import storage
+from dipro import storage, tracking
 from dipro.config import TRAIN_SCHEMA, ConfigError, exit_with_error, validate
 from dipro.data.schema import SchemaError
 from dipro.data.shards import (
@@ -34,6 +34,7 @@ from dipro.data.shards import (
 )
 from dipro.evaluation import evaluate_checkpoint
 from dipro.losses import ClassWeights
+from ray_jobs.console import follow_epochs, say, session
 from ray_jobs.data import read_split
 from ray_jobs.worker import (
     CHECKPOINT_FILE,
@@ -52,6 +53,7 @@ class TrainingResult:
     best_checkpoint: str
     best_val: dict[str, float]
     test_metrics: dict[str, float] | None
+    mlflow_run: str | None = None
 
 
 def check_config(cfg: DictConfig) -> Manifest:
@@ -195,15 +197,35 @@ def build_trainer(
     )
 
 
+def local_num_cpus(cfg: DictConfig) -> int:
+    """Logical CPUs of an in-process Ray: ``ray_num_cpus``, else all cores but at least the
+    Train workers' CPUs (each rounded up to a whole CPU) plus one for Ray Data's read tasks and
+    one for drivers and evaluation tasks.
+
+    Ray Data's resource coordinator counts a Train worker's CPU reservation rounded up to a
+    whole CPU (0.5 counts as 1); on a 2-core machine two workers would leave Ray Data no CPU
+    ("Cluster resources are not enough to run any task from ...ReadParquet"): the reads still
+    run, on the CPU Ray core has left, but Ray Data plans them with a zero budget.
+    """
+    if cfg.get("ray_num_cpus"):
+        return int(cfg.ray_num_cpus)
+    per_worker = math.ceil(float(cfg.scaling.resources_per_worker.get("CPU", 1)))
+    return max(os.cpu_count() or 1, int(cfg.scaling.num_workers) * per_worker + 2)
+
+
 def ensure_ray(cfg: DictConfig) -> None:
-    """Connect to the configured cluster (or RAY_ADDRESS), or start Ray in-process."""
+    """Connect to the configured cluster (or RAY_ADDRESS), or start Ray in-process; say where
+    Ray's dashboard and logs are."""
     if ray.is_initialized():
         return
     address = cfg.get("ray_address") or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=cfg.get("ray_num_cpus"))
+    context = ray.init(address=address) if address else ray.init(num_cpus=local_num_cpus(cfg))
+    where = f"connected to {address}" if address else "started in-process"
+    say(
+        f"Ray:     {where}, {int(ray.cluster_resources().get('CPU', 0))} CPUs; its logs in "
+        f"{context.address_info['session_dir']}/logs"
+        + (f", dashboard http://{context.dashboard_url}" if context.dashboard_url else "")
+    )
 
 
 def _checkpoint_uri(cfg: DictConfig, checkpoint_path: str) -> str:
@@ -265,12 +287,24 @@ def _best_loadable(
     raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint that loads")
 
 
-def run_training(cfg: DictConfig) -> TrainingResult:
-    """Train (or resume) ``cfg.run_name``; evaluate its best checkpoint on the test split."""
+def _note_random_backbone(cfg: DictConfig) -> None:
+    if cfg.model.region_mode == "crops" and cfg.model.get("pretrained_weights") is None:
+        say(
+            f"[{cfg.task.name}] note: the {cfg.model.backbone} backbone starts from random "
+            f"weights; pass model.pretrained_weights=/path/to/{cfg.model.backbone}.pth (a "
+            "torchvision state dict) to start from pretrained ones"
+        )
+
+
+def run_training(cfg: DictConfig, tracking_parent: str | None = None) -> TrainingResult:
+    """Train (or resume) ``cfg.run_name``; evaluate its best checkpoint on the test split;
+    track the run in MLflow (under the run ``tracking_parent`` when given)."""
     manifest = check_config(cfg)
     ensure_ray(cfg)
+    _note_random_backbone(cfg)
     try:
-        result = build_trainer(cfg, manifest).fit()
+        with follow_epochs(cfg):
+            result = build_trainer(cfg, manifest).fit()
     except Exception as err:
         bad = data_error(err)
         if bad is None:
@@ -292,13 +326,24 @@ def run_training(cfg: DictConfig) -> TrainingResult:
     storage.write_bytes_atomic(
         storage.join(run_dir(cfg), "metrics.json"), json.dumps(out, indent=2).encode()
     )
-    return TrainingResult(run_dir(cfg), checkpoint_uri, out["val"], test_metrics)
+    last = max(int(best_val["epoch"]), int(result.metrics.get("epoch", 0)))
+    if last < int(cfg.train.max_epochs):
+        say(f"[{cfg.task.name}] stopped early after epoch {last}: no {cfg.task.monitor} gain")
+    mlflow_run = None
+    tracker = tracking.open_tracker(cfg)
+    if tracker is not None:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        mlflow_run = tracking.track_training(
+            tracker, resolved, manifest.to_dict(), parent=tracking_parent
+        )
+    return TrainingResult(run_dir(cfg), checkpoint_uri, out["val"], test_metrics, mlflow_run)
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        result = run_training(cfg)
+        with session(cfg, cfg.run_name, run_dir(cfg)):
+            result = run_training(cfg)
     except ConfigError as err:
         exit_with_error("configuration", err)
     except (SchemaError, ChecksumError) as err:

@@ -38,7 +38,9 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
-from dipro import storage
+from dipro import storage, tracking
+from dipro.data.shards import read_manifest
+from ray_jobs.console import Progress, format_epoch, say, session
 from ray_jobs.train import ConfigError, _checkpoint_uri, build_trainer, check_config, ensure_ray
 from ray_jobs.worker import EPOCH_METRICS_FILE, run_dir
 
@@ -320,6 +322,65 @@ def _write_outputs(cfg: DictConfig, table: pd.DataFrame, keys: list[str]) -> Swe
     )
 
 
+class TrialLines(tune.Callback):
+    """The sweep's console: each trial's epoch line, and a progress line with an ETA as each
+    trial ends."""
+
+    def __init__(self, cfg: DictConfig, total: int) -> None:
+        self.task, self.monitor = str(cfg.task.name), str(cfg.task.monitor)
+        self.max_epochs = int(cfg.train.max_epochs)
+        self.progress = Progress(f"[{cfg.tune.name}] trials done", total, every_s=0)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+        say(
+            f"trial {trial.trial_id}: "
+            + format_epoch(self.task, result, self.max_epochs, self.monitor)
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info):
+        last = trial.last_result or {}
+        self.progress.step(
+            note=f"(trial {trial.trial_id}: {self.monitor} {last.get(self.monitor, math.nan):.4f})"
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info):
+        self.progress.step(note=f"(trial {trial.trial_id} failed; see the log)")
+
+
+def _track_sweep(cfg: DictConfig, result: SweepResult, table: pd.DataFrame) -> str | None:
+    """The sweep as one MLflow run (its settings, best value, tables and best config) with one
+    child run per trial (the trial's config and its Train run's epoch metrics)."""
+    tracker = tracking.open_tracker(cfg)
+    if tracker is None:
+        return None
+    parent = tracker.run(result.sweep_dir, str(cfg.tune.name), "sweep")
+    settings = OmegaConf.to_container(cfg.tune, resolve=True)
+    tracker.log_params(parent, tracking.flatten({"tune": settings}))
+    tracker.log_summary(
+        parent, {f"best/{cfg.task.monitor}": result.best_value, "trials": result.num_trials}, ""
+    )
+    tracker.log_files(
+        parent,
+        [
+            storage.join(result.sweep_dir, f)
+            for f in ("trials.csv", "trials.md", "best.yaml", "best.json")
+        ],
+        None,
+    )
+    manifest = read_manifest(cfg.data.root, cfg.task.name).to_dict()
+    keys = list(cfg.tune.space)
+    for row in table.to_dict("records"):
+        trial_cfg = apply_overrides(cfg, {k: row[k] for k in keys})
+        trial_cfg.run_name = f"{cfg.tune.name}-{row['trial_id']}"
+        resolved = OmegaConf.to_container(trial_cfg, resolve=True)
+        resolved.pop("tune")
+        tracking.track_training(
+            tracker, resolved, manifest, parent=parent, register=False, kind="trial"
+        )
+    tracker.finish(parent)
+    return parent
+
+
 def run_sweep(cfg: DictConfig, callbacks: list[tune.Callback] | None = None) -> SweepResult:
     """Run (or resume) the sweep ``cfg.tune.name``; write its best config and trial table.
 
@@ -357,7 +418,7 @@ def run_sweep(cfg: DictConfig, callbacks: list[tune.Callback] | None = None) -> 
                 name=name,
                 storage_path=str(cfg.storage_path),
                 verbose=int(cfg.tune.verbose),
-                callbacks=callbacks,
+                callbacks=[TrialLines(cfg, _expected_trials(cfg)), *(callbacks or [])],
                 failure_config=tune.FailureConfig(max_failures=int(cfg.tune.max_failures)),
             ),
         )
@@ -369,13 +430,16 @@ def run_sweep(cfg: DictConfig, callbacks: list[tune.Callback] | None = None) -> 
             f"again with tune.name={name} to resume"
         )
     table = _trial_rows(cfg, results, list(space))
-    return _write_outputs(cfg, table, list(space))
+    result = _write_outputs(cfg, table, list(space))
+    _track_sweep(cfg, result, table)
+    return result
 
 
 @hydra.main(config_path="../configs", config_name="tune", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        result = run_sweep(cfg)
+        with session(cfg, str(cfg.tune.name), storage.join(cfg.storage_path, cfg.tune.name)):
+            result = run_sweep(cfg)
     except ConfigError as err:
         sys.exit(f"configuration error: {err}")
     except SweepInterrupted as err:

@@ -211,6 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             max_steps=train_cfg.get("max_steps_per_epoch"),
             on_step=_fault_hook(cfg, epoch, rank, world),
         )
+        train_seconds = time.monotonic() - started
         local_metrics, local_preds = evaluate(
             model,
             iter_batches(
@@ -231,6 +232,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 len(local_preds),
                 ray.get_runtime_context().get_node_id(),
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                stats.get("samples", 0),
             )
         )
         predictions = Predictions.concatenate([Predictions.from_arrays(g[0]) for g in gathered])
@@ -239,6 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {f"val/{k}": v for k, v in compute_metrics(predictions).items()}
         metrics["val/loss"] = val_loss
         metrics.update({f"train/{k}": v for k, v in stats.items()})
+        metrics["train/samples_per_s"] = sum(g[5] for g in gathered) / max(train_seconds, 1e-9)
         metrics["epoch"] = epoch
         metrics["epoch_seconds"] = time.monotonic() - started
 
@@ -249,7 +252,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             bad_epochs += 1
         stopped = patience is not None and bad_epochs >= int(patience)
         metrics[f"best/{monitor}"] = best if best is not None else math.nan
-        best_text = "n/a" if best is None else f"{best:.4f}"
 
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -277,15 +279,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "worker_max_rss_mb": [round(g[4], 1) for g in gathered],
                     },
                 )
-                print(
-                    f"[{task}] epoch {epoch}/{max_epochs}  train loss {stats['loss']:.4f}  "
-                    f"val loss {val_loss:.4f}  {monitor} {value:.4f} (best {best_text})  "
-                    f"{metrics['epoch_seconds']:.1f}s",
-                    flush=True,
-                )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
         if stopped:
-            if rank == 0:
-                print(f"[{task}] early stop: no {monitor} gain for {patience} epochs", flush=True)
             break

@@ -250,7 +250,8 @@ def build_model(model_cfg: Mapping[str, Any], task: str) -> DiPro:
         if cfg["pretrained_weights"] is None:
             warnings.warn(
                 f"model config: no pretrained_weights given; the {cfg['backbone']} backbone starts "
-                "from random weights",
+                "from random weights (set model.pretrained_weights to a local torchvision state "
+                "dict file to start from pretrained ones)",
                 UserWarning,
                 stacklevel=2,
             )

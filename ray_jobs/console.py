@@ -1,0 +1,165 @@
+"""What a person sees while a job runs: a short header, one line per epoch (or trial, or round)
+and the results; everything else (Ray's own logging, the workers' output) goes to the job's
+log file, unless ``verbose=true``.
+
+``session(cfg, name)`` opens the job's console: it prints the header (where the outputs, the
+log file and the MLflow store are) and, unless ``cfg.verbose``, sends the process's stdout and
+stderr to ``{log_dir}/{name}.log``. Ray forwards every worker's and actor's output to the
+driver (``ray.init(log_to_driver=True)``, the default) and the driver writes it to its
+stdout/stderr; the stream handlers of Ray's, Ray Data's and MLflow's loggers are pointed at the
+log file too. So the log file holds everything the console showed before, in order; ``say``
+writes to the console.
+
+``follow_epochs`` prints the epoch lines of a training run while ``fit()`` runs, from the
+``epoch_metrics.jsonl`` that rank 0 writes (the run directory is the source of truth, so the
+same line comes out for a run on one laptop or on a cluster with remote storage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, TextIO
+
+from dipro import storage
+from dipro.tracking import EPOCH_METRICS_FILE, TrackingSettings, read_jsonl
+
+_console: TextIO | None = None  # the terminal while a session sends stdout to its log file
+
+
+def say(line: str) -> None:
+    """Print one line for people (to the terminal, also while stdout goes to the log file)."""
+    stream = _console or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
+def log_file(cfg: Mapping[str, Any], name: str) -> str:
+    """``{log_dir}/{name}.log`` (``outputs/logs`` for a config from before ``log_dir``)."""
+    return os.path.join(str(cfg.get("log_dir") or os.path.join("outputs", "logs")), f"{name}.log")
+
+
+@contextlib.contextmanager
+def session(cfg: Mapping[str, Any], name: str, outputs: str) -> Iterator[None]:
+    """The console of one job: a header naming ``outputs``, the log file and the MLflow store;
+    stdout and stderr go to the log file unless ``cfg.verbose`` (then everything shows)."""
+    global _console
+    verbose = bool(cfg.get("verbose", False))
+    path = log_file(cfg, name)
+    tracking = TrackingSettings.from_config(cfg)
+    if _console is not None or verbose:  # a session inside a session (the demo) shares it
+        say(f"outputs: {outputs}")
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    say(f"outputs: {outputs}")
+    say(f"log:     {path} (Ray's and the workers' output; verbose=true shows it here)")
+    say(f"MLflow:  {tracking.describe()}")
+    with open(path, "a", buffering=1) as log:
+        log.write(f"\n===== {name} {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
+        terminal = (sys.stdout, sys.stderr)
+        _console = sys.stdout
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                _point_handlers(terminal, log)
+                yield
+        finally:
+            _point_handlers((log,), terminal[1])
+            _console = None
+
+
+def _point_handlers(streams: tuple[TextIO, ...], target: TextIO) -> None:
+    """Point every logging stream handler that writes to one of ``streams`` at ``target`` (Ray's
+    and MLflow's loggers keep the stream they were made with)."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and not isinstance(handler, logging.FileHandler)
+                and any(handler.stream is s for s in streams)
+            ):
+                handler.setStream(target)
+
+
+def _fmt(value: Any) -> str:
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else (f"{value:.4f}")
+    )
+
+
+def format_epoch(task: str, record: Mapping[str, Any], max_epochs: int, monitor: str) -> str:
+    """``[task] epoch 3/4  train loss 0.6931  val loss 0.6812  val/auroc 0.7012 (best 0.7100)
+    12.4 s  85 samples/s``."""
+    rate = record.get("train/samples_per_s")
+    return (
+        f"[{task}] epoch {int(record['epoch'])}/{max_epochs}  "
+        f"train loss {_fmt(record.get('train/loss'))}  val loss {_fmt(record.get('val/loss'))}  "
+        f"{monitor} {_fmt(record.get(monitor))} (best {_fmt(record.get(f'best/{monitor}'))})  "
+        f"{float(record.get('epoch_seconds', math.nan)):.1f} s"
+        + (f"  {rate:.0f} samples/s" if isinstance(rate, int | float) else "")
+    )
+
+
+@contextlib.contextmanager
+def follow_epochs(cfg: Mapping[str, Any], interval_s: float = 1.0) -> Iterator[None]:
+    """Print each new epoch of the run ``cfg`` while the body runs (and the last ones after)."""
+    uri = storage.join(str(cfg["storage_path"]), str(cfg["run_name"]), EPOCH_METRICS_FILE)
+    task, monitor = str(cfg["task"]["name"]), str(cfg["task"]["monitor"])
+    max_epochs = int(cfg["train"]["max_epochs"])
+    seen = {int(r["epoch"]) for r in read_jsonl(uri)}
+    if seen:
+        say(f"[{task}] resuming after epoch {max(seen)}")
+    done = threading.Event()
+
+    def show_new() -> None:
+        for record in read_jsonl(uri):
+            if int(record["epoch"]) not in seen:
+                seen.add(int(record["epoch"]))
+                say(format_epoch(task, record, max_epochs, monitor))
+
+    def poll() -> None:
+        while not done.wait(interval_s):
+            with contextlib.suppress(OSError, ValueError):  # a file being replaced
+                show_new()
+
+    thread = threading.Thread(target=poll, name="epoch-lines", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        show_new()
+
+
+class Progress:
+    """``label i/n (elapsed, ETA)`` lines for long work, at most one per ``every_s`` seconds
+    (and always the last)."""
+
+    def __init__(self, label: str, total: int, every_s: float = 10.0) -> None:
+        self.label, self.total, self.every_s = label, max(int(total), 1), every_s
+        self.started = self._shown = time.monotonic()
+        self.done = 0
+
+    def step(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.done < self.total and now - self._shown < self.every_s:
+            return
+        self._shown = now
+        elapsed = now - self.started
+        eta = elapsed / self.done * (self.total - self.done) if self.done else math.nan
+        say(
+            f"{self.label} {self.done}/{self.total}  {elapsed:.0f} s"
+            + (f", ETA {eta:.0f} s" if self.done < self.total else "")
+            + (f"  {note}" if note else "")
+        )

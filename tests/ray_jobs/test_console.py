@@ -1,0 +1,128 @@
+"""The console of the jobs: the epoch line, following a run's epochs, the log-file session and
+the logical CPUs of an in-process Ray (no Ray started here)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import compose_train
+
+from ray_jobs.console import Progress, follow_epochs, format_epoch, say, session
+from ray_jobs.train import local_num_cpus
+
+RECORD = {
+    "epoch": 3,
+    "train/loss": 0.69312,
+    "val/loss": 0.7,
+    "val/auprc": 0.41234,
+    "best/val/auprc": 0.5,
+    "epoch_seconds": 12.44,
+    "train/samples_per_s": 85.2,
+}
+
+
+def test_epoch_line_holds_losses_monitor_best_seconds_and_rate():
+    line = format_epoch("mortality", RECORD, 4, "val/auprc")
+    assert line == (
+        "[mortality] epoch 3/4  train loss 0.6931  val loss 0.7000  val/auprc 0.4123 "
+        "(best 0.5000)  12.4 s  85 samples/s"
+    )
+    no_best = format_epoch("mortality", {**RECORD, "best/val/auprc": math.nan}, 4, "val/auprc")
+    assert "(best n/a)" in no_best
+
+
+def _cfg(tmp_path: Path, **extra) -> dict:
+    return {
+        "storage_path": str(tmp_path),
+        "run_name": "run",
+        "task": {"name": "mortality", "monitor": "val/auprc"},
+        "train": {"max_epochs": 3},
+        "log_dir": str(tmp_path / "logs"),
+        "tracking": {"enabled": False},
+        **extra,
+    }
+
+
+def test_follow_epochs_prints_each_epoch_once_as_it_is_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    log = run / "epoch_metrics.jsonl"
+
+    def write(epochs: int) -> None:
+        lines = [json.dumps({**RECORD, "epoch": e}) for e in range(1, epochs + 1)]
+        tmp = log.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(log)
+
+    def trainer() -> None:
+        for epochs in (1, 2, 3):
+            write(epochs)
+            time.sleep(0.15)
+
+    with follow_epochs(_cfg(tmp_path), interval_s=0.05):
+        thread = threading.Thread(target=trainer)
+        thread.start()
+        thread.join()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in lines] == ["1/3", "2/3", "3/3"]
+
+
+def test_session_sends_output_to_the_log_file_and_people_lines_to_the_console(tmp_path, capsys):
+    logger = logging.getLogger("ray.test_console")
+    handler = logging.StreamHandler()  # made before the session: bound to the terminal
+    logger.addHandler(handler)
+    try:
+        with session(_cfg(tmp_path), "job", "/out/run"):
+            print("(RayTrainWorker pid=1) Reporting training result 1")
+            logger.warning("Cluster resources are not enough")
+            say("[mortality] epoch 1/3")
+        logger.warning("after the session")
+    finally:
+        logger.removeHandler(handler)
+    captured = capsys.readouterr()
+    assert "Reporting" not in captured.out + captured.err
+    assert "not enough" not in captured.out + captured.err
+    assert "[mortality] epoch 1/3" in captured.out
+    assert captured.out.splitlines()[0] == "outputs: /out/run"
+    assert "after the session" in captured.err
+    text = (tmp_path / "logs" / "job.log").read_text()
+    assert "Reporting training result 1" in text and "Cluster resources" in text
+
+
+def test_verbose_session_keeps_everything_on_the_console(tmp_path, capsys):
+    with session(_cfg(tmp_path, verbose=True), "job", "/out/run"):
+        print("worker output")
+    assert "worker output" in capsys.readouterr().out
+    assert not (tmp_path / "logs").exists()
+
+
+def test_progress_prints_an_eta(capsys, monkeypatch):
+    clock = iter([0.0, 10.0, 20.0, 30.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    progress = Progress("pass", 3, every_s=0)
+    progress.step()
+    progress.step()
+    progress.step()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["pass 1/3  10 s, ETA 20 s", "pass 2/3  20 s, ETA 10 s", "pass 3/3  30 s"]
+
+
+@pytest.mark.parametrize(
+    ("cores", "overrides", "expected"),
+    [
+        (2, [], 4),  # two workers x 1 CPU + Ray Data's read + drivers/evaluation
+        (16, [], 16),
+        (2, ["scaling.resources_per_worker.CPU=0.5"], 4),  # Ray Data rounds 0.5 up to 1
+        (2, ["scaling.num_workers=1"], 3),
+        (2, ["ray_num_cpus=2"], 2),
+    ],
+)
+def test_in_process_ray_leaves_ray_data_a_whole_cpu(monkeypatch, cores, overrides, expected):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert local_num_cpus(compose_train(overrides)) == expected
