@@ -33,7 +33,13 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from dipro import vocab
-from dipro.data.mimic.build import PreparedCohort, RawPaths, SampleSpec, prepare_samples
+from dipro.data.mimic.build import (
+    PreparedCohort,
+    RawPaths,
+    SampleSpec,
+    mimic_provenance,
+    prepare_samples,
+)
 from dipro.data.mimic.cohort import CohortRules
 from dipro.data.mimic.images import RegionFeatureExtractor, crop_regions
 from dipro.data.mimic.readers import RawDataError
@@ -237,10 +243,13 @@ def build_region_cache(
 
 
 def _records(
-    specs: list[SampleSpec], cache: RegionCache, settings: RegionSettings
+    specs: list[SampleSpec],
+    cache: RegionCache,
+    settings: RegionSettings,
+    provenance: dict[str, str],
 ) -> Iterator[dict[str, Any]]:
     for spec in sorted(specs, key=lambda s: s.record["sample_id"]):
-        yield {**spec.record, **cache.region_fields(spec.dicom_ids, settings)}
+        yield {**spec.record, **provenance, **cache.region_fields(spec.dicom_ids, settings)}
 
 
 def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
@@ -255,6 +264,7 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
     settings = RegionSettings(**OmegaConf.to_container(cfg.regions, resolve=True))
     if settings.mode not in ("crops", "features"):
         raise ValueError(f"regions.mode={settings.mode!r}; expected 'crops' or 'features'")
+    provenance = mimic_provenance(OmegaConf.to_container(cfg.raw.versions, resolve=True))
     tasks = list(cfg.tasks)
     for task in tasks:
         if task not in vocab.TASKS:
@@ -279,6 +289,7 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
     cache = build_region_cache(prepared, settings, output_root / "_cache")
     generator = {
         "name": "mimic",
+        "versions": provenance["source_version"],
         "cohort_counts": prepared.counts.stages,
         "missing_images": prepared.counts.missing_images,
         "missing_scene_graphs": prepared.counts.missing_scene_graphs,
@@ -292,7 +303,7 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
     manifests = {}
     for task in tasks:
         manifests[task] = write_dataset(
-            _records(prepared.samples[task], cache, settings),
+            _records(prepared.samples[task], cache, settings, provenance),
             output_root,
             task,
             rows_per_file=int(cfg.rows_per_file),

@@ -4,8 +4,10 @@ Input is the form both Ray Data (``iter_torch_batches`` with a numpy collate) an
 reader (``dipro.data.shards``) hand over: one numpy array per column, where a list or binary
 column is an object array of per-row values (or a 2-D array when every row has the same length).
 
-Padding: CXRs are padded at the end to the batch's longest T, EHR hours to the longest L (at
-least 1). Mask convention: True = valid / present.
+Padding: CXRs are padded at the end to the batch's longest T (at least 2, so that a record
+with a single CXR, valid for prediction only, has one pair slot with ``pair_mask`` False), EHR
+hours to the longest L (at least 1). Labels that a record lacks (an inference dataset) become
+"not mentioned" / IGNORE_INDEX. Mask convention: True = valid / present.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def collate(columns: Mapping[str, np.ndarray], stats: NormStats | None = None) -
     cxr_times = _rows(columns["cxr_times"])
     B = len(cxr_times)
     Ts = np.array([len(t) for t in cxr_times])
-    T = int(Ts.max())
+    T = max(2, int(Ts.max()))
     P = T - 1
     ehr_times = _rows(columns["ehr_times"])
     Ls = np.array([len(t) for t in ehr_times])
@@ -146,7 +148,8 @@ def collate(columns: Mapping[str, np.ndarray], stats: NormStats | None = None) -
         out_cxr_times[b, :t] = cxr_times[b]
         cxr_mask[b, :t] = True
         region_present[b, :t] = presence[b].reshape(t, R)
-        region_labels[b, : t - 1] = labels[b].reshape(t - 1, R, K)
+        if labels[b] is not None:
+            region_labels[b, : t - 1] = labels[b].reshape(t - 1, R, K)
         out_ehr_times[b, :n] = ehr_times[b]
         ehr_mask[b, :n] = True
         ehr_values[b, :n] = (values[b].reshape(n, V) - stats.ehr_mean) / stats.ehr_std

@@ -25,10 +25,23 @@ flattened row-major, with their leading sizes implied by other columns:
 | progression    | list<int8> (n.)    | [K]                | finding-level codes (progression)  |
 | mortality      | int8 (nullable)    |                    | in-hospital death 0/1              |
 | los_days       | float32 (nullable) |                    | ICU length of stay in days         |
+| dicom_ids      | list<string> (n.)  | [T]                | MIMIC-CXR dicom_id of each CXR     |
+| study_ids      | list<int64> (n.)   | [T]                | MIMIC-CXR study_id of each CXR     |
+| source         | string (nullable)  |                    | "synthetic" or "mimic"             |
+| source_version | string (nullable)  |                    | generator / dataset versions       |
 
 T >= 2 CXRs, P = T - 1 pairs, R = 10 regions, K = 7 findings, V = 38 EHR variables, G = 17
 demographic features; L >= 0 EHR hours. Exactly one of ``crops`` / ``features`` is set in a
 dataset. The schema version travels in the Arrow schema metadata under ``dipro.schema_version``.
+
+Provenance (version 2): ``dicom_ids`` / ``study_ids`` name the images a record was built from,
+``source`` / ``source_version`` the data set (``synthetic`` with its generator version, or
+``mimic`` with the MIMIC-IV / MIMIC-CXR-JPG / Chest ImaGenome versions). Version-1 shards have
+no provenance columns; :func:`upgrade` gives them null ones, so they still read.
+
+Labels are required for training and evaluation. For prediction (``validate(...,
+labels_required=False)``) a record may have no labels (null ``progression``, ``mortality``,
+``los_days``, ``region_labels``), and a mortality / length-of-stay record may have a single CXR.
 """
 
 from __future__ import annotations
@@ -41,8 +54,8 @@ import pyarrow as pa
 
 from dipro import vocab
 
-SCHEMA_VERSION: Final[int] = 1
-KNOWN_SCHEMA_VERSIONS: Final[frozenset[int]] = frozenset({1})
+SCHEMA_VERSION: Final[int] = 2
+KNOWN_SCHEMA_VERSIONS: Final[frozenset[int]] = frozenset({1, 2})
 VERSION_KEY: Final[bytes] = b"dipro.schema_version"
 
 REGION_MODES: Final[tuple[str, ...]] = ("crops", "features")
@@ -68,7 +81,12 @@ _FIELDS: Final[list[pa.Field]] = [
     pa.field("progression", pa.list_(pa.int8())),
     pa.field("mortality", pa.int8()),
     pa.field("los_days", pa.float32()),
+    pa.field("dicom_ids", pa.list_(pa.string())),
+    pa.field("study_ids", pa.list_(pa.int64())),
+    pa.field("source", pa.string()),
+    pa.field("source_version", pa.string()),
 ]
+PROVENANCE_COLUMNS: Final[tuple[str, ...]] = ("dicom_ids", "study_ids", "source", "source_version")
 
 SCHEMA: Final[pa.Schema] = pa.schema(
     _FIELDS, metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()}
@@ -160,10 +178,24 @@ def schema_version_of(schema: pa.Schema, source: str = "<memory>") -> int:
     return version
 
 
-def validate(table: pa.Table, source: str = "<memory>") -> None:
+def upgrade(table: pa.Table, source: str = "<memory>") -> pa.Table:
+    """``table`` in the current schema version: a version-1 table gets null provenance columns."""
+    version = schema_version_of(table.schema, source)
+    if version == SCHEMA_VERSION:
+        return table
+    for name in PROVENANCE_COLUMNS:
+        if name not in table.column_names:
+            field = SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    meta = {**(table.schema.metadata or {}), VERSION_KEY: str(SCHEMA_VERSION).encode()}
+    return table.replace_schema_metadata(meta)
+
+
+def validate(table: pa.Table, source: str = "<memory>", *, labels_required: bool = True) -> None:
     """Check every record of ``table`` against the contract; raise SchemaError on the first fault.
 
     The error names ``source`` (the shard), the record's subject/stay id and the field.
+    ``labels_required=False``: the rules of an inference dataset (module docstring).
     """
     schema_version_of(table.schema, source)
     for f in SCHEMA:
@@ -174,7 +206,7 @@ def validate(table: pa.Table, source: str = "<memory>") -> None:
             raise SchemaError(f"has type {actual}, expected {f.type}", source=source, field=f.name)
     rows = table.to_pylist()
     for row in rows:
-        _validate_row(row, source)
+        _validate_row(row, source, labels_required)
 
 
 def _fail(row: Mapping[str, Any], source: str, field: str, message: str) -> SchemaError:
@@ -193,7 +225,7 @@ def _check_array(
     return arr
 
 
-def _validate_row(row: Mapping[str, Any], source: str) -> None:
+def _validate_row(row: Mapping[str, Any], source: str, labels_required: bool) -> None:
     R, K, V, G = vocab.NUM_REGIONS, vocab.NUM_FINDINGS, vocab.NUM_EHR, vocab.NUM_DEMOGRAPHICS
     for name in ("sample_id", "subject_id", "stay_id", "hospital", "split", "task"):
         if row[name] is None:
@@ -206,8 +238,9 @@ def _validate_row(row: Mapping[str, Any], source: str) -> None:
 
     times = np.asarray(row["cxr_times"] or [], dtype=np.float64)
     T = times.size
-    if T < 2:
-        raise _fail(row, source, "cxr_times", f"has {T} CXRs, at least 2 are needed")
+    min_cxrs = 1 if not labels_required and task != "disease_progression" else 2
+    if T < min_cxrs:
+        raise _fail(row, source, "cxr_times", f"has {T} CXRs, at least {min_cxrs} are needed")
     if not np.all(np.isfinite(times)) or np.any(np.diff(times) <= 0):
         raise _fail(row, source, "cxr_times", "times are not finite and strictly increasing")
     P = T - 1
@@ -246,20 +279,30 @@ def _validate_row(row: Mapping[str, Any], source: str) -> None:
     if not np.all(np.isfinite(demo.astype(np.float64))):
         raise _fail(row, source, "demographics", "contains NaN or infinite values")
 
-    region_labels = _check_array(row, source, "region_labels", P * R * K, f"P*R*K = {P}*{R}*{K}")
-    _check_codes(row, source, "region_labels", region_labels)
+    for name in ("dicom_ids", "study_ids"):
+        if row.get(name) is not None:
+            _check_array(row, source, name, T, f"T = {T}")
+
+    if labels_required or row["region_labels"] is not None:
+        region_labels = _check_array(
+            row, source, "region_labels", P * R * K, f"P*R*K = {P}*{R}*{K}"
+        )
+        _check_codes(row, source, "region_labels", region_labels)
 
     if task == "disease_progression":
         if T != 2:
             raise _fail(row, source, "cxr_times", f"a progression sample has 2 CXRs, not {T}")
-        codes = _check_array(row, source, "progression", K, f"K = {K}")
-        _check_codes(row, source, "progression", codes)
+        if labels_required or row["progression"] is not None:
+            codes = _check_array(row, source, "progression", K, f"K = {K}")
+            _check_codes(row, source, "progression", codes)
     else:
         mortality = row["mortality"]
-        if mortality is None or mortality not in (0, 1):
+        if (labels_required or mortality is not None) and mortality not in (0, 1):
             raise _fail(row, source, "mortality", f"{mortality!r} is not 0 or 1")
         los = row["los_days"]
-        if los is None or not np.isfinite(los) or los <= 0:
+        if (labels_required or los is not None) and (
+            los is None or not np.isfinite(los) or los <= 0
+        ):
             raise _fail(row, source, "los_days", f"{los!r} is not a positive number of days")
 
 

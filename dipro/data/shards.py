@@ -48,7 +48,7 @@ from dipro.data.schema import (
     SCHEMA_VERSION,
     SchemaError,
     records_to_table,
-    schema_version_of,
+    upgrade,
     validate,
 )
 
@@ -445,7 +445,7 @@ def _read_shard(path: str | os.PathLike[str], columns: Sequence[str] | None) -> 
         table = pq.read_table(inner, filesystem=fs, partitioning=None)
     except (OSError, pa.ArrowInvalid) as err:
         raise SchemaError(f"cannot read shard: {err}", source=source) from err
-    schema_version_of(table.schema, source)
+    table = upgrade(table, source)
     validate(table, source)
     if columns is None:
         return table
