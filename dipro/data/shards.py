@@ -394,13 +394,17 @@ def verify_checksums(root: str | os.PathLike[str], task: str) -> None:
 
 
 def read_table(
-    paths: Sequence[str | os.PathLike[str]], columns: Sequence[str] | None = None
+    paths: Sequence[str | os.PathLike[str]],
+    columns: Sequence[str] | None = None,
+    *,
+    labels_required: bool = True,
 ) -> pa.Table:
     """Read and validate shards, then keep ``columns`` (all when None); one table in path order.
 
     Raises SchemaError naming the shard, the record and the field on the first bad record.
+    ``labels_required=False``: the rules of an inference dataset (``dipro.data.schema``).
     """
-    tables = [_read_shard(path, columns) for path in paths]
+    tables = [_read_shard(path, columns, labels_required) for path in paths]
     if not tables:
         empty = SCHEMA.empty_table()
         return empty if columns is None else empty.select(list(columns))
@@ -438,7 +442,9 @@ def iter_numpy_batches(
         yield _to_numpy(pending)
 
 
-def _read_shard(path: str | os.PathLike[str], columns: Sequence[str] | None) -> pa.Table:
+def _read_shard(
+    path: str | os.PathLike[str], columns: Sequence[str] | None, labels_required: bool = True
+) -> pa.Table:
     fs, inner = storage.resolve_filesystem(path)
     source = os.fspath(path)
     try:
@@ -446,7 +452,7 @@ def _read_shard(path: str | os.PathLike[str], columns: Sequence[str] | None) -> 
     except (OSError, pa.ArrowInvalid) as err:
         raise SchemaError(f"cannot read shard: {err}", source=source) from err
     table = upgrade(table, source)
-    validate(table, source)
+    validate(table, source, labels_required=labels_required)
     if columns is None:
         return table
     return table.select(list(columns))
