@@ -15,6 +15,7 @@ from dipro.data.schema import model_columns
 from dipro.data.shards import iter_numpy_batches
 from dipro.engine import evaluate
 from dipro.metrics import Predictions
+from dipro.prediction import remove_inputs
 
 
 @dataclass(frozen=True)
@@ -33,17 +34,21 @@ def evaluate_checkpoint(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     amp_dtype: str | None = None,
+    remove: Sequence[str] = (),
 ) -> EvaluationResult:
     """Rebuild the model from ``checkpoint`` and score it on every record of ``shard_paths``.
 
     EHR and demographics are normalised with the statistics stored in the checkpoint (those of
-    the data the model was trained on).
+    the data the model was trained on). ``remove``: inputs taken away from every record first
+    (``dipro.prediction.remove_inputs``: "ehr", "cxr"), to measure predictions without them.
     """
     model, meta = load_checkpoint(checkpoint, map_location=str(device))
     model.to(device)
     columns = model_columns(meta.model_cfg["region_mode"])
+    if remove:
+        columns = [*columns, "task"]
     batches = (
-        collate(columns_batch, meta.norm_stats)
+        collate(remove_inputs(columns_batch, remove) if remove else columns_batch, meta.norm_stats)
         for columns_batch in iter_numpy_batches(shard_paths, batch_size, columns)
     )
     metrics, predictions = evaluate(model, batches, device=device, amp_dtype=amp_dtype)

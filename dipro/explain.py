@@ -2,8 +2,9 @@
 
 Layout (``explanation_png``): a grid of the record's region crops, one row per CXR (its time,
 study and dicom id on the left) and one column per region, headed by that region's attention
-(the task tokens' attention over regions; uniform is 1/R = 0.10) and framed with a colour that
-grows with it; below, the prediction against the label: for progression, per finding, the
+(the task tokens' attention over regions; uniform is 1/R = 0.10) and framed with a width and
+colour that grow with it (relative to uniform, saturating at twice uniform); below, the
+prediction against the label: for progression, per finding, the
 probabilities of worsened / improved / no change as a stacked bar with the predicted class and
 the labelled one (or "not labelled"); for mortality the death probability, for length of stay
 the four class probabilities, each with the label when known. Missing inputs (no EHR observed,
@@ -88,7 +89,7 @@ def explanation_png(predictions: Predictions, record: Mapping[str, np.ndarray]) 
     grid = fig.add_gridspec(2, 1, height_ratios=[1.7 * T, 0.45 * outcome_rows + 0.8], hspace=0.35)
     crop_grid = grid[0].subgridspec(T, R, wspace=0.08, hspace=0.25)
     cmap = colormaps["Reds"]
-    top = max(float(attention.max()), 1.0 / R)
+    strength = np.clip(attention * R / 2, 0.0, 1.0)  # 0.5 at uniform attention
     for t in range(T):
         for r in range(R):
             ax = fig.add_subplot(crop_grid[t, r])
@@ -107,10 +108,9 @@ def explanation_png(predictions: Predictions, record: Mapping[str, np.ndarray]) 
                     fontsize=8,
                     transform=ax.transAxes,
                 )
-            colour = cmap(0.25 + 0.75 * float(attention[r]) / top)
             for spine in ax.spines.values():
-                spine.set_edgecolor(colour)
-                spine.set_linewidth(1 + 5 * float(attention[r]) / top)
+                spine.set_edgecolor(cmap(0.15 + 0.85 * float(strength[r])))
+                spine.set_linewidth(0.5 + 6 * float(strength[r]))
             if t == 0:
                 name = vocab.REGIONS[r].replace(" ", "\n", 1)
                 ax.set_title(f"{name}\nattention {attention[r]:.2f}", fontsize=8)
@@ -145,7 +145,10 @@ def explanation_png(predictions: Predictions, record: Mapping[str, np.ndarray]) 
     )
     if missing:
         title += f"; missing input: {', '.join(missing)}"
-    fig.suptitle(title, fontsize=12)
+    fig.suptitle(
+        f"{title}\nframes: region attention (thicker and redder = more; uniform = {1 / R:.2f})",
+        fontsize=11,
+    )
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return buffer.getvalue()

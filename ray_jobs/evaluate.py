@@ -36,6 +36,18 @@ RUN_CONFIG_FILE = "config.json"
 EPOCH_METRICS_FILE = "epoch_metrics.jsonl"
 
 
+_ICU_VARIANTS = (
+    ("no EHR", ("ehr",)),
+    ("last CXR only", ("cxr",)),
+    ("no EHR, last CXR only", ("ehr", "cxr")),
+)
+MISSING_INPUT_VARIANTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "disease_progression": (("no EHR", ("ehr",)),),
+    "mortality": _ICU_VARIANTS,
+    "length_of_stay": _ICU_VARIANTS,
+}
+
+
 class EvaluationError(ValueError):
     """An evaluation that cannot run (no checkpoint, no data for the split, ...)."""
 
@@ -97,9 +109,11 @@ def evaluate_to_report(
     batch_size: int = 32,
     device: str = "cpu",
     amp: str | None = None,
+    missing_inputs: bool = False,
 ) -> Path:
     """Score ``checkpoint`` on the ``split`` shards of ``data_root`` and write the report;
-    returns the path of ``report.md``.
+    returns the path of ``report.md``. ``missing_inputs``: also score the split without EHR
+    and (mortality, length of stay) with the last CXR only, for the model card.
 
     ``data_root`` None: the dataset the model was trained on (from the run's config).
     ``out_dir`` None: ``{run_dir}/report-{split}`` for a Ray Train checkpoint, else
@@ -126,6 +140,12 @@ def evaluate_to_report(
     if not paths:
         raise EvaluationError(f"the {task} dataset under {data_root} has no {split} shards")
     result = evaluate_checkpoint(ckpt, paths, batch_size=batch_size, device=device, amp_dtype=amp)
+    removed = {}
+    if missing_inputs:
+        for name, remove in MISSING_INPUT_VARIANTS[task]:
+            removed[name] = evaluate_checkpoint(
+                ckpt, paths, batch_size=batch_size, device=device, amp_dtype=amp, remove=remove
+            ).metrics
     log = epoch_metrics or context.epoch_metrics
     epochs = read_epoch_metrics(log) if log else None
     task_cfg = (context.config or {}).get("task", {})
@@ -146,6 +166,7 @@ def evaluate_to_report(
         training_manifest=manifest,
         training_data_root=train_root,
         settings=settings or ReportSettings(),
+        missing_inputs=removed or None,
     )
 
 
@@ -201,6 +222,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
         batch_size=int(cfg.batch_size),
         device=cfg.device,
         amp=cfg.amp,
+        missing_inputs=bool(report.missing_inputs),
     )
 
 
