@@ -13,9 +13,10 @@ import torch
 from dipro.checkpoint import CheckpointMeta, load_checkpoint
 from dipro.data.collate import collate
 from dipro.data.schema import model_columns
-from dipro.data.shards import iter_arrow_batches
+from dipro.data.shards import iter_arrow_batches, iter_numpy_batches
 from dipro.engine import evaluate
 from dipro.metrics import Predictions
+from dipro.prediction import remove_inputs
 
 
 @dataclass(frozen=True)
@@ -34,18 +35,26 @@ def evaluate_checkpoint(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     amp_dtype: str | None = None,
+    remove: Sequence[str] = (),
 ) -> EvaluationResult:
     """Rebuild the model from ``checkpoint`` and score it on every record of ``shard_paths``.
 
     EHR and demographics are normalised with the statistics stored in the checkpoint (those of
-    the data the model was trained on).
+    the data the model was trained on). ``remove``: inputs taken away from every record first
+    (``dipro.prediction.remove_inputs``: "ehr", "cxr"), to measure predictions without them.
     """
     model, meta = load_checkpoint(checkpoint, map_location=str(device))
     model.to(device)
     columns = model_columns(meta.model_cfg["region_mode"])
+    if remove:
+        columns = [*columns, "task"]
     batches = (
         collate(columns_batch, meta.norm_stats)
-        for columns_batch in iter_arrow_batches(shard_paths, batch_size, columns)
+        for columns_batch in (
+            (remove_inputs(b, remove) for b in iter_numpy_batches(shard_paths, batch_size, columns))
+            if remove
+            else iter_arrow_batches(shard_paths, batch_size, columns)
+        )
     )
     metrics, predictions = evaluate(model, batches, device=device, amp_dtype=amp_dtype)
     return EvaluationResult(metrics, predictions, meta)

@@ -451,11 +451,13 @@ def model_card(
     level: float,
     manifest: Manifest | None,
     data_root: str | None,
+    missing_inputs: Mapping[str, Mapping[str, float]] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The model card of a checkpoint as markdown and as MONAI-bundle-style metadata (json).
 
     ``manifest`` describes the data the model was trained on (counts per split and hospital,
     training label counts); None when it cannot be found, which the card then says.
+    ``missing_inputs``: metrics of the same split with inputs removed, by variant name.
     """
     task = meta.task
     cfg = meta.model_cfg
@@ -607,6 +609,30 @@ def model_card(
                 for m in table
             ],
         ),
+    ]
+    if missing_inputs:
+        metadata["missing_inputs"] = {
+            name: {m: _finite(values.get(m, math.nan)) for m in table}
+            for name, values in missing_inputs.items()
+        }
+        lines += [
+            "",
+            f"## Predictions with missing inputs ({split} split)",
+            "",
+            "The same records with inputs taken away (no EHR hour; only the last CXR, so no "
+            "pair). Predictions the predict job flags `missing_ehr` / `single_cxr` are worth "
+            "what these rows say.",
+            "",
+            markdown_table(
+                ["inputs", *(METRIC_LABELS[m] for m in table)],
+                [["all", *(fmt(metrics.get(m, math.nan)) for m in table)]]
+                + [
+                    [name, *(fmt(values.get(m, math.nan)) for m in table)]
+                    for name, values in missing_inputs.items()
+                ],
+            ),
+        ]
+    lines += [
         "",
         "## Known limitations",
         "",
@@ -666,6 +692,7 @@ def write_evaluation_report(
     training_manifest: Manifest | None = None,
     training_data_root: str | None = None,
     settings: ReportSettings | None = None,
+    missing_inputs: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
     """Score ``predictions`` of the checkpoint ``meta`` and write the whole report under
     ``out_dir`` (local directory); returns the path of ``report.md``.
@@ -673,7 +700,8 @@ def write_evaluation_report(
     ``epochs``: the run's ``epoch_metrics.jsonl`` records, for the learning curves (omitted
     when None); ``monitor`` / ``monitor_mode``: the run's model-selection metric, marked on
     them. ``training_manifest``: the manifest of the data the model was trained on, for
-    the model card.
+    the model card. ``missing_inputs``: the metrics of the same split with inputs removed, by
+    variant name (e.g. "no EHR"), for the model card.
     """
     settings = settings or ReportSettings()
     task = predictions.task
@@ -721,6 +749,7 @@ def write_evaluation_report(
         level=settings.level,
         manifest=training_manifest,
         data_root=training_data_root,
+        missing_inputs=missing_inputs,
     )
     _write(out / "model_card.md", card_md.encode())
     _write(out / "model_card.json", _json_bytes(card_json))
@@ -748,6 +777,11 @@ def write_evaluation_report(
         "figures": figures,
         "model_card": "model_card.md",
     }
+    if missing_inputs:
+        payload["missing_inputs"] = {
+            name: {k: _finite(v) for k, v in values.items()}
+            for name, values in missing_inputs.items()
+        }
     _write(out / "metrics.json", _json_bytes(payload))
     report = render_report(payload, epochs=epochs, monitor=monitor, monitor_mode=monitor_mode)
     _write(out / "report.md", report.encode())

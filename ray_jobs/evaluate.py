@@ -37,6 +37,18 @@ RUN_CONFIG_FILE = "config.json"
 EPOCH_METRICS_FILE = "epoch_metrics.jsonl"
 
 
+_ICU_VARIANTS = (
+    ("no EHR", ("ehr",)),
+    ("last CXR only", ("cxr",)),
+    ("no EHR, last CXR only", ("ehr", "cxr")),
+)
+MISSING_INPUT_VARIANTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "disease_progression": (("no EHR", ("ehr",)),),
+    "mortality": _ICU_VARIANTS,
+    "length_of_stay": _ICU_VARIANTS,
+}
+
+
 class EvaluationError(ValueError):
     """An evaluation that cannot run (no checkpoint, no data for the split, ...)."""
 
@@ -99,11 +111,14 @@ def evaluate_to_report(
     device: str = "cpu",
     amp: str | None = None,
     verify_checksums: bool = True,
+    missing_inputs: bool = False,
 ) -> Path:
     """Score ``checkpoint`` on the ``split`` shards of ``data_root`` and write the report;
     returns the path of ``report.md``. The shards are checked first (footers, and their sha256
     against the manifest unless ``verify_checksums`` is False) and every record is validated as
     it is read: bad data raises SchemaError or ChecksumError naming the file.
+    ``missing_inputs``: also score the split without EHR and (mortality, length of stay) with the
+    last CXR only, for the model card.
 
     ``data_root`` None: the dataset the model was trained on (from the run's config).
     ``out_dir`` None: ``{run_dir}/report-{split}`` for a Ray Train checkpoint, else
@@ -162,6 +177,12 @@ def evaluate_to_report(
             f"a {task} model"
         )
     result = evaluate_checkpoint(ckpt, paths, batch_size=batch_size, device=device, amp_dtype=amp)
+    removed = {}
+    if missing_inputs:
+        for name, remove in MISSING_INPUT_VARIANTS[task]:
+            removed[name] = evaluate_checkpoint(
+                ckpt, paths, batch_size=batch_size, device=device, amp_dtype=amp, remove=remove
+            ).metrics
     task_cfg = (context.config or {}).get("task", {})
     if out_dir is None:
         base = context.run_dir or posixpath.dirname(ckpt)
@@ -180,6 +201,7 @@ def evaluate_to_report(
         training_manifest=manifest,
         training_data_root=train_root,
         settings=settings or ReportSettings(),
+        missing_inputs=removed or None,
     )
 
 
@@ -238,6 +260,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
         device=cfg.device,
         amp=cfg.amp,
         verify_checksums=bool(cfg.data.get("verify_checksums", True)),
+        missing_inputs=bool(report.missing_inputs),
     )
 
 

@@ -34,7 +34,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from dipro import vocab
 from dipro.config import PREPROCESS_SCHEMA, validate
-from dipro.data.mimic.build import PreparedCohort, RawPaths, SampleSpec, prepare_samples
+from dipro.data.mimic.build import (
+    PreparedCohort,
+    RawPaths,
+    SampleSpec,
+    mimic_provenance,
+    prepare_samples,
+)
 from dipro.data.mimic.cohort import CohortRules
 from dipro.data.mimic.images import RegionFeatureExtractor, crop_regions
 from dipro.data.mimic.readers import RawDataError
@@ -266,10 +272,13 @@ def build_region_cache(
 
 
 def _records(
-    specs: list[SampleSpec], cache: RegionCache, settings: RegionSettings
+    specs: list[SampleSpec],
+    cache: RegionCache,
+    settings: RegionSettings,
+    provenance: dict[str, str],
 ) -> Iterator[dict[str, Any]]:
     for spec in sorted(specs, key=lambda s: s.record["sample_id"]):
-        yield {**spec.record, **cache.region_fields(spec.dicom_ids, settings)}
+        yield {**spec.record, **provenance, **cache.region_fields(spec.dicom_ids, settings)}
 
 
 def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
@@ -287,6 +296,7 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
     paths.check()
     rules = CohortRules(**OmegaConf.to_container(cfg.cohort, resolve=True))
     settings = RegionSettings(**OmegaConf.to_container(cfg.regions, resolve=True))
+    provenance = mimic_provenance(OmegaConf.to_container(cfg.raw.versions, resolve=True))
     tasks = list(cfg.tasks)
     output_root = Path(cfg.output_root)
     existing = [t for t in tasks if (output_root / t / "manifest.json").exists()]
@@ -308,6 +318,7 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
     cache = build_region_cache(prepared, settings, output_root / "_cache")
     generator = {
         "name": "mimic",
+        "versions": provenance["source_version"],
         "cohort_counts": prepared.counts.stages,
         "missing_images": prepared.counts.missing_images,
         "missing_scene_graphs": prepared.counts.missing_scene_graphs,
@@ -321,7 +332,7 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
     manifests = {}
     for task in tasks:
         manifests[task] = write_dataset(
-            _records(prepared.samples[task], cache, settings),
+            _records(prepared.samples[task], cache, settings, provenance),
             output_root,
             task,
             rows_per_file=int(cfg.rows_per_file),

@@ -18,6 +18,7 @@ from dipro.data.collate import IGNORE_INDEX
 from dipro.metrics import Predictions, compute_metrics
 from dipro.report import (
     PAPER_RESULTS,
+    TABLE_METRICS,
     ReportSettings,
     SummaryRow,
     attention_faithfulness,
@@ -274,3 +275,25 @@ def test_attention_faithfulness_ratio_matches_its_formula():
         changed,
     )
     assert attention_faithfulness(uniform, resamples=50)["ratio"] == pytest.approx(1.0)
+def test_model_card_states_the_metrics_without_missing_inputs(tmp_path):
+    full, degraded = _mortality(80, seed=5), _mortality(80, seed=6)
+    removed = {"no EHR": compute_metrics(degraded)}
+    write_evaluation_report(
+        full,
+        _meta("mortality"),
+        tmp_path,
+        split="test",
+        eval_data_root="/data",
+        settings=ReportSettings(resamples=10),
+        missing_inputs=removed,
+    )
+    card = (tmp_path / "model_card.md").read_text()
+    rows = {r[0]: r[1:] for r in _table_rows(card, "Predictions with missing inputs (test split)")}
+    assert list(rows) == ["all", "no EHR"]
+    auroc = list(TABLE_METRICS["mortality"]).index("auroc")
+    assert float(rows["all"][auroc]) == pytest.approx(round(compute_metrics(full)["auroc"], 4))
+    assert float(rows["no EHR"][auroc]) == pytest.approx(round(removed["no EHR"]["auroc"], 4))
+    payload = json.loads((tmp_path / "metrics.json").read_text())
+    assert payload["missing_inputs"]["no EHR"]["auroc"] == pytest.approx(
+        removed["no EHR"]["auroc"]
+    )

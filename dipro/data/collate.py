@@ -5,8 +5,10 @@ and the pyarrow reader (``dipro.data.shards.iter_arrow_batches``) hand over, or 
 columns, where a list or binary column is an object array of per-row values (or a 2-D array when
 every row has the same length). Either way each column is decoded once for the whole batch.
 
-Padding: CXRs are padded at the end to the batch's longest T, EHR hours to the longest L (at
-least 1). Mask convention: True = valid / present.
+Padding: CXRs are padded at the end to the batch's longest T (at least 2, so that a record
+with a single CXR, valid for prediction only, has one pair slot with ``pair_mask`` False), EHR
+hours to the longest L (at least 1). Labels that a record lacks (an inference dataset) become
+"not mentioned" / IGNORE_INDEX. Mask convention: True = valid / present.
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ def collate(
     stats = stats or NormStats.identity()
     R, K, V, G = vocab.NUM_REGIONS, vocab.NUM_FINDINGS, vocab.NUM_EHR, vocab.NUM_DEMOGRAPHICS
     flat_cxr_times, Ts = _lists(columns, "cxr_times")
-    B, T = len(Ts), int(Ts.max())
+    B, T = len(Ts), max(2, int(Ts.max()))
     P = T - 1
     flat_ehr_times, Ls = _lists(columns, "ehr_times")
     L = max(1, int(Ls.max()))
@@ -192,7 +194,9 @@ def collate(
     flat_values, _ = _lists(columns, "ehr_values")
     ehr_values[ehr_mask] = (flat_values.reshape(-1, V) - stats.ehr_mean) / stats.ehr_std
     region_labels = np.full((B, P, R, K), vocab.NOT_MENTIONED, np.int64)
-    region_labels[pair_mask] = _lists(columns, "region_labels")[0].reshape(-1, R, K)
+    flat_region_labels, has_region_labels = _lists(columns, "region_labels")
+    labelled_pairs = pair_mask & (has_region_labels > 0)[:, None]
+    region_labels[labelled_pairs] = flat_region_labels.reshape(-1, R, K)
     progression = np.full((B, K), vocab.NOT_MENTIONED, np.int64)
     flat_progression, has_progression = _lists(columns, "progression")
     progression[has_progression > 0] = flat_progression.reshape(-1, K)

@@ -25,10 +25,23 @@ flattened row-major, with their leading sizes implied by other columns:
 | progression    | list<int8> (n.)    | [K]                | finding-level codes (progression)  |
 | mortality      | int8 (nullable)    |                    | in-hospital death 0/1              |
 | los_days       | float32 (nullable) |                    | ICU length of stay in days         |
+| dicom_ids      | list<string> (n.)  | [T]                | MIMIC-CXR dicom_id of each CXR     |
+| study_ids      | list<int64> (n.)   | [T]                | MIMIC-CXR study_id of each CXR     |
+| source         | string (nullable)  |                    | "synthetic" or "mimic"             |
+| source_version | string (nullable)  |                    | generator / dataset versions       |
 
 T >= 2 CXRs, P = T - 1 pairs, R = 10 regions, K = 7 findings, V = 38 EHR variables, G = 17
 demographic features; L >= 0 EHR hours. Exactly one of ``crops`` / ``features`` is set in a
 dataset. The schema version travels in the Arrow schema metadata under ``dipro.schema_version``.
+
+Provenance (version 2): ``dicom_ids`` / ``study_ids`` name the images a record was built from,
+``source`` / ``source_version`` the data set (``synthetic`` with its generator version, or
+``mimic`` with the MIMIC-IV / MIMIC-CXR-JPG / Chest ImaGenome versions). Version-1 shards have
+no provenance columns; :func:`upgrade` gives them null ones, so they still read.
+
+Labels are required for training and evaluation. For prediction (``validate(...,
+labels_required=False)``) a record may have no labels (null ``progression``, ``mortality``,
+``los_days``, ``region_labels``), and a mortality / length-of-stay record may have a single CXR.
 """
 
 from __future__ import annotations
@@ -44,8 +57,8 @@ import pyarrow.compute as pc
 
 from dipro import vocab
 
-SCHEMA_VERSION: Final[int] = 1
-KNOWN_SCHEMA_VERSIONS: Final[frozenset[int]] = frozenset({1})
+SCHEMA_VERSION: Final[int] = 2
+KNOWN_SCHEMA_VERSIONS: Final[frozenset[int]] = frozenset({1, 2})
 VERSION_KEY: Final[bytes] = b"dipro.schema_version"
 
 REGION_MODES: Final[tuple[str, ...]] = ("crops", "features")
@@ -71,7 +84,12 @@ _FIELDS: Final[list[pa.Field]] = [
     pa.field("progression", pa.list_(pa.int8())),
     pa.field("mortality", pa.int8()),
     pa.field("los_days", pa.float32()),
+    pa.field("dicom_ids", pa.list_(pa.string())),
+    pa.field("study_ids", pa.list_(pa.int64())),
+    pa.field("source", pa.string()),
+    pa.field("source_version", pa.string()),
 ]
+PROVENANCE_COLUMNS: Final[tuple[str, ...]] = ("dicom_ids", "study_ids", "source", "source_version")
 
 SCHEMA: Final[pa.Schema] = pa.schema(
     _FIELDS, metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()}
@@ -172,9 +190,12 @@ def schema_version_of(schema: pa.Schema, source: str = "<memory>") -> int:
 
 
 def validate_schema(schema: pa.Schema, source: str = "<memory>") -> None:
-    """Check a shard's schema (its footer is enough): known version, every column, every type."""
-    schema_version_of(schema, source)
+    """Check a shard's schema (its footer is enough): known version, every column of that
+    version, every type (a version-1 shard has no provenance columns: :func:`upgrade`)."""
+    version = schema_version_of(schema, source)
     for f in SCHEMA:
+        if version == 1 and f.name in PROVENANCE_COLUMNS:
+            continue
         if f.name not in schema.names:
             raise SchemaError("missing column", source=source, field=f.name)
         actual = schema.field(f.name).type
@@ -182,14 +203,28 @@ def validate_schema(schema: pa.Schema, source: str = "<memory>") -> None:
             raise SchemaError(f"has type {actual}, expected {f.type}", source=source, field=f.name)
 
 
-def validate(table: pa.Table, source: str = "<memory>") -> None:
+def upgrade(table: pa.Table, source: str = "<memory>") -> pa.Table:
+    """``table`` in the current schema version: a version-1 table gets null provenance columns."""
+    version = schema_version_of(table.schema, source)
+    if version == SCHEMA_VERSION:
+        return table
+    for name in PROVENANCE_COLUMNS:
+        if name not in table.column_names:
+            field = SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    meta = {**(table.schema.metadata or {}), VERSION_KEY: str(SCHEMA_VERSION).encode()}
+    return table.replace_schema_metadata(meta)
+
+
+def validate(table: pa.Table, source: str = "<memory>", *, labels_required: bool = True) -> None:
     """Check ``table``'s schema and every record; raise SchemaError on the first bad record.
 
     The error names ``source`` (the shard), the record's subject/stay id and the field. The
     record checks are vectorised over whole columns (see :func:`first_fault`).
+    ``labels_required=False``: the rules of an inference dataset (module docstring).
     """
     validate_schema(table.schema, source)
-    fault = first_fault(table)
+    fault = first_fault(table, labels_required=labels_required)
     if fault is not None:
         raise fault.error(source)
 
@@ -208,9 +243,10 @@ class Fault:
         return SchemaError(self.message, source=source, record=self.record, field=self.field)
 
 
-def first_fault(table: pa.Table) -> Fault | None:
+def first_fault(table: pa.Table, *, labels_required: bool = True) -> Fault | None:
     """The earliest record of ``table`` (whose columns have the SCHEMA types) that breaks the
     contract, or None. On a record with several faults, the field checked first is named.
+    ``labels_required=False``: null labels pass, and an ICU record may hold a single CXR.
 
     Every check is a numpy/Arrow operation over a whole column (list columns as their flat
     values and per-row lengths), so a block of rows costs a few passes over its buffers.
@@ -229,8 +265,17 @@ def first_fault(table: pa.Table) -> Fault | None:
             name, ~known, lambda r, c=column, a=allowed: f"{c[r].as_py()!r} is not one of {a}"
         )
 
+    progression = (
+        pc.equal(table.column("task"), "disease_progression")
+        .fill_null(False)
+        .to_numpy(zero_copy_only=False)
+    )
     T = np.maximum(_lengths(table, "cxr_times"), 0)
-    faults.add("cxr_times", T < 2, lambda r: f"has {T[r]} CXRs, at least 2 are needed")
+    min_cxrs = np.where(progression | labels_required, 2, 1)
+    faults.add(
+        "cxr_times", min_cxrs > T,
+        lambda r: f"has {T[r]} CXRs, at least {min_cxrs[r]} are needed",
+    )
     faults.add(
         "cxr_times", _not_increasing(table, "cxr_times"),
         lambda r: "times are not finite and strictly increasing",
@@ -277,32 +322,37 @@ def first_fault(table: pa.Table) -> Fault | None:
     faults.add("demographics", _not_finite(table, "demographics"),
                lambda r: "contains NaN or infinite values")
 
-    faults.add_size("region_labels", None, P * R * K, lambda r: f"P*R*K = {P[r]}*{R}*{K}")
-    faults.add_codes("region_labels", None)
+    for name in ("dicom_ids", "study_ids"):
+        faults.add_size(name, ~_nulls(table, name), T, lambda r: f"T = {T[r]}")
 
-    progression = (
-        pc.equal(table.column("task"), "disease_progression")
-        .fill_null(False)
-        .to_numpy(zero_copy_only=False)
-    )
+    def labelled(name: str) -> np.ndarray | None:
+        """Rows whose label ``name`` must be checked: all, or those that carry it."""
+        return None if labels_required else ~_nulls(table, name)
+
+    rows = labelled("region_labels")
+    faults.add_size("region_labels", rows, P * R * K, lambda r: f"P*R*K = {P[r]}*{R}*{K}")
+    faults.add_codes("region_labels", rows)
     faults.add(
         "cxr_times", progression & (T != 2),
         lambda r: f"a progression sample has 2 CXRs, not {T[r]}",
     )
-    faults.add_size("progression", progression, np.full(n, K), lambda r: f"K = {K}")
-    faults.add_codes("progression", progression)
+    rows = progression if labels_required else progression & labelled("progression")
+    faults.add_size("progression", rows, np.full(n, K), lambda r: f"K = {K}")
+    faults.add_codes("progression", rows)
 
     outcome = ~progression & ~_nulls(table, "task")
     mortality = table.column("mortality")
     mortality_ok = pc.is_in(mortality, value_set=pa.array([0, 1], pa.int8()))
+    rows = outcome if labels_required else outcome & labelled("mortality")
     faults.add(
-        "mortality", outcome & ~mortality_ok.to_numpy(zero_copy_only=False),
+        "mortality", rows & ~mortality_ok.to_numpy(zero_copy_only=False),
         lambda r: f"{mortality[r].as_py()!r} is not 0 or 1",
     )
     los = table.column("los_days")
     los_values = pc.fill_null(los, np.nan).to_numpy().astype(np.float64)
+    rows = outcome if labels_required else outcome & labelled("los_days")
     faults.add(
-        "los_days", outcome & ~(np.isfinite(los_values) & (los_values > 0)),
+        "los_days", rows & ~(np.isfinite(los_values) & (los_values > 0)),
         lambda r: f"{los[r].as_py()!r} is not a positive number of days",
     )
     return faults.first

@@ -16,9 +16,9 @@ renames the old one away, renames the new one in and deletes the old one, so a r
 old dataset or the new one, never a mix; a failed write deletes its temporary directory and
 leaves any previous dataset untouched. The temporary directory is named
 ``.{task}.tmp-{host}-{pid}-{random}``: one left by a process of this host that no longer runs (a
-killed writer) is deleted by the next write of the task. On object stores, which cannot rename directories, files
-are copied into place with the manifest last (after the old manifest is deleted), so readers that
-go through the manifest (:func:`list_shards`) never see a partial dataset.
+killed writer) is deleted by the next write of the task. On object stores, which cannot rename
+directories, files are copied into place with the manifest last (after the old manifest is
+deleted), so readers that go through the manifest (:func:`list_shards`) never see a partial dataset.
 
 The files carry ``split`` and ``hospital`` as columns: Ray Data readers should pass
 ``partitioning=None`` so the hive-style directory names are not added a second time.
@@ -52,6 +52,7 @@ from dipro.data.schema import (
     SCHEMA_VERSION,
     SchemaError,
     records_to_table,
+    upgrade,
     validate,
     validate_schema,
 )
@@ -459,13 +460,17 @@ def _verify_shard(path: str, expected: str | None, checksums: bool) -> str:
 
 
 def read_table(
-    paths: Sequence[str | os.PathLike[str]], columns: Sequence[str] | None = None
+    paths: Sequence[str | os.PathLike[str]],
+    columns: Sequence[str] | None = None,
+    *,
+    labels_required: bool = True,
 ) -> pa.Table:
     """Read and validate shards, then keep ``columns`` (all when None); one table in path order.
 
     Raises SchemaError naming the shard, the record and the field on the first bad record.
+    ``labels_required=False``: the rules of an inference dataset (``dipro.data.schema``).
     """
-    tables = [_read_shard(path, columns) for path in paths]
+    tables = [_read_shard(path, columns, labels_required) for path in paths]
     if not tables:
         empty = SCHEMA.empty_table()
         return empty if columns is None else empty.select(list(columns))
@@ -516,14 +521,17 @@ def iter_numpy_batches(
         yield _to_numpy(table)
 
 
-def _read_shard(path: str | os.PathLike[str], columns: Sequence[str] | None) -> pa.Table:
+def _read_shard(
+    path: str | os.PathLike[str], columns: Sequence[str] | None, labels_required: bool = True
+) -> pa.Table:
     fs, inner = storage.resolve_filesystem(path)
     source = os.fspath(path)
     try:
         table = pq.read_table(inner, filesystem=fs, partitioning=None)
     except (OSError, pa.ArrowInvalid) as err:
         raise SchemaError(f"cannot read shard: {err}", source=source) from err
-    validate(table, source)
+    table = upgrade(table, source)
+    validate(table, source, labels_required=labels_required)
     if columns is None:
         return table
     return table.select(list(columns))

@@ -56,6 +56,7 @@ GENERATOR_VERSION: Final[int] = 2
 MAX_STAY_HOURS: Final[int] = 11 * 24  # LOS < 11 days (vocab.LOS_BIN_EDGES)
 _KNOT_HOURS: Final[int] = 24
 _PROFILE_GRID: Final[int] = 24  # finding patterns are drawn on this grid in box coordinates
+_ID_STREAM: Final[int] = 0xD1C0  # second seed word of the CXR identifier stream
 
 # Canonical region boxes as fractions of the image (x1, y1, x2, y2), in vocab.REGIONS order.
 # Radiological convention: the patient's left is on the image's right.
@@ -742,6 +743,8 @@ def cohort_records(cohort: Cohort, task: str) -> Iterator[dict[str, Any]]:
     if task not in vocab.TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {vocab.TASKS}")
     cfg = cohort.config
+    dicom_ids, study_ids = cxr_identifiers(cohort)
+    provenance = {"source": "synthetic", "source_version": f"generator {GENERATOR_VERSION}"}
     pair_of_cxr = np.full(cohort.cxr_times.shape[0], -1, np.int64)
     pair_of_cxr[cohort.pair_first] = np.arange(cohort.pair_first.shape[0])
     for i in range(cohort.num_patients):
@@ -754,6 +757,7 @@ def cohort_records(cohort: Cohort, task: str) -> Iterator[dict[str, Any]]:
             "task": task,
             "crop_size": cfg.crop_size,
             "demographics": cohort.demographics[i],
+            **provenance,
         }
         if task == "disease_progression":
             for j, m in enumerate(cxrs[:-1]):
@@ -763,7 +767,7 @@ def cohort_records(cohort: Cohort, task: str) -> Iterator[dict[str, Any]]:
                 yield {
                     **common,
                     "sample_id": f"{task}-{cohort.stay_id[i]}-{j}",
-                    **_cxr_fields(cohort, np.array([m, m + 1])),
+                    **_cxr_fields(cohort, np.array([m, m + 1]), dicom_ids, study_ids),
                     **_ehr_fields(cohort, i, hours),
                     "region_labels": cohort.pair_region_labels[q: q + 1],
                     "progression": cohort.pair_progression[q],
@@ -774,7 +778,7 @@ def cohort_records(cohort: Cohort, task: str) -> Iterator[dict[str, Any]]:
             yield {
                 **common,
                 "sample_id": f"{task}-{cohort.stay_id[i]}",
-                **_cxr_fields(cohort, early),
+                **_cxr_fields(cohort, early, dicom_ids, study_ids),
                 **_ehr_fields(cohort, i, np.arange(cfg.icu_window_hours)),
                 "region_labels": cohort.pair_region_labels[pairs],
                 "mortality": int(cohort.mortality[i]),
@@ -782,11 +786,28 @@ def cohort_records(cohort: Cohort, task: str) -> Iterator[dict[str, Any]]:
             }
 
 
-def _cxr_fields(cohort: Cohort, cxrs: np.ndarray) -> dict[str, np.ndarray]:
+def cxr_identifiers(cohort: Cohort) -> tuple[np.ndarray, np.ndarray]:
+    """MIMIC-CXR-style identifiers of every CXR of the cohort, [M] each: ``dicom_id`` (five
+    dash-separated groups of 8 hex digits) and ``study_id`` (8 digits, increasing, one study per
+    CXR). Drawn from a stream of their own (the cohort's seed), so the shards of the cohort and
+    its raw MIMIC-format tree (``dipro.data.mimic.fabricate``) name the same images."""
+    M = cohort.cxr_times.shape[0]
+    rng = np.random.default_rng([cohort.config.seed, _ID_STREAM])
+    words = rng.integers(0, 2**32, (M, 5))
+    dicom_ids = np.array(["-".join(f"{int(w):08x}" for w in row) for row in words])
+    study_ids = 50_000_000 + np.cumsum(rng.integers(1, 999, M))
+    return dicom_ids, study_ids.astype(np.int64)
+
+
+def _cxr_fields(
+    cohort: Cohort, cxrs: np.ndarray, dicom_ids: np.ndarray, study_ids: np.ndarray
+) -> dict[str, np.ndarray]:
     return {
         "cxr_times": cohort.cxr_times[cxrs],
         "crops": cohort.crops[cxrs],
         "region_present": cohort.region_present[cxrs],
+        "dicom_ids": dicom_ids[cxrs],
+        "study_ids": study_ids[cxrs],
     }
 
 

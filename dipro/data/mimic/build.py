@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,25 @@ from dipro.data.mimic.labels import finding_labels, pair_region_labels
 log = logging.getLogger(__name__)
 
 ICU_WINDOW_HOURS = 48
+
+
+DATASET_NAMES = {
+    "mimic_iv": "MIMIC-IV",
+    "mimic_cxr_jpg": "MIMIC-CXR-JPG",
+    "chest_imagenome": "Chest ImaGenome",
+}
+
+
+def mimic_provenance(versions: Mapping[str, Any]) -> dict[str, str]:
+    """The ``source`` / ``source_version`` fields of every record built from a raw tree whose
+    data set versions are ``versions`` (keys of DATASET_NAMES, e.g. ``{"mimic_iv": "2.2"}``)."""
+    unknown = sorted(set(versions) - set(DATASET_NAMES))
+    if unknown:
+        raise ValueError(
+            f"raw.versions: unknown data sets {unknown}; expected {list(DATASET_NAMES)}"
+        )
+    text = ", ".join(f"{DATASET_NAMES[k]} {versions[k]}" for k in DATASET_NAMES if k in versions)
+    return {"source": "mimic", "source_version": text}
 
 
 @dataclass(frozen=True)
@@ -245,6 +265,7 @@ def _progression_samples(
     common: dict[str, Any],
 ) -> list[SampleSpec]:
     dicoms, hours = group["dicom_id"].tolist(), group["hours"].tolist()
+    studies = group["study_id"].to_numpy(np.int64)
     out = []
     for i in range(len(dicoms) - 1):
         labels = pair_labels.get((dicoms[i + 1], dicoms[i]))
@@ -260,6 +281,8 @@ def _progression_samples(
             "progression": finding_labels(labels),
             "mortality": None,
             "los_days": None,
+            "dicom_ids": np.array(dicoms[i : i + 2]),
+            "study_ids": studies[i : i + 2],
         }
         out.append(SampleSpec(record, [dicoms[i], dicoms[i + 1]]))
     return out
@@ -287,5 +310,7 @@ def _icu_sample(
         "progression": None,
         "mortality": in_hospital_death(stay.admittime, stay.dischtime, stay.deathtime),
         "los_days": float(stay.los),
+        "dicom_ids": np.array(dicoms),
+        "study_ids": early["study_id"].to_numpy(np.int64),
     }
     return SampleSpec(record, dicoms)

@@ -40,6 +40,7 @@ from PIL import Image
 
 from dipro import vocab
 from dipro.data.mimic.readers import GOLD_COLUMNS, image_path
+from dipro.data.synthetic import cxr_identifiers
 
 REAL_CXR_FILE = "RG1_UNCR.dcm"
 _BOXES: dict[str, tuple[float, float, float, float]] = {
@@ -758,9 +759,10 @@ def write_cohort_raw_tree(
     """Write a ``dipro.data.synthetic.Cohort`` as a raw MIMIC tree under ``root``.
 
     One admission and one ICU stay per patient (care unit = ``_CAREUNITS[hospital]``), each CXR
-    an AP JPEG in its own study with its scene graph (the cohort's boxes; its region labels as
-    comparisons against the previous CXR), the cohort's observed hourly EHR as chartevents /
-    outputevents rows in the middle of their hour (temperature in Fahrenheit, GCS as MetaVision
+    an AP JPEG in its own study (the ids of ``dipro.data.synthetic.cxr_identifiers``, so the
+    cohort's shards and this tree name the same images) with its scene graph (the cohort's
+    boxes; its region labels as comparisons against the previous CXR), the cohort's observed
+    hourly EHR as chartevents / outputevents rows in the middle of their hour (temperature in Fahrenheit, GCS as MetaVision
     text), and the first labelled pair of patient 0 copied into the gold file. With
     ``real_cxr`` the first CXR of patient 0 is the real radiograph of pydicom-data (boxes
     scaled to its size).
@@ -770,7 +772,6 @@ def write_cohort_raw_tree(
     if version not in ("2.0", "2.2"):
         raise ValueError(f"unknown MIMIC-IV version {version!r}; expected 2.0 or 2.2")
     root = Path(root)
-    rng = np.random.default_rng(int(cohort.config.seed) + 7)
     tree = RawTree(
         root,
         root / "mimiciv",
@@ -778,7 +779,7 @@ def write_cohort_raw_tree(
         root / "chest-imagenome" / "silver_dataset" / "scene_graph",
         root / "chest-imagenome" / "gold_dataset" / "gold_object_comparison_with_coordinates.txt",
     )
-    ids = _Ids(rng)
+    dicom_ids, study_ids = cxr_identifiers(cohort)
     base = pd.Timestamp("2160-01-01 06:00:00")
     stays: list[_Stay] = []
     labelled_pairs: dict[int, int] = {
@@ -805,8 +806,8 @@ def write_cohort_raw_tree(
         previous = None
         for m in range(*cohort.cxr_slice(i).indices(len(cohort.cxr_times))):
             img = _Image(
-                ids.dicom(),
-                ids.next_study(),
+                str(dicom_ids[m]),
+                int(study_ids[m]),
                 float(cohort.cxr_times[m]),
                 previous=previous,
                 pixels=cohort.images[m],

@@ -77,3 +77,20 @@ def test_the_real_radiograph_is_one_of_the_images(written) -> None:
     path: Path = image_path(tree.mimic_cxr, meta["subject_id"], meta["study_id"], tree.real_cxr)
     with Image.open(path) as img:
         assert img.size == (1841, 1955)
+
+
+def test_samples_name_the_cohorts_images_in_the_tree(written) -> None:
+    from dipro.data.synthetic import cxr_identifiers
+
+    cohort, tree, prepared = written
+    dicom_ids, study_ids = cxr_identifiers(cohort)
+    study_of = dict(zip(dicom_ids, study_ids, strict=True))
+    for task, specs in prepared.samples.items():
+        assert specs, task
+        for spec in specs:
+            rec = spec.record
+            assert list(rec["dicom_ids"]) == spec.dicom_ids
+            assert len(rec["dicom_ids"]) == len(rec["cxr_times"]) == len(rec["study_ids"])
+            for dicom, study in zip(rec["dicom_ids"], rec["study_ids"], strict=True):
+                assert study_of[dicom] == study
+                assert image_path(tree.mimic_cxr, rec["subject_id"], study, dicom).is_file()
