@@ -52,8 +52,7 @@ def check_config(cfg: DictConfig) -> Manifest:
     task = cfg.task.name
     if task not in vocab.TASKS:
         raise ConfigError(f"task.name={task!r} is not one of {', '.join(vocab.TASKS)}")
-    if int(cfg.scaling.num_workers) < 1:
-        raise ConfigError(f"scaling.num_workers={cfg.scaling.num_workers} must be at least 1")
+    worker_range(cfg.scaling)
     for key in ("max_epochs", "accumulation_steps", "eval_batch_size"):
         if int(cfg.train[key]) < 1:
             raise ConfigError(f"train.{key}={cfg.train[key]} must be at least 1")
@@ -82,9 +81,28 @@ def check_config(cfg: DictConfig) -> Manifest:
     return manifest
 
 
+def worker_range(scaling: DictConfig) -> tuple[int, int]:
+    """``(min, max)`` Ray Train workers of ``scaling.num_workers``: a count (fixed) or a
+    ``[min, max]`` range (elastic: start with what the cluster has, grow to ``max``)."""
+    value = scaling.num_workers
+    bounds = list(value) if OmegaConf.is_list(value) or isinstance(value, list | tuple) else None
+    try:
+        low, high = (int(bounds[0]), int(bounds[1])) if bounds else (int(value), int(value))
+    except (TypeError, ValueError, IndexError):
+        low = high = 0
+    if (bounds is not None and len(bounds) != 2) or not 1 <= low <= high:
+        raise ConfigError(
+            f"scaling.num_workers={value} must be a count >= 1 or a range [min, max] "
+            "with 1 <= min <= max"
+        )
+    return low, high
+
+
 def _steps_per_epoch(cfg: DictConfig, manifest: Manifest) -> int:
-    """Optimizer steps each worker takes per epoch (for the cosine schedule's length)."""
-    rows = manifest.num_samples("train") // int(cfg.scaling.num_workers)
+    """Optimizer steps each worker takes per epoch (for the cosine schedule's length). The same
+    at every world size of an elastic run: the global batch is held at its size with the most
+    workers (``ray_jobs.worker.elastic_accumulation``)."""
+    rows = manifest.num_samples("train") // worker_range(cfg.scaling)[1]
     micro = math.ceil(rows / int(cfg.optim.batch_size))
     steps = math.ceil(micro / int(cfg.train.accumulation_steps))
     cap = cfg.train.get("max_steps_per_epoch")
@@ -98,6 +116,7 @@ def build_trainer(
     ``callbacks`` go to the run's ``RunConfig`` (a Tune trial passes ``TuneReportCallback``)."""
     task = cfg.task.name
     scaling = cfg.scaling
+    low, high = worker_range(scaling)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if manifest.feature_dim is not None:
         resolved["model"]["feature_dim"] = manifest.feature_dim
@@ -118,7 +137,10 @@ def build_trainer(
             "steps_per_epoch": _steps_per_epoch(cfg, manifest),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=int(scaling.num_workers),
+            num_workers=low if low == high else (low, high),
+            elastic_resize_monitor_interval_s=float(
+                scaling.get("elastic_resize_monitor_interval_s", 60.0)
+            ),
             use_gpu=bool(scaling.use_gpu),
             resources_per_worker=dict(scaling.resources_per_worker),
             placement_strategy=scaling.get("placement_strategy", "PACK"),

@@ -9,6 +9,13 @@ Early stopping is decided on the gathered metrics, so every rank stops at the sa
 Resume: a worker group started on an existing run (a restart after a failure, or the same run
 name started again) gets the latest checkpoint from ``ray.train.get_checkpoint`` and continues
 with the next epoch: model, optimizer, scheduler, early-stopping state and epoch all come back.
+
+Elastic runs (``scaling.num_workers=[min, max]``): Ray Train restarts the worker group from the
+latest checkpoint whenever its size changes (a node lost, a node added). The global batch stays
+what it is with ``max`` workers: each worker accumulates ``elastic_accumulation`` micro-batches,
+so the optimizer steps per epoch, the schedule and the lr do not depend on the world size. The
+epoch log records each epoch's ``world_size`` and, on the first epoch after a restore, the
+epoch it was restored from (``restored_from_epoch``).
 """
 
 from __future__ import annotations
@@ -87,6 +94,18 @@ def _write_epoch_metrics(cfg: dict[str, Any], record: dict[str, Any]) -> None:
     storage.write_bytes_atomic(uri, ("\n".join(lines) + "\n").encode())
 
 
+def elastic_accumulation(accumulation: int, max_workers: int, world_size: int) -> int:
+    """Micro-batches each of ``world_size`` workers accumulates per optimizer step so that the
+    global batch is (at least) the one of ``max_workers`` workers accumulating ``accumulation``:
+    ``ceil(accumulation * max_workers / world_size)``."""
+    return math.ceil(accumulation * max_workers / world_size)
+
+
+def _max_workers(scaling: dict[str, Any]) -> int:
+    value = scaling["num_workers"]
+    return int(value[1]) if isinstance(value, list | tuple) else int(value)
+
+
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     if math.isnan(value):
         return False
@@ -111,7 +130,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     norm_stats = NormStats.from_dict(config["norm_stats"])
     class_weights = ClassWeights.from_dict(config["class_weights"])
     loss_fn = DiProLoss(task, LossWeights.from_config(cfg["loss"]), class_weights)
-    accumulation = int(train_cfg["accumulation_steps"])
+    accumulation = elastic_accumulation(
+        int(train_cfg["accumulation_steps"]), _max_workers(scaling), world
+    )
     optimizer = build_optimizer(
         model, cfg["optim"], world_size=world, accumulation_steps=accumulation
     )
@@ -123,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     amp = scaling.get("amp")
     use_fp16 = amp in ("fp16", "float16") and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_fp16 else None  # loss scale kept across epochs
-    start_epoch, best, bad_epochs = 1, None, 0
+    start_epoch, best, bad_epochs, restored_from = 1, None, 0, None
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
@@ -134,6 +155,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
+        restored_from = int(state["epoch"])
         best, bad_epochs = state["best_metric"], int(state["extra"]["bad_epochs"])
         if state["extra"]["stopped"]:
             start_epoch = max_epochs + 1
@@ -224,11 +246,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         **metrics,
                         "worker_nodes": [g[3] for g in gathered],
                         "worker_max_rss_mb": [round(g[4], 1) for g in gathered],
+                        "world_size": world,
+                        "accumulation_steps": accumulation,
+                        "restored_from_epoch": restored_from if epoch == start_epoch else None,
                     },
                 )
                 print(
-                    f"[{task}] epoch {epoch}/{max_epochs}  train loss {stats['loss']:.4f}  "
-                    f"val loss {val_loss:.4f}  {monitor} {value:.4f} (best {best_text})  "
+                    f"[{task}] epoch {epoch}/{max_epochs}  workers {world}  "
+                    f"train loss {stats['loss']:.4f}  val loss {val_loss:.4f}  "
+                    f"{monitor} {value:.4f} (best {best_text})  "
                     f"{metrics['epoch_seconds']:.1f}s",
                     flush=True,
                 )
