@@ -170,7 +170,8 @@ MODEL: dict[str, Spec] = {
     "model.feature_dim": Int(min=1),
     "model.d_model": Int(min=1),
     "model.num_heads": Int(min=1),
-    "model.num_layers": Int(min=1),
+    "model.ehr_layers": Int(min=1),
+    "model.local_fusion_layers": Int(min=1),
     "model.fusion_layers": Int(min=1),
     "model.num_groups": Int(min=1),
     "model.dropout": Float(ge=0.0, le=1.0),
@@ -204,13 +205,15 @@ TRAIN: dict[str, Spec] = {
     "train.evaluate_test": Bool(),
     "train.max_steps_per_epoch": Int(min=1, nullable=True),
     "train.data_progress_bars": Bool(),
+    "verbose": Bool(),
+    "tracking.enabled": Bool(),
 }
 DATA: dict[str, Spec] = {
     "data.root": Str(),
     "data.overwrite": Bool(),
+    "data.verify_checksums": Bool(),
 }
 SCALING: dict[str, Spec] = {
-    "scaling.num_workers": Int(min=1),
     "scaling.use_gpu": Bool(),
     "scaling.resources_per_worker": MappingOf(Float(ge=0.0)),
     "scaling.cpus_per_worker": Int(min=1),
@@ -219,6 +222,8 @@ SCALING: dict[str, Spec] = {
     "scaling.local_shuffle_buffer_size": Int(min=1, nullable=True),
     "scaling.max_failures": Int(min=-1),
     "scaling.require_remote_storage": Bool(),
+    "scaling.pin_memory": Bool(),
+    "scaling.elastic_resize_monitor_interval_s": Float(ge=0.0),
 }
 EVALUATE: dict[str, Spec] = {
     "checkpoint": Str(),

@@ -67,6 +67,7 @@ def check_config(cfg: DictConfig) -> Manifest:
     """
     validate(cfg, TRAIN_SCHEMA)
     task = cfg.task.name
+    worker_range(cfg.scaling)
     if cfg.scaling.get("require_remote_storage"):
         for key, value in (("storage_path", cfg.storage_path), ("data.root", cfg.data.root)):
             try:
@@ -136,11 +137,26 @@ def data_error(err: BaseException) -> SchemaError | ChecksumError | None:
         todo.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
         todo.extend(getattr(current, "worker_failures", {}).values())
     return None
+def worker_range(scaling: DictConfig) -> tuple[int, int]:
+    """``(min, max)`` Ray Train workers of ``scaling.num_workers``: a count (fixed) or a
+    ``[min, max]`` range (elastic: start with what the cluster has, grow to ``max``)."""
+    value = scaling.num_workers
+    bounds = list(value) if OmegaConf.is_list(value) or isinstance(value, list | tuple) else [value]
+    whole = all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+    low, high = (bounds[0], bounds[-1]) if whole and len(bounds) in (1, 2) else (0, 0)
+    if not 1 <= low <= high:
+        raise ConfigError(
+            f"scaling.num_workers={value} must be a count >= 1 or a range [min, max] "
+            "with 1 <= min <= max"
+        )
+    return low, high
 
 
 def _steps_per_epoch(cfg: DictConfig, manifest: Manifest) -> int:
-    """Optimizer steps each worker takes per epoch (for the cosine schedule's length)."""
-    rows = manifest.num_samples("train") // int(cfg.scaling.num_workers)
+    """Optimizer steps each worker takes per epoch (for the cosine schedule's length). The same
+    at every world size of an elastic run: the global batch is held at its size with the most
+    workers (``ray_jobs.worker.elastic_accumulation``)."""
+    rows = manifest.num_samples("train") // worker_range(cfg.scaling)[1]
     micro = math.ceil(rows / int(cfg.optim.batch_size))
     steps = math.ceil(micro / int(cfg.train.accumulation_steps))
     cap = cfg.train.get("max_steps_per_epoch")
@@ -154,6 +170,7 @@ def build_trainer(
     ``callbacks`` go to the run's ``RunConfig`` (a Tune trial passes ``TuneReportCallback``)."""
     task = cfg.task.name
     scaling = cfg.scaling
+    low, high = worker_range(scaling)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if manifest.feature_dim is not None:
         resolved["model"]["feature_dim"] = manifest.feature_dim
@@ -174,7 +191,10 @@ def build_trainer(
             "steps_per_epoch": _steps_per_epoch(cfg, manifest),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=int(scaling.num_workers),
+            num_workers=low if low == high else (low, high),
+            elastic_resize_monitor_interval_s=float(
+                scaling.get("elastic_resize_monitor_interval_s", 60.0)
+            ),
             use_gpu=bool(scaling.use_gpu),
             resources_per_worker=dict(scaling.resources_per_worker),
             placement_strategy=scaling.get("placement_strategy", "PACK"),
@@ -210,7 +230,7 @@ def local_num_cpus(cfg: DictConfig) -> int:
     if cfg.get("ray_num_cpus"):
         return int(cfg.ray_num_cpus)
     per_worker = math.ceil(float(cfg.scaling.resources_per_worker.get("CPU", 1)))
-    return max(os.cpu_count() or 1, int(cfg.scaling.num_workers) * per_worker + 2)
+    return max(os.cpu_count() or 1, worker_range(cfg.scaling)[1] * per_worker + 2)
 
 
 def ensure_ray(cfg: DictConfig) -> None:

@@ -11,6 +11,13 @@ name started again) gets the latest checkpoint from ``ray.train.get_checkpoint``
 with the next epoch: model, optimizer, scheduler, early-stopping state and epoch all come back.
 A checkpoint that does not load (truncated, corrupt) is skipped for the newest older one of the
 run that does, and rank 0 says which one was skipped and why.
+
+Elastic runs (``scaling.num_workers=[min, max]``): Ray Train restarts the worker group from the
+latest checkpoint whenever its size changes (a node lost, a node added). The global batch stays
+what it is with ``max`` workers: each worker accumulates ``elastic_accumulation`` micro-batches,
+so the optimizer steps per epoch, the schedule and the lr do not depend on the world size. The
+epoch log records each epoch's ``world_size`` and, on the first epoch after a restore, the
+epoch it was restored from (``restored_from_epoch``).
 """
 
 from __future__ import annotations
@@ -137,6 +144,18 @@ def _write_epoch_metrics(cfg: dict[str, Any], record: dict[str, Any]) -> None:
     storage.write_bytes_atomic(uri, ("\n".join(lines) + "\n").encode())
 
 
+def elastic_accumulation(accumulation: int, max_workers: int, world_size: int) -> int:
+    """Micro-batches each of ``world_size`` workers accumulates per optimizer step so that the
+    global batch is (at least) the one of ``max_workers`` workers accumulating ``accumulation``:
+    ``ceil(accumulation * max_workers / world_size)``."""
+    return math.ceil(accumulation * max_workers / world_size)
+
+
+def _max_workers(scaling: dict[str, Any]) -> int:
+    value = scaling["num_workers"]
+    return int(value[1]) if isinstance(value, list | tuple) else int(value)
+
+
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     if math.isnan(value):
         return False
@@ -161,7 +180,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     norm_stats = NormStats.from_dict(config["norm_stats"])
     class_weights = ClassWeights.from_dict(config["class_weights"])
     loss_fn = DiProLoss(task, LossWeights.from_config(cfg["loss"]), class_weights)
-    accumulation = int(train_cfg["accumulation_steps"])
+    accumulation = elastic_accumulation(
+        int(train_cfg["accumulation_steps"]), _max_workers(scaling), world
+    )
     optimizer = build_optimizer(
         model, cfg["optim"], world_size=world, accumulation_steps=accumulation
     )
@@ -173,7 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     amp = scaling.get("amp")
     use_fp16 = amp in ("fp16", "float16") and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_fp16 else None  # loss scale kept across epochs
-    start_epoch, best, bad_epochs = 1, None, 0
+    start_epoch, best, bad_epochs, restored_from = 1, None, 0, None
     restored = ray.train.get_checkpoint()
     if restored is not None:
         payload = _restore(cfg, model, restored, rank)
@@ -181,6 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
+        restored_from = int(state["epoch"])
         best, bad_epochs = state["best_metric"], int(state["extra"]["bad_epochs"])
         if state["extra"]["stopped"]:
             start_epoch = max_epochs + 1
@@ -277,6 +299,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "task": task,
                         "worker_nodes": [g[3] for g in gathered],
                         "worker_max_rss_mb": [round(g[4], 1) for g in gathered],
+                        "world_size": world,
+                        "accumulation_steps": accumulation,
+                        "restored_from_epoch": restored_from if epoch == start_epoch else None,
                     },
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)

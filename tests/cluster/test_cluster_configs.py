@@ -197,6 +197,7 @@ def test_presets_share_one_flat_set_of_keys(presets: dict[str, dict[str, Any]]) 
         "prefetch_batches",
         "local_shuffle_buffer_size",
         "max_failures",
+        "elastic_resize_monitor_interval_s",
         "require_remote_storage",
     }
 

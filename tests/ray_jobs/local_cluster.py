@@ -64,12 +64,12 @@ class LocalCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, args: list[str]) -> None:
+    def _start(self, args: list[str], extra_env: dict[str, str] | None = None) -> None:
         log = Path(self.temp_dir) / f"node{len(self._procs)}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [RAY, "start", "--block", "--disable-usage-stats", *args, *_node_ports()],
-                env=_env(),
+                env={**_env(), **(extra_env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
