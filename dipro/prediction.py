@@ -253,4 +253,6 @@ def predictions_from_table(table: pa.Table) -> Predictions:
         stay_id=col("stay_id"),
         hospital=col("hospital"),
         region_attention=attention,
+        # Prediction rows carry no region labels: no region is known to have changed.
+        region_changed=np.zeros(attention.shape, bool),
     )

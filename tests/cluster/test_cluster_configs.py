@@ -199,6 +199,7 @@ def test_presets_share_one_flat_set_of_keys(presets: dict[str, dict[str, Any]]) 
         "max_failures",
         "elastic_resize_monitor_interval_s",
         "require_remote_storage",
+        "pin_memory",
     }
 
 

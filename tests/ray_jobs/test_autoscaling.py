@@ -32,7 +32,8 @@ GPU_WORKER = {"CPU": 1, LOGICAL_GPU: 1}
 GPU_SCALING = [
     "scaling.use_gpu=false",
     "scaling.cpus_per_worker=1",
-    f"scaling.resources_per_worker={{CPU:1,{LOGICAL_GPU}:1}}",
+    "scaling.resources_per_worker.CPU=1",
+    f"+scaling.resources_per_worker.{LOGICAL_GPU}=1",
 ]
 
 

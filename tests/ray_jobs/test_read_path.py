@@ -173,8 +173,13 @@ def test_tampered_shard_is_refused_by_evaluation(tiny_data_root, tmp_path):
     victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
     model_cfg = compose_train(_train_overrides(tmp_path, tmp_path, "mortality")).model
     model_cfg = {**dict(model_cfg), "ablation": dict(model_cfg.ablation)}
-    checkpoint = save_checkpoint(tmp_path / "model.pt", build_model(model_cfg, "mortality"),
-                                 model_cfg=model_cfg, task="mortality")
+    checkpoint = save_checkpoint(
+        tmp_path / "model.pt",
+        build_model(model_cfg, "mortality"),
+        model_cfg=model_cfg,
+        task="mortality",
+        norm_stats=read_manifest(tmp_path / "data", "mortality").norm(),
+    )
     with pytest.raises(ChecksumError, match="fails its checksum") as info:
         evaluate_to_report(checkpoint, tmp_path / "data", split="test", out_dir=tmp_path / "r")
     assert str(victim) in str(info.value)
