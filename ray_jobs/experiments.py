@@ -313,7 +313,7 @@ def run_seeds(cfg: DictConfig) -> Path:
     study = _study_run(cfg, "seeds")
     records = [train_run(cfg, FULL_MODEL, int(seed), {}, study) for seed in cfg.seeds]
     rows = [SummaryRow("DiPro (this run)", [r.test for r in records])]
-    return _write_study(cfg, "seeds", "DiPro over seeds", rows, records, [], study)
+    return _write_study(cfg, "seeds", "DiPro over seeds", rows, records, [], study=study)
 
 
 def _is_no_op(task: str, ablation: Mapping[str, bool]) -> bool:
@@ -377,7 +377,7 @@ def run_ablations(cfg: DictConfig) -> Path:
             )
     extra = {"variants": _json_safe(results)}
     return _write_study(
-        cfg, "ablations", "DiPro and its ablations", rows, records, notes, extra, study
+        cfg, "ablations", "DiPro and its ablations", rows, records, notes, extra, study=study
     )
 
 

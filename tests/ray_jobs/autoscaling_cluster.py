@@ -215,7 +215,12 @@ class AutoscalingCluster(LocalCluster):
 
     def worker_nodes(self) -> dict[str, dict[str, float]]:
         """Alive worker nodes: Ray node id -> the resources it offers."""
-        nodes = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], detail=True)
+        nodes = list_nodes(
+            address=self.dashboard,
+            filters=[("state", "=", "ALIVE")],
+            detail=True,
+            raise_on_missing_output=False,
+        )
         return {n.node_id: dict(n.resources_total) for n in nodes if not n.is_head_node}
 
     def wait_for_workers(self, count: int, timeout: float, exact: bool = True) -> float:

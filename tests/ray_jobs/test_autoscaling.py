@@ -29,7 +29,11 @@ from ray.job_submission import JobStatus
 
 # A training worker of the GPU presets (1 GPU + CPUs), scaled like the node types.
 GPU_WORKER = {"CPU": 1, LOGICAL_GPU: 1}
+# Every loopback node shares this machine's Ray temp dir, and a node the autoscaler terminates
+# takes the job's unpacked working dir with it: what runs after training must not need the
+# driver's cwd (MLflow resolves its store against it), so tracking is off here.
 GPU_SCALING = [
+    "tracking.enabled=false",
     "scaling.use_gpu=false",
     "scaling.cpus_per_worker=1",
     "scaling.resources_per_worker.CPU=1",
@@ -94,7 +98,7 @@ def test_resource_no_node_type_offers_is_named() -> None:
 
 @pytest.fixture(scope="module")
 def autoscaling():
-    cluster = AutoscalingCluster(load_cluster_file(), idle_timeout_s=10)
+    cluster = AutoscalingCluster(load_cluster_file(), idle_timeout_s=20)
     node_type_for(GPU_WORKER, cluster.node_types)  # the request fits the file's node types
     try:
         cluster.start()
@@ -125,6 +129,7 @@ def _wait_job(cluster: AutoscalingCluster, job: str, timeout: float) -> tuple[Jo
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.autoscaler
 def test_training_job_scales_gpu_nodes_up_and_down(autoscaling, tiny_data_root, tmp_path):
     assert autoscaling.worker_nodes() == {}
     job = autoscaling.submit(
@@ -149,6 +154,7 @@ def test_training_job_scales_gpu_nodes_up_and_down(autoscaling, tiny_data_root, 
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.autoscaler
 def test_sweep_trials_run_on_separate_launched_nodes(autoscaling, tiny_data_root, tmp_path):
     autoscaling.wait_for_workers(0, timeout=180)
     space = tmp_path / "configs" / "tune"
@@ -184,6 +190,7 @@ def test_sweep_trials_run_on_separate_launched_nodes(autoscaling, tiny_data_root
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.autoscaler
 def test_elastic_run_survives_a_preempted_node_and_grows_back(
     autoscaling, tiny_data_root, tmp_path
 ):

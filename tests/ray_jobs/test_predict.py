@@ -50,6 +50,7 @@ def tiny_checkpoint(tiny_data_root, ray_session, tmp_path_factory) -> str:
     return run_training(cfg).best_checkpoint
 
 
+@pytest.mark.unverified
 def test_predictions_reproduce_the_evaluation(tiny_checkpoint, tiny_data_root, tmp_path):
     out = tmp_path / "predictions"
     target = run_prediction(
