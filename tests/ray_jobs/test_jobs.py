@@ -58,6 +58,10 @@ def test_two_node_cluster_runs_workers_on_both_nodes(cluster, tiny_data_root, tm
         "two_nodes",
         "scaling.resources_per_worker.CPU=1",
         "+scaling.placement_strategy=STRICT_SPREAD",
+        # Both nodes share this machine's Ray temp dir: when the second node's runtime-env agent
+        # releases the job's working dir it deletes the driver's cwd, which MLflow resolves its
+        # store against. Real nodes have their own disks.
+        "tracking.enabled=false",
     )
     job = cluster.submit(command, str(REPO))
     status, logs = cluster.wait(job, timeout=600)
