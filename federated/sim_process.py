@@ -9,7 +9,9 @@ run finished, 1 with a ``federated run failed:`` line when it did not.
 It dies with its launcher: the kernel sends it SIGKILL when the launcher exits for any reason
 (``PR_SET_PDEATHSIG``; a SIGKILL of the launcher's process group included), and the Ray
 processes it started share its fate (Ray's own parent-death signals), so no orphan ever goes on
-writing the run directory. The launcher's pid is ``DIPRO_LAUNCHER_PID``.
+writing the run directory. Ray's two per-node agents (dashboard, runtime env), which write
+nothing of the run, exit within Ray's GCS reconnect timeout (60 s) of their raylet's death.
+The launcher's pid is ``DIPRO_LAUNCHER_PID``.
 """
 
 from __future__ import annotations

@@ -41,10 +41,11 @@ def tiny_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
-    """One in-process Ray for the session, with more logical CPUs than cores so that two
-    training workers and Ray Data never starve each other."""
+    """One in-process Ray per test module (shut down after it, so that no later test finds a
+    Ray it did not start), with more logical CPUs than cores so that two training workers and
+    Ray Data never starve each other."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=True)
