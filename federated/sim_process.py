@@ -6,12 +6,13 @@ share a process with another Ray user. The simulated sites are the dataset's fir
 ``simulation.num_sites`` hospitals (partition-id i is the i-th hospital). Exit status 0 when the
 run finished, 1 with a ``federated run failed:`` line when it did not.
 
-It dies with its launcher: the kernel sends it SIGKILL when the launcher exits for any reason
-(``PR_SET_PDEATHSIG``; a SIGKILL of the launcher's process group included), and the Ray
-processes it started share its fate (Ray's own parent-death signals), so no orphan ever goes on
-writing the run directory. Ray's two per-node agents (dashboard, runtime env), which write
-nothing of the run, exit within Ray's GCS reconnect timeout (60 s) of their raylet's death.
-The launcher's pid is ``DIPRO_LAUNCHER_PID``.
+It dies with its launcher, for any reason the launcher exits (a SIGKILL of the launcher's
+process group included): the kernel sends it SIGTERM (``PR_SET_PDEATHSIG``), and a watcher
+thread checks the parent too, in case the signal cannot be handled at once. Either way it sends
+SIGTERM to its whole process group (Ray's GCS, raylet and workers and the node agents, which
+exit at once on a raylet's SIGTERM but wait a minute on the dead GCS after a raylet's SIGKILL),
+then SIGKILL a few seconds later, itself included, so no orphan ever goes on writing the run
+directory. The launcher's pid is ``DIPRO_LAUNCHER_PID``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -36,17 +39,40 @@ from federated.server_app import server_app_for
 FAILED = "federated run failed:"
 LAUNCHER_PID_ENV = "DIPRO_LAUNCHER_PID"
 _PR_SET_PDEATHSIG = 1
+_GRACE_S = 3.0
+_WATCH_INTERVAL_S = 0.5
+_stopping = threading.Lock()
 
 
 def die_with_launcher() -> None:
-    """Have the kernel SIGKILL this process when its parent exits (Linux); exit now if the
+    """Stop this process group when the parent exits (Linux): SIGTERM from the kernel
+    (``PR_SET_PDEATHSIG``) or the watcher thread, whichever comes first; stop now if the
     launcher is already gone (it died before this process asked)."""
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV, os.getppid()))
+    signal.signal(signal.SIGTERM, lambda *_: _stop_process_group())
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    launcher = os.environ.get(LAUNCHER_PID_ENV)
-    if launcher is not None and os.getppid() != int(launcher):
-        os._exit(1)
+    if os.getppid() != launcher:
+        _stop_process_group()
+    threading.Thread(target=_watch_parent, args=(launcher,), daemon=True).start()
+
+
+def _watch_parent(launcher: int) -> None:
+    while os.getppid() == launcher:
+        time.sleep(_WATCH_INTERVAL_S)
+    _stop_process_group()
+
+
+def _stop_process_group() -> None:
+    """SIGTERM to this process group (Ray ends gracefully, its agents with it), SIGKILL to
+    whatever is left, this process included, after ``_GRACE_S``."""
+    if not _stopping.acquire(blocking=False):
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+    time.sleep(_GRACE_S)
+    os.killpg(0, signal.SIGKILL)
 
 
 def num_sites(cfg: dict[str, Any]) -> int:
