@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from dipro.data.collate import Batch
+from dipro.batch import Batch
 from dipro.losses import DiProLoss
 from dipro.metrics import Predictions, compute_metrics
 

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dipro import vocab
-from dipro.data.collate import IGNORE_INDEX, Batch
+from dipro.batch import Batch
+from dipro.data.collate import IGNORE_INDEX
 from dipro.data.labels import LabelCounts
 from dipro.model.output import DiProOutput
 from dipro.model.pae import dynamic_loss, region_cross_entropy, static_consistency_loss

@@ -45,7 +45,8 @@ from sklearn.metrics import (
 )
 
 from dipro import vocab
-from dipro.data.collate import IGNORE_INDEX, Batch
+from dipro.batch import Batch
+from dipro.data.collate import IGNORE_INDEX
 from dipro.model.output import DiProOutput
 
 MetricFn = Callable[..., dict[str, float]]

@@ -23,8 +23,9 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from dipro.batch import Batch
 from dipro.checkpoint import load_weights
-from dipro.data.collate import Batch, collate
+from dipro.data.collate import collate
 from dipro.data.normalize import NormStats, fit_norm_stats
 from dipro.data.schema import model_columns
 from dipro.data.shards import (
@@ -37,6 +38,7 @@ from dipro.data.shards import (
 from dipro.engine import build_optimizer, evaluate, train_epoch
 from dipro.losses import ClassWeights, DiProLoss, LabelCounts, LossWeights
 from dipro.model import build_model
+from dipro.seeds import stream_seed
 
 _NORM_COLUMNS = ["ehr_values", "ehr_observed", "demographics"]
 _LABEL_COLUMNS = ["progression", "region_labels", "mortality", "los_days"]
@@ -181,7 +183,7 @@ def train_site(
     samples = steps = 0.0
     stats: dict[str, float] = {}
     for epoch in range(int(fed["local_epochs"])):
-        seed = int(cfg["seed"]) * 100_000 + server_round * 1000 + epoch * 10 + site.hospitals[0]
+        seed = stream_seed(cfg["seed"], server_round, epoch, site.hospitals[0])
         torch.manual_seed(seed)
         stats = train_epoch(
             model,

@@ -18,7 +18,8 @@ import pyarrow as pa
 import ray.data
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from dipro.data.collate import Batch, collate
+from dipro.batch import Batch
+from dipro.data.collate import collate
 from dipro.data.normalize import NormStats
 from dipro.data.schema import COLUMNS, first_fault, model_columns
 from dipro.data.shards import list_shards

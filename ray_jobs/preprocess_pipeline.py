@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dipro import vocab
 from dipro.config import PREPROCESS_SCHEMA, validate
+from dipro.data.features import RegionFeatureExtractor
 from dipro.data.mimic.build import (
     PreparedCohort,
     RawPaths,
@@ -42,7 +43,7 @@ from dipro.data.mimic.build import (
     prepare_samples,
 )
 from dipro.data.mimic.cohort import CohortRules
-from dipro.data.mimic.images import RegionFeatureExtractor, crop_regions
+from dipro.data.mimic.images import crop_regions
 from dipro.data.mimic.readers import RawDataError
 from dipro.data.shards import Manifest, write_dataset
 from ray_jobs.console import Progress

@@ -45,6 +45,7 @@ from dipro.engine import build_optimizer, build_scheduler, evaluate, train_epoch
 from dipro.losses import ClassWeights, DiProLoss, LossWeights
 from dipro.metrics import Predictions, compute_metrics
 from dipro.model import build_model
+from dipro.seeds import stream_seed
 from ray_jobs.data import iter_batches
 
 CHECKPOINT_FILE = "model.pt"
@@ -219,7 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 norm_stats=config["norm_stats"],
                 shuffle_buffer=scaling.get("local_shuffle_buffer_size"),
                 prefetch_batches=int(scaling.get("prefetch_batches", 1)),
-                seed=int(cfg["seed"]) * 1000 + epoch * 10 + rank,
+                seed=stream_seed(cfg["seed"], epoch, rank),
                 pin_memory=pin_memory,
             ),
             optimizer,

@@ -28,7 +28,8 @@ import torch
 import yaml
 
 from dipro import vocab
-from dipro.data.collate import Batch, collate
+from dipro.batch import Batch
+from dipro.data.collate import collate
 from dipro.data.schema import records_to_table
 from dipro.losses import ClassWeights, DiProLoss, LossWeights
 from dipro.model import build_model

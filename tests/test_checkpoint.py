@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 
 from dipro import vocab
+from dipro.batch import Batch
 from dipro.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -20,7 +21,7 @@ from dipro.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from dipro.data.collate import Batch, collate
+from dipro.data.collate import collate
 from dipro.data.normalize import NormStats
 from dipro.data.schema import records_to_table
 from dipro.engine import build_optimizer, build_scheduler, train_epoch

@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dipro import vocab
-from dipro.data.collate import Batch, collate
+from dipro.batch import Batch
+from dipro.data.collate import collate
 from dipro.data.schema import records_to_table
 from dipro.engine import (
     build_optimizer,

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from dipro import vocab
-from dipro.data.collate import IGNORE_INDEX, Batch, collate
+from dipro.batch import Batch
+from dipro.data.collate import IGNORE_INDEX, collate
 from dipro.data.schema import records_to_table
 from dipro.losses import (
     ClassWeights,

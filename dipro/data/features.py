@@ -1,7 +1,8 @@
 """A "features" dataset from a "crops" dataset: every region crop through a frozen backbone.
 
 Training in features mode (DIPRO_SPEC section 1) skips the backbone, which is what makes large
-cohorts and CPU runs affordable. The records keep everything else; EHR normalisation statistics
+cohorts and CPU runs affordable. This is the one place on the data side that uses the model (its
+backbone, frozen). The records keep everything else; EHR normalisation statistics
 and counts are recomputed by the shard writer exactly as for any dataset.
 """
 
@@ -13,10 +14,47 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from dipro import storage, vocab
-from dipro.data.mimic.images import RegionFeatureExtractor
 from dipro.data.shards import Manifest, list_shards, read_manifest, write_dataset
+from dipro.model.regions import BACKBONES, CropBackbone, build_backbone
+
+
+class RegionFeatureExtractor:
+    """Frozen backbone over region crops: [N, R, S, S] uint8 -> [N, R, F] float32.
+
+    The same backbone and pixel normalisation as the model's crops mode
+    (``dipro.model.regions.CropBackbone``), so stored features and end-to-end crops agree; the
+    backbone keeps a seeded random initialisation without ``weights_path``. Absent regions
+    (present False) get zero features.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        weights_path: str | None = None,
+        device: str | None = None,
+        chunk: int = 64,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.manual_seed(0)
+        self.model = CropBackbone(build_backbone(backbone, weights_path)).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.dim = BACKBONES[backbone]
+        self.chunk = chunk
+
+    @torch.no_grad()
+    def __call__(self, crops: np.ndarray, present: np.ndarray) -> np.ndarray:
+        n, r, s, _ = crops.shape
+        flat = torch.from_numpy(np.array(crops, np.uint8).reshape(n * r, s, s))  # a writable copy
+        out = [
+            self.model(flat[start : start + self.chunk].to(self.device)).float().cpu()
+            for start in range(0, n * r, self.chunk)
+        ]
+        feats = torch.cat(out).numpy().reshape(n, r, self.dim)
+        feats[~present.astype(bool)] = 0.0
+        return feats.astype(np.float32)
 
 
 def _featurized(

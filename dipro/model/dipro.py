@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from dipro import vocab
-from dipro.data.collate import Batch
+from dipro.batch import Batch
 from dipro.model.ehr import EHREncoder, LocalEHRAttention
 from dipro.model.fusion import FinalFusion, GlobalFusion, LocalFusion
 from dipro.model.group import StaticFusion, TaskHeads

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from dipro import vocab
-from dipro.data.collate import Batch, collate
+from dipro.batch import Batch
+from dipro.data.collate import collate
 from dipro.data.schema import records_to_table
 
 R, K, V, G = vocab.NUM_REGIONS, vocab.NUM_FINDINGS, vocab.NUM_EHR, vocab.NUM_DEMOGRAPHICS

@@ -11,7 +11,7 @@ import torch
 from model_samples import batch_of, make_record, small_cfg
 
 from dipro import vocab
-from dipro.data.collate import Batch
+from dipro.batch import Batch
 from dipro.losses import ClassWeights, DiProLoss, LossWeights
 from dipro.model import DiPro, DiProOutput, build_model
 

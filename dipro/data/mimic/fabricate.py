@@ -762,10 +762,10 @@ def write_cohort_raw_tree(
     an AP JPEG in its own study (the ids of ``dipro.data.synthetic.cxr_identifiers``, so the
     cohort's shards and this tree name the same images) with its scene graph (the cohort's
     boxes; its region labels as comparisons against the previous CXR), the cohort's observed
-    hourly EHR as chartevents / outputevents rows in the middle of their hour (temperature in Fahrenheit, GCS as MetaVision
-    text), and the first labelled pair of patient 0 copied into the gold file. With
-    ``real_cxr`` the first CXR of patient 0 is the real radiograph of pydicom-data (boxes
-    scaled to its size).
+    hourly EHR as chartevents / outputevents rows in the middle of their hour (temperature in
+    Fahrenheit, GCS as MetaVision text), and the first labelled pair of patient 0 copied into
+    the gold file. With ``real_cxr`` the first CXR of patient 0 is the real radiograph of
+    pydicom-data (boxes scaled to its size).
     """
     if int(cohort.hospital.max()) >= len(_CAREUNITS):
         raise ValueError(f"at most {len(_CAREUNITS)} hospitals can be written as care units")

@@ -1,4 +1,4 @@
-"""Region crops of one full-size CXR, and the optional frozen feature extractor.
+"""Region crops of one full-size CXR.
 
 ``crop_regions`` decodes a JPEG once and cuts every region of vocab.REGIONS by its ImaGenome
 ``original_*`` box (original-image pixels). When the decoded image is smaller or larger than
@@ -13,11 +13,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image
 
 from dipro import vocab
-from dipro.model.regions import BACKBONES, CropBackbone, build_backbone
 
 Box = tuple[float, float, float, float]
 
@@ -49,39 +47,3 @@ def crop_regions(
         crops[r] = np.asarray(crop, dtype=np.uint8)
         present[r] = True
     return crops, present
-
-
-class RegionFeatureExtractor:
-    """Frozen backbone over region crops: [N, R, S, S] uint8 -> [N, R, F] float32.
-
-    The same backbone and pixel normalisation as the model's crops mode
-    (``dipro.model.regions.CropBackbone``), so stored features and end-to-end crops agree; the
-    backbone keeps a seeded random initialisation without ``weights_path``. Absent regions
-    (present False) get zero features.
-    """
-
-    def __init__(
-        self,
-        backbone: str,
-        weights_path: str | None = None,
-        device: str | None = None,
-        chunk: int = 64,
-    ) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        torch.manual_seed(0)
-        self.model = CropBackbone(build_backbone(backbone, weights_path)).to(self.device).eval()
-        self.model.requires_grad_(False)
-        self.dim = BACKBONES[backbone]
-        self.chunk = chunk
-
-    @torch.no_grad()
-    def __call__(self, crops: np.ndarray, present: np.ndarray) -> np.ndarray:
-        n, r, s, _ = crops.shape
-        flat = torch.from_numpy(np.array(crops, np.uint8).reshape(n * r, s, s))  # a writable copy
-        out = [
-            self.model(flat[start : start + self.chunk].to(self.device)).float().cpu()
-            for start in range(0, n * r, self.chunk)
-        ]
-        feats = torch.cat(out).numpy().reshape(n, r, self.dim)
-        feats[~present.astype(bool)] = 0.0
-        return feats.astype(np.float32)

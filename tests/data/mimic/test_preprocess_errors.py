@@ -125,7 +125,9 @@ def test_bad_raw_file_is_one_line_naming_file_record_and_field(
     _earlier_output(out)
     raw_before, out_before = tree_checksums(tree.root), tree_checksums(out)
 
-    code, lines = entrypoint("ray_jobs.preprocess", *_args(tree, out, "tasks=[disease_progression]"))
+    code, lines = entrypoint(
+        "ray_jobs.preprocess", *_args(tree, out, "tasks=[disease_progression]")
+    )
 
     assert code == 2, "\n".join(lines[-12:])
     last = lines[-1]
