@@ -39,7 +39,7 @@ from dipro.data.collate import IGNORE_INDEX
 from dipro.data.labels import LabelCounts
 from dipro.model.output import DiProOutput
 from dipro.model.pae import dynamic_loss, region_cross_entropy, static_consistency_loss
-from dipro.model.std import orthogonality_loss, temporal_consistency_loss
+from dipro.model.std import masked_mean, orthogonality_loss, temporal_consistency_loss
 
 K, C = vocab.NUM_FINDINGS, vocab.NUM_PROGRESSION_CLASSES
 
@@ -137,12 +137,6 @@ class ClassWeights:
         return cls(table("progression"), table("region"), float(data["mortality_pos_weight"]))
 
 
-def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over the True entries of ``keep``; 0 (with a graph) when none."""
-    keep = keep.to(values.dtype)
-    return (values * keep).sum() / keep.sum().clamp(min=1.0)
-
-
 class DiProLoss(nn.Module):
     """Total loss of one task; build once per run, call ``loss_fn(output, batch)`` each step.
 
@@ -181,10 +175,10 @@ class DiProLoss(nn.Module):
                 pos_weight=self.pos_weight,
                 reduction="none",
             )
-            return _masked_mean(bce, keep)
+            return masked_mean(bce, keep)
         keep = batch.los_class != IGNORE_INDEX  # [B]
         ce = F.cross_entropy(logits, batch.los_class.clamp(min=0), reduction="none")
-        return _masked_mean(ce, keep)
+        return masked_mean(ce, keep)
 
     def auxiliary_losses(self, output: DiProOutput, batch: Batch) -> dict[str, torch.Tensor]:
         """The auxiliary terms the output supports, keyed like ``LossWeights``."""
@@ -218,6 +212,7 @@ class DiProLoss(nn.Module):
         return total, dict(zip(terms, values, strict=True))
 
 
-def build_loss(task: str, loss_cfg: Mapping[str, Any], counts: LabelCounts) -> DiProLoss:
-    """The loss of ``task`` with lambdas from the config and class weights from training counts."""
-    return DiProLoss(task, LossWeights.from_config(loss_cfg), ClassWeights.from_counts(counts))
+def build_loss(task: str, loss_cfg: Mapping[str, Any], class_weights: ClassWeights) -> DiProLoss:
+    """The loss of ``task``: lambdas from the ``loss`` config, class weights from the training
+    split (``ClassWeights.from_counts``). Every training path builds its loss here."""
+    return DiProLoss(task, LossWeights.from_config(loss_cfg), class_weights)

@@ -36,7 +36,7 @@ from dipro.data.shards import (
     verify_shards,
 )
 from dipro.engine import build_optimizer, evaluate, train_epoch
-from dipro.losses import ClassWeights, DiProLoss, LabelCounts, LossWeights
+from dipro.losses import ClassWeights, LabelCounts, build_loss
 from dipro.model import build_model
 from dipro.seeds import stream_seed
 
@@ -178,7 +178,7 @@ def train_site(
     device = fed.get("device", "cpu")
     model.to(device)
     global_params = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
-    loss_fn = DiProLoss(site.task, LossWeights.from_config(cfg["loss"]), site.class_weights)
+    loss_fn = build_loss(site.task, cfg["loss"], site.class_weights)
     optimizer = build_optimizer(model, cfg["optim"])
     samples = steps = 0.0
     stats: dict[str, float] = {}
@@ -213,7 +213,7 @@ def evaluate_site(model: nn.Module, site: Site, cfg: Mapping[str, Any]) -> dict[
     """The task's metrics of ``model`` on the site's validation shards (its own statistics)."""
     device = cfg["federated"].get("device", "cpu")
     model.to(device)
-    loss_fn = DiProLoss(site.task, LossWeights.from_config(cfg["loss"]), site.class_weights)
+    loss_fn = build_loss(site.task, cfg["loss"], site.class_weights)
     metrics, predictions = evaluate(
         model,
         batches(

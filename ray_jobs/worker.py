@@ -42,7 +42,7 @@ from dipro import checkpoint as ckpt_io
 from dipro import storage
 from dipro.data.normalize import NormStats
 from dipro.engine import build_optimizer, build_scheduler, evaluate, train_epoch
-from dipro.losses import ClassWeights, DiProLoss, LossWeights
+from dipro.losses import ClassWeights, build_loss
 from dipro.metrics import Predictions, compute_metrics
 from dipro.model import build_model
 from dipro.seeds import stream_seed
@@ -180,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(build_model(cfg["model"], task))
     norm_stats = NormStats.from_dict(config["norm_stats"])
     class_weights = ClassWeights.from_dict(config["class_weights"])
-    loss_fn = DiProLoss(task, LossWeights.from_config(cfg["loss"]), class_weights)
+    loss_fn = build_loss(task, cfg["loss"], class_weights)
     accumulation = elastic_accumulation(
         int(train_cfg["accumulation_steps"]), _max_workers(scaling), world
     )

@@ -25,7 +25,7 @@ from dipro.data.collate import collate
 from dipro.data.normalize import NormStats
 from dipro.data.schema import records_to_table
 from dipro.engine import build_optimizer, build_scheduler, train_epoch
-from dipro.losses import build_loss, count_labels
+from dipro.losses import ClassWeights, build_loss, count_labels
 from dipro.model import build_model
 
 R, K, V, G = vocab.NUM_REGIONS, vocab.NUM_FINDINGS, vocab.NUM_EHR, vocab.NUM_DEMOGRAPHICS
@@ -98,7 +98,7 @@ def trained(task: str, b: Batch, cfg: dict):
     """A model after two optimizer steps (weights and BatchNorm statistics off their init)."""
     torch.manual_seed(0)
     model = build_model(cfg, task)
-    loss_fn = build_loss(task, LOSS_CFG, count_labels([b]))
+    loss_fn = build_loss(task, LOSS_CFG, ClassWeights.from_counts(count_labels([b])))
     opt = build_optimizer(model, {"lr": 1e-3})
     sched = build_scheduler(opt, {"min_lr": 1e-7}, total_steps=10)
     train_epoch(model, [b, b], opt, loss_fn, device="cpu", scheduler=sched)

@@ -140,7 +140,9 @@ def assert_same_update(a: list, b: list) -> None:
 
 def test_accumulation_equals_one_step_on_the_whole_group_including_a_partial_last_group():
     recs = records("mortality", 9, seed=1, uniform=True)
-    loss_fn = build_loss("mortality", LOSS_CFG, count_labels([to_batch(recs)]))
+    loss_fn = build_loss(
+        "mortality", LOSS_CFG, ClassWeights.from_counts(count_labels([to_batch(recs)]))
+    )
     a, b, c = to_batch(recs[:2]), to_batch(recs[2:6]), to_batch(recs[6:])  # 2 + 4 rows, then 3
 
     base = frozen_model("mortality")
@@ -161,7 +163,9 @@ def test_accumulation_equals_one_step_on_the_whole_group_including_a_partial_las
 
 def test_clipping_bounds_the_final_gradient_norm():
     recs = records("length_of_stay", 6, seed=2)
-    loss_fn = build_loss("length_of_stay", LOSS_CFG, count_labels([to_batch(recs)]))
+    loss_fn = build_loss(
+        "length_of_stay", LOSS_CFG, ClassWeights.from_counts(count_labels([to_batch(recs)]))
+    )
     batches = [to_batch(recs[:3]), to_batch(recs[3:])]
     free, _ = sgd_update(frozen_model("length_of_stay"), batches, loss_fn, accumulation_steps=2)
     assert torch.cat([u.flatten() for u in free]).norm() > 0.05
@@ -174,7 +178,9 @@ def test_clipping_bounds_the_final_gradient_norm():
 def test_scheduler_and_callback_step_once_per_optimizer_step_and_max_steps_stops():
     recs = records("disease_progression", 10, seed=3)
     batches = [to_batch(recs[i : i + 2]) for i in range(0, 10, 2)]  # 5 micro-batches
-    loss_fn = build_loss("disease_progression", LOSS_CFG, count_labels(batches))
+    loss_fn = build_loss(
+        "disease_progression", LOSS_CFG, ClassWeights.from_counts(count_labels(batches))
+    )
     model = frozen_model("disease_progression")
     cfg = {"lr": 1e-3, "weight_decay": 0.0, "min_lr": 1e-7}
     opt = build_optimizer(model, cfg)
@@ -223,7 +229,7 @@ def test_optimizer_uses_the_configured_lr_unless_scaling_is_explicit():
 def test_fedprox_term_is_zero_at_the_global_weights_and_pulls_toward_them():
     recs = records("mortality", 4, seed=4)
     batch = to_batch(recs)
-    loss_fn = build_loss("mortality", LOSS_CFG, count_labels([batch]))
+    loss_fn = build_loss("mortality", LOSS_CFG, ClassWeights.from_counts(count_labels([batch])))
     model = frozen_model("mortality")
     global_params = [p.detach().clone() for p in model.parameters()]
     assert proximal_term(list(model.parameters()), global_params, mu=0.5).item() == 0.0
@@ -258,7 +264,9 @@ def test_fedprox_term_is_zero_at_the_global_weights_and_pulls_toward_them():
 
 def test_ddp_wrapped_model_trains_like_the_plain_model(tmp_path):
     recs = records("mortality", 6, seed=5, uniform=True)
-    loss_fn = build_loss("mortality", LOSS_CFG, count_labels([to_batch(recs)]))
+    loss_fn = build_loss(
+        "mortality", LOSS_CFG, ClassWeights.from_counts(count_labels([to_batch(recs)]))
+    )
     batches = [to_batch(recs[:3]), to_batch(recs[3:])]
     base = frozen_model("mortality")
     plain, _ = sgd_update(copy.deepcopy(base), batches, loss_fn, accumulation_steps=2)
@@ -273,7 +281,9 @@ def test_ddp_wrapped_model_trains_like_the_plain_model(tmp_path):
 
 def test_training_lowers_the_loss_of_a_tiny_batch():
     batch = to_batch(records("disease_progression", 8, seed=6))
-    loss_fn = build_loss("disease_progression", LOSS_CFG, count_labels([batch]))
+    loss_fn = build_loss(
+        "disease_progression", LOSS_CFG, ClassWeights.from_counts(count_labels([batch]))
+    )
     torch.manual_seed(0)
     model = build_model(MODEL_CFG, "disease_progression")
     opt = build_optimizer(model, {"lr": 3e-3, "weight_decay": 0.0})
@@ -308,7 +318,7 @@ def test_evaluate_returns_metrics_losses_and_predictions(task):
 
 def test_amp_on_cpu_warns_and_runs_in_fp32(caplog):
     batch = to_batch(records("mortality", 3, seed=8))
-    loss_fn = build_loss("mortality", LOSS_CFG, count_labels([batch]))
+    loss_fn = build_loss("mortality", LOSS_CFG, ClassWeights.from_counts(count_labels([batch])))
     model = frozen_model("mortality")
     with caplog.at_level(logging.WARNING, logger="dipro.engine"):
         metrics, preds = evaluate(model, [batch], loss_fn, device=DEVICE, amp_dtype="bf16")

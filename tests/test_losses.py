@@ -193,7 +193,7 @@ def test_mortality_loss_uses_negative_over_positive_pos_weight():
     batch, _ = make_batch("mortality", 16, seed=5)
     counts = count_labels([batch])
     cfg = {"ce": 6.0, "orth": 0, "temp": 0, "static": 0, "dyn": 0}
-    loss_fn = build_loss("mortality", cfg, counts)
+    loss_fn = build_loss("mortality", cfg, ClassWeights.from_counts(counts))
     out = make_output(batch, "mortality", full=False)
     x, y = out.logits.detach().double(), batch.mortality.double()
     pw = (y == 0).sum() / (y == 1).sum()
