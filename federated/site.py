@@ -15,6 +15,7 @@ is the dataset's ``partition-id``-th hospital under the run's ``data.root``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -109,16 +110,28 @@ def site_of(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Site:
     verify_shards(
         root, task, train + val, checksums=bool(cfg["data"].get("verify_checksums", True))
     )
+    norm_stats, class_weights = _fit(train, tuple(sorted(manifest.files.items())))
     return Site(
         root=root,
         task=task,
         hospitals=hospitals,
         train_paths=train,
         val_paths=val,
-        norm_stats=fit_norm_stats(_read(path, _NORM_COLUMNS) for path in train),
-        class_weights=ClassWeights.from_counts(_label_counts(train)),
+        norm_stats=norm_stats,
+        class_weights=class_weights,
         num_train=sum(manifest.counts["train"].get(str(h), 0) for h in hospitals),
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _fit(
+    train: tuple[str, ...], digests: tuple[tuple[str, str], ...]
+) -> tuple[NormStats, ClassWeights]:
+    """EHR normalisation statistics and class weights of a training split, fitted once per
+    process for the dataset the manifest's shard ``digests`` identify (every message of a run
+    reuses them; a rewritten dataset is fitted anew)."""
+    stats = fit_norm_stats(_read(path, _NORM_COLUMNS) for path in train)
+    return stats, ClassWeights.from_counts(_label_counts(train))
 
 
 def _read(path: str, columns: list[str]) -> pa.Table:
