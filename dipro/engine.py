@@ -287,13 +287,16 @@ def train_epoch(
     }
 
 
-def _inference(
+def predict_with_loss(
     model: nn.Module,
     batches: Iterable[Batch],
     loss_fn: DiProLoss | None,
+    *,
     device: torch.device | str,
-    amp_dtype: torch.dtype | str | None,
+    amp_dtype: torch.dtype | str | None = None,
 ) -> tuple[Predictions, dict[str, float]]:
+    """Predictions on every batch, in order, and (with ``loss_fn``) the row-weighted means of
+    ``loss`` and ``loss/<component>``: what a distributed caller gathers before scoring once."""
     module = unwrap(model)
     module.eval()
     if loss_fn is not None:
@@ -325,7 +328,7 @@ def predict(
     amp_dtype: torch.dtype | str | None = None,
 ) -> Predictions:
     """Predictions of the model (in eval mode, no gradients) on every batch, in order."""
-    return _inference(model, batches, None, device, amp_dtype)[0]
+    return predict_with_loss(model, batches, None, device=device, amp_dtype=amp_dtype)[0]
 
 
 def evaluate(
@@ -337,9 +340,11 @@ def evaluate(
     amp_dtype: torch.dtype | str | None = None,
 ) -> tuple[dict[str, float], Predictions]:
     """The task's metrics on ``batches`` (plus ``loss`` and ``loss/<component>`` when a loss is
-    given) and the predictions, which a distributed caller gathers and scores once.
+    given) and the predictions.
 
     The model (unwrapped from DDP) names its task in ``model.task``, as ``DiPro`` does.
     """
-    predictions, losses = _inference(model, batches, loss_fn, device, amp_dtype)
+    predictions, losses = predict_with_loss(
+        model, batches, loss_fn, device=device, amp_dtype=amp_dtype
+    )
     return {**compute_metrics(predictions), **losses}, predictions

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from dipro import checkpoint as ckpt_io
 from dipro import storage
 from dipro.data.normalize import NormStats
-from dipro.engine import build_optimizer, build_scheduler, evaluate, train_epoch
+from dipro.engine import build_optimizer, build_scheduler, predict_with_loss, train_epoch
 from dipro.losses import ClassWeights, build_loss
 from dipro.metrics import Predictions, compute_metrics
 from dipro.model import build_model
@@ -235,7 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             on_step=_fault_hook(cfg, epoch, rank, world),
         )
         train_seconds = time.monotonic() - started
-        local_metrics, local_preds = evaluate(
+        local_preds, local_losses = predict_with_loss(
             model,
             iter_batches(
                 ray.train.get_dataset_shard("val"),
@@ -251,7 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gathered = _gather(
             (
                 local_preds.to_arrays(),
-                local_metrics.get("loss", math.nan),
+                local_losses.get("loss", math.nan),
                 len(local_preds),
                 ray.get_runtime_context().get_node_id(),
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
