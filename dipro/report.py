@@ -963,20 +963,6 @@ def _best_epoch(epochs: Sequence[Mapping[str, Any]], monitor: str | None, mode: 
     return int(epochs[int(pick(scores))]["epoch"])
 
 
-def read_epoch_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a run's ``epoch_metrics.jsonl``, in epoch order."""
-    text = storage.read_bytes(path).decode()
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {number} is not JSON: {err}") from err
-    return sorted(records, key=lambda r: int(r["epoch"]))
-
-
 # ---------------------------------------------------------------- tables over seeds
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dipro import storage
+from dipro.runs import EPOCH_METRICS_FILE, RUN_CONFIG_FILE, read_log
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
@@ -40,7 +41,6 @@ RUN_DIR_TAG = "dipro.run_dir"
 KIND_TAG = "dipro.kind"
 PARENT_TAG = "mlflow.parentRunId"
 _PARAM_VALUE_LIMIT = 6000  # MLflow's longest parameter value
-EPOCH_METRICS_FILE = "epoch_metrics.jsonl"  # the run layout of ray_jobs.worker
 SUMMARY_FILE = "metrics.json"
 
 
@@ -132,13 +132,6 @@ def numeric_metrics(record: Mapping[str, Any], skip: Iterable[str] = ()) -> dict
         for k, v in record.items()
         if k not in skipped and isinstance(v, int | float) and not isinstance(v, bool)
     }
-
-
-def read_jsonl(uri: str) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (empty when it does not exist)."""
-    if not storage.exists(uri):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line]
 
 
 class Tracker:
@@ -293,7 +286,7 @@ def track_training(
     run_id = tracker.run(run_dir, str(cfg["run_name"]), kind, parent)
     dataset = dataset_identity(str(cfg["data"]["root"]), manifest)
     tracker.log_params(run_id, {**flatten(cfg), **dataset})
-    tracker.log_history(run_id, read_jsonl(storage.join(run_dir, EPOCH_METRICS_FILE)), "epoch")
+    tracker.log_history(run_id, read_log(storage.join(run_dir, EPOCH_METRICS_FILE)), "epoch")
     summary_uri = storage.join(run_dir, SUMMARY_FILE)
     if storage.exists(summary_uri):
         summary = json.loads(storage.read_bytes(summary_uri))
@@ -301,7 +294,7 @@ def track_training(
         tracker.log_files(run_id, [summary_uri], None)
         if register:
             checkpoint = str(summary["best_checkpoint"])
-            files = [checkpoint, storage.join(posixpath.dirname(checkpoint), "config.json")]
+            files = [checkpoint, storage.join(posixpath.dirname(checkpoint), RUN_CONFIG_FILE)]
             tracker.log_files(run_id, files, "checkpoint")
             monitor = str(cfg["task"]["monitor"])
             test = numeric_metrics(summary.get("test") or {})

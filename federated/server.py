@@ -48,13 +48,13 @@ from dipro.data.shards import Manifest, list_shards
 from dipro.engine import evaluate
 from dipro.evaluation import evaluate_checkpoint
 from dipro.model import DiPro, build_model
+from dipro.runs import ROUND_METRICS_FILE, BestMetric, append_log, read_log
 from federated.config import check_config, site_config, train_config_record
 from federated.site import batches
 from federated.strategy import ServerOptimizerState, SiteQuorum, build_strategy
 
 logger = logging.getLogger("flwr")
 
-ROUND_METRICS_FILE = "round_metrics.jsonl"
 LAST_CHECKPOINT = "checkpoints/last.pt"
 BEST_CHECKPOINT = "checkpoints/best.pt"
 REPORT_FILE = "metrics.json"
@@ -71,12 +71,6 @@ class FederatedResult:
     rounds: int
     best_val: dict[str, float]
     test_metrics: dict[str, float] | None
-
-
-def _is_better(value: float, best: float | None, mode: str) -> bool:
-    if math.isnan(value):
-        return False
-    return best is None or (value > best if mode == "max" else value < best)
 
 
 class RoundRecorder:
@@ -102,7 +96,7 @@ class RoundRecorder:
         self.server_state = server_state
         self.round_offset = round_offset
         self.best_round = best_round
-        self.best_metric = best_metric
+        self.best = BestMetric(cfg["task"]["monitor_mode"], best_metric)
         self.norm_stats = manifest.norm()
         self.out_dir = str(cfg["out_dir"])
         self.eval_paths = list_shards(
@@ -153,7 +147,7 @@ class RoundRecorder:
         self.started = time.monotonic()
         if run_round > 0:
             self._checkpoint(run_round, val)
-        self._append(record)
+        append_log(self._path(ROUND_METRICS_FILE), record, "round")
         if self.tracked is not None:
             self.tracked[0].log_history(self.tracked[1], [record], "round")
         monitor = cfg["task"]["monitor"]
@@ -164,7 +158,7 @@ class RoundRecorder:
             val.get("val/loss", math.nan),
             monitor,
             val.get(monitor, math.nan),
-            "n/a" if self.best_metric is None else f"{self.best_metric:.4f}",
+            "n/a" if self.best.best is None else f"{self.best.best:.4f}",
             self.best_round,
             record["seconds"],
         )
@@ -172,10 +166,9 @@ class RoundRecorder:
 
     def _checkpoint(self, run_round: int, val: dict[str, float]) -> None:
         task = self.cfg["task"]
-        value = float(val.get(task["monitor"], math.nan))
-        improved = _is_better(value, self.best_metric, task["monitor_mode"])
+        improved = self.best.update(float(val.get(task["monitor"], math.nan)))
         if improved:
-            self.best_metric, self.best_round = value, run_round
+            self.best_round = run_round
         fed = self.cfg["federated"]
         extra = {
             "round": run_round,
@@ -194,22 +187,10 @@ class RoundRecorder:
                 task=task["name"],
                 optimizer=self.server_state,  # FedAdam's moments (duck-typed state_dict)
                 epoch=run_round,
-                best_metric=self.best_metric,
+                best_metric=self.best.best,
                 norm_stats=self.norm_stats,
                 extra=extra,
             )
-
-    def _append(self, record: dict[str, Any]) -> None:
-        """Rewrite the round log with this round's line; lines of this or later rounds (from a
-        start that died before its checkpoint) are dropped."""
-        uri = self._path(ROUND_METRICS_FILE)
-        lines = []
-        if storage.exists(uri):
-            for line in storage.read_bytes(uri).decode().splitlines():
-                if line.strip() and json.loads(line)["round"] < record["round"]:
-                    lines.append(line)
-        lines.append(json.dumps(record, sort_keys=True))
-        storage.write_bytes_atomic(uri, ("\n".join(lines) + "\n").encode())
 
 
 def _initial_model(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> DiPro:
@@ -272,7 +253,7 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     result = write_report(cfg)
     if tracked is not None:
         tracker, run_id = tracked
-        rounds = tracking.read_jsonl(storage.join(result.out_dir, ROUND_METRICS_FILE))
+        rounds = read_log(storage.join(result.out_dir, ROUND_METRICS_FILE))
         tracker.log_history(run_id, rounds, "round")
         tracker.log_summary(run_id, result.test_metrics or {}, "test/")
         tracker.log_files(run_id, [storage.join(result.out_dir, REPORT_FILE)], None)

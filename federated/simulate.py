@@ -29,13 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from dipro import storage
 from dipro.config import exit_with_error
+from dipro.runs import RUN_CONFIG_FILE
 from federated.config import ConfigError, check_config
 from federated.server import FederatedResult, read_result
 from federated.sim_process import FAILED, LAUNCHER_PID_ENV
 
 LOG_FILE = "simulation.log"
 LOCK_FILE = ".lock"
-CONFIG_FILE = "config.json"
 _ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -114,7 +114,7 @@ def run_federated(cfg: DictConfig | dict[str, Any]) -> FederatedResult:
 
 
 def _simulate(resolved: dict[str, Any], out_dir: Path, lock: int) -> FederatedResult:
-    config_path = out_dir / CONFIG_FILE
+    config_path = out_dir / RUN_CONFIG_FILE
     storage.write_bytes_atomic(
         str(config_path), json.dumps(resolved, indent=2, sort_keys=True).encode()
     )

@@ -28,7 +28,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 from dipro import storage
-from dipro.tracking import EPOCH_METRICS_FILE, TrackingSettings, read_jsonl
+from dipro.runs import EPOCH_METRICS_FILE, read_log
+from dipro.tracking import TrackingSettings
 
 _console: TextIO | None = None  # the terminal while a session sends stdout to its log file
 
@@ -115,13 +116,13 @@ def follow_epochs(cfg: Mapping[str, Any], interval_s: float = 1.0) -> Iterator[N
     uri = storage.join(str(cfg["storage_path"]), str(cfg["run_name"]), EPOCH_METRICS_FILE)
     task, monitor = str(cfg["task"]["name"]), str(cfg["task"]["monitor"])
     max_epochs = int(cfg["train"]["max_epochs"])
-    seen = {int(r["epoch"]) for r in read_jsonl(uri)}
+    seen = {int(r["epoch"]) for r in read_log(uri)}
     if seen:
         say(f"[{task}] resuming after epoch {max(seen)}")
     done = threading.Event()
 
     def show_new() -> None:
-        for record in read_jsonl(uri):
+        for record in read_log(uri):
             if int(record["epoch"]) not in seen:
                 seen.add(int(record["epoch"]))
                 say(format_epoch(task, record, max_epochs, monitor))

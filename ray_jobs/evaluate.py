@@ -30,12 +30,8 @@ from dipro.config import EVALUATE_SCHEMA, ConfigError, exit_with_error, validate
 from dipro.data.schema import SchemaError
 from dipro.data.shards import ChecksumError, Manifest, list_shards, read_manifest, verify_shards
 from dipro.evaluation import evaluate_checkpoint
-from dipro.report import ReportSettings, read_epoch_metrics, write_evaluation_report
-
-CHECKPOINT_FILE = "model.pt"
-RUN_CONFIG_FILE = "config.json"
-EPOCH_METRICS_FILE = "epoch_metrics.jsonl"
-
+from dipro.report import ReportSettings, write_evaluation_report
+from dipro.runs import CHECKPOINT_FILE, EPOCH_METRICS_FILE, RUN_CONFIG_FILE, read_epoch_log
 
 _ICU_VARIANTS = (
     ("no EHR", ("ehr",)),
@@ -169,7 +165,7 @@ def evaluate_to_report(
         raise EvaluationError(f"the {task} dataset under {data_root} has no {split} shards")
     verify_shards(data_root, task, paths, checksums=verify_checksums)
     log = epoch_metrics or context.epoch_metrics
-    epochs = read_epoch_metrics(log) if log else None
+    epochs = read_epoch_log(log) if log else None
     logged = {e["task"] for e in epochs or [] if "task" in e}
     if logged - {task}:
         raise EvaluationError(

@@ -48,6 +48,7 @@ from dipro.metrics import (
     paired_bootstrap_difference,
 )
 from dipro.report import SummaryRow, summary_table, write_json, write_text
+from dipro.runs import RUN_CONFIG_FILE
 from ray_jobs.console import say, session
 from ray_jobs.train import run_training
 
@@ -122,7 +123,7 @@ def _finished(run_cfg: DictConfig, run_dir: str) -> dict[str, Any] | None:
     summary = json.loads(storage.read_bytes(uri))
     if not summary.get("test"):
         return None
-    config_uri = storage.join(posixpath.dirname(summary["best_checkpoint"]), "config.json")
+    config_uri = storage.join(posixpath.dirname(summary["best_checkpoint"]), RUN_CONFIG_FILE)
     trained = json.loads(storage.read_bytes(config_uri))
     wanted = OmegaConf.to_container(run_cfg, resolve=True)
     for config in (trained, wanted):  # set from the dataset in "features" mode

@@ -34,15 +34,10 @@ from dipro.data.shards import (
 )
 from dipro.evaluation import evaluate_checkpoint
 from dipro.losses import ClassWeights
+from dipro.runs import CHECKPOINT_FILE, EPOCH_METRICS_FILE
 from ray_jobs.console import follow_epochs, say, session
 from ray_jobs.data import read_split
-from ray_jobs.worker import (
-    CHECKPOINT_FILE,
-    EPOCH_METRICS_FILE,
-    run_checkpoints,
-    run_dir,
-    train_loop_per_worker,
-)
+from ray_jobs.worker import run_checkpoints, run_dir, train_loop_per_worker
 
 
 @dataclass(frozen=True)
@@ -137,6 +132,8 @@ def data_error(err: BaseException) -> SchemaError | ChecksumError | None:
         todo.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
         todo.extend(getattr(current, "worker_failures", {}).values())
     return None
+
+
 def worker_range(scaling: DictConfig) -> tuple[int, int]:
     """``(min, max)`` Ray Train workers of ``scaling.num_workers``: a count (fixed) or a
     ``[min, max]`` range (elastic: start with what the cluster has, grow to ``max``)."""

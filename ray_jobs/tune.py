@@ -40,9 +40,10 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from dipro import storage, tracking
 from dipro.data.shards import read_manifest
+from dipro.runs import EPOCH_METRICS_FILE, last_logged
 from ray_jobs.console import Progress, format_epoch, say, session
 from ray_jobs.train import ConfigError, _checkpoint_uri, build_trainer, check_config, ensure_ray
-from ray_jobs.worker import EPOCH_METRICS_FILE, run_dir
+from ray_jobs.worker import run_dir
 
 SEARCHES = ("random", "optuna")
 SCHEDULERS = ("asha", "fifo")
@@ -208,11 +209,7 @@ def _expected_trials(cfg: DictConfig) -> int:
 
 def _last_epoch(cfg: DictConfig) -> int:
     """The last epoch the run ``cfg.run_name`` recorded (0 for a new run)."""
-    uri = storage.join(run_dir(cfg), EPOCH_METRICS_FILE)
-    if not storage.exists(uri):
-        return 0
-    lines = storage.read_bytes(uri).decode().splitlines()
-    return max((int(json.loads(line)["epoch"]) for line in lines if line.strip()), default=0)
+    return last_logged(storage.join(run_dir(cfg), EPOCH_METRICS_FILE))
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: str) -> None:

@@ -45,11 +45,16 @@ from dipro.engine import build_optimizer, build_scheduler, predict_with_loss, tr
 from dipro.losses import ClassWeights, build_loss
 from dipro.metrics import Predictions, compute_metrics
 from dipro.model import build_model
+from dipro.runs import (
+    CHECKPOINT_FILE,
+    EPOCH_METRICS_FILE,
+    RUN_CONFIG_FILE,
+    BestMetric,
+    append_log,
+)
 from dipro.seeds import stream_seed
 from ray_jobs.data import iter_batches
 
-CHECKPOINT_FILE = "model.pt"
-EPOCH_METRICS_FILE = "epoch_metrics.jsonl"
 FAULT_MARKER = "fault_injected"
 
 
@@ -132,19 +137,6 @@ def _fault_hook(cfg: dict[str, Any], epoch: int, rank: int, world: int):  # noqa
     return hook
 
 
-def _write_epoch_metrics(cfg: dict[str, Any], record: dict[str, Any]) -> None:
-    """Rewrite the metrics log with this epoch's line; lines of later epochs (from an attempt
-    that failed before its checkpoint) are dropped, so no epoch appears twice."""
-    uri = storage.join(run_dir(cfg), EPOCH_METRICS_FILE)
-    lines = []
-    if storage.exists(uri):
-        for line in storage.read_bytes(uri).decode().splitlines():
-            if line.strip() and json.loads(line)["epoch"] < record["epoch"]:
-                lines.append(line)
-    lines.append(json.dumps(record, sort_keys=True))
-    storage.write_bytes_atomic(uri, ("\n".join(lines) + "\n").encode())
-
-
 def elastic_accumulation(accumulation: int, max_workers: int, world_size: int) -> int:
     """Micro-batches each of ``world_size`` workers accumulates per optimizer step so that the
     global batch is (at least) the one of ``max_workers`` workers accumulating ``accumulation``:
@@ -155,14 +147,6 @@ def elastic_accumulation(accumulation: int, max_workers: int, world_size: int) -
 def _max_workers(scaling: dict[str, Any]) -> int:
     value = scaling["num_workers"]
     return int(value[1]) if isinstance(value, list | tuple) else int(value)
-
-
-def _is_better(value: float, best: float | None, mode: str) -> bool:
-    if math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value > best if mode == "max" else value < best
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -195,7 +179,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     amp = scaling.get("amp")
     use_fp16 = amp in ("fp16", "float16") and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_fp16 else None  # loss scale kept across epochs
-    start_epoch, best, bad_epochs, restored_from = 1, None, 0, None
+    start_epoch, restored_from = 1, None
+    monitored = BestMetric(mode)
     restored = ray.train.get_checkpoint()
     if restored is not None:
         payload = _restore(cfg, model, restored, rank)
@@ -204,7 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
         restored_from = int(state["epoch"])
-        best, bad_epochs = state["best_metric"], int(state["extra"]["bad_epochs"])
+        monitored = BestMetric(mode, state["best_metric"], int(state["extra"]["bad_epochs"]))
         if state["extra"]["stopped"]:
             start_epoch = max_epochs + 1
 
@@ -268,13 +253,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["epoch"] = epoch
         metrics["epoch_seconds"] = time.monotonic() - started
 
-        value = float(metrics[monitor])
-        if _is_better(value, best, mode):
-            best, bad_epochs = value, 0
-        else:
-            bad_epochs += 1
-        stopped = patience is not None and bad_epochs >= int(patience)
-        metrics[f"best/{monitor}"] = best if best is not None else math.nan
+        monitored.update(float(metrics[monitor]))
+        stopped = monitored.exhausted(patience)
+        metrics[f"best/{monitor}"] = monitored.best if monitored.best is not None else math.nan
 
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -287,14 +268,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     optimizer=optimizer,
                     scheduler=scheduler,
                     epoch=epoch,
-                    best_metric=best,
+                    best_metric=monitored.best,
                     norm_stats=norm_stats,
                     class_weights=class_weights,
-                    extra={"bad_epochs": bad_epochs, "stopped": stopped, "metrics": metrics},
+                    extra={
+                        "bad_epochs": monitored.bad_steps,
+                        "stopped": stopped,
+                        "metrics": metrics,
+                    },
                 )
-                (Path(tmp) / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-                _write_epoch_metrics(
-                    cfg,
+                (Path(tmp) / RUN_CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+                append_log(
+                    storage.join(run_dir(cfg), EPOCH_METRICS_FILE),
                     {
                         **metrics,
                         "task": task,
@@ -304,6 +289,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "accumulation_steps": accumulation,
                         "restored_from_epoch": restored_from if epoch == start_epoch else None,
                     },
+                    "epoch",
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)

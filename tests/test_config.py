@@ -18,7 +18,7 @@ from dipro.config import (
     ConfigError,
     validate,
 )
-from ray_jobs.train import CHECKPOINT_FILE
+from dipro.runs import CHECKPOINT_FILE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -84,9 +84,7 @@ def _padded(flat: np.ndarray, mask: np.ndarray, tail: tuple[int, ...], dtype: ty
     return out
 
 
-def collate(
-    columns: Columns, stats: NormStats | None = None, *, pin_memory: bool = False
-) -> Batch:
+def collate(columns: Columns, stats: NormStats | None = None, *, pin_memory: bool = False) -> Batch:
     """Pad and stack sample records into a ``Batch``; z-score EHR and demographics with ``stats``.
 
     ``columns`` is an Arrow table or a dict of numpy columns (module docstring) with the

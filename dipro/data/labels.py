@@ -114,7 +114,6 @@ class LabelCounts:
         return cls(*(np.asarray(data[f.name], np.int64) for f in fields(cls)))
 
 
-
 def read_label_counts(paths: Iterable[str | os.PathLike[str]]) -> LabelCounts:
     """LabelCounts of shards, reading only their label columns."""
     counts = LabelCounts.zeros()

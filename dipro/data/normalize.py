@@ -67,8 +67,8 @@ def fit_norm_stats(tables: Iterable[pa.Table]) -> NormStats:
     ds, dss, dn = np.zeros(n_num), np.zeros(n_num), 0
     for table in tables:
         values = table.column("ehr_values").combine_chunks().flatten().to_numpy()
-        observed = table.column("ehr_observed").combine_chunks().flatten().to_numpy(
-            zero_copy_only=False
+        observed = (
+            table.column("ehr_observed").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         )
         values = values.reshape(-1, V).astype(np.float64)
         observed = observed.reshape(-1, V).astype(bool)

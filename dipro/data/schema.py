@@ -91,9 +91,7 @@ _FIELDS: Final[list[pa.Field]] = [
 ]
 PROVENANCE_COLUMNS: Final[tuple[str, ...]] = ("dicom_ids", "study_ids", "source", "source_version")
 
-SCHEMA: Final[pa.Schema] = pa.schema(
-    _FIELDS, metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()}
-)
+SCHEMA: Final[pa.Schema] = pa.schema(_FIELDS, metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()})
 COLUMNS: Final[tuple[str, ...]] = tuple(f.name for f in _FIELDS)
 
 # What the model needs from a record, per region mode (ids kept for reporting).
@@ -129,8 +127,10 @@ class SchemaError(ValueError):
     def __init__(
         self, message: str, *, source: str = "<memory>", record: str = "", field: str = ""
     ) -> None:
-        where = source + (f", record {record}" if record else "") + (
-            f", field {field!r}" if field else ""
+        where = (
+            source
+            + (f", record {record}" if record else "")
+            + (f", field {field!r}" if field else "")
         )
         super().__init__(f"{where}: {message}")
         self.reason = message
@@ -273,54 +273,68 @@ def first_fault(table: pa.Table, *, labels_required: bool = True) -> Fault | Non
     T = np.maximum(_lengths(table, "cxr_times"), 0)
     min_cxrs = np.where(progression | labels_required, 2, 1)
     faults.add(
-        "cxr_times", min_cxrs > T,
+        "cxr_times",
+        min_cxrs > T,
         lambda r: f"has {T[r]} CXRs, at least {min_cxrs[r]} are needed",
     )
     faults.add(
-        "cxr_times", _not_increasing(table, "cxr_times"),
+        "cxr_times",
+        _not_increasing(table, "cxr_times"),
         lambda r: "times are not finite and strictly increasing",
     )
     P = np.maximum(T - 1, 0)
 
     has_crops, has_features = ~_nulls(table, "crops"), ~_nulls(table, "features")
     faults.add(
-        "crops", has_crops == has_features,
+        "crops",
+        has_crops == has_features,
         lambda r: "exactly one of crops / features must be set",
     )
     S = _integers(table, "crop_size")
     faults.add(
-        "crop_size", has_crops & ~(S > 0),
+        "crop_size",
+        has_crops & ~(S > 0),
         lambda r: f"{table.column('crop_size')[r].as_py()!r} is not a positive crop size",
     )
     crop_bytes = pc.binary_length(table.column("crops")).fill_null(0).to_numpy()
     expected_bytes = T * R * S * S
     faults.add(
-        "crops", has_crops & (crop_bytes != expected_bytes),
+        "crops",
+        has_crops & (crop_bytes != expected_bytes),
         lambda r: f"has {crop_bytes[r]} bytes, expected T*R*S*S = {T[r]}*{R}*{S[r]}*{S[r]}",
     )
     F = _integers(table, "feature_dim")
     faults.add(
-        "feature_dim", has_features & ~(F > 0),
+        "feature_dim",
+        has_features & ~(F > 0),
         lambda r: f"{table.column('feature_dim')[r].as_py()!r} is not a positive feature size",
     )
     faults.add_size("features", has_features, T * R * F, lambda r: f"T*R*F = {T[r]}*{R}*{F[r]}")
-    faults.add("features", has_features & _not_finite(table, "features"),
-               lambda r: "contains NaN or infinite values")
+    faults.add(
+        "features",
+        has_features & _not_finite(table, "features"),
+        lambda r: "contains NaN or infinite values",
+    )
 
     faults.add_size("region_present", None, T * R, lambda r: f"T*R = {T[r]}*{R}")
 
     L = np.maximum(_lengths(table, "ehr_times"), 0)
     faults.add(
-        "ehr_times", _not_increasing(table, "ehr_times"),
+        "ehr_times",
+        _not_increasing(table, "ehr_times"),
         lambda r: "times are not finite and strictly increasing",
     )
     faults.add_size("ehr_values", None, L * V, lambda r: f"L*V = {L[r]}*{V}")
-    faults.add("ehr_values", _not_finite(table, "ehr_values"),
-               lambda r: "contains NaN or infinite values")
+    faults.add(
+        "ehr_values", _not_finite(table, "ehr_values"), lambda r: "contains NaN or infinite values"
+    )
     faults.add_size("ehr_observed", None, L * V, lambda r: f"L*V = {L[r]}*{V}")
     faults.add_size("demographics", None, np.full(n, G), lambda r: f"G = {G}")
-    faults.add("demographics", _not_finite(table, "demographics"),
-               lambda r: "contains NaN or infinite values")
+    faults.add(
+        "demographics",
+        _not_finite(table, "demographics"),
+        lambda r: "contains NaN or infinite values",
+    )
 
     for name in ("dicom_ids", "study_ids"):
         faults.add_size(name, ~_nulls(table, name), T, lambda r: f"T = {T[r]}")
@@ -333,7 +347,8 @@ def first_fault(table: pa.Table, *, labels_required: bool = True) -> Fault | Non
     faults.add_size("region_labels", rows, P * R * K, lambda r: f"P*R*K = {P[r]}*{R}*{K}")
     faults.add_codes("region_labels", rows)
     faults.add(
-        "cxr_times", progression & (T != 2),
+        "cxr_times",
+        progression & (T != 2),
         lambda r: f"a progression sample has 2 CXRs, not {T[r]}",
     )
     rows = progression if labels_required else progression & labelled("progression")
@@ -345,14 +360,16 @@ def first_fault(table: pa.Table, *, labels_required: bool = True) -> Fault | Non
     mortality_ok = pc.is_in(mortality, value_set=pa.array([0, 1], pa.int8()))
     rows = outcome if labels_required else outcome & labelled("mortality")
     faults.add(
-        "mortality", rows & ~mortality_ok.to_numpy(zero_copy_only=False),
+        "mortality",
+        rows & ~mortality_ok.to_numpy(zero_copy_only=False),
         lambda r: f"{mortality[r].as_py()!r} is not 0 or 1",
     )
     los = table.column("los_days")
     los_values = pc.fill_null(los, np.nan).to_numpy().astype(np.float64)
     rows = outcome if labels_required else outcome & labelled("los_days")
     faults.add(
-        "los_days", rows & ~(np.isfinite(los_values) & (los_values > 0)),
+        "los_days",
+        rows & ~(np.isfinite(los_values) & (los_values > 0)),
         lambda r: f"{los[r].as_py()!r} is not a positive number of days",
     )
     return faults.first
@@ -375,16 +392,23 @@ class _Faults:
             self.first = Fault(row, f"subject_id={subject} stay_id={stay}", field, message(row))
 
     def add_size(
-        self, field: str, rows: np.ndarray | None, expected: np.ndarray,
+        self,
+        field: str,
+        rows: np.ndarray | None,
+        expected: np.ndarray,
         what: Callable[[int], str],
     ) -> None:
         """Rows (all, or those of ``rows``) whose list ``field`` is null or of another size."""
         sizes = _lengths(self.table, field)
         bad = sizes != expected
         self.add(
-            field, bad if rows is None else rows & bad,
-            lambda r: "is null" if sizes[r] < 0
-            else f"has {sizes[r]} values, expected {expected[r]} ({what(r)})",
+            field,
+            bad if rows is None else rows & bad,
+            lambda r: (
+                "is null"
+                if sizes[r] < 0
+                else f"has {sizes[r]} values, expected {expected[r]} ({what(r)})"
+            ),
         )
 
     def add_codes(self, field: str, rows: np.ndarray | None) -> None:
@@ -393,9 +417,11 @@ class _Faults:
         bad_at = np.flatnonzero((codes < 0) | (codes > vocab.NOT_MENTIONED))
         bad = _rows_of(self.table, field, bad_at)
         self.add(
-            field, bad if rows is None else rows & bad,
-            lambda r: f"code {_first_code_of(self.table, field, r)} is outside "
-            f"0..{vocab.NOT_MENTIONED}",
+            field,
+            bad if rows is None else rows & bad,
+            lambda r: (
+                f"code {_first_code_of(self.table, field, r)} is outside 0..{vocab.NOT_MENTIONED}"
+            ),
         )
 
 

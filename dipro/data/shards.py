@@ -241,7 +241,9 @@ def _write_all(
         if record.get("task") != task:
             raise SchemaError(
                 f"record of task {record.get('task')!r} in the {task!r} dataset",
-                source=shown, record=rid, field="task",
+                source=shown,
+                record=rid,
+                field="task",
             )
         this = _region_mode(record, shown, rid)
         if mode is None:
@@ -249,7 +251,9 @@ def _write_all(
         elif this != mode:
             raise SchemaError(
                 f"region mode {this} differs from the dataset's {mode}",
-                source=shown, record=rid, field="crops",
+                source=shown,
+                record=rid,
+                field="crops",
             )
         split, hospital = str(record["split"]), str(record["hospital"])
         counts[split][hospital] += 1
@@ -271,7 +275,9 @@ def _write_all(
     for rel in train:
         labels = labels + LabelCounts.from_table(
             pq.read_table(
-                posixpath.join(tmp, rel), columns=list(LABEL_COLUMNS), filesystem=fs,
+                posixpath.join(tmp, rel),
+                columns=list(LABEL_COLUMNS),
+                filesystem=fs,
                 partitioning=None,
             )
         )
@@ -300,18 +306,27 @@ def _region_mode(record: Mapping[str, Any], source: str, rid: str) -> tuple[str,
     if record.get("crops") is not None:
         size = record.get("crop_size")
         if size is None:
-            raise SchemaError("crops without crop_size", source=source, record=rid,
-                              field="crop_size")
+            raise SchemaError(
+                "crops without crop_size", source=source, record=rid, field="crop_size"
+            )
         return ("crops", int(size))
     size = record.get("feature_dim")
     if record.get("features") is None or size is None:
-        raise SchemaError("neither crops nor features (with feature_dim) are set",
-                          source=source, record=rid, field="crops")
+        raise SchemaError(
+            "neither crops nor features (with feature_dim) are set",
+            source=source,
+            record=rid,
+            field="crops",
+        )
     return ("features", int(size))
 
 
 def _publish(
-    fs: pafs.FileSystem, tmp: str, final: str, root: str | os.PathLike[str], task: str,
+    fs: pafs.FileSystem,
+    tmp: str,
+    final: str,
+    root: str | os.PathLike[str],
+    task: str,
     overwrite: bool,
 ) -> None:
     """Make the finished dataset in ``tmp`` visible at ``final`` (see the module docstring)."""

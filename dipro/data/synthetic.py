@@ -325,8 +325,9 @@ def simulate_cohort(cfg: SyntheticConfig) -> Cohort:
     hospital = site["hospital"]
     demo = _demographics(hospital, site["race_probs"], rng_demo)
     severity, slope = _severity(hospital, site["severity_shift"], demo["age"], rng_sev)
-    los_days, mortality = _outcomes(severity, slope, demo["age"], site["mortality_shift"][hospital],
-                                    rng_stay)
+    los_days, mortality = _outcomes(
+        severity, slope, demo["age"], site["mortality_shift"][hospital], rng_stay
+    )
     num_hours = np.ceil(los_days * 24.0).astype(np.int64)
     cxr_times, cxr_offsets = _cxr_times(cfg, num_hours, rng_stay)
     cxr_subject = np.repeat(np.arange(N), np.diff(cxr_offsets))
@@ -334,8 +335,7 @@ def simulate_cohort(cfg: SyntheticConfig) -> Cohort:
     extent = _extent(hospital, site["finding_shift"], severity, cxr_subject, cxr_times, rng_find)
     intensities = np.where(AFFINITY, 1.0 / (1.0 + np.exp(-extent)), 0.0)
     images, boxes, present, crops = _render(cfg, cxr_subject, hospital, site, intensities, rng_img)
-    pair_first, region_labels, progression = _labels(cfg, cxr_offsets, extent, present,
-                                                     rng_find)
+    pair_first, region_labels, progression = _labels(cfg, cxr_offsets, extent, present, rng_find)
     ehr_values, ehr_observed = _ehr(severity, slope, num_hours, demo, rng_ehr)
 
     ids = np.arange(N, dtype=np.int64)
@@ -409,8 +409,12 @@ def _demographics(
     vector = np.zeros((N, G), np.float32)
     vector[:, 0], vector[:, 1], vector[:, 2] = age, height, weight
     col = len(vocab.NUMERIC_DEMOGRAPHICS)
-    for idx, values in ((gender_idx, vocab.GENDERS), (race_idx, vocab.RACES),
-                        (lang_idx, vocab.LANGUAGES), (marital_idx, vocab.MARITAL_STATUSES)):
+    for idx, values in (
+        (gender_idx, vocab.GENDERS),
+        (race_idx, vocab.RACES),
+        (lang_idx, vocab.LANGUAGES),
+        (marital_idx, vocab.MARITAL_STATUSES),
+    ):
         vector[np.arange(N), col + idx] = 1.0
         col += len(values)
     return {
@@ -443,7 +447,10 @@ def _severity(
 
 
 def _outcomes(
-    severity: np.ndarray, slope: np.ndarray, age: np.ndarray, site_shift: np.ndarray,
+    severity: np.ndarray,
+    slope: np.ndarray,
+    age: np.ndarray,
+    site_shift: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
     """LOS in days within [2, 11) and in-hospital mortality, from severity and age."""
@@ -480,8 +487,12 @@ def _cxr_times(
 
 
 def _extent(
-    hospital: np.ndarray, finding_shift: np.ndarray, severity: np.ndarray,
-    cxr_subject: np.ndarray, cxr_times: np.ndarray, rng: np.random.Generator,
+    hospital: np.ndarray,
+    finding_shift: np.ndarray,
+    severity: np.ndarray,
+    cxr_subject: np.ndarray,
+    cxr_times: np.ndarray,
+    rng: np.random.Generator,
 ) -> np.ndarray:
     """Latent finding extent [M, R, K] at each CXR (a logit: the rendered intensity is its
     sigmoid). Progression labels threshold its change, which does not depend on its level."""
@@ -509,8 +520,10 @@ def _anatomy(cfg: SyntheticConfig, boxes: np.ndarray, rng: np.random.Generator) 
     def ellipse(box: np.ndarray, softness: float) -> np.ndarray:
         cx, cy = (box[:, 0] + box[:, 2]) / 2 / W, (box[:, 1] + box[:, 3]) / 2 / W
         rx, ry = (box[:, 2] - box[:, 0]) / 2 / W, (box[:, 3] - box[:, 1]) / 2 / W
-        d = np.sqrt(((x - cx[:, None, None]) / rx[:, None, None]) ** 2
-                    + ((y - cy[:, None, None]) / ry[:, None, None]) ** 2)
+        d = np.sqrt(
+            ((x - cx[:, None, None]) / rx[:, None, None]) ** 2
+            + ((y - cy[:, None, None]) / ry[:, None, None]) ** 2
+        )
         return 1.0 / (1.0 + np.exp((d - 1.0) / softness))
 
     lungs = ellipse(boxes[:, 0], 0.08) + ellipse(boxes[:, 1], 0.08)
@@ -518,9 +531,14 @@ def _anatomy(cfg: SyntheticConfig, boxes: np.ndarray, rng: np.random.Generator) 
     spine = np.exp(-(((x - 0.5 - rng.normal(0, 0.01, (N, 1, 1))) / 0.06) ** 2))
     body = 0.42 + rng.uniform(-0.12, 0.12, (N, 1, 1)) - 0.25 * ((x - 0.5) ** 2 + (y - 0.5) ** 2)
     rib_period = rng.uniform(0.07, 0.1, (N, 1, 1))
-    ribs = rng.uniform(0.04, 0.09, (N, 1, 1)) * np.cos(
-        2 * np.pi * (y + 0.15 * np.abs(x - 0.5)) / rib_period + rng.uniform(0, 2 * np.pi, (N, 1, 1))
-    ) ** 8
+    ribs = (
+        rng.uniform(0.04, 0.09, (N, 1, 1))
+        * np.cos(
+            2 * np.pi * (y + 0.15 * np.abs(x - 0.5)) / rib_period
+            + rng.uniform(0, 2 * np.pi, (N, 1, 1))
+        )
+        ** 8
+    )
     texture = np.zeros((N, W, W))
     for _ in range(6):
         fx, fy = rng.uniform(0.5, 4.0, (2, N, 1, 1))
@@ -567,12 +585,21 @@ def _finding_patterns(N: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _render(
-    cfg: SyntheticConfig, cxr_subject: np.ndarray, hospital: np.ndarray,
-    site: dict[str, np.ndarray], intensities: np.ndarray, rng: np.random.Generator,
+    cfg: SyntheticConfig,
+    cxr_subject: np.ndarray,
+    hospital: np.ndarray,
+    site: dict[str, np.ndarray],
+    intensities: np.ndarray,
+    rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Full images [M, W, W] uint8, crop boxes [M, R, 4], region presence [M, R] and crops."""
-    N, M, R, W, S = hospital.shape[0], cxr_subject.shape[0], vocab.NUM_REGIONS, cfg.image_size, \
-        cfg.crop_size
+    N, M, R, W, S = (
+        hospital.shape[0],
+        cxr_subject.shape[0],
+        vocab.NUM_REGIONS,
+        cfg.image_size,
+        cfg.crop_size,
+    )
     centre = np.array([0.5, 0.5, 0.5, 0.5])
     scale = rng.normal(1.0, 0.04, (N, 1, 1))
     shift = np.repeat(rng.normal(0.0, 0.02, (N, 1, 2)), 2, axis=2)
@@ -584,17 +611,18 @@ def _render(
     # interpolation: image += Ay @ layer @ Ax^T, summed over regions in one matmul.
     coef = (intensities * _FINDING_AMPLITUDE).astype(np.float32)  # [M, R, K]
     g = _PROFILE_GRID
-    Ax, Ay = _paste_weights(patient_boxes[..., 0], patient_boxes[..., 2], W), _paste_weights(
-        patient_boxes[..., 1], patient_boxes[..., 3], W
+    Ax, Ay = (
+        _paste_weights(patient_boxes[..., 0], patient_boxes[..., 2], W),
+        _paste_weights(patient_boxes[..., 1], patient_boxes[..., 3], W),
     )  # [N, R, W, g]
     findings = np.empty((M, W, W), np.float32)
     chunk = 128
     for start in range(0, M, chunk):
-        sub = cxr_subject[start: start + chunk]
-        layers = np.einsum("mrk,mrkuv->mruv", coef[start: start + chunk], patterns[sub])
+        sub = cxr_subject[start : start + chunk]
+        layers = np.einsum("mrk,mrkuv->mruv", coef[start : start + chunk], patterns[sub])
         right = np.matmul(layers, Ax[sub].transpose(0, 1, 3, 2))  # [m, R, g, W]
         left = Ay[sub].transpose(0, 2, 1, 3).reshape(len(sub), W, R * g)  # [m, W, R*g]
-        findings[start: start + chunk] = np.matmul(left, right.reshape(len(sub), R * g, W))
+        findings[start : start + chunk] = np.matmul(left, right.reshape(len(sub), R * g, W))
 
     h = hospital[cxr_subject]
     exposure = rng.normal(0.0, 0.006, (M, 1, 1)).astype(np.float32)
@@ -612,16 +640,19 @@ def _render(
 
     chunk = 64
     rois = torch.cat(
-        [torch.from_numpy(np.repeat(np.arange(M), R)[:, None]).double(),
-         torch.from_numpy(boxes.reshape(M * R, 4))], 1
+        [
+            torch.from_numpy(np.repeat(np.arange(M), R)[:, None]).double(),
+            torch.from_numpy(boxes.reshape(M * R, 4)),
+        ],
+        1,
     ).float()
     crops = torch.empty((M * R, 1, S, S))
     for start in range(0, M, chunk):
         stop = min(start + chunk, M)
-        sel = rois[start * R: stop * R].clone()
+        sel = rois[start * R : stop * R].clone()
         sel[:, 0] -= start
         src = torch.from_numpy(images[start:stop, None].astype(np.float32))
-        crops[start * R: stop * R] = roi_align(
+        crops[start * R : stop * R] = roi_align(
             src, sel, output_size=S, spatial_scale=1.0, sampling_ratio=2, aligned=True
         )
     crops_u8 = crops.round().clamp(0, 255).to(torch.uint8).numpy().reshape(M, R, S, S)
@@ -643,7 +674,10 @@ def _paste_weights(lo: np.ndarray, hi: np.ndarray, W: int) -> np.ndarray:
 
 
 def _labels(
-    cfg: SyntheticConfig, cxr_offsets: np.ndarray, extent: np.ndarray, present: np.ndarray,
+    cfg: SyntheticConfig,
+    cxr_offsets: np.ndarray,
+    extent: np.ndarray,
+    present: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Consecutive pairs of each stay; region-level codes [Q, R, K]; finding-level codes [Q, K]."""
@@ -653,8 +687,9 @@ def _labels(
     ).astype(np.int64)
     delta = extent[pair_first + 1] - extent[pair_first]  # [Q, R, K]
     thr = cfg.change_threshold
-    codes = np.where(delta > thr, vocab.WORSENED,
-                     np.where(delta < -thr, vocab.IMPROVED, vocab.NO_CHANGE))
+    codes = np.where(
+        delta > thr, vocab.WORSENED, np.where(delta < -thr, vocab.IMPROVED, vocab.NO_CHANGE)
+    )
     both_present = present[pair_first] & present[pair_first + 1]
     mentioned = (
         AFFINITY[None]
@@ -669,7 +704,10 @@ def _labels(
 
 
 def _ehr(
-    severity: np.ndarray, slope: np.ndarray, num_hours: np.ndarray, demo: dict[str, np.ndarray],
+    severity: np.ndarray,
+    slope: np.ndarray,
+    num_hours: np.ndarray,
+    demo: dict[str, np.ndarray],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hourly EHR [N, H, V]: clinical units, forward filled from normal values, and the mask."""
@@ -728,8 +766,8 @@ def _splits(cfg: SyntheticConfig, hospital: np.ndarray, rng: np.random.Generator
         n_train = int(round(train_frac * members.size))
         n_val = int(round(val_frac * members.size))
         split[members[:n_train]] = "train"
-        split[members[n_train: n_train + n_val]] = "val"
-        split[members[n_train + n_val:]] = "test"
+        split[members[n_train : n_train + n_val]] = "val"
+        split[members[n_train + n_val :]] = "test"
     return split
 
 
@@ -769,7 +807,7 @@ def cohort_records(cohort: Cohort, task: str) -> Iterator[dict[str, Any]]:
                     "sample_id": f"{task}-{cohort.stay_id[i]}-{j}",
                     **_cxr_fields(cohort, np.array([m, m + 1]), dicom_ids, study_ids),
                     **_ehr_fields(cohort, i, hours),
-                    "region_labels": cohort.pair_region_labels[q: q + 1],
+                    "region_labels": cohort.pair_region_labels[q : q + 1],
                     "progression": cohort.pair_progression[q],
                 }
         else:

@@ -1,0 +1,51 @@
+"""The run directory's metrics log and best-metric tracker (dipro.runs)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dipro.runs import BestMetric, append_log, last_logged, read_epoch_log, read_log
+
+
+def test_a_retried_epoch_replaces_the_lines_of_the_failed_attempt(tmp_path):
+    log = str(tmp_path / "epoch_metrics.jsonl")
+    for epoch in (1, 2, 3):
+        append_log(log, {"epoch": epoch, "attempt": 1}, "epoch")
+    append_log(log, {"epoch": 2, "attempt": 2}, "epoch")  # restored from epoch 1's checkpoint
+    assert read_log(log) == [{"epoch": 1, "attempt": 1}, {"epoch": 2, "attempt": 2}]
+    assert last_logged(log) == 2
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_reading_names_the_file_and_line_that_is_not_json(tmp_path):
+    log = tmp_path / "epoch_metrics.jsonl"
+    log.write_text('{"epoch": 2}\n{"epoch": 1}\n{"epoch": \n')
+    with pytest.raises(ValueError, match=rf"{log}: line 3 is not JSON"):
+        read_epoch_log(log)
+    log.write_text('{"epoch": 2}\n\n{"epoch": 1, "val/loss": NaN}\n')
+    assert [r["epoch"] for r in read_epoch_log(log)] == [1, 2]
+    assert read_log(tmp_path / "absent.jsonl") == [] and last_logged(tmp_path / "absent") == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "bests", "exhausted_after"),
+    [
+        ("max", [0.5, 0.7, 0.6, 0.7, math.nan], [0.5, 0.7, 0.7, 0.7, 0.7], 5),
+        ("min", [2.0, 1.0, 1.5, math.nan, 0.5], [2.0, 1.0, 1.0, 1.0, 0.5], None),
+    ],
+)
+def test_best_metric_improves_strictly_and_counts_patience(mode, values, bests, exhausted_after):
+    monitored = BestMetric(mode)
+    for step, (value, best) in enumerate(zip(values, bests, strict=True), start=1):
+        monitored.update(value)
+        assert monitored.best == best
+        assert monitored.exhausted(3) == (exhausted_after is not None and step >= exhausted_after)
+    assert not monitored.exhausted(None)
+
+
+def test_a_restored_tracker_continues_its_patience():
+    monitored = BestMetric("max", best=0.8, bad_steps=2)
+    assert not monitored.update(0.79) and monitored.exhausted(3)
+    assert monitored.update(0.81) and monitored.bad_steps == 0
