@@ -1,0 +1,53 @@
+"""The import rules of docs/architecture.md, read from the code: a new import that crosses a
+room's wall fails here, naming the file and the module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth of its code."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def _violations(package: str, forbidden: tuple[str, ...], allowed: set[str] = frozenset()):
+    return sorted(
+        f"{path.relative_to(REPO)} imports {module}"
+        for path in (REPO / package).rglob("*.py")
+        if str(path.relative_to(REPO)) not in allowed
+        for module in _imports(path)
+        if any(module == room or module.startswith(f"{room}.") for room in forbidden)
+    )
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden", "allowed"),
+    [
+        ("dipro", ("ray", "flwr", "ray_jobs", "federated"), set()),
+        ("dipro/model", ("dipro.data",), set()),
+        ("dipro/data", ("dipro.model",), {"dipro/data/features.py"}),
+        ("ray_jobs", ("federated",), set()),
+        ("federated", ("ray_jobs",), set()),
+    ],
+)
+def test_no_room_imports_across_its_wall(package, forbidden, allowed):
+    assert _violations(package, forbidden, allowed) == []
+
+
+def test_the_rule_sees_an_import_inside_a_function(tmp_path, monkeypatch):
+    monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("def f():\n    from dipro.data.collate import x\n")
+    assert _violations("pkg", ("dipro.data",)) == ["pkg/m.py imports dipro.data.collate"]
