@@ -1,4 +1,4 @@
-"""The training read path refuses bad data: a bad record stops ``run_training`` before any
+"""The training read path refuses bad data: a bad record stops ``ray_jobs.train`` before any
 training step with one error naming shard, record and field; a shard that no longer matches its
 manifest's sha256 is refused by training, evaluation and the federated site."""
 
@@ -27,7 +27,7 @@ from federated.config import compose_config
 from federated.site import site_of
 from ray_jobs.data import iter_batches, read_split
 from ray_jobs.evaluate import evaluate_to_report
-from ray_jobs.train import check_config, data_error, run_training
+from ray_jobs.train import check_config, data_error
 
 
 def _first_train_shard(root: Path, task: str) -> Path:
@@ -138,15 +138,24 @@ def test_ray_data_path_names_shard_record_and_field(
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.unverified
-def test_bad_record_stops_training_before_any_step(tiny_data_root, ray_session, tmp_path):
-    shard, record = _bad_copy(tiny_data_root, tmp_path / "data", "mortality",
-                              _set("mortality", 2))
-    cfg = compose_train(_train_overrides(tmp_path / "data", tmp_path / "runs", "mortality"))
-    with pytest.raises(SchemaError) as info:
-        run_training(cfg)
-    assert str(info.value).startswith(f"{shard}, record {record}, field 'mortality':")
-    assert not (tmp_path / "runs" / "bad" / "epoch_metrics.jsonl").exists()
+@pytest.mark.parametrize(("task", "field", "spoil"), BAD_RECORDS,
+                         ids=[f"{t}-{f}" for t, f, _ in BAD_RECORDS])
+def test_bad_record_stops_the_train_job_before_any_step(
+    tiny_data_root, ray_session, entrypoint, tree_checksums, tmp_path, task, field, spoil
+):
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    shard, record = _bad_copy(tiny_data_root, data, task, spoil)
+    before = tree_checksums(data)
+    code, lines = entrypoint(
+        "ray_jobs.train", *_train_overrides(data, runs, task), f"log_dir={tmp_path / 'logs'}",
+        "tracking.enabled=false",
+    )
+    assert code == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"data error: {shard}, record {record}, field '{field}':")
+    assert not (runs / "bad" / "epoch_metrics.jsonl").exists()
+    assert not list((runs / "bad").glob("checkpoint_*"))
+    assert tree_checksums(data) == before
 
 
 def test_missing_column_is_refused_before_ray_starts(tiny_data_root, tmp_path):
