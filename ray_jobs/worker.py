@@ -28,6 +28,7 @@ import posixpath
 import resource
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,149 +150,205 @@ def _max_workers(scaling: dict[str, Any]) -> int:
     return int(value[1]) if isinstance(value, list | tuple) else int(value)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Train one DiPro run on this worker's shards. ``config``: ``cfg`` (the resolved Hydra
-    config as a dict), ``norm_stats``, ``class_weights`` and ``steps_per_epoch``."""
-    cfg = config["cfg"]
-    task, scaling, train_cfg = cfg["task"]["name"], cfg["scaling"], cfg["train"]
-    monitor, mode = cfg["task"]["monitor"], cfg["task"]["monitor_mode"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(int(scaling["cpus_per_worker"]))
-    torch.manual_seed(int(cfg["seed"]))
-    device = ray.train.torch.get_device()
+@dataclass
+class _Gathered:
+    """One epoch's validation as every rank saw it, gathered on every rank."""
 
-    model = ray.train.torch.prepare_model(build_model(cfg["model"], task))
-    norm_stats = NormStats.from_dict(config["norm_stats"])
-    class_weights = ClassWeights.from_dict(config["class_weights"])
-    loss_fn = build_loss(task, cfg["loss"], class_weights)
-    accumulation = elastic_accumulation(
-        int(train_cfg["accumulation_steps"]), _max_workers(scaling), world
-    )
-    optimizer = build_optimizer(
-        model, cfg["optim"], world_size=world, accumulation_steps=accumulation
-    )
-    max_epochs = int(train_cfg["max_epochs"])
-    scheduler = build_scheduler(
-        optimizer, cfg["optim"], max(1, max_epochs * int(config["steps_per_epoch"]))
-    )
+    predictions: Predictions
+    val_loss: float
+    train_samples: float
+    nodes: list[str]
+    max_rss_mb: list[float]
 
-    amp = scaling.get("amp")
-    use_fp16 = amp in ("fp16", "float16") and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_fp16 else None  # loss scale kept across epochs
-    start_epoch, restored_from = 1, None
-    monitored = BestMetric(mode)
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        payload = _restore(cfg, model, restored, rank)
-        state = payload["training"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        restored_from = int(state["epoch"])
-        monitored = BestMetric(mode, state["best_metric"], int(state["extra"]["bad_epochs"]))
-        if state["extra"]["stopped"]:
-            start_epoch = max_epochs + 1
 
-    patience = train_cfg.get("patience")
-    pin_memory = bool(scaling.get("pin_memory", False)) and device.type == "cuda"
-    for epoch in range(start_epoch, max_epochs + 1):
-        started = time.monotonic()
-        stats = train_epoch(
-            model,
-            iter_batches(
-                ray.train.get_dataset_shard("train"),
-                batch_size=int(cfg["optim"]["batch_size"]),
-                norm_stats=config["norm_stats"],
-                shuffle_buffer=scaling.get("local_shuffle_buffer_size"),
-                prefetch_batches=int(scaling.get("prefetch_batches", 1)),
-                seed=stream_seed(cfg["seed"], epoch, rank),
-                pin_memory=pin_memory,
-            ),
-            optimizer,
-            loss_fn,
-            device=device,
-            scheduler=scheduler,
-            accumulation_steps=accumulation,
-            max_grad_norm=train_cfg.get("max_grad_norm"),
-            amp_dtype=amp,
-            scaler=scaler,
-            max_steps=train_cfg.get("max_steps_per_epoch"),
-            on_step=_fault_hook(cfg, epoch, rank, world),
+class _WorkerRun:
+    """One worker's part of a run: what it builds once, and the steps of each epoch."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        cfg = self.cfg = config["cfg"]
+        self.task, self.scaling, self.train_cfg = cfg["task"]["name"], cfg["scaling"], cfg["train"]
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        torch.set_num_threads(int(self.scaling["cpus_per_worker"]))
+        torch.manual_seed(int(cfg["seed"]))
+        self.device = ray.train.torch.get_device()
+        self.model = ray.train.torch.prepare_model(build_model(cfg["model"], self.task))
+        self.norm_stats_dict = config["norm_stats"]
+        self.norm_stats = NormStats.from_dict(self.norm_stats_dict)
+        self.class_weights = ClassWeights.from_dict(config["class_weights"])
+        self.loss_fn = build_loss(self.task, cfg["loss"], self.class_weights)
+        self.accumulation = elastic_accumulation(
+            int(self.train_cfg["accumulation_steps"]), _max_workers(self.scaling), self.world
         )
-        train_seconds = time.monotonic() - started
-        local_preds, local_losses = predict_with_loss(
-            model,
-            iter_batches(
-                ray.train.get_dataset_shard("val"),
-                batch_size=int(train_cfg["eval_batch_size"]),
-                norm_stats=config["norm_stats"],
-                shuffle_buffer=None,
-                pin_memory=pin_memory,
+        self.optimizer = build_optimizer(
+            self.model, cfg["optim"], world_size=self.world, accumulation_steps=self.accumulation
+        )
+        self.max_epochs = int(self.train_cfg["max_epochs"])
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            cfg["optim"],
+            max(1, self.max_epochs * int(config["steps_per_epoch"])),
+        )
+        self.amp = self.scaling.get("amp")
+        use_fp16 = self.amp in ("fp16", "float16") and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_fp16 else None  # kept across epochs
+        self.pin_memory = bool(self.scaling.get("pin_memory", False)) and self.device.type == "cuda"
+        self.monitored = BestMetric(cfg["task"]["monitor_mode"])
+        self.start_epoch, self.restored_from = 1, None
+
+    def restore(self) -> None:
+        """Continue from Ray's latest checkpoint, when there is one: weights, optimizer,
+        schedule, early-stopping state and the next epoch."""
+        restored = ray.train.get_checkpoint()
+        if restored is None:
+            return
+        state = _restore(self.cfg, self.model, restored, self.rank)["training"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.restored_from = int(state["epoch"])
+        self.start_epoch = self.restored_from + 1
+        self.monitored = BestMetric(
+            self.monitored.mode, state["best_metric"], int(state["extra"]["bad_epochs"])
+        )
+        if state["extra"]["stopped"]:
+            self.start_epoch = self.max_epochs + 1
+
+    def _batches(self, split: str, batch_size: int, **shuffle: Any) -> Any:
+        return iter_batches(
+            ray.train.get_dataset_shard(split),
+            batch_size=batch_size,
+            norm_stats=self.norm_stats_dict,
+            pin_memory=self.pin_memory,
+            **shuffle,
+        )
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over this worker's shard of the training split (``engine.train_epoch``)."""
+        return train_epoch(
+            self.model,
+            self._batches(
+                "train",
+                int(self.cfg["optim"]["batch_size"]),
+                shuffle_buffer=self.scaling.get("local_shuffle_buffer_size"),
+                prefetch_batches=int(self.scaling.get("prefetch_batches", 1)),
+                seed=stream_seed(self.cfg["seed"], epoch, self.rank),
             ),
-            loss_fn,
-            device=device,
-            amp_dtype=amp,
+            self.optimizer,
+            self.loss_fn,
+            device=self.device,
+            scheduler=self.scheduler,
+            accumulation_steps=self.accumulation,
+            max_grad_norm=self.train_cfg.get("max_grad_norm"),
+            amp_dtype=self.amp,
+            scaler=self.scaler,
+            max_steps=self.train_cfg.get("max_steps_per_epoch"),
+            on_step=_fault_hook(self.cfg, epoch, self.rank, self.world),
+        )
+
+    def validate(self, train_samples: float) -> _Gathered:
+        """Predict this worker's shard of the validation split; every rank's predictions,
+        losses and resource use, gathered."""
+        predictions, losses = predict_with_loss(
+            self.model,
+            self._batches("val", int(self.train_cfg["eval_batch_size"]), shuffle_buffer=None),
+            self.loss_fn,
+            device=self.device,
+            amp_dtype=self.amp,
         )
         gathered = _gather(
             (
-                local_preds.to_arrays(),
-                local_losses.get("loss", math.nan),
-                len(local_preds),
+                predictions.to_arrays(),
+                losses.get("loss", math.nan),
+                len(predictions),
                 ray.get_runtime_context().get_node_id(),
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                stats.get("samples", 0),
+                train_samples,
             )
         )
-        predictions = Predictions.concatenate([Predictions.from_arrays(g[0]) for g in gathered])
         rows = sum(g[2] for g in gathered)
-        val_loss = sum(g[1] * g[2] for g in gathered if g[2]) / max(rows, 1)
-        metrics = {f"val/{k}": v for k, v in compute_metrics(predictions).items()}
-        metrics["val/loss"] = val_loss
+        return _Gathered(
+            predictions=Predictions.concatenate([Predictions.from_arrays(g[0]) for g in gathered]),
+            val_loss=sum(g[1] * g[2] for g in gathered if g[2]) / max(rows, 1),
+            train_samples=sum(g[5] for g in gathered),
+            nodes=[g[3] for g in gathered],
+            max_rss_mb=[round(g[4], 1) for g in gathered],
+        )
+
+    def score(
+        self, epoch: int, stats: dict[str, float], val: _Gathered, train_s: float, started: float
+    ) -> dict[str, float]:
+        """The epoch's metrics: the paper's metrics on the gathered predictions, the losses,
+        throughput, and the monitored metric's best so far (early stopping's state)."""
+        monitor = self.cfg["task"]["monitor"]
+        metrics = {f"val/{k}": v for k, v in compute_metrics(val.predictions).items()}
+        metrics["val/loss"] = val.val_loss
         metrics.update({f"train/{k}": v for k, v in stats.items()})
-        metrics["train/samples_per_s"] = sum(g[5] for g in gathered) / max(train_seconds, 1e-9)
+        metrics["train/samples_per_s"] = val.train_samples / max(train_s, 1e-9)
         metrics["epoch"] = epoch
         metrics["epoch_seconds"] = time.monotonic() - started
+        self.monitored.update(float(metrics[monitor]))
+        best = self.monitored.best
+        metrics[f"best/{monitor}"] = best if best is not None else math.nan
+        return metrics
 
-        monitored.update(float(metrics[monitor]))
-        stopped = monitored.exhausted(patience)
-        metrics[f"best/{monitor}"] = monitored.best if monitored.best is not None else math.nan
-
+    def save_and_report(
+        self, epoch: int, metrics: dict[str, float], val: _Gathered, stopped: bool
+    ) -> None:
+        """Rank 0 writes the checkpoint, the run config beside it and the epoch's log line;
+        every rank reports the metrics to Ray Train."""
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0:
+            if self.rank == 0:
                 ckpt_io.save_checkpoint(
                     Path(tmp) / CHECKPOINT_FILE,
-                    model,
-                    model_cfg=cfg["model"],
-                    task=task,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
+                    self.model,
+                    model_cfg=self.cfg["model"],
+                    task=self.task,
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
                     epoch=epoch,
-                    best_metric=monitored.best,
-                    norm_stats=norm_stats,
-                    class_weights=class_weights,
+                    best_metric=self.monitored.best,
+                    norm_stats=self.norm_stats,
+                    class_weights=self.class_weights,
                     extra={
-                        "bad_epochs": monitored.bad_steps,
+                        "bad_epochs": self.monitored.bad_steps,
                         "stopped": stopped,
                         "metrics": metrics,
                     },
                 )
-                (Path(tmp) / RUN_CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+                config_json = json.dumps(self.cfg, indent=2, sort_keys=True)
+                (Path(tmp) / RUN_CONFIG_FILE).write_text(config_json)
+                restored = self.restored_from if epoch == self.start_epoch else None
                 append_log(
-                    storage.join(run_dir(cfg), EPOCH_METRICS_FILE),
+                    storage.join(run_dir(self.cfg), EPOCH_METRICS_FILE),
                     {
                         **metrics,
-                        "task": task,
-                        "worker_nodes": [g[3] for g in gathered],
-                        "worker_max_rss_mb": [round(g[4], 1) for g in gathered],
-                        "world_size": world,
-                        "accumulation_steps": accumulation,
-                        "restored_from_epoch": restored_from if epoch == start_epoch else None,
+                        "task": self.task,
+                        "worker_nodes": val.nodes,
+                        "worker_max_rss_mb": val.max_rss_mb,
+                        "world_size": self.world,
+                        "accumulation_steps": self.accumulation,
+                        "restored_from_epoch": restored,
                     },
                     "epoch",
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train one DiPro run on this worker's shards. ``config``: ``cfg`` (the resolved Hydra
+    config as a dict), ``norm_stats``, ``class_weights`` and ``steps_per_epoch``."""
+    run = _WorkerRun(config)
+    run.restore()
+    patience = run.train_cfg.get("patience")
+    for epoch in range(run.start_epoch, run.max_epochs + 1):
+        started = time.monotonic()
+        stats = run.train_one_epoch(epoch)
+        train_seconds = time.monotonic() - started
+        val = run.validate(stats.get("samples", 0))
+        metrics = run.score(epoch, stats, val, train_seconds, started)
+        stopped = run.monitored.exhausted(patience)
+        run.save_and_report(epoch, metrics, val, stopped)
         if stopped:
             break
