@@ -55,7 +55,7 @@ class LossWeights:
     dyn: float
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> LossWeights:
+    def from_dict(cls, cfg: Mapping[str, Any]) -> LossWeights:
         """Exactly the keys ce, orth, temp, static, dyn; a missing or unknown key is an error."""
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in cfg]
@@ -215,4 +215,4 @@ class DiProLoss(nn.Module):
 def build_loss(task: str, loss_cfg: Mapping[str, Any], class_weights: ClassWeights) -> DiProLoss:
     """The loss of ``task``: lambdas from the ``loss`` config, class weights from the training
     split (``ClassWeights.from_counts``). Every training path builds its loss here."""
-    return DiProLoss(task, LossWeights.from_config(loss_cfg), class_weights)
+    return DiProLoss(task, LossWeights.from_dict(loss_cfg), class_weights)

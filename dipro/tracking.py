@@ -54,9 +54,8 @@ class TrackingSettings:
     model_name: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> TrackingSettings:
-        """From a config holding a ``tracking`` node (a missing node means tracking is off)."""
-        node = cfg.get("tracking") or {}
+    def from_dict(cls, node: Mapping[str, Any]) -> TrackingSettings:
+        """From the config's ``tracking`` section (an empty one means tracking is off)."""
         return cls(
             enabled=bool(node.get("enabled", False)),
             uri=str(node.get("uri") or ""),
@@ -260,7 +259,7 @@ class Tracker:
 
 def open_tracker(cfg: Mapping[str, Any]) -> Tracker | None:
     """The tracker of a config's ``tracking`` node, or None when tracking is off."""
-    settings = TrackingSettings.from_config(cfg)
+    settings = TrackingSettings.from_dict(cfg.get("tracking") or {})
     return Tracker(settings) if settings.enabled else None
 
 

@@ -53,7 +53,7 @@ def session(cfg: Mapping[str, Any], name: str, outputs: str) -> Iterator[None]:
     global _console
     verbose = bool(cfg.get("verbose", False))
     path = log_file(cfg, name)
-    tracking = TrackingSettings.from_config(cfg)
+    tracking = TrackingSettings.from_dict(cfg.get("tracking") or {})
     if _console is not None or verbose:  # a session inside a session (the demo) shares it
         say(f"outputs: {outputs}")
         yield

@@ -46,7 +46,7 @@ def ensure_synthetic_data(cfg: Mapping[str, Any]) -> Path:
     generator = cfg.get("generator") or {}
     if isinstance(generator, DictConfig):
         generator = OmegaConf.to_container(generator, resolve=True)
-    synth = SyntheticConfig.from_mapping(generator)
+    synth = SyntheticConfig.from_dict(generator)
     wanted = generator_info(synth)
     existing = {}
     for task in vocab.TASKS:

@@ -293,7 +293,7 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
     import ray
 
     validate(cfg, PREPROCESS_SCHEMA)
-    paths = RawPaths.from_config(cfg.raw)
+    paths = RawPaths.from_dict(cfg.raw)
     paths.check()
     rules = CohortRules(**OmegaConf.to_container(cfg.cohort, resolve=True))
     settings = RegionSettings(**OmegaConf.to_container(cfg.regions, resolve=True))

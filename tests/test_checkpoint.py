@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torchvision
+from tiny_model import tiny_model_cfg
 from torch import nn
 
 from dipro import vocab
@@ -34,23 +35,14 @@ LOSS_CFG = {"ce": 2.0, "orth": 1.0, "temp": 0.0, "static": 0.5, "dyn": 2.0}
 
 
 def model_cfg(mode: str = "features", pretrained: str | None = None) -> dict:
-    return {
-        "region_mode": mode,
-        "backbone": "resnet18",
-        "pretrained_weights": pretrained,
-        "feature_dim": FEATURE_DIM,
-        "d_model": 16,
-        "num_heads": 2,
-        "ehr_layers": 1,
-        "local_fusion_layers": 1,
-        "fusion_layers": 1,
-        "num_groups": 4,
-        "dropout": 0.0,
-        "ehr_use_observed": True,
-        "ablation": dict.fromkeys(
-            ("std", "pae", "local_fusion", "global_fusion", "ehr", "longitudinal"), True
-        ),
-    }
+    return tiny_model_cfg(
+        region_mode=mode,
+        pretrained_weights=pretrained,
+        feature_dim=FEATURE_DIM,
+        num_groups=4,
+        dropout=0.0,
+        ehr_use_observed=True,
+    )
 
 
 def batch(task: str, n: int, seed: int, mode: str = "features") -> Batch:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from tiny_model import tiny_model_cfg
 from torch import nn
 
 from dipro import vocab
@@ -31,23 +32,13 @@ from dipro.model import build_model
 
 R, K, V, G = vocab.NUM_REGIONS, vocab.NUM_FINDINGS, vocab.NUM_EHR, vocab.NUM_DEMOGRAPHICS
 FEATURE_DIM = 8
-MODEL_CFG = {
-    "region_mode": "features",
-    "backbone": "resnet18",
-    "pretrained_weights": None,
-    "feature_dim": FEATURE_DIM,
-    "d_model": 16,
-    "num_heads": 2,
-    "ehr_layers": 1,
-    "local_fusion_layers": 1,
-    "fusion_layers": 1,
-    "num_groups": 4,
-    "dropout": 0.0,
-    "ehr_use_observed": True,
-    "ablation": dict.fromkeys(
-        ("std", "pae", "local_fusion", "global_fusion", "ehr", "longitudinal"), True
-    ),
-}
+MODEL_CFG = tiny_model_cfg(
+    region_mode="features",
+    feature_dim=FEATURE_DIM,
+    num_groups=4,
+    dropout=0.0,
+    ehr_use_observed=True,
+)
 LOSS_CFG = {"ce": 6.0, "orth": 0.1, "temp": 1.0, "static": 0.5, "dyn": 0.1}
 DEVICE = torch.device("cpu")
 
@@ -299,7 +290,7 @@ def test_evaluate_returns_metrics_losses_and_predictions(task):
     batches = [to_batch(recs[:6]), to_batch(recs[6:])]
     torch.manual_seed(0)
     model = build_model({**MODEL_CFG, "dropout": 0.1}, task)
-    loss_fn = DiProLoss(task, LossWeights.from_config(LOSS_CFG), ClassWeights.uniform())
+    loss_fn = DiProLoss(task, LossWeights.from_dict(LOSS_CFG), ClassWeights.uniform())
     model.train()
     metrics, preds = evaluate(model, batches, loss_fn, device=DEVICE)
     assert not model.training

@@ -136,7 +136,7 @@ def ref_orth(s: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> float:
 @pytest.mark.parametrize("task", vocab.TASKS)
 def test_loss_weights_from_each_task_preset(task):
     cfg = yaml.safe_load((CONFIGS / f"{task}.yaml").read_text())["loss"]
-    w = LossWeights.from_config(cfg)
+    w = LossWeights.from_dict(cfg)
     assert (w.ce, w.orth, w.temp, w.static, w.dyn) == tuple(
         cfg[k] for k in ("ce", "orth", "temp", "static", "dyn")
     )
@@ -144,7 +144,7 @@ def test_loss_weights_from_each_task_preset(task):
 
 def test_loss_weights_refuse_missing_and_unknown_keys():
     with pytest.raises(ValueError, match=r"missing keys \['dyn'\], unknown keys \['dyno'\]"):
-        LossWeights.from_config({"ce": 1, "orth": 1, "temp": 1, "static": 1, "dyno": 1})
+        LossWeights.from_dict({"ce": 1, "orth": 1, "temp": 1, "static": 1, "dyno": 1})
 
 
 def test_class_weights_from_training_labels():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_model import tiny_model_cfg
 
 from dipro import vocab
 from dipro.data.collate import collate
@@ -26,23 +27,7 @@ from dipro.prediction import (
     remove_inputs,
 )
 
-MODEL_CFG: dict[str, Any] = {
-    "region_mode": "crops",
-    "backbone": "resnet18",
-    "pretrained_weights": None,
-    "feature_dim": 16,
-    "d_model": 16,
-    "num_heads": 2,
-    "ehr_layers": 1,
-    "local_fusion_layers": 1,
-    "fusion_layers": 1,
-    "num_groups": 4,
-    "dropout": 0.1,
-    "ehr_use_observed": True,
-    "ablation": dict.fromkeys(
-        ("std", "pae", "local_fusion", "global_fusion", "ehr", "longitudinal"), True
-    ),
-}
+MODEL_CFG: dict[str, Any] = tiny_model_cfg(feature_dim=16, num_groups=4, ehr_use_observed=True)
 IDENTITY = {"checkpoint": "ck.pt", "checkpoint_sha256": "0" * 64, "model_version": "test"}
 
 

@@ -24,7 +24,7 @@ def test_a_directory_is_a_sqlite_store_with_artifacts_beside_it(tmp_path):
     server = TrackingSettings(True, "http://mlflow.example.org:5000", "dipro")
     assert server.tracking_uri == "http://mlflow.example.org:5000"
     assert server.artifact_location is None
-    assert not TrackingSettings.from_config({}).enabled
+    assert not TrackingSettings.from_dict({}).enabled
 
 
 def test_flatten_and_dataset_identity():

@@ -227,7 +227,7 @@ class SyntheticConfig:
         return data
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | None) -> SyntheticConfig:
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SyntheticConfig:
         """Build from a dict or a Hydra DictConfig; unknown keys are an error."""
         values = dict(data or {})
         known = {f.name for f in dataclasses.fields(cls)}

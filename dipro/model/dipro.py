@@ -16,7 +16,7 @@ fusion -> task heads. ``build_model`` holds the numbers; ``DiPro`` receives buil
 C task tokens: one per finding for progression (K heads of 3 logits), one for mortality and
 length of stay. Mask convention: True = valid.
 
-Ablations (``model_cfg["ablation"]``), each a real variant:
+Ablations (``ModelConfig.ablation``), each a real variant:
 - std=False: one shared projection f(z) feeds both the static and the dynamic paths; the output's
   static / dynamic / static_rev are None (no L_orth, L_temp, L_static).
 - pae=False: no reversed pass and no region heads; static_rev and region logits are None.
@@ -38,6 +38,7 @@ from torch import nn
 
 from dipro import vocab
 from dipro.batch import Batch
+from dipro.model.config import ModelConfig
 from dipro.model.ehr import EHREncoder, LocalEHRAttention
 from dipro.model.fusion import FinalFusion, GlobalFusion, LocalFusion
 from dipro.model.group import StaticFusion, TaskHeads
@@ -45,23 +46,6 @@ from dipro.model.output import DiProOutput
 from dipro.model.pae import RegionHeads, reverse_pair
 from dipro.model.regions import BACKBONES, CropBackbone, RegionEncoder, build_backbone
 from dipro.model.std import Disentangler, SharedProjection, pair_tokens
-
-ABLATIONS: tuple[str, ...] = ("std", "pae", "local_fusion", "global_fusion", "ehr", "longitudinal")
-MODEL_KEYS: tuple[str, ...] = (
-    "region_mode",
-    "backbone",
-    "pretrained_weights",
-    "feature_dim",
-    "d_model",
-    "num_heads",
-    "ehr_layers",
-    "local_fusion_layers",
-    "fusion_layers",
-    "num_groups",
-    "dropout",
-    "ehr_use_observed",
-    "ablation",
-)
 
 
 def _take_pairs(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -203,73 +187,37 @@ class DiPro(nn.Module):
         )
 
 
-def _check_config(model_cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
-    cfg = dict(model_cfg)
-    missing = [k for k in MODEL_KEYS if k not in cfg]
-    unknown = sorted(set(cfg) - set(MODEL_KEYS))
-    if missing or unknown:
-        raise ValueError(
-            f"model config: missing keys {missing}, unknown keys {unknown}; "
-            f"expected exactly {list(MODEL_KEYS)}"
-        )
-    ablation = dict(cfg["ablation"])
-    if set(ablation) != set(ABLATIONS):
-        raise ValueError(
-            f"model config: ablation has keys {sorted(ablation)}, expected {sorted(ABLATIONS)}"
-        )
-    if cfg["region_mode"] not in ("crops", "features"):
-        raise ValueError(f"model config: region_mode {cfg['region_mode']!r} is not crops/features")
-    if cfg["d_model"] % cfg["num_heads"] or cfg["d_model"] % 2:
-        raise ValueError(
-            f"model config: d_model {cfg['d_model']} must be even and divisible by num_heads "
-            f"{cfg['num_heads']}"
-        )
-    for key in (
-        "d_model",
-        "num_heads",
-        "ehr_layers",
-        "local_fusion_layers",
-        "fusion_layers",
-        "num_groups",
-    ):
-        if int(cfg[key]) < 1:
-            raise ValueError(f"model config: {key} must be at least 1, got {cfg[key]}")
-    if not 0.0 <= float(cfg["dropout"]) < 1.0:
-        raise ValueError(f"model config: dropout {cfg['dropout']} is not in [0, 1)")
-    return cfg, {k: bool(v) for k, v in ablation.items()}
-
-
-def build_model(model_cfg: Mapping[str, Any], task: str) -> DiPro:
-    """Build DiPro for ``task`` from the model config (configs/model/dipro.yaml after the task's
-    overrides, as a plain mapping). In crops mode the backbone weights come from the local file
-    ``pretrained_weights``; without one a warning says that the backbone starts random."""
-    cfg, ablation = _check_config(model_cfg)
-    D, heads, dropout = int(cfg["d_model"]), int(cfg["num_heads"]), float(cfg["dropout"])
+def build_model(model_cfg: Mapping[str, Any] | ModelConfig, task: str) -> DiPro:
+    """Build DiPro for ``task`` from the model config (``ModelConfig``, or the mapping of
+    configs/model/dipro.yaml after the task's overrides). In crops mode the backbone weights come
+    from the local file ``pretrained_weights``; without one a warning says that the backbone
+    starts random."""
+    cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
+    ablation = cfg.ablation
+    D, heads, dropout = cfg.d_model, cfg.num_heads, cfg.dropout
     R, K = vocab.NUM_REGIONS, vocab.NUM_FINDINGS
-    if cfg["region_mode"] == "crops":
-        if cfg["pretrained_weights"] is None:
+    if cfg.region_mode == "crops":
+        if cfg.pretrained_weights is None:
             warnings.warn(
-                f"model config: no pretrained_weights given; the {cfg['backbone']} backbone starts "
+                f"model config: no pretrained_weights given; the {cfg.backbone} backbone starts "
                 "from random weights (set model.pretrained_weights to a local torchvision state "
                 "dict file to start from pretrained ones)",
                 UserWarning,
                 stacklevel=2,
             )
-        backbone = CropBackbone(build_backbone(cfg["backbone"], cfg["pretrained_weights"]))
-        regions = RegionEncoder(backbone, BACKBONES[cfg["backbone"]], D, R, dropout)
+        backbone = CropBackbone(build_backbone(cfg.backbone, cfg.pretrained_weights))
+        regions = RegionEncoder(backbone, BACKBONES[cfg.backbone], D, R, dropout)
     else:
-        regions = RegionEncoder(None, int(cfg["feature_dim"]), D, R, dropout)
+        regions = RegionEncoder(None, cfg.feature_dim, D, R, dropout)
 
-    std = Disentangler(D, dropout) if ablation["std"] else SharedProjection(D, dropout)
+    std = Disentangler(D, dropout) if ablation.std else SharedProjection(D, dropout)
     ehr = local_ehr = local_fusion = global_fusion = None
-    if ablation["ehr"]:
-        ehr = EHREncoder(
-            vocab.NUM_EHR, D, heads, int(cfg["ehr_layers"]), dropout, bool(cfg["ehr_use_observed"])
-        )
-        if ablation["local_fusion"]:
+    if ablation.ehr:
+        ehr = EHREncoder(vocab.NUM_EHR, D, heads, cfg.ehr_layers, dropout, cfg.ehr_use_observed)
+        if ablation.local_fusion:
             local_ehr = LocalEHRAttention(D, heads)
-            local_fusion = LocalFusion(D, heads, int(cfg["local_fusion_layers"]))
-        if ablation["global_fusion"]:
+            local_fusion = LocalFusion(D, heads, cfg.local_fusion_layers)
+        if ablation.global_fusion:
             global_fusion = GlobalFusion(D, heads)
 
     num_tokens = K if task == "disease_progression" else 1
@@ -278,15 +226,13 @@ def build_model(model_cfg: Mapping[str, Any], task: str) -> DiPro:
         task=task,
         regions=regions,
         std=std,
-        region_heads=RegionHeads(D, K) if ablation["pae"] else None,
+        region_heads=RegionHeads(D, K) if ablation.pae else None,
         ehr=ehr,
         local_ehr=local_ehr,
         local_fusion=local_fusion,
         global_fusion=global_fusion,
-        final_fusion=FinalFusion(D, heads, int(cfg["fusion_layers"]), num_tokens, dropout),
-        static_fusion=StaticFusion(
-            D, heads, int(cfg["num_groups"]), vocab.NUM_DEMOGRAPHICS, dropout
-        ),
+        final_fusion=FinalFusion(D, heads, cfg.fusion_layers, num_tokens, dropout),
+        static_fusion=StaticFusion(D, heads, cfg.num_groups, vocab.NUM_DEMOGRAPHICS, dropout),
         heads=TaskHeads(D, num_tokens, out_dim, dropout),
-        longitudinal=ablation["longitudinal"],
+        longitudinal=ablation.longitudinal,
     )

@@ -37,9 +37,9 @@ def test_config_rejects_bad_values_and_unknown_keys() -> None:
     with pytest.raises(ValueError, match="split_fractions"):
         SyntheticConfig(split_fractions=(0.5, 0.1, 0.1))
     with pytest.raises(ValueError, match="num_patient"):
-        SyntheticConfig.from_mapping({"num_patient": 3})
-    cfg = SyntheticConfig.from_mapping({"seed": 3, "split_fractions": [0.6, 0.2, 0.2]})
-    assert SyntheticConfig.from_mapping(cfg.to_dict()) == cfg
+        SyntheticConfig.from_dict({"num_patient": 3})
+    cfg = SyntheticConfig.from_dict({"seed": 3, "split_fractions": [0.6, 0.2, 0.2]})
+    assert SyntheticConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_same_seed_gives_identical_shards_and_another_seed_does_not(tmp_path: Path) -> None:
@@ -223,4 +223,4 @@ def test_hydra_data_config_matches_the_defaults() -> None:
     """configs/data/synthetic.yaml spells out the SyntheticConfig defaults, not other values."""
     path = Path(__file__).resolve().parents[2] / "configs" / "data" / "synthetic.yaml"
     generator = OmegaConf.to_container(OmegaConf.load(path).generator)
-    assert SyntheticConfig.from_mapping(generator) == SyntheticConfig()
+    assert SyntheticConfig.from_dict(generator) == SyntheticConfig()

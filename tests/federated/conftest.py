@@ -17,14 +17,7 @@ TASK = "mortality"
 # A model small enough for a few federated rounds on two CPU cores.
 TINY = [
     f"task={TASK}",
-    "model.backbone=resnet18",
-    "model.d_model=16",
-    "model.num_heads=2",
-    "model.local_fusion_layers=1",
-    "optim.lr=1e-3",
-    "optim.batch_size=4",
-    "train.accumulation_steps=1",
-    "train.eval_batch_size=16",
+    "+experiment=tiny",
     "federated.min_report_count=1",  # tiny sites: a handful of validation samples each
 ]
 

@@ -1,4 +1,4 @@
-"""Hand-made sample records and small model configs for the model tests.
+"""Hand-made sample records and the small model config of the model tests.
 
 Batches go through the real path: records -> ``records_to_table`` -> numpy columns ->
 ``collate``.
@@ -6,10 +6,10 @@ Batches go through the real path: records -> ``records_to_table`` -> numpy colum
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
+from tiny_model import tiny_model_cfg
 
 from dipro import vocab
 from dipro.batch import Batch
@@ -20,34 +20,13 @@ R, K, V, G = vocab.NUM_REGIONS, vocab.NUM_FINDINGS, vocab.NUM_EHR, vocab.NUM_DEM
 CROP = 32
 FEATURES = 16
 
-SMALL_CFG: dict[str, Any] = {
-    "region_mode": "features",
-    "backbone": "resnet18",
-    "pretrained_weights": None,
-    "feature_dim": FEATURES,
-    "d_model": 16,
-    "num_heads": 2,
-    "ehr_layers": 1,
-    "local_fusion_layers": 1,
-    "fusion_layers": 1,
-    "num_groups": 4,
-    "dropout": 0.1,
-    "ehr_use_observed": True,
-    "ablation": {
-        "std": True,
-        "pae": True,
-        "local_fusion": True,
-        "global_fusion": True,
-        "ehr": True,
-        "longitudinal": True,
-    },
-}
-
 
 def small_cfg(mode: str = "features", **ablation: bool) -> dict[str, Any]:
-    """The small model config in ``mode`` with some ablation switches turned off/on."""
-    cfg = copy.deepcopy(SMALL_CFG)
-    cfg["region_mode"] = mode
+    """The tiny model config in ``mode`` (with the values + observed EHR input, which these
+    tests exercise) and some ablation switches turned off/on."""
+    cfg = tiny_model_cfg(
+        region_mode=mode, feature_dim=FEATURES, num_groups=4, ehr_use_observed=True
+    )
     cfg["ablation"].update(ablation)
     return cfg
 

@@ -18,17 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
 # A model small enough to train a few epochs on two CPU workers in seconds.
-TINY_MODEL = [
-    "model.backbone=resnet18",
-    "model.d_model=16",
-    "model.num_heads=2",
-    "model.local_fusion_layers=1",
-    "optim.lr=1e-3",
-    "optim.batch_size=4",
-    "train.accumulation_steps=1",
-    "train.patience=null",
-    "train.eval_batch_size=16",
-]
+TINY_MODEL = ["+experiment=tiny", "train.patience=null"]
 
 
 @pytest.fixture(scope="session")

@@ -67,12 +67,13 @@ class RawPaths:
     gold_file: Path | None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> RawPaths:
+    def from_dict(cls, cfg: Mapping[str, Any]) -> RawPaths:
+        """From the config's ``raw`` section."""
         gold = cfg.get("gold_file")
         return cls(
-            Path(cfg.mimic_iv),
-            Path(cfg.mimic_cxr),
-            Path(cfg.scene_graph_dir),
+            Path(cfg["mimic_iv"]),
+            Path(cfg["mimic_cxr"]),
+            Path(cfg["scene_graph_dir"]),
             Path(gold) if gold else None,
         )
 
