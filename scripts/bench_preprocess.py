@@ -127,7 +127,7 @@ def bench_regions(tmp: Path, images: int, workers: tuple[int, ...]) -> list[dict
     from PIL import Image
 
     from dipro import vocab
-    from dipro.data.mimic.fabricate import real_cxr_pixels
+    from dipro.data.mimic.raw_tree import real_cxr_pixels
     from ray_jobs.preprocess_pipeline import _CropBatch
 
     pixels = real_cxr_pixels()

@@ -828,7 +828,7 @@ def cxr_identifiers(cohort: Cohort) -> tuple[np.ndarray, np.ndarray]:
     """MIMIC-CXR-style identifiers of every CXR of the cohort, [M] each: ``dicom_id`` (five
     dash-separated groups of 8 hex digits) and ``study_id`` (8 digits, increasing, one study per
     CXR). Drawn from a stream of their own (the cohort's seed), so the shards of the cohort and
-    its raw MIMIC-format tree (``dipro.data.mimic.fabricate``) name the same images."""
+    its raw MIMIC-format tree (``dipro.data.mimic.cohort_tree``) name the same images."""
     M = cohort.cxr_times.shape[0]
     rng = np.random.default_rng([cohort.config.seed, _ID_STREAM])
     words = rng.integers(0, 2**32, (M, 5))

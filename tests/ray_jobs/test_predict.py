@@ -108,7 +108,7 @@ def test_unlabelled_shard_folder(tiny_checkpoint, tiny_data_root, tmp_path):
 
 
 def test_raw_mimic_tree_predictions_name_its_images(tiny_checkpoint, tmp_path):
-    from dipro.data.mimic.fabricate import write_cohort_raw_tree
+    from dipro.data.mimic.cohort_tree import write_cohort_raw_tree
     from dipro.data.synthetic import SyntheticConfig, simulate_cohort
     from ray_jobs.preprocess import run_preprocess
 

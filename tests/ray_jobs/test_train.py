@@ -119,7 +119,7 @@ def test_raw_mimic_tree_to_one_training_epoch(ray_session, tmp_path):
     ray_jobs.train, on the synthetic cohort written in the MIMIC formats."""
     from hydra import compose, initialize_config_dir
 
-    from dipro.data.mimic.fabricate import write_cohort_raw_tree
+    from dipro.data.mimic.cohort_tree import write_cohort_raw_tree
     from dipro.data.synthetic import SyntheticConfig, simulate_cohort
     from ray_jobs.preprocess import run_preprocess
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dipro.data.mimic.fabricate import RawTree, write_raw_tree
+from dipro.data.mimic.fixture_tree import write_raw_tree
+from dipro.data.mimic.raw_tree import RawTree
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 from dipro import vocab
 from dipro.data.mimic.build import PreparedCohort, RawPaths, prepare_samples
 from dipro.data.mimic.cohort import CohortRules, assign_hospitals, assign_splits
-from dipro.data.mimic.fabricate import EXPECTED_COUNTS
+from dipro.data.mimic.fixture_tree import EXPECTED_COUNTS
 from dipro.data.mimic.labels import finding_labels
 
 

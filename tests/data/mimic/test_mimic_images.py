@@ -10,8 +10,8 @@ from PIL import Image
 
 from dipro import vocab
 from dipro.data.features import RegionFeatureExtractor
-from dipro.data.mimic.fabricate import real_cxr_path, real_cxr_pixels
 from dipro.data.mimic.images import crop_regions
+from dipro.data.mimic.raw_tree import real_cxr_path, real_cxr_pixels
 from dipro.data.mimic.readers import image_path, read_cxr_metadata
 
 

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 from dipro import vocab
 from dipro.data import shards
-from dipro.data.mimic.fabricate import EXPECTED_COUNTS, RawTree
+from dipro.data.mimic.fixture_tree import EXPECTED_COUNTS
+from dipro.data.mimic.raw_tree import RawTree
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

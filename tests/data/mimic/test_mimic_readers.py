@@ -10,7 +10,7 @@ import pytest
 
 from dipro import vocab
 from dipro.data.mimic import readers
-from dipro.data.mimic.fabricate import write_raw_tree
+from dipro.data.mimic.fixture_tree import write_raw_tree
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,8 @@ from PIL import Image
 from dipro import vocab
 from dipro.data.mimic.build import PreparedCohort, RawPaths, prepare_samples
 from dipro.data.mimic.cohort import CohortRules
-from dipro.data.mimic.fabricate import RawTree, write_cohort_raw_tree
+from dipro.data.mimic.cohort_tree import write_cohort_raw_tree
+from dipro.data.mimic.raw_tree import RawTree
 from dipro.data.mimic.readers import image_path, read_cxr_metadata
 from dipro.data.synthetic import Cohort, SyntheticConfig, simulate_cohort
 

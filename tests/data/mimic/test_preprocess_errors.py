@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dipro.data.mimic.fabricate import RawTree
+from dipro.data.mimic.raw_tree import RawTree
 
 META = "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz"
 

@@ -1,0 +1,265 @@
+"""What both raw MIMIC tree writers share: ``RawTree`` (where a written tree lies and the ids its
+tests look for), the CSV writer, the MIMIC-IV table writer, the CXR metadata columns, the
+pixels (synthetic, or the real radiograph that pydicom-data ships) and the ImaGenome names.
+
+Two writers use it: ``fixture_tree.write_raw_tree`` (a hand-designed tree that exercises every
+cohort rule) and ``cohort_tree.write_cohort_raw_tree`` (the synthetic cohort as a raw tree).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.resources
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import pandas as pd
+
+from dipro import vocab
+
+REAL_CXR_FILE = "RG1_UNCR.dcm"
+BOXES: dict[str, tuple[float, float, float, float]] = {
+    "right lung": (0.10, 0.15, 0.48, 0.80),
+    "left lung": (0.52, 0.15, 0.90, 0.80),
+    "right lower lung zone": (0.10, 0.55, 0.48, 0.80),
+    "left lower lung zone": (0.52, 0.55, 0.90, 0.80),
+    "right hilar structures": (0.30, 0.35, 0.45, 0.55),
+    "left hilar structures": (0.55, 0.35, 0.70, 0.55),
+    "right costophrenic angle": (0.08, 0.72, 0.22, 0.86),
+    "left costophrenic angle": (0.78, 0.72, 0.92, 0.86),
+    "cardiac silhouette": (0.38, 0.45, 0.75, 0.80),
+    "mediastinum": (0.40, 0.10, 0.60, 0.50),
+}
+FINDING_NAMES = {
+    f: ("pulmonary edema/hazy opacity" if f == "pulmonary edema" else f) for f in vocab.FINDINGS
+}
+COMPARISON_NAMES = ("worsened", "improved", "no change")
+
+# mimic-cxr-2.0.0-metadata.csv, in the published column order (MIMIC_FORMATS.md).
+CXR_METADATA_COLUMNS = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+]
+
+
+@dataclass
+class RawTree:
+    """Where the fabricated tree lies, and the ids its tests look for."""
+
+    root: Path
+    mimic_iv: Path
+    mimic_cxr: Path
+    scene_graph_dir: Path
+    gold_file: Path
+    missing_image: str = ""
+    missing_scene_graph: str = ""
+    real_cxr: str = ""
+    gold_pair: tuple[str, str] = ("", "")
+    gold_label: tuple[str, str, int] = ("", "", 0)
+    silver_label_of_gold_pair: tuple[str, str, int] = ("", "", 0)
+    conflict_pair: tuple[str, str] = ("", "")
+    conflict_label: tuple[str, str] = ("", "")
+    thinned: str = ""
+    gap_stay: int = 0
+    stays: dict[str, int] = field(default_factory=dict)
+
+
+def real_cxr_path() -> Path:
+    """The real frontal chest radiograph shipped inside the installed ``pydicom-data`` package.
+
+    It is located through the package's files (module ``data_store``), never fetched.
+    """
+    try:
+        base = importlib.resources.files("data_store")
+    except ModuleNotFoundError as err:
+        raise FileNotFoundError(
+            "the pydicom-data package is not installed (pip install -e '.[dev]')"
+        ) from err
+    path = Path(str(base)) / "data" / REAL_CXR_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the pydicom-data package")
+    return path
+
+
+def real_cxr_pixels() -> np.ndarray:
+    """RG1_UNCR.dcm as an 8-bit image [1955, 1841]: MONOCHROME1 inverted, min-max scaled."""
+    import pydicom
+
+    ds = pydicom.dcmread(real_cxr_path())
+    pixels = ds.pixel_array.astype(np.float64)
+    low, high = np.percentile(pixels, [0.5, 99.5])
+    scaled = np.clip((pixels - low) / max(high - low, 1.0), 0.0, 1.0)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return np.round(scaled * 255.0).astype(np.uint8)
+
+
+@dataclass
+class CxrImage:
+    dicom_id: str
+    study_id: int
+    hours: float
+    view: str = "AP"
+    previous: str | None = None
+    pixels: np.ndarray | None = None
+    write_jpeg: bool = True
+    write_scene_graph: bool = True
+    drop_region: str | None = None
+    labels: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Stay:
+    subject_id: int
+    hadm_id: int
+    stay_id: int
+    intime: pd.Timestamp
+    los_days: float
+    first_unit: str
+    last_unit: str
+    age: int
+    gender: str
+    race: str
+    marital: str
+    language: str
+    died: bool = False
+    death_after_discharge: bool = False
+    images: list[CxrImage] = field(default_factory=list)
+    severity: float = 0.0
+
+
+@contextmanager
+def _open_text(path: Path, compress: bool) -> Iterator[IO[str]]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        with gzip.open(path.with_name(path.name + ".gz"), "wt", newline="") as handle:
+            yield handle
+    else:
+        with path.open("w", newline="") as handle:
+            yield handle
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[object]], compress: bool) -> None:
+    with _open_text(path, compress) as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(["" if v is None else v for v in row] for row in rows)
+
+
+def stamp(t: pd.Timestamp) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class Ids:
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.study = 50000000
+
+    def dicom(self) -> str:
+        return "-".join(f"{int(x):08x}" for x in self.rng.integers(0, 2**32, 5))
+
+    def next_study(self) -> int:
+        self.study += int(self.rng.integers(1, 999))
+        return self.study
+
+
+def synthetic_pixels(rng: np.random.Generator, severity: float, rows: int, cols: int) -> np.ndarray:
+    y, x = np.mgrid[0:rows, 0:cols] / np.array([rows, cols])[:, None, None]
+    image = 60 + 80 * y
+    for cx in (0.29, 0.71):
+        lung = ((x - cx) / 0.19) ** 2 + ((y - 0.48) / 0.33) ** 2 < 1
+        image = np.where(lung, 30 + 120 * severity * y, image)
+    heart = ((x - 0.56) / 0.17) ** 2 + ((y - 0.63) / 0.16) ** 2 < 1
+    image = np.where(heart, 200, image) + rng.normal(0, 8, (rows, cols))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_mimic_iv_tables(
+    mi: Path,
+    hosp: str,
+    race_col: str,
+    new: bool,
+    compress: bool,
+    icu_rows: list[list[object]],
+    adm_rows: list[list[object]],
+    pat_rows: list[list[object]],
+    chart_rows: list[list[object]],
+    out_rows: list[list[object]],
+) -> None:
+    """The MIMIC-IV tables the preprocessing reads, with the 2.2/3.x columns when ``new``."""
+    extra = ["caregiver_id"] if new else []
+    event_keys = ["subject_id", "hadm_id", "stay_id", *extra, "charttime", "storetime", "itemid"]
+    write_csv(
+        mi / "icu" / "icustays.csv",
+        [
+            "subject_id",
+            "hadm_id",
+            "stay_id",
+            "first_careunit",
+            "last_careunit",
+            "intime",
+            "outtime",
+            "los",
+        ],
+        icu_rows,
+        compress,
+    )
+    write_csv(
+        mi / hosp / "admissions.csv",
+        [
+            "subject_id",
+            "hadm_id",
+            "admittime",
+            "dischtime",
+            "deathtime",
+            "admission_type",
+            "admission_location",
+            "discharge_location",
+            "insurance",
+            "language",
+            "marital_status",
+            race_col,
+            "edregtime",
+            "edouttime",
+            "hospital_expire_flag",
+            *(["admit_provider_id"] if new else []),
+        ],
+        adm_rows,
+        compress,
+    )
+    write_csv(
+        mi / hosp / "patients.csv",
+        ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"],
+        pat_rows,
+        compress,
+    )
+    write_csv(
+        mi / "icu" / "chartevents.csv",
+        [*event_keys, "value", "valuenum", "valueuom", "warning"],
+        chart_rows,
+        compress,
+    )
+    write_csv(
+        mi / "icu" / "outputevents.csv", [*event_keys, "value", "valueuom"], out_rows, compress
+    )
+
+
+# GCS components as MetaVision charts them: (score, the text in value).
+GCS_EYE = ((4, "Spontaneously"), (3, "To Speech"), (2, "To Pain"), (1, "No Response"))
+GCS_VERBAL = ((5, "Oriented"), (4, "Confused"), (1, "No Response-ETT"))
+GCS_MOTOR = ((6, "Obeys Commands"), (5, "Localizes Pain"), (4, "Flex-withdraws"))
