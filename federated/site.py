@@ -27,7 +27,8 @@ from torch import nn
 from dipro.batch import Batch
 from dipro.checkpoint import load_weights
 from dipro.data.collate import collate
-from dipro.data.normalize import NormStats, fit_norm_stats
+from dipro.data.labels import LABEL_COLUMNS
+from dipro.data.normalize import NORM_COLUMNS, NormStats, fit_norm_stats
 from dipro.data.schema import model_columns
 from dipro.data.shards import (
     iter_arrow_batches,
@@ -40,9 +41,6 @@ from dipro.engine import build_optimizer, evaluate, train_epoch
 from dipro.losses import ClassWeights, LabelCounts, build_loss
 from dipro.model import build_model
 from dipro.seeds import stream_seed
-
-_NORM_COLUMNS = ["ehr_values", "ehr_observed", "demographics"]
-_LABEL_COLUMNS = ["progression", "region_labels", "mortality", "los_days"]
 
 
 class SiteConfigError(ValueError):
@@ -130,18 +128,18 @@ def _fit(
     """EHR normalisation statistics and class weights of a training split, fitted once per
     process for the dataset the manifest's shard ``digests`` identify (every message of a run
     reuses them; a rewritten dataset is fitted anew)."""
-    stats = fit_norm_stats(_read(path, _NORM_COLUMNS) for path in train)
+    stats = fit_norm_stats(_read(path, NORM_COLUMNS) for path in train)
     return stats, ClassWeights.from_counts(_label_counts(train))
 
 
-def _read(path: str, columns: list[str]) -> pa.Table:
+def _read(path: str, columns: Sequence[str]) -> pa.Table:
     return read_table([path], columns)  # every record validated before the site fits on it
 
 
 def _label_counts(paths: Sequence[str]) -> LabelCounts:
     counts = LabelCounts.zeros()
     for path in paths:
-        counts = counts + LabelCounts.from_table(_read(path, _LABEL_COLUMNS))
+        counts = counts + LabelCounts.from_table(_read(path, LABEL_COLUMNS))
     return counts
 
 

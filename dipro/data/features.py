@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from dipro import storage, vocab
-from dipro.data.shards import Manifest, list_shards, read_manifest, write_dataset
+from dipro import vocab
+from dipro.data.shards import Manifest, list_shards, read_manifest, read_table, write_dataset
 from dipro.model.regions import BACKBONES, CropBackbone, build_backbone
 
 
@@ -63,8 +62,7 @@ def _featurized(
     R = vocab.NUM_REGIONS
     for split in vocab.SPLITS:
         for path in list_shards(root, task, split):
-            fs, inner = storage.resolve_filesystem(path)
-            for record in pq.read_table(inner, filesystem=fs, partitioning=None).to_pylist():
+            for record in read_table([path]).to_pylist():  # validated, as every reader
                 T, S = len(record["cxr_times"]), int(record["crop_size"])
                 crops = np.frombuffer(record["crops"], np.uint8).reshape(T, R, S, S)
                 present = np.asarray(record["region_present"], bool).reshape(T, R)

@@ -7,16 +7,14 @@ while shards are written (the manifest keeps the training split's), from a site'
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from dipro import storage, vocab
+from dipro import vocab
 
 K, C = vocab.NUM_FINDINGS, vocab.NUM_PROGRESSION_CLASSES
 IGNORE_INDEX = -1  # the collate's marker of an absent label
@@ -112,13 +110,3 @@ class LabelCounts:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LabelCounts:
         return cls(*(np.asarray(data[f.name], np.int64) for f in fields(cls)))
-
-
-def read_label_counts(paths: Iterable[str | os.PathLike[str]]) -> LabelCounts:
-    """LabelCounts of shards, reading only their label columns."""
-    counts = LabelCounts.zeros()
-    for path in paths:
-        fs, inner = storage.resolve_filesystem(path)
-        table = pq.read_table(inner, filesystem=fs, columns=list(LABEL_COLUMNS), partitioning=None)
-        counts = counts + LabelCounts.from_table(table)
-    return counts

@@ -56,6 +56,10 @@ class NormStats:
         )
 
 
+# The record columns the statistics are fitted on.
+NORM_COLUMNS: tuple[str, ...] = ("ehr_values", "ehr_observed", "demographics")
+
+
 def fit_norm_stats(tables: Iterable[pa.Table]) -> NormStats:
     """Fit NormStats in one streaming pass over tables of sample records (a training split).
 

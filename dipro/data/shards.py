@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from dipro import storage, vocab
 from dipro.data.labels import LABEL_COLUMNS, LabelCounts
-from dipro.data.normalize import NormStats, fit_norm_stats
+from dipro.data.normalize import NORM_COLUMNS, NormStats, fit_norm_stats
 from dipro.data.schema import (
     KNOWN_SCHEMA_VERSIONS,
     SCHEMA,
@@ -59,7 +59,6 @@ from dipro.data.schema import (
 
 MANIFEST_NAME: Final[str] = "manifest.json"
 COMPRESSION: Final[str] = "zstd"
-_NORM_COLUMNS: Final[list[str]] = ["ehr_values", "ehr_observed", "demographics"]
 
 
 @dataclass(frozen=True)
@@ -267,7 +266,7 @@ def _write_all(
         raise ValueError(f"no training records for task {task!r}: cannot fit normalisation")
     stats = fit_norm_stats(
         pq.read_table(
-            posixpath.join(tmp, rel), columns=_NORM_COLUMNS, filesystem=fs, partitioning=None
+            posixpath.join(tmp, rel), columns=list(NORM_COLUMNS), filesystem=fs, partitioning=None
         )
         for rel in train
     )
