@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
@@ -393,3 +394,25 @@ def exit_with_error(kind: str, err: BaseException) -> NoReturn:
     message = " ".join(str(err).split())
     print(f"{kind} error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+@contextmanager
+def exit_on(
+    errors: Mapping[type[BaseException] | tuple[type[BaseException], ...], str],
+    failures: tuple[type[BaseException], ...] = (),
+) -> Iterator[None]:
+    """The one error exit of every entrypoint, around its work: a ``ConfigError`` ends it as
+    ``configuration error: ...``, an exception of a type in ``errors`` as ``{kind} error: ...``
+    (both exit status 2, ``exit_with_error``); one of ``failures`` (a run that started and then
+    failed) prints its message and exits with status 1. Anything else propagates."""
+    try:
+        yield
+    except ConfigError as err:
+        exit_with_error("configuration", err)
+    except failures as err:
+        sys.exit(str(err))
+    except Exception as err:
+        for types, kind in errors.items():
+            if isinstance(err, types):
+                exit_with_error(kind, err)
+        raise

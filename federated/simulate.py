@@ -28,9 +28,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dipro import storage
-from dipro.config import exit_with_error
+from dipro.config import ConfigError, exit_on
 from dipro.runs import RUN_CONFIG_FILE
-from federated.config import ConfigError, check_config
+from federated.config import check_config
 from federated.server import FederatedResult, read_result
 from federated.sim_process import FAILED, LAUNCHER_PID_ENV
 
@@ -148,14 +148,8 @@ def _simulate(resolved: dict[str, Any], out_dir: Path, lock: int) -> FederatedRe
 
 @hydra.main(config_path="../configs", config_name="federated", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on({RunDirectoryInUse: "run directory"}, failures=(FederatedRunError,)):
         result = run_federated(cfg)
-    except ConfigError as err:
-        exit_with_error("configuration", err)
-    except RunDirectoryInUse as err:
-        exit_with_error("run directory", err)
-    except FederatedRunError as err:
-        sys.exit(str(err))
     print(json.dumps({"out_dir": result.out_dir, "test": result.test_metrics}, indent=2))
 
 

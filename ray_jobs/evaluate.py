@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from dipro import storage
 from dipro.checkpoint import CheckpointError, check_matches, read_checkpoint
-from dipro.config import EVALUATE_SCHEMA, ConfigError, exit_with_error, validate
+from dipro.config import EVALUATE_SCHEMA, exit_on, validate
 from dipro.data.schema import SchemaError
 from dipro.data.shards import ChecksumError, Manifest, list_shards, read_manifest, verify_shards
 from dipro.evaluation import evaluate_checkpoint
@@ -262,14 +262,8 @@ def run_evaluation(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on({EvaluationError: "evaluation", (SchemaError, ChecksumError): "data"}):
         path = run_evaluation(cfg)
-    except ConfigError as err:
-        exit_with_error("configuration", err)
-    except EvaluationError as err:
-        exit_with_error("evaluation", err)
-    except (SchemaError, ChecksumError) as err:
-        exit_with_error("data", err)
     print(f"report written to {path}")
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dipro import storage, tracking
-from dipro.config import TRAIN_SCHEMA, ConfigError, exit_with_error, validate
+from dipro.config import TRAIN_SCHEMA, ConfigError, exit_on, validate
 from dipro.data.shards import list_shards, read_manifest
 from dipro.evaluation import evaluate_checkpoint
 from dipro.metrics import (
@@ -438,11 +438,8 @@ def run_experiment(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="../configs", config_name="experiments", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        with session(cfg, f"{cfg.name}-{cfg.mode}", os.fspath(cfg.out_dir)):
-            path = run_experiment(cfg)
-    except ConfigError as err:
-        exit_with_error("configuration", err)
+    with exit_on({}), session(cfg, f"{cfg.name}-{cfg.mode}", os.fspath(cfg.out_dir)):
+        path = run_experiment(cfg)
     print(f"table written to {path}")
 
 

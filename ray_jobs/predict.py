@@ -25,7 +25,6 @@ import io
 import json
 import os
 import posixpath
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -40,6 +39,7 @@ from omegaconf import DictConfig
 
 from dipro import storage
 from dipro.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from dipro.config import exit_on
 from dipro.data.collate import collate
 from dipro.data.schema import VERSION_KEY, SchemaError, schema_version_of, upgrade, validate
 from dipro.data.shards import list_shards, read_table
@@ -268,10 +268,8 @@ def find_record(paths: list[str], sample_id: str) -> dict[str, Any]:
 
 @hydra.main(config_path="../configs", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on({(PredictionError, SchemaError): "prediction"}):
         path = run_prediction(cfg)
-    except (PredictionError, SchemaError) as err:
-        sys.exit(f"prediction error: {err}")
     print(f"written {path}")
 
 

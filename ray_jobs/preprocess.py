@@ -12,7 +12,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from dipro.config import ConfigError, exit_with_error
+from dipro.config import exit_on
 from dipro.data.mimic.readers import RawDataError
 from dipro.data.schema import SchemaError
 from ray_jobs.preprocess_pipeline import run_preprocess
@@ -23,12 +23,10 @@ __all__ = ["main", "run_preprocess"]
 @hydra.main(version_base="1.3", config_path="../configs", config_name="preprocess")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
+    with exit_on(
+        {(RawDataError, SchemaError, FileNotFoundError, FileExistsError): "preprocessing"}
+    ):
         run_preprocess(cfg)
-    except ConfigError as err:
-        exit_with_error("configuration", err)
-    except (RawDataError, SchemaError, FileNotFoundError, FileExistsError) as err:
-        exit_with_error("preprocessing", err)
 
 
 if __name__ == "__main__":

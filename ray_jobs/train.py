@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from dipro import checkpoint as ckpt_io
 from dipro import storage, tracking
-from dipro.config import TRAIN_SCHEMA, ConfigError, exit_with_error, validate
+from dipro.config import TRAIN_SCHEMA, ConfigError, exit_on, validate
 from dipro.data.schema import SchemaError
 from dipro.data.shards import (
     ChecksumError,
@@ -358,13 +358,8 @@ def run_training(cfg: DictConfig, tracking_parent: str | None = None) -> Trainin
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        with session(cfg, cfg.run_name, run_dir(cfg)):
-            result = run_training(cfg)
-    except ConfigError as err:
-        exit_with_error("configuration", err)
-    except (SchemaError, ChecksumError) as err:
-        exit_with_error("data", err)
+    with exit_on({(SchemaError, ChecksumError): "data"}), session(cfg, cfg.run_name, run_dir(cfg)):
+        result = run_training(cfg)
     print(json.dumps({"run_dir": result.run_dir, "test": result.test_metrics}, indent=2))
 
 

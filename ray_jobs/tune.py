@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +38,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from dipro import storage, tracking
+from dipro.config import ConfigError, exit_on
 from dipro.data.shards import read_manifest
 from dipro.runs import EPOCH_METRICS_FILE, last_logged
 from ray_jobs.console import Progress, format_epoch, say, session
-from ray_jobs.train import ConfigError, _checkpoint_uri, build_trainer, check_config, ensure_ray
+from ray_jobs.train import _checkpoint_uri, build_trainer, check_config, ensure_ray
 from ray_jobs.worker import run_dir
 
 SEARCHES = ("random", "optuna")
@@ -434,13 +434,9 @@ def run_sweep(cfg: DictConfig, callbacks: list[tune.Callback] | None = None) -> 
 
 @hydra.main(config_path="../configs", config_name="tune", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        with session(cfg, str(cfg.tune.name), storage.join(cfg.storage_path, cfg.tune.name)):
-            result = run_sweep(cfg)
-    except ConfigError as err:
-        sys.exit(f"configuration error: {err}")
-    except SweepInterrupted as err:
-        sys.exit(str(err))
+    sweep_dir = storage.join(cfg.storage_path, cfg.tune.name)
+    with exit_on({}, failures=(SweepInterrupted,)), session(cfg, str(cfg.tune.name), sweep_dir):
+        result = run_sweep(cfg)
     print(
         json.dumps(
             {

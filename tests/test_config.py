@@ -16,6 +16,7 @@ from dipro.config import (
     PREPROCESS_SCHEMA,
     TRAIN_SCHEMA,
     ConfigError,
+    exit_on,
     validate,
 )
 from dipro.runs import CHECKPOINT_FILE
@@ -120,3 +121,35 @@ def test_a_closed_section_names_the_unknown_key():
         cfg = compose("train", overrides=["+model.ablation.fusion=false"])
     with pytest.raises(ConfigError, match=r"model\.ablation\.fusion is not a known setting"):
         validate(cfg, TRAIN_SCHEMA)
+
+
+class _Spoilt(ValueError):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        (ConfigError("optim.lr='abc' is not a number"), 2, "configuration error: optim.lr='abc'"),
+        (
+            _Spoilt("shard.parquet, record 7,\n field 'x'"),
+            2,
+            "data error: shard.parquet, record 7, ",
+        ),
+        (RuntimeError("the run stopped after round 3"), 1, None),
+    ],
+)
+def test_every_entrypoint_ends_an_error_the_same_way(capsys, error, code, line):
+    with pytest.raises(SystemExit) as exit_, exit_on({_Spoilt: "data"}, failures=(RuntimeError,)):
+        raise error
+    if line is None:
+        assert exit_.value.code == str(error)
+    else:
+        assert exit_.value.code == code
+        (printed,) = capsys.readouterr().err.splitlines()
+        assert printed.startswith(line)
+
+
+def test_an_unlisted_error_is_not_swallowed():
+    with pytest.raises(KeyError), exit_on({ValueError: "data"}):
+        raise KeyError("a bug, with its traceback")
