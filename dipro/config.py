@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
@@ -394,6 +394,18 @@ def exit_with_error(kind: str, err: BaseException) -> NoReturn:
     message = " ".join(str(err).split())
     print(f"{kind} error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def check_exact_keys(section: str, data: Mapping[str, Any], names: Sequence[str]) -> None:
+    """ValueError naming the missing and the unknown keys unless ``data`` has exactly
+    ``names`` (a typed section read without Hydra: a checkpoint's model, a loss mapping)."""
+    missing = [name for name in names if name not in data]
+    unknown = sorted(set(data) - set(names))
+    if missing or unknown:
+        raise ValueError(
+            f"{section} config: missing keys {missing}, unknown keys {unknown}; "
+            f"expected exactly {list(names)}"
+        )
 
 
 @contextmanager

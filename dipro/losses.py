@@ -35,6 +35,7 @@ from torch import nn
 
 from dipro import vocab
 from dipro.batch import Batch
+from dipro.config import check_exact_keys
 from dipro.data.collate import IGNORE_INDEX
 from dipro.data.labels import LabelCounts
 from dipro.model.output import DiProOutput
@@ -58,12 +59,7 @@ class LossWeights:
     def from_dict(cls, cfg: Mapping[str, Any]) -> LossWeights:
         """Exactly the keys ce, orth, temp, static, dyn; a missing or unknown key is an error."""
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in cfg]
-        unknown = sorted(set(cfg) - set(names))
-        if missing or unknown:
-            raise ValueError(
-                f"loss config: missing keys {missing}, unknown keys {unknown}; expected {names}"
-            )
+        check_exact_keys("loss", cfg, names)
         return cls(**{n: float(cfg[n]) for n in names})
 
 

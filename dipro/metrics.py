@@ -313,26 +313,39 @@ def bootstrap_ci(
     (NaN, NaN).
     """
     _check_rows(probs, labels)
+    _check_level(level)
+    draws = _resampled(lambda idx: metric_fn(probs[idx], labels[idx]), labels.shape[0], n, seed)
+    return {key: _percentiles(values, level) for key, values in draws.items()}
+
+
+def _check_level(level: float) -> None:
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
+
+
+def _resampled(
+    score: Callable[[np.ndarray], Mapping[str, float]], rows: int, n: int, seed: int
+) -> dict[str, list[float]]:
+    """``score(idx)`` for ``n`` bootstrap draws ``idx`` of ``rows`` rows with replacement,
+    collected per metric."""
     rng = np.random.default_rng(seed)
-    rows = labels.shape[0]
     draws: dict[str, list[float]] = {}
     for _ in range(n):
-        idx = rng.integers(0, rows, size=rows)
-        for key, value in metric_fn(probs[idx], labels[idx]).items():
+        for key, value in score(rng.integers(0, rows, size=rows)).items():
             draws.setdefault(key, []).append(value)
+    return draws
+
+
+def _percentiles(values: Sequence[float], level: float) -> tuple[float, float]:
+    """The central ``level`` percentile interval of the defined (non-NaN) values; (NaN, NaN)
+    when none is defined."""
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    if arr.size == 0:
+        return math.nan, math.nan
     tail = 100.0 * (1.0 - level) / 2.0
-    out = {}
-    for key, values in draws.items():
-        arr = np.asarray(values, dtype=np.float64)
-        arr = arr[~np.isnan(arr)]
-        if arr.size == 0:
-            out[key] = (float("nan"), float("nan"))
-        else:
-            low, high = np.percentile(arr, [tail, 100.0 - tail])
-            out[key] = (float(low), float(high))
-    return out
+    low, high = np.percentile(arr, [tail, 100.0 - tail])
+    return float(low), float(high)
 
 
 def paired_bootstrap_difference(
@@ -351,28 +364,18 @@ def paired_bootstrap_difference(
     is undefined (NaN) is left out of that metric's interval."""
     _check_rows(probs_a, labels)
     _check_rows(probs_b, labels)
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    _check_level(level)
     point_a, point_b = metric_fn(probs_a, labels), metric_fn(probs_b, labels)
-    rng = np.random.default_rng(seed)
-    rows = labels.shape[0]
-    draws: dict[str, list[float]] = {key: [] for key in point_a}
-    for _ in range(n):
-        idx = rng.integers(0, rows, size=rows)
+
+    def difference(idx: np.ndarray) -> dict[str, float]:
         a, b = metric_fn(probs_a[idx], labels[idx]), metric_fn(probs_b[idx], labels[idx])
-        for key in draws:
-            draws[key].append(a[key] - b[key])
-    tail = 100.0 * (1.0 - level) / 2.0
+        return {key: a[key] - b[key] for key in point_a}
+
+    draws = _resampled(difference, labels.shape[0], n, seed)
     out = {}
-    for key, values in draws.items():
-        arr = np.asarray(values, dtype=np.float64)
-        arr = arr[~np.isnan(arr)]
-        low, high = np.percentile(arr, [tail, 100.0 - tail]) if arr.size else (math.nan,) * 2
-        out[key] = {
-            "difference": float(point_a[key] - point_b[key]),
-            "low": float(low),
-            "high": float(high),
-        }
+    for key in point_a:
+        low, high = _percentiles(draws.get(key, []), level)
+        out[key] = {"difference": float(point_a[key] - point_b[key]), "low": low, "high": high}
     return out
 
 

@@ -66,10 +66,10 @@ def _watch_parent(launcher: int) -> None:
 
 def _stop_process_group() -> None:
     """SIGTERM to this process group (Ray ends gracefully, its agents with it), SIGKILL to
-    whatever is left, this process included, after ``_GRACE_S``."""
+    whatever is left, this process included, after ``_GRACE_S``. Runs in the main thread (the
+    signal handler) or the watcher thread, so it sets no signal disposition."""
     if not _stopping.acquire(blocking=False):
-        return
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return  # this process's own SIGTERM, or the other of the two paths: already stopping
     os.killpg(0, signal.SIGTERM)
     time.sleep(_GRACE_S)
     os.killpg(0, signal.SIGKILL)

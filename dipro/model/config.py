@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from dipro.config import check_exact_keys
+
 REGION_MODES = ("crops", "features")
 
 
@@ -58,14 +60,7 @@ class ModelConfig:
         """Exactly the fields of this class; a missing or unknown key, a region mode other
         than crops/features, a width that the heads do not divide, a depth below one or a
         dropout outside [0, 1) is a ValueError naming it."""
-        names = [f.name for f in fields(cls)]
-        missing = [k for k in names if k not in data]
-        unknown = sorted(set(data) - set(names))
-        if missing or unknown:
-            raise ValueError(
-                f"model config: missing keys {missing}, unknown keys {unknown}; "
-                f"expected exactly {names}"
-            )
+        check_exact_keys("model", data, [f.name for f in fields(cls)])
         weights = data["pretrained_weights"]
         cfg = cls(
             region_mode=str(data["region_mode"]),

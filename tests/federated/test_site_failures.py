@@ -166,9 +166,13 @@ def test_killing_the_launchers_group_stops_the_whole_simulation(tiny_data_root, 
     assert simulation, "the simulation never started"
     os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait()
-    _wait_for_exit(set(simulation), 10)
-    alive = {pid: simulation[pid] for pid in _alive(set(simulation))}
-    assert not alive, f"still running 10 s after SIGKILL of the launcher: {alive}"
+    try:
+        _wait_for_exit(set(simulation), 10)
+        alive = {pid: simulation[pid] for pid in _alive(set(simulation))}
+        assert not alive, f"still running 10 s after SIGKILL of the launcher: {alive}"
+    finally:
+        for pid in _alive(set(simulation)):  # no orphaned Ray left for the tests after this one
+            os.kill(pid, signal.SIGKILL)
 
 
 def _wait_for_exit(pids: set[int], seconds: float) -> None:

@@ -21,7 +21,7 @@ def test_the_shipped_model_config_round_trips():
         ({"d_model": 18, "num_heads": 4}, "d_model 18 must be even and divisible by num_heads 4"),
         ({"local_fusion_layers": 0}, "local_fusion_layers must be at least 1, got 0"),
         ({"dropout": 1.0}, r"dropout 1.0 is not in \[0, 1\)"),
-        ({"region_mode": "pixels"}, "region_mode 'pixels' is not one of"),
+        ({"region_mode": "pixels"}, "region_mode 'pixels' is not crops/features"),
     ],
 )
 def test_a_model_that_cannot_be_built_is_refused_by_name(changes, message):
