@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from dipro import vocab
+from dipro.data.mimic.readers import ICUSTAY_COLUMNS
 
 REAL_CXR_FILE = "RG1_UNCR.dcm"
 BOXES: dict[str, tuple[float, float, float, float]] = {
@@ -206,16 +207,7 @@ def write_mimic_iv_tables(
     event_keys = ["subject_id", "hadm_id", "stay_id", *extra, "charttime", "storetime", "itemid"]
     write_csv(
         mi / "icu" / "icustays.csv",
-        [
-            "subject_id",
-            "hadm_id",
-            "stay_id",
-            "first_careunit",
-            "last_careunit",
-            "intime",
-            "outtime",
-            "los",
-        ],
+        ICUSTAY_COLUMNS,
         icu_rows,
         compress,
     )
