@@ -8,7 +8,9 @@ stderr to ``{log_dir}/{name}.log``. Ray forwards every worker's and actor's outp
 driver (``ray.init(log_to_driver=True)``, the default) and the driver writes it to its
 stdout/stderr; the stream handlers of Ray's, Ray Data's and MLflow's loggers are pointed at the
 log file too. So the log file holds everything the console showed before, in order; ``say``
-writes to the console.
+writes to the console. A Ray the job started (or connected to) is shut down before the streams
+go back to the terminal, so that the workers' last output (a failed worker's traceback, which
+arrives after the job's own error) lands in the log file too.
 
 ``follow_epochs`` prints the epoch lines of a training run while ``fit()`` runs, from the
 ``epoch_metrics.jsonl`` that rank 0 writes (the run directory is the source of truth, so the
@@ -18,6 +20,7 @@ same line comes out for a run on one laptop or on a cluster with remote storage)
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -26,6 +29,8 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
+
+import ray
 
 from dipro import storage
 from dipro.runs import EPOCH_METRICS_FILE, read_log
@@ -66,10 +71,15 @@ def session(cfg: Mapping[str, Any], name: str, outputs: str) -> Iterator[None]:
         log.write(f"\n===== {name} {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
         terminal = (sys.stdout, sys.stderr)
         _console = sys.stdout
+        ray_before = ray.is_initialized()
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 _point_handlers(terminal, log)
-                yield
+                try:
+                    yield
+                finally:
+                    if not ray_before and ray.is_initialized():
+                        ray.shutdown()
         finally:
             _point_handlers((log,), terminal[1])
             _console = None
@@ -112,19 +122,19 @@ def format_epoch(task: str, record: Mapping[str, Any], max_epochs: int, monitor:
 
 @contextlib.contextmanager
 def follow_epochs(cfg: Mapping[str, Any], interval_s: float = 1.0) -> Iterator[None]:
-    """Print each new epoch of the run ``cfg`` while the body runs (and the last ones after)."""
+    """Print each new epoch of the run ``cfg`` while the body runs (and the last ones after);
+    an epoch trained again (a resume from an older checkpoint) is printed again."""
     uri = storage.join(str(cfg["storage_path"]), str(cfg["run_name"]), EPOCH_METRICS_FILE)
     task, monitor = str(cfg["task"]["name"]), str(cfg["task"]["monitor"])
     max_epochs = int(cfg["train"]["max_epochs"])
-    seen = {int(r["epoch"]) for r in read_log(uri)}
-    if seen:
-        say(f"[{task}] resuming after epoch {max(seen)}")
+    seen = [json.dumps(record, sort_keys=True) for record in read_log(uri)]
     done = threading.Event()
 
     def show_new() -> None:
         for record in read_log(uri):
-            if int(record["epoch"]) not in seen:
-                seen.add(int(record["epoch"]))
+            key = json.dumps(record, sort_keys=True)
+            if key not in seen:  # a new epoch, or one trained again after a resume
+                seen.append(key)
                 say(format_epoch(task, record, max_epochs, monitor))
 
     def poll() -> None:

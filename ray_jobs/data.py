@@ -74,13 +74,15 @@ def read_split(
         shuffle="files" if split == "train" else None,
         override_num_blocks=num_blocks or len(paths),
     )
-    return dataset.map_batches(
+    dataset = dataset.map_batches(
         validate_block,
         batch_size=None,
         batch_format="pyarrow",
         zero_copy_batch=True,
         fn_kwargs={"columns": model_columns(region_mode)},
     )
+    dataset.context.raise_original_map_exception = True
+    return dataset
 
 
 def iter_batches(

@@ -94,12 +94,14 @@ def check_config(cfg: DictConfig) -> Manifest:
 
 def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
     """A run of this name that exists must be of this task and trained on this data (its
-    newest loadable checkpoint's task, region mode and normalisation statistics)."""
+    newest loadable checkpoint's task, region mode and normalisation statistics). Says which
+    checkpoints the resume skips (unreadable ones, as the workers do) and the one it uses."""
     for uri in run_checkpoints(OmegaConf.to_container(cfg, resolve=True)):
         try:
             payload = ckpt_io.read_checkpoint(uri)
-        except ckpt_io.CheckpointError:
-            continue  # the worker skips it and says so
+        except ckpt_io.CheckpointError as err:
+            say(f"[{cfg.task.name}] resume: skipped {err}")
+            continue
         try:
             ckpt_io.check_matches(
                 payload,
@@ -112,6 +114,8 @@ def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
             raise ConfigError(
                 f"run_name={cfg.run_name} exists and cannot be resumed with this config: {err}"
             ) from err
+        epoch = int(payload["training"]["epoch"])
+        say(f"[{cfg.task.name}] resume: from {uri}, after epoch {epoch}")
         return
 
 

@@ -61,7 +61,6 @@ def _epochs(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "epoch_metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.unverified
 def test_resume_skips_a_truncated_latest_checkpoint(
     mortality_run, tiny_data_root, entrypoint, tree_checksums, tmp_path
 ):
@@ -79,7 +78,8 @@ def test_resume_skips_a_truncated_latest_checkpoint(
     assert code == 0, lines[-10:]
     out = entrypoint.stdout
     assert f"resume: skipped {latest}: not a loadable checkpoint" in out, out[-3000:]
-    assert f"resume: from {first}" in out
+    assert f"resume: from {first}, after epoch 1" in out
+    assert "epoch 2/3" in out and "epoch 3/3" in out  # epoch 2 trained again, and shown
     epochs = _epochs(run_dir)
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert epochs[0] == epoch_1  # epoch 1 was not trained again

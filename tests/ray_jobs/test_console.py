@@ -73,6 +73,23 @@ def test_follow_epochs_prints_each_epoch_once_as_it_is_written(tmp_path, capsys)
     assert [line.split()[2] for line in lines] == ["1/3", "2/3", "3/3"]
 
 
+def test_follow_epochs_prints_an_epoch_trained_again_after_a_resume(tmp_path, capsys):
+    """A resume from an older checkpoint rewrites the log from that epoch on: the epochs
+    trained again are printed again (with their new numbers), the kept one is not."""
+    run = tmp_path / "run"
+    run.mkdir()
+    log = run / "epoch_metrics.jsonl"
+    old = [{**RECORD, "epoch": e} for e in (1, 2)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in old))
+    with follow_epochs(_cfg(tmp_path), interval_s=0.05):
+        again = [old[0], {**RECORD, "epoch": 2, "train/loss": 0.25}]
+        log.write_text("".join(json.dumps(r) + "\n" for r in again))
+        time.sleep(0.2)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in lines] == ["2/3"]
+    assert "train loss 0.2500" in lines[0]
+
+
 def test_session_sends_output_to_the_log_file_and_people_lines_to_the_console(tmp_path, capsys):
     logger = logging.getLogger("ray.test_console")
     handler = logging.StreamHandler()  # made before the session: bound to the terminal
