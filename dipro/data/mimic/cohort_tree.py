@@ -26,8 +26,11 @@ from dipro.data.mimic.raw_tree import (
     CxrImage,
     RawTree,
     Stay,
+    admission_row,
+    event_row,
+    icustay_row,
+    patient_row,
     real_cxr_pixels,
-    stamp,
     write_csv,
     write_mimic_iv_tables,
 )
@@ -283,41 +286,11 @@ def _write_cohort_mimic_iv(
     temp = vocab.EHR_VARIABLES.index("Temperature")
     for i, s in enumerate(stays):
         outtime = s.intime + pd.Timedelta(days=s.los_days)
-        icu_rows.append(
-            [
-                s.subject_id,
-                s.hadm_id,
-                s.stay_id,
-                s.first_unit,
-                s.last_unit,
-                stamp(s.intime),
-                stamp(outtime),
-                round(s.los_days, 6),
-            ]
-        )
+        icu_rows.append(icustay_row(s, outtime, 6))
         admit, disch = s.intime - pd.Timedelta(hours=3), outtime + pd.Timedelta(days=1)
-        death = stamp(outtime - pd.Timedelta(hours=1)) if s.died else None
-        adm_rows.append(
-            [
-                s.subject_id,
-                s.hadm_id,
-                stamp(admit),
-                stamp(disch),
-                death,
-                "EW EMER.",
-                "EMERGENCY ROOM",
-                "DIED" if s.died else "HOME",
-                "Medicare",
-                s.language,
-                s.marital,
-                s.race,
-                None,
-                None,
-                int(s.died),
-            ]
-            + (["P12345"] if new else [])
-        )
-        pat_rows.append([s.subject_id, s.gender, s.age, admit.year, "2017 - 2019", None])
+        death = outtime - pd.Timedelta(hours=1) if s.died else None
+        adm_rows.append(admission_row(s, admit, disch, death, new))
+        pat_rows.append(patient_row(s, admit))
         hours = int(cohort.num_hours[i])
         observed = cohort.ehr_observed[i, :hours]
         for h, v in zip(*np.nonzero(observed), strict=True):
@@ -326,19 +299,7 @@ def _write_cohort_mimic_iv(
             name = vocab.EHR_VARIABLES[v]
             itemid = EHR_SPECS[v].itemids[0]
             if itemid == URINE_ITEMID:
-                out_rows.append(
-                    [
-                        s.subject_id,
-                        s.hadm_id,
-                        s.stay_id,
-                        *care,
-                        stamp(t),
-                        stamp(t),
-                        itemid,
-                        round(value, 4),
-                        "ml",
-                    ]
-                )
+                out_rows.append([*event_row(s, care, t, t, itemid), round(value, 4), "ml"])
                 continue
             text: object = round(value, 4)
             number: object = round(value, 4)
@@ -349,21 +310,7 @@ def _write_cohort_mimic_iv(
                 text, number = (
                     (words, int(round(value))) if h % 2 else (f"{int(round(value))} {words}", None)
                 )
-            chart_rows.append(
-                [
-                    s.subject_id,
-                    s.hadm_id,
-                    s.stay_id,
-                    *care,
-                    stamp(t),
-                    stamp(t),
-                    itemid,
-                    text,
-                    number,
-                    None,
-                    0,
-                ]
-            )
+            chart_rows.append([*event_row(s, care, t, t, itemid), text, number, None, 0])
     write_mimic_iv_tables(
         tree.mimic_iv,
         "hosp",

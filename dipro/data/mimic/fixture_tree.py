@@ -45,8 +45,11 @@ from dipro.data.mimic.raw_tree import (
     Ids,
     RawTree,
     Stay,
+    admission_row,
+    event_row,
+    icustay_row,
+    patient_row,
     real_cxr_pixels,
-    stamp,
     synthetic_pixels,
     write_csv,
     write_mimic_iv_tables,
@@ -417,18 +420,7 @@ def _write_mimic_iv(
     icu_rows, adm_rows, pat_rows, chart_rows, out_rows = [], {}, {}, [], []
     for s in stays:
         outtime = s.intime + pd.Timedelta(days=s.los_days)
-        icu_rows.append(
-            [
-                s.subject_id,
-                s.hadm_id,
-                s.stay_id,
-                s.first_unit,
-                s.last_unit,
-                stamp(s.intime),
-                stamp(outtime),
-                round(s.los_days, 4),
-            ]
-        )
+        icu_rows.append(icustay_row(s, outtime, 4))
         admit = s.intime - pd.Timedelta(hours=5)
         disch = outtime + pd.Timedelta(days=2)
         death = (
@@ -437,36 +429,14 @@ def _write_mimic_iv(
             else (disch + pd.Timedelta(days=3) if s.death_after_discharge else None)
         )
         if s.hadm_id not in adm_rows:
-            adm_rows[s.hadm_id] = [
-                s.subject_id,
-                s.hadm_id,
-                stamp(admit),
-                stamp(disch),
-                stamp(death) if death is not None else None,
-                "EW EMER.",
-                "EMERGENCY ROOM",
-                "DIED" if s.died else "HOME",
-                "Medicare",
-                s.language,
-                s.marital,
-                s.race,
-                None,
-                None,
-                int(s.died),
-            ] + (["P12345"] if new else [])
-        pat_rows[s.subject_id] = [s.subject_id, s.gender, s.age, admit.year, "2017 - 2019", None]
+            adm_rows[s.hadm_id] = admission_row(s, admit, disch, death, new)
+        pat_rows[s.subject_id] = patient_row(s, admit)
         chart_rows += _chart_events(s, outtime, rng, new)
         t = s.intime + pd.Timedelta(minutes=30)
         while t < outtime:
             out_rows.append(
                 [
-                    s.subject_id,
-                    s.hadm_id,
-                    s.stay_id,
-                    *([7777] if new else []),
-                    stamp(t),
-                    stamp(t + pd.Timedelta(minutes=5)),
-                    226559,
+                    *event_row(s, [7777] if new else [], t, t + pd.Timedelta(minutes=5), 226559),
                     round(float(rng.uniform(20, 120)), 1),
                     "ml",
                 ]
@@ -492,20 +462,9 @@ def _chart_events(
     rows: list[list[object]] = []
 
     def add(t: pd.Timestamp, itemid: int, value: object, valuenum: float | None, uom: str) -> None:
+        stored = t + pd.Timedelta(minutes=3)
         rows.append(
-            [
-                s.subject_id,
-                s.hadm_id,
-                s.stay_id,
-                *([4242] if new else []),
-                stamp(t),
-                stamp(t + pd.Timedelta(minutes=3)),
-                itemid,
-                value,
-                valuenum,
-                uom,
-                0,
-            ]
+            [*event_row(s, [4242] if new else [], t, stored, itemid), value, valuenum, uom, 0]
         )
 
     hour = 0

@@ -190,6 +190,63 @@ def synthetic_pixels(rng: np.random.Generator, severity: float, rows: int, cols:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def icustay_row(stay: Stay, outtime: pd.Timestamp, digits: int) -> list[object]:
+    """The stay's ``icustays`` row (``ICUSTAY_COLUMNS``), ``los`` rounded to ``digits``."""
+    return [
+        stay.subject_id,
+        stay.hadm_id,
+        stay.stay_id,
+        stay.first_unit,
+        stay.last_unit,
+        stamp(stay.intime),
+        stamp(outtime),
+        round(stay.los_days, digits),
+    ]
+
+
+def admission_row(
+    stay: Stay,
+    admit: pd.Timestamp,
+    disch: pd.Timestamp,
+    death: pd.Timestamp | None,
+    new: bool,
+) -> list[object]:
+    """The stay's ``admissions`` row (the columns of ``write_mimic_iv_tables``): an emergency
+    admission that ends in death or at home; the provider column when ``new``."""
+    return [
+        stay.subject_id,
+        stay.hadm_id,
+        stamp(admit),
+        stamp(disch),
+        stamp(death) if death is not None else None,
+        "EW EMER.",
+        "EMERGENCY ROOM",
+        "DIED" if stay.died else "HOME",
+        "Medicare",
+        stay.language,
+        stay.marital,
+        stay.race,
+        None,
+        None,
+        int(stay.died),
+    ] + (["P12345"] if new else [])
+
+
+def patient_row(stay: Stay, admit: pd.Timestamp) -> list[object]:
+    """The stay's patient's ``patients`` row (anchor year: the admission's)."""
+    return [stay.subject_id, stay.gender, stay.age, admit.year, "2017 - 2019", None]
+
+
+def event_row(
+    stay: Stay, caregiver: list[int], start: pd.Timestamp, stored: pd.Timestamp, itemid: int
+) -> list[object]:
+    """The key columns of a ``chartevents`` / ``outputevents`` row (``caregiver``: ``[id]`` for
+    the 2.2/3.x tables, ``[]`` before); the value columns follow."""
+    return [
+        stay.subject_id, stay.hadm_id, stay.stay_id, *caregiver, stamp(start), stamp(stored), itemid
+    ]
+
+
 def write_mimic_iv_tables(
     mi: Path,
     hosp: str,
