@@ -130,25 +130,23 @@ def drop_missing_files(
     counts: CohortCounts,
 ) -> pd.DataFrame:
     """Stage 11: skip CXRs whose JPEG or scene graph is absent, recording their dicom ids."""
+    checks = (
+        ("image", has_image, counts.missing_images),
+        ("scene graph", has_scene_graph, counts.missing_scene_graphs),
+    )
     keep = []
     for _, row in cxr.iterrows():
         ok = True
-        if not has_image(row):
-            log.warning(
-                "missing image for dicom_id=%s (stay_id=%s): skipped",
-                row["dicom_id"],
-                row["stay_id"],
-            )
-            counts.missing_images.append(str(row["dicom_id"]))
-            ok = False
-        if not has_scene_graph(row):
-            log.warning(
-                "missing scene graph for dicom_id=%s (stay_id=%s): skipped",
-                row["dicom_id"],
-                row["stay_id"],
-            )
-            counts.missing_scene_graphs.append(str(row["dicom_id"]))
-            ok = False
+        for what, present, missing in checks:
+            if not present(row):
+                log.warning(
+                    "missing %s for dicom_id=%s (stay_id=%s): skipped",
+                    what,
+                    row["dicom_id"],
+                    row["stay_id"],
+                )
+                missing.append(str(row["dicom_id"]))
+                ok = False
         keep.append(ok)
     counts.missing_images = sorted(set(counts.missing_images))
     counts.missing_scene_graphs = sorted(set(counts.missing_scene_graphs))
