@@ -46,6 +46,7 @@ from dipro.data.shards import list_shards, read_table
 from dipro.engine import predict
 from dipro.explain import write_explanation
 from dipro.prediction import checkpoint_identity, prediction_table
+from ray_jobs.console import session
 from ray_jobs.evaluate import resolve_checkpoint, run_context
 from ray_jobs.train import ensure_ray
 
@@ -268,7 +269,8 @@ def find_record(paths: list[str], sample_id: str) -> dict[str, Any]:
 
 @hydra.main(config_path="../configs", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with exit_on({(PredictionError, SchemaError): "prediction"}):
+    outputs = str(cfg.out_dir or "beside the checkpoint's run (predictions-{split or folder})")
+    with exit_on({(PredictionError, SchemaError): "prediction"}), session(cfg, "predict", outputs):
         path = run_prediction(cfg)
     print(f"written {path}")
 

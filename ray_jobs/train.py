@@ -221,7 +221,7 @@ def build_trainer(
 def local_num_cpus(cfg: DictConfig) -> int:
     """Logical CPUs of an in-process Ray: ``ray_num_cpus``, else all cores but at least the
     Train workers' CPUs (each rounded up to a whole CPU) plus one for Ray Data's read tasks and
-    one for drivers and evaluation tasks.
+    one for drivers and evaluation tasks (for predict: its actors' CPUs plus one for the reads).
 
     Ray Data's resource coordinator counts a Train worker's CPU reservation rounded up to a
     whole CPU (0.5 counts as 1); on a 2-core machine two workers would leave Ray Data no CPU
@@ -230,6 +230,9 @@ def local_num_cpus(cfg: DictConfig) -> int:
     """
     if cfg.get("ray_num_cpus"):
         return int(cfg.ray_num_cpus)
+    if cfg.get("scaling") is None:  # predict: its model actors, and one CPU for the reads
+        actors = math.ceil(int(cfg.get("actors", 0)) * float(cfg.get("num_cpus_per_actor", 1)))
+        return max(os.cpu_count() or 1, actors + 1)
     per_worker = math.ceil(float(cfg.scaling.resources_per_worker.get("CPU", 1)))
     return max(os.cpu_count() or 1, worker_range(cfg.scaling)[1] * per_worker + 2)
 

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import compose_train
+from conftest import CONFIGS, compose_train
+from hydra import compose, initialize_config_dir
 
 from ray_jobs.console import Progress, follow_epochs, format_epoch, say, session
 from ray_jobs.train import local_num_cpus
@@ -143,3 +144,14 @@ def test_progress_prints_an_eta(capsys, monkeypatch):
 def test_in_process_ray_leaves_ray_data_a_whole_cpu(monkeypatch, cores, overrides, expected):
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     assert local_num_cpus(compose_train(overrides)) == expected
+
+
+@pytest.mark.parametrize(("cores", "actors", "expected"), [(2, 1, 2), (2, 2, 3), (8, 2, 8)])
+def test_predict_leaves_its_reads_a_cpu_beside_the_model_actors(
+    monkeypatch, cores, actors, expected
+):
+    """Two actors of one CPU on a 2-CPU Ray would leave the read tasks none (a hang)."""
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("predict", overrides=["checkpoint=model.pt", f"actors={actors}"])
+    assert local_num_cpus(cfg) == expected
