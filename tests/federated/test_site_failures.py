@@ -3,6 +3,8 @@ as the SuperNode calls it, ``python -m federated.simulate`` as a user runs it.""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -12,17 +14,20 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import REPO, TINY, compose
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from dipro.data.shards import list_shards, read_manifest
+from dipro.data.schema import SCHEMA
+from dipro.data.shards import MANIFEST_NAME, list_shards, read_manifest
 from dipro.model import build_model
 from federated.client_app import FAILURE_CATEGORIES, app
 from federated.config import site_config, train_config_record
-from federated.simulate import lock_run_directory
+from federated.simulate import lock_run_directory, run_federated
 
 LEAKS = re.compile(r"subject_id|stay_id|/split=")
 DOCS = REPO / "docs" / "federated.md"
@@ -199,3 +204,52 @@ def _alive(pids: set[int]) -> set[int]:
         except FileNotFoundError:
             continue
     return live
+
+
+def _spoil_first_record(root: Path, hospital: int) -> str:
+    """Set the first training record of ``hospital`` to ``mortality = 2`` (its shard's sha256
+    updated in the manifest, as a faulty writer would); returns that record's stay id."""
+    (shard,) = list_shards(root, "mortality", "train", hospitals=(hospital,))[:1]
+    rows = pq.read_table(shard, partitioning=None).to_pylist()
+    rows[0]["mortality"] = 2
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), shard, compression="zstd")
+    manifest_path = root / "mortality" / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    relative = Path(shard).relative_to(root / "mortality").as_posix()
+    manifest["files"][relative] = hashlib.sha256(Path(shard).read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return str(rows[0]["stay_id"])
+
+
+@pytest.mark.slow
+def test_a_bad_record_at_one_site_and_too_little_val_data_at_others_leak_nothing(
+    tiny_data_root, tmp_path
+):
+    """Through the real simulation: hospital 1 has a bad training record, hospitals 1 and 2
+    have fewer validation samples than the reporting minimum. The round completes on the
+    others; nothing the server wrote names a patient or a shard; the site's log has it all."""
+    data, out = tmp_path / "shards", tmp_path / "run"
+    shutil.copytree(tiny_data_root, data)
+    stay_id = _spoil_first_record(data, hospital=1)
+    val_counts = read_manifest(data, "mortality").counts["val"]
+    minimum = max(val_counts.values())
+    assert sorted(val_counts.values()) != [minimum] * 3  # some site is below it
+    cfg = compose(
+        data, out, "federated.num_rounds=1", f"federated.min_report_count={minimum}",
+        "simulation.timeout_s=900",
+    )
+    result = run_federated(cfg)
+
+    assert result.rounds == 1
+    (line,) = [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()][1:]
+    assert line["sites"]["sampled"] == 3 and line["sites"]["updated"] == 2
+    reasons = {f["reason"] for f in line["sites"]["failures"]}  # training and evaluation
+    assert reasons == {"site failed: site-data", "site failed: too-few-examples"}
+    assert line["train/loss"] > 0 and "val/auprc" in line  # the round went on and was scored
+    for path in out.rglob("*"):
+        if path.is_file():
+            text = path.read_bytes().decode("utf-8", errors="ignore")
+            assert not LEAKS.search(text), path
+            assert stay_id not in text or path.suffix in (".pt", ".parquet"), path
+    site_log = (tmp_path / "run-site-logs" / "site-1.log").read_text()
+    assert f"stay_id={stay_id}" in site_log and "field 'mortality'" in site_log
