@@ -31,6 +31,7 @@ from dipro.data.mimic.raw_tree import (
     icustay_row,
     patient_row,
     real_cxr_pixels,
+    scene_graph_object,
     write_csv,
     write_mimic_iv_tables,
 )
@@ -197,20 +198,7 @@ def _write_cohort_cxr(
             if np.isnan(box).any():
                 continue
             x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-            objects.append(
-                {
-                    "object_id": f"{img.dicom_id}_{region}",
-                    "bbox_name": region,
-                    "synsets": [],
-                    "name": region.title(),
-                    "original_x1": x1,
-                    "original_y1": y1,
-                    "original_x2": x2,
-                    "original_y2": y2,
-                    "original_width": x2 - x1,
-                    "original_height": y2 - y1,
-                }
-            )
+            objects.append(scene_graph_object(img.dicom_id, region, (x1, y1, x2, y2)))
         relationships = [
             {
                 "relationship_id": f"{img.dicom_id}_{img.previous}_{n}",

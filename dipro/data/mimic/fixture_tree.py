@@ -50,6 +50,7 @@ from dipro.data.mimic.raw_tree import (
     icustay_row,
     patient_row,
     real_cxr_pixels,
+    scene_graph_object,
     synthetic_pixels,
     write_csv,
     write_mimic_iv_tables,
@@ -331,26 +332,15 @@ def _write_imagenome(tree: RawTree, images: list[tuple[Stay, CxrImage]], r5: Sta
                 round(fx2 * cols),
                 round(fy2 * rows),
             )
-            objects.append(
-                {
-                    "object_id": f"{img.dicom_id}_{region}",
-                    "x1": round(fx1 * 224),
-                    "y1": round(fy1 * 224),
-                    "x2": round(fx2 * 224),
-                    "y2": round(fy2 * 224),
-                    "width": round((fx2 - fx1) * 224),
-                    "height": round((fy2 - fy1) * 224),
-                    "bbox_name": region,
-                    "synsets": [],
-                    "name": region.title(),
-                    "original_x1": x1,
-                    "original_y1": y1,
-                    "original_x2": x2,
-                    "original_y2": y2,
-                    "original_width": x2 - x1,
-                    "original_height": y2 - y1,
-                }
-            )
+            scaled = {
+                "x1": round(fx1 * 224),
+                "y1": round(fy1 * 224),
+                "x2": round(fx2 * 224),
+                "y2": round(fy2 * 224),
+                "width": round((fx2 - fx1) * 224),
+                "height": round((fy2 - fy1) * 224),
+            }
+            objects.append(scene_graph_object(img.dicom_id, region, (x1, y1, x2, y2), scaled))
         relationships = []
         for n, (region, finding, comparison) in enumerate(img.labels):
             relationships.append(

@@ -247,6 +247,27 @@ def event_row(
     ]
 
 
+def scene_graph_object(
+    dicom_id: str, region: str, box: tuple[int, int, int, int], scaled: dict[str, int] | None = None
+) -> dict[str, object]:
+    """One entry of a scene graph's ``objects``: the region's box ``(x1, y1, x2, y2)`` in the
+    original image's pixels, after the 224-pixel ``scaled`` coordinates when given."""
+    x1, y1, x2, y2 = box
+    return {
+        "object_id": f"{dicom_id}_{region}",
+        **(scaled or {}),
+        "bbox_name": region,
+        "synsets": [],
+        "name": region.title(),
+        "original_x1": x1,
+        "original_y1": y1,
+        "original_x2": x2,
+        "original_y2": y2,
+        "original_width": x2 - x1,
+        "original_height": y2 - y1,
+    }
+
+
 def write_mimic_iv_tables(
     mi: Path,
     hosp: str,
