@@ -49,6 +49,30 @@ def test_every_shipped_config_passes_its_schema(name, overrides):
     validate(cfg, _SCHEMAS[name])
 
 
+# The authors' per-task settings (DIPRO_SPEC.md section 7): the lr the published runs trained
+# with (nominal lr x batch x accumulation 4 x 1 GPU), width, and local-fusion depth
+# ("transformer layers" // 2); their EHR encoder always has one layer.
+AUTHORS = {
+    "disease_progression": {"lr": 5e-6 * 8 * 4, "batch": 8, "d_model": 256, "local": 1},
+    "mortality": {"lr": 1e-5 * 4 * 4, "batch": 4, "d_model": 256, "local": 2},
+    "length_of_stay": {"lr": 8e-6 * 4 * 4, "batch": 4, "d_model": 128, "local": 1},
+}
+
+
+@pytest.mark.parametrize("config", ["train", "federated"])
+@pytest.mark.parametrize("task", sorted(AUTHORS))
+def test_a_task_preset_sets_the_authors_model_and_lr(config, task):
+    """The preset wins over the model group's defaults (it comes after it)."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config, overrides=[f"task={task}"])
+    want = AUTHORS[task]
+    assert cfg.optim.lr == pytest.approx(want["lr"])
+    assert (cfg.optim.batch_size, cfg.optim.reference.batch_size) == (want["batch"],) * 2
+    assert cfg.optim.reference.accumulation_steps == 4 and cfg.optim.reference.num_workers == 1
+    assert (cfg.model.d_model, cfg.model.local_fusion_layers) == (want["d_model"], want["local"])
+    assert cfg.model.ehr_layers == 1
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -107,6 +107,15 @@ def test_a_site_below_the_minimum_count_reports_nothing(tiny_data_root, tmp_path
     assert not reply.has_content()
 
 
+def test_a_site_at_the_minimum_count_reports(tiny_data_root, tmp_path):
+    val_rows = read_manifest(tiny_data_root, "mortality").counts["val"]["0"]
+    assert val_rows > 1
+    cfg = compose(tiny_data_root, tmp_path / "run", f"federated.min_report_count={val_rows}")
+    reply = _ask(cfg, partition=0, message_type=MessageType.EVALUATE)
+    assert not reply.has_error()
+    assert reply.content["metrics"]["num-examples"] == val_rows
+
+
 def test_a_second_launcher_on_a_locked_run_directory_is_refused(
     tiny_data_root, tmp_path, entrypoint, tree_checksums
 ):
@@ -246,6 +255,7 @@ def test_a_bad_record_at_one_site_and_too_little_val_data_at_others_leak_nothing
     reasons = {f["reason"] for f in line["sites"]["failures"]}  # training and evaluation
     assert reasons == {"site failed: site-data", "site failed: too-few-examples"}
     assert line["train/loss"] > 0 and "val/auprc" in line  # the round went on and was scored
+    assert "sites/val/loss" in line  # hospital 0 has enough validation samples and reported
     for path in out.rglob("*"):
         if path.is_file():
             text = path.read_bytes().decode("utf-8", errors="ignore")
