@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from dipro.config import FEDERATED_SCHEMA, ConfigError, validate
 from dipro.data.shards import Manifest, read_manifest
+from federated.privacy import PrivacyBudget
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 SITE_CONFIG_KEY = "dipro-config"
@@ -59,6 +60,13 @@ def check_config(cfg: Mapping[str, Any]) -> Manifest:
         raise ConfigError(
             f"the {task} dataset under {root} stores {manifest.region_mode}, but "
             f"model.region_mode={cfg['model']['region_mode']}"
+        )
+    budget = PrivacyBudget.from_dict(cfg["federated"].get("dp") or {})
+    if budget is not None and budget.rounds_within(1) == 0:
+        raise ConfigError(
+            f"federated.dp.target_epsilon={budget.target_epsilon} is below the epsilon of one "
+            f"round ({budget.epsilon(1):.3f} at delta {budget.delta}, noise_multiplier "
+            f"{budget.noise_multiplier}): raise the target or the noise"
         )
     if manifest.num_samples(cfg["server"]["eval_split"]) == 0:
         raise ConfigError(

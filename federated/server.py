@@ -50,6 +50,7 @@ from dipro.evaluation import evaluate_checkpoint
 from dipro.model import DiPro, build_model
 from dipro.runs import ROUND_METRICS_FILE, BestMetric, append_log, read_log
 from federated.config import check_config, site_config, train_config_record
+from federated.privacy import PrivacyBudget
 from federated.site import batches
 from federated.strategy import ServerOptimizerState, SiteQuorum, build_strategy
 
@@ -97,6 +98,7 @@ class RoundRecorder:
         self.round_offset = round_offset
         self.best_round = best_round
         self.best = BestMetric(cfg["task"]["monitor_mode"], best_metric)
+        self.privacy = PrivacyBudget.from_dict(cfg["federated"].get("dp") or {})
         self.norm_stats = manifest.norm()
         self.out_dir = str(cfg["out_dir"])
         self.eval_paths = list_shards(
@@ -143,6 +145,9 @@ class RoundRecorder:
                 "updated": sites.updated,
                 "failures": sites.failures,
             }
+        if self.privacy is not None and self.privacy.noise_multiplier > 0:
+            record["dp/epsilon"] = self.privacy.epsilon(run_round)
+            record["dp/delta"] = self.privacy.delta
         record["seconds"] = time.monotonic() - self.started
         self.started = time.monotonic()
         if run_round > 0:
@@ -198,13 +203,29 @@ def _initial_model(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> DiPr
     return build_model(model_cfg, cfg["task"]["name"])
 
 
+def _rounds_within_budget(cfg: Mapping[str, Any]) -> int:
+    """``federated.num_rounds``, or fewer when ``federated.dp.target_epsilon`` allows fewer."""
+    planned = int(cfg["federated"]["num_rounds"])
+    budget = PrivacyBudget.from_dict(cfg["federated"].get("dp") or {})
+    if budget is None:
+        return planned
+    allowed = budget.rounds_within(planned)
+    if allowed < planned:
+        logger.info(
+            "federated.dp.target_epsilon=%g allows %d of %d rounds (epsilon %.3f at delta %g): "
+            "the run stops after round %d",
+            budget.target_epsilon, allowed, planned, budget.epsilon(allowed), budget.delta, allowed,
+        )
+    return allowed
+
+
 def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     """Run (or resume) the federated run ``cfg`` (resolved ``configs/federated.yaml``) over the
     sites reachable through ``grid``; return where its results are."""
     manifest = check_config(cfg)
     sites_cfg = site_config(cfg, manifest)
     fed = cfg["federated"]
-    num_rounds = int(fed["num_rounds"])
+    num_rounds = _rounds_within_budget(cfg)
     model = _initial_model(cfg, sites_cfg["model"])
     base, quorum = build_strategy(cfg)
     server_state = ServerOptimizerState(base)
@@ -293,6 +314,17 @@ def write_report(cfg: Mapping[str, Any]) -> FederatedResult:
         "strategy": cfg["strategy"]["name"],
         "local_epochs": int(cfg["federated"]["local_epochs"]),
     }
+    budget = PrivacyBudget.from_dict(cfg["federated"].get("dp") or {})
+    if budget is not None:
+        report["privacy"] = {
+            "unit": "one site's update per round (site-level DP)",
+            "epsilon": budget.epsilon(rounds) if budget.noise_multiplier > 0 else None,
+            "delta": budget.delta,
+            "noise_multiplier": budget.noise_multiplier,
+            "clipping_norm": float(cfg["federated"]["dp"]["clipping_norm"]),
+            "target_epsilon": budget.target_epsilon,
+            "accountant": "opacus RDPAccountant, sample rate 1 (no sampling amplification)",
+        }
     storage.write_bytes_atomic(
         storage.join(out_dir, REPORT_FILE), json.dumps(report, indent=2).encode()
     )
