@@ -71,8 +71,11 @@ def test_resume_skips_a_truncated_latest_checkpoint(
     epoch_1 = _epochs(run_dir)[0]
     kept = tree_checksums(first.parent)
 
-    code, lines = entrypoint(
-        "ray_jobs.train", *_args(tiny_data_root, run_dir.parent, "train.max_epochs=3")
+    code, lines = entrypoint(  # keep every checkpoint: retention may not hide a change
+        "ray_jobs.train",
+        *_args(
+            tiny_data_root, run_dir.parent, "train.max_epochs=3", "train.checkpoints_to_keep=10"
+        ),
     )
 
     assert code == 0, lines[-10:]
