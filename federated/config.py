@@ -61,7 +61,7 @@ def check_config(cfg: Mapping[str, Any]) -> Manifest:
             f"the {task} dataset under {root} stores {manifest.region_mode}, but "
             f"model.region_mode={cfg['model']['region_mode']}"
         )
-    budget = PrivacyBudget.from_dict(cfg["federated"].get("dp") or {})
+    budget = PrivacyBudget.of_run(cfg)
     if budget is not None and budget.rounds_within(1) == 0:
         raise ConfigError(
             f"federated.dp.target_epsilon={budget.target_epsilon} is below the epsilon of one "

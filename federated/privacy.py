@@ -35,6 +35,11 @@ class PrivacyBudget:
     target_epsilon: float | None = None
 
     @classmethod
+    def of_run(cls, cfg: Mapping[str, Any]) -> PrivacyBudget | None:
+        """The budget of a resolved federated config (``federated.dp``); None when DP is off."""
+        return cls.from_dict(cfg["federated"].get("dp") or {})
+
+    @classmethod
     def from_dict(cls, dp: Mapping[str, Any]) -> PrivacyBudget | None:
         """From ``federated.dp``; None when DP is off."""
         if not dp.get("enabled"):
@@ -56,6 +61,10 @@ class PrivacyBudget:
         for _ in range(rounds):
             accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=1.0)
         return float(accountant.get_epsilon(self.delta))
+
+    def spent(self, rounds: int) -> float | None:
+        """The epsilon to report after ``rounds``: None without noise (no guarantee at all)."""
+        return self.epsilon(rounds) if self.noise_multiplier > 0 else None
 
     def rounds_within(self, max_rounds: int) -> int:
         """The most rounds, at most ``max_rounds``, whose epsilon stays within the target

@@ -98,7 +98,7 @@ class RoundRecorder:
         self.round_offset = round_offset
         self.best_round = best_round
         self.best = BestMetric(cfg["task"]["monitor_mode"], best_metric)
-        self.privacy = PrivacyBudget.from_dict(cfg["federated"].get("dp") or {})
+        self.privacy = PrivacyBudget.of_run(cfg)
         self.norm_stats = manifest.norm()
         self.out_dir = str(cfg["out_dir"])
         self.eval_paths = list_shards(
@@ -145,8 +145,9 @@ class RoundRecorder:
                 "updated": sites.updated,
                 "failures": sites.failures,
             }
-        if self.privacy is not None and self.privacy.noise_multiplier > 0:
-            record["dp/epsilon"] = self.privacy.epsilon(run_round)
+        epsilon = None if self.privacy is None else self.privacy.spent(run_round)
+        if epsilon is not None:
+            record["dp/epsilon"] = epsilon
             record["dp/delta"] = self.privacy.delta
         record["seconds"] = time.monotonic() - self.started
         self.started = time.monotonic()
@@ -206,7 +207,7 @@ def _initial_model(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> DiPr
 def _rounds_within_budget(cfg: Mapping[str, Any]) -> int:
     """``federated.num_rounds``, or fewer when ``federated.dp.target_epsilon`` allows fewer."""
     planned = int(cfg["federated"]["num_rounds"])
-    budget = PrivacyBudget.from_dict(cfg["federated"].get("dp") or {})
+    budget = PrivacyBudget.of_run(cfg)
     if budget is None:
         return planned
     allowed = budget.rounds_within(planned)
@@ -314,11 +315,11 @@ def write_report(cfg: Mapping[str, Any]) -> FederatedResult:
         "strategy": cfg["strategy"]["name"],
         "local_epochs": int(cfg["federated"]["local_epochs"]),
     }
-    budget = PrivacyBudget.from_dict(cfg["federated"].get("dp") or {})
+    budget = PrivacyBudget.of_run(cfg)
     if budget is not None:
         report["privacy"] = {
             "unit": "one site's update per round (site-level DP)",
-            "epsilon": budget.epsilon(rounds) if budget.noise_multiplier > 0 else None,
+            "epsilon": budget.spent(rounds),
             "delta": budget.delta,
             "noise_multiplier": budget.noise_multiplier,
             "clipping_norm": float(cfg["federated"]["dp"]["clipping_norm"]),

@@ -127,14 +127,14 @@ def follow_epochs(cfg: Mapping[str, Any], interval_s: float = 1.0) -> Iterator[N
     uri = storage.join(str(cfg["storage_path"]), str(cfg["run_name"]), EPOCH_METRICS_FILE)
     task, monitor = str(cfg["task"]["name"]), str(cfg["task"]["monitor"])
     max_epochs = int(cfg["train"]["max_epochs"])
-    seen = [json.dumps(record, sort_keys=True) for record in read_log(uri)]
+    seen = {json.dumps(record, sort_keys=True) for record in read_log(uri)}
     done = threading.Event()
 
     def show_new() -> None:
         for record in read_log(uri):
             key = json.dumps(record, sort_keys=True)
             if key not in seen:  # a new epoch, or one trained again after a resume
-                seen.append(key)
+                seen.add(key)
                 say(format_epoch(task, record, max_epochs, monitor))
 
     def poll() -> None:

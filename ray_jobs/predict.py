@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import posixpath
 import time
@@ -179,7 +180,7 @@ def run_prediction(cfg: DictConfig) -> str:
         raise PredictionError(f"{target} exists; pass overwrite=true to replace it")
     version = dataset_version(paths)
     identity = checkpoint_identity(checkpoint)
-    ensure_ray(cfg)
+    ensure_ray(cfg, local_num_cpus(cfg))
     table, seconds = score(cfg, checkpoint, paths, version, identity)
     _write_parquet(target, table)
     summary = {
@@ -200,6 +201,16 @@ def run_prediction(cfg: DictConfig) -> str:
         storage.join(out_dir, SUMMARY_FILE), (json.dumps(summary, indent=2) + "\n").encode()
     )
     return target
+
+
+def local_num_cpus(cfg: DictConfig) -> int:
+    """Logical CPUs of an in-process Ray for predict: ``ray_num_cpus``, else all cores but at
+    least the model actors' CPUs plus one for the read tasks (two one-CPU actors on a two-CPU
+    Ray would leave the reads none, and the job would wait forever)."""
+    if cfg.get("ray_num_cpus"):
+        return int(cfg.ray_num_cpus)
+    actors = math.ceil(int(cfg.actors) * float(cfg.num_cpus_per_actor))
+    return max(os.cpu_count() or 1, actors + 1)
 
 
 def score(

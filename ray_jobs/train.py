@@ -221,7 +221,7 @@ def build_trainer(
 def local_num_cpus(cfg: DictConfig) -> int:
     """Logical CPUs of an in-process Ray: ``ray_num_cpus``, else all cores but at least the
     Train workers' CPUs (each rounded up to a whole CPU) plus one for Ray Data's read tasks and
-    one for drivers and evaluation tasks (for predict: its actors' CPUs plus one for the reads).
+    one for drivers and evaluation tasks.
 
     Ray Data's resource coordinator counts a Train worker's CPU reservation rounded up to a
     whole CPU (0.5 counts as 1); on a 2-core machine two workers would leave Ray Data no CPU
@@ -230,20 +230,21 @@ def local_num_cpus(cfg: DictConfig) -> int:
     """
     if cfg.get("ray_num_cpus"):
         return int(cfg.ray_num_cpus)
-    if cfg.get("scaling") is None:  # predict: its model actors, and one CPU for the reads
-        actors = math.ceil(int(cfg.get("actors", 0)) * float(cfg.get("num_cpus_per_actor", 1)))
-        return max(os.cpu_count() or 1, actors + 1)
     per_worker = math.ceil(float(cfg.scaling.resources_per_worker.get("CPU", 1)))
     return max(os.cpu_count() or 1, worker_range(cfg.scaling)[1] * per_worker + 2)
 
 
-def ensure_ray(cfg: DictConfig) -> None:
-    """Connect to the configured cluster (or RAY_ADDRESS), or start Ray in-process; say where
-    Ray's dashboard and logs are."""
+def ensure_ray(cfg: DictConfig, num_cpus: int | None = None) -> None:
+    """Connect to the configured cluster (or RAY_ADDRESS), or start Ray in-process with
+    ``num_cpus`` logical CPUs (default: a training job's, ``local_num_cpus``); say where Ray's
+    dashboard and logs are."""
     if ray.is_initialized():
         return
     address = cfg.get("ray_address") or os.environ.get("RAY_ADDRESS")
-    context = ray.init(address=address) if address else ray.init(num_cpus=local_num_cpus(cfg))
+    if address:
+        context = ray.init(address=address)
+    else:
+        context = ray.init(num_cpus=num_cpus or local_num_cpus(cfg))
     where = f"connected to {address}" if address else "started in-process"
     say(
         f"Ray:     {where}, {int(ray.cluster_resources().get('CPU', 0))} CPUs; its logs in "

@@ -15,6 +15,7 @@ from conftest import CONFIGS, compose_train
 from hydra import compose, initialize_config_dir
 
 from ray_jobs.console import Progress, follow_epochs, format_epoch, say, session
+from ray_jobs.predict import local_num_cpus as predict_num_cpus
 from ray_jobs.train import local_num_cpus
 
 RECORD = {
@@ -154,4 +155,4 @@ def test_predict_leaves_its_reads_a_cpu_beside_the_model_actors(
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("predict", overrides=["checkpoint=model.pt", f"actors={actors}"])
-    assert local_num_cpus(cfg) == expected
+    assert predict_num_cpus(cfg) == expected
