@@ -287,6 +287,7 @@ FEDERATED: dict[str, Spec] = {
     "federated.dp.noise_multiplier": Float(ge=0.0),
     "federated.dp.delta": Float(gt=0.0, le=0.1),
     "federated.dp.target_epsilon": Float(gt=0.0, nullable=True),
+    "server.eval_data": Str(nullable=True),
     "server.eval_split": Choice(("train", "val", "test")),
     "server.test_split": Choice(("train", "val", "test"), nullable=True),
     "simulation.num_sites": Int(min=1, nullable=True),

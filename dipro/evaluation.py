@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dipro.checkpoint import CheckpointMeta, load_checkpoint
+from dipro.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from dipro.data.collate import collate
+from dipro.data.normalize import NormStats
 from dipro.data.schema import model_columns
 from dipro.data.shards import iter_arrow_batches, iter_numpy_batches
 from dipro.engine import evaluate
@@ -36,20 +37,30 @@ def evaluate_checkpoint(
     device: str | torch.device = "cpu",
     amp_dtype: str | None = None,
     remove: Sequence[str] = (),
+    norm_stats: NormStats | None = None,
 ) -> EvaluationResult:
     """Rebuild the model from ``checkpoint`` and score it on every record of ``shard_paths``.
 
     EHR and demographics are normalised with the statistics stored in the checkpoint (those of
-    the data the model was trained on). ``remove``: inputs taken away from every record first
-    (``dipro.prediction.remove_inputs``: "ehr", "cxr"), to measure predictions without them.
+    the data the model was trained on), or with ``norm_stats`` when given: a federated model
+    normalised at each site carries none, and is scored with the statistics of the scored
+    data's own training split, as a site does. ``remove``: inputs taken away from every
+    record first (``dipro.prediction.remove_inputs``: "ehr", "cxr"), to measure predictions
+    without them.
     """
     model, meta = load_checkpoint(checkpoint, map_location=str(device))
+    stats = meta.norm_stats if norm_stats is None else norm_stats
+    if stats is None:
+        raise CheckpointError(
+            f"{checkpoint}: carries no normalisation statistics (a federated model normalised "
+            "at each site): pass those of the scored data's training split (norm_stats=)"
+        )
     model.to(device)
     columns = model_columns(meta.model_cfg["region_mode"])
     if remove:
         columns = [*columns, "task"]
     batches = (
-        collate(columns_batch, meta.norm_stats)
+        collate(columns_batch, stats)
         for columns_batch in (
             (remove_inputs(b, remove) for b in iter_numpy_batches(shard_paths, batch_size, columns))
             if remove

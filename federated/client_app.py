@@ -4,8 +4,10 @@ updated weights and scalar metrics out.
 A train reply holds exactly two records: ``arrays`` (the model's state dict as an ArrayRecord,
 the same keys the server sent) and ``metrics`` (a MetricRecord of scalars: ``num-examples``,
 the training loss and its components, optimizer steps). An evaluate reply holds only
-``metrics``. No record, identifier, label, prediction or statistic of a patient is sent; the
-site's normalisation statistics and class weights stay at the site.
+``metrics``: the site's scores of the model it was sent on its own validation split (every
+round) or test split (the selected model, at the end). No record, identifier, label,
+prediction or statistic of a patient is sent; the site's normalisation statistics and class
+weights stay at the site.
 
 With the server's DP wrapper on, the server asks for clipping and Flower's ``fixedclipping_mod``
 clips the update (new weights minus the global weights) to the asked L2 norm before it leaves.
@@ -39,7 +41,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from dipro.checkpoint import CheckpointError
 from dipro.config import ConfigError
 from dipro.data.schema import SchemaError
-from federated.config import read_site_config
+from federated.config import EVAL_SPLIT_KEY, read_site_config
 from federated.site import (
     InjectedSiteFault,
     SiteConfigError,
@@ -184,16 +186,18 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the global model on this site's validation shards; reply with scalars only."""
+    """Score the global model on this site's shards of the split the server asks for
+    (``eval-split``: ``val`` every round, ``test`` for the selected model); scalars only."""
 
     def work(cfg: Mapping[str, Any], server_round: int) -> Message:
         torch.set_num_threads(int(cfg["federated"]["threads"]))
+        split = str(msg.content["config"].get(EVAL_SPLIT_KEY, "val"))
         site = site_of(context.node_config, cfg)
-        if not site.val_paths:
-            raise TooFewExamples("no validation shards at this site")
+        if not site.split_paths(split):
+            raise TooFewExamples(f"no {split} shards at this site")
         state = msg.content["arrays"].to_torch_state_dict()
         model = model_from_state(cfg, state, f"the global model of round {server_round}")
-        values = evaluate_site(model, site, cfg)
+        values = evaluate_site(model, site, cfg, split)
         _enough(cfg, values["samples"])
         metrics = {"num-examples": int(values["samples"]), **_scalars(values, "val-")}
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

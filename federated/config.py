@@ -25,6 +25,7 @@ from federated.privacy import PrivacyBudget
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 SITE_CONFIG_KEY = "dipro-config"
 ROUND_OFFSET_KEY = "round-offset"
+EVAL_SPLIT_KEY = "eval-split"
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 _SITE_SECTIONS = ("seed", "task", "model", "loss", "optim", "train", "federated", "data")
 
@@ -42,24 +43,14 @@ def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
     return shlex.split(str(run_config.get("overrides", "")))
 
 
-def check_config(cfg: Mapping[str, Any]) -> Manifest:
+def check_config(cfg: Mapping[str, Any]) -> Manifest | None:
     """Validate the settings (``dipro.config.FEDERATED_SCHEMA``, ConfigError before any site
-    is contacted) and the server's dataset; return the task's manifest there."""
+    is contacted) and, when ``server.eval_data`` names one, the coordinator's own held-out
+    dataset; return the task's manifest there (None: the coordinator holds no data)."""
     validate(cfg, FEDERATED_SCHEMA)
-    task = cfg["task"]["name"]
     if cfg["strategy"]["name"] not in STRATEGIES:
         raise ConfigError(
             f"strategy.name={cfg['strategy']['name']!r} is not one of {', '.join(STRATEGIES)}"
-        )
-    root = cfg["server"]["data_root"]
-    try:
-        manifest = read_manifest(root, task)
-    except FileNotFoundError as err:
-        raise ConfigError(str(err)) from err
-    if manifest.region_mode != cfg["model"]["region_mode"]:
-        raise ConfigError(
-            f"the {task} dataset under {root} stores {manifest.region_mode}, but "
-            f"model.region_mode={cfg['model']['region_mode']}"
         )
     budget = PrivacyBudget.of_run(cfg)
     if budget is not None and budget.rounds_within(1) == 0:
@@ -68,29 +59,59 @@ def check_config(cfg: Mapping[str, Any]) -> Manifest:
             f"round ({budget.epsilon(1):.3f} at delta {budget.delta}, noise_multiplier "
             f"{budget.noise_multiplier}): raise the target or the noise"
         )
+    root = cfg["server"]["eval_data"]
+    if root is None:
+        if float(cfg["federated"]["fraction_evaluate"]) == 0.0:
+            raise ConfigError(
+                "federated.fraction_evaluate=0 and no server.eval_data: nothing would score "
+                "the rounds to select the best one"
+            )
+        return None
+    manifest = dataset_manifest(cfg, root, "server.eval_data")
     if manifest.num_samples(cfg["server"]["eval_split"]) == 0:
         raise ConfigError(
-            f"the {task} dataset under {root} has no {cfg['server']['eval_split']} samples "
-            "for the server to evaluate on"
+            f"the {cfg['task']['name']} dataset under {root} (server.eval_data) has no "
+            f"{cfg['server']['eval_split']} samples for the server to evaluate on"
         )
     return manifest
 
 
-def site_config(cfg: Mapping[str, Any], manifest: Manifest) -> dict[str, Any]:
-    """The settings a site needs, with the stored feature width in features mode."""
+def dataset_manifest(cfg: Mapping[str, Any], root: str, key: str) -> Manifest:
+    """The task's manifest under ``root`` (named by config ``key``), checked against the model:
+    a missing dataset or another region mode is a ConfigError."""
+    task = cfg["task"]["name"]
+    try:
+        manifest = read_manifest(root, task)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{key}: {err}") from err
+    if manifest.region_mode != cfg["model"]["region_mode"]:
+        raise ConfigError(
+            f"the {task} dataset under {root} ({key}) stores {manifest.region_mode}, but "
+            f"model.region_mode={cfg['model']['region_mode']}"
+        )
+    return manifest
+
+
+def site_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a site needs (``model.feature_dim`` is the stored feature width in
+    features mode: the simulation takes it from the sites' manifest, a deployment sets it)."""
     out = {key: cfg[key] for key in _SITE_SECTIONS}
     out["data"] = {"root": cfg["data"]["root"]}
-    if manifest.feature_dim is not None:
-        out["model"] = {**out["model"], "feature_dim": manifest.feature_dim}
     return out
 
 
-def train_config_record(site_cfg: Mapping[str, Any], round_offset: int) -> ConfigRecord:
-    """What the server sends with the global weights: the site config and the rounds already
-    done before this start (Flower numbers the rounds of each start from 1)."""
-    return ConfigRecord(
+def train_config_record(
+    site_cfg: Mapping[str, Any], round_offset: int, eval_split: str | None = None
+) -> ConfigRecord:
+    """What the server sends with the global weights: the site config, the rounds already
+    done before this start (Flower numbers the rounds of each start from 1) and, for an
+    evaluation, the split the sites score (``val`` when absent)."""
+    record = ConfigRecord(
         {SITE_CONFIG_KEY: json.dumps(site_cfg, sort_keys=True), ROUND_OFFSET_KEY: round_offset}
     )
+    if eval_split is not None:
+        record[EVAL_SPLIT_KEY] = eval_split
+    return record
 
 
 def read_site_config(record: ConfigRecord) -> tuple[dict[str, Any], int]:

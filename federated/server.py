@@ -1,30 +1,38 @@
-"""The server's side of a federated run: start or resume, run the strategy's rounds, evaluate
-and checkpoint the global model every round, and report like a central run.
+"""The server's side of a federated run: start or resume, run the strategy's rounds, select
+and checkpoint the global model every round, have the sites score the selected model, and
+report like a central run.
 
-Every round (after aggregation) the server scores the global model on its held-out data
-(``server.eval_split`` of ``server.data_root``, all hospitals) through ``dipro.engine.evaluate``
-and the one collate, appends a line to ``{out_dir}/round_metrics.jsonl`` (rewritten atomically,
-so a resumed run never repeats a round) and writes ``checkpoints/last.pt`` and, when
-``task.monitor`` improves, ``checkpoints/best.pt`` in the project's checkpoint format (atomic).
-The checkpoint's ``epoch`` holds the round; ``extra`` the round, the best round and its metric.
+The coordinator holds no patients. Every round (after aggregation) the sampled sites score the
+global model on their own validation split (``server.eval_split``) and reply with scalars; the
+server takes their example-weighted aggregate (``federated.strategy.finite_weighted_mean``) as
+the round's ``val/*`` metrics, selects the best round on ``task.monitor`` of it, and appends a
+line with the aggregate and each site's own metrics and count to
+``{out_dir}/round_metrics.jsonl`` (rewritten atomically, so a resumed run never repeats a round).
+Only when ``server.eval_data`` names a held-out dataset the coordinator owns does it read shards:
+it then scores each round's model on that dataset's ``server.eval_split`` and selects on that
+(``val/*``), the sites' aggregate going to ``sites/val/*``; and its rounds start at 0 (the
+initial model scored).
 
-Normalisation on the server: the sites each fit their own statistics on their own training
-shards; the server normalises its held-out data with the statistics of its dataset's training
-split (its manifest) and stores those in the checkpoints, so ``dipro.evaluation`` scores a
-federated checkpoint exactly as the server did.
+Every round writes ``checkpoints/last.pt`` and, when the monitor improves,
+``checkpoints/best.pt`` in the project's checkpoint format (atomic). The checkpoint's ``epoch``
+holds the round; ``extra`` the round, the best round and its metric. Normalisation: each site
+normalises with statistics fitted on its own training split, so a federated checkpoint carries
+none (``extra["site_normalisation"]``: whoever scores it uses the statistics of their own
+data's training split, as a site does); with ``server.eval_data`` it carries that dataset's.
 
 Resume: started again with the same ``out_dir``, the run loads ``last.pt`` (weights, round,
 best so far and FedAdam's moments) and plays only the remaining rounds; Flower counts the rounds
 of each start from 1, the offset is added back everywhere.
 
-At the end the best round's checkpoint is scored on ``server.test_split`` with
-``dipro.evaluation.evaluate_checkpoint`` and ``{out_dir}/metrics.json`` is written with the keys
-of a central run's (``task``, ``run_name``, ``seed``, ``best_checkpoint``, ``val``, ``test``)
-plus the federated ones.
+At the end every connected site scores the best round's model on its own ``server.test_split``
+(``SiteQuorum.evaluate_at_sites``), and ``{out_dir}/metrics.json`` is written with the keys of a
+central run's (``task``, ``run_name``, ``seed``, ``best_checkpoint``, ``val``, ``test``: the
+sites' aggregate, or ``server.eval_data``'s test split when set) plus the federated ones,
+``site_test`` among them (each site's metrics and count, and the failures).
 
 With ``tracking.enabled`` the run is one MLflow run (``dipro.tracking``), logged by the server
-only, from what it already holds: the config and dataset identity, each round's metrics as the
-round ends (step = round), the test metrics and ``metrics.json``.
+only, from what it already holds: the config (and the central dataset's identity), each round's
+metrics as the round ends (step = round), the test metrics and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -52,7 +60,13 @@ from dipro.runs import ROUND_METRICS_FILE, BestMetric, append_log, read_log
 from federated.config import check_config, site_config, train_config_record
 from federated.privacy import PrivacyBudget
 from federated.site import batches
-from federated.strategy import ServerOptimizerState, SiteQuorum, build_strategy
+from federated.strategy import (
+    RoundSites,
+    ServerOptimizerState,
+    SiteQuorum,
+    build_strategy,
+    metric_name,
+)
 
 logger = logging.getLogger("flwr")
 
@@ -75,12 +89,12 @@ class FederatedResult:
 
 
 class RoundRecorder:
-    """Flower's ``evaluate_fn``: score, log and checkpoint the global model of each round."""
+    """Flower's ``evaluate_fn``: select, log and checkpoint the global model of each round."""
 
     def __init__(
         self,
         cfg: Mapping[str, Any],
-        manifest: Manifest,
+        central: Manifest | None,
         model: DiPro,
         quorum: SiteQuorum,
         server_state: ServerOptimizerState,
@@ -99,52 +113,60 @@ class RoundRecorder:
         self.best_round = best_round
         self.best = BestMetric(cfg["task"]["monitor_mode"], best_metric)
         self.privacy = PrivacyBudget.of_run(cfg)
-        self.norm_stats = manifest.norm()
-        self.out_dir = str(cfg["out_dir"])
-        self.eval_paths = list_shards(
-            cfg["server"]["data_root"], cfg["task"]["name"], cfg["server"]["eval_split"]
+        self.norm_stats = None if central is None else central.norm()
+        self.eval_paths = (
+            []
+            if central is None
+            else list_shards(
+                cfg["server"]["eval_data"], cfg["task"]["name"], cfg["server"]["eval_split"]
+            )
         )
         self.started = time.monotonic()
 
     def _path(self, name: str) -> str:
         return storage.join(self.out_dir, name)
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        run_round = self.round_offset + server_round
-        if server_round == 0 and self.round_offset > 0:
-            return None  # the resumed weights were scored when their round ended
-        ckpt_io.load_weights(
-            self.model, arrays.to_torch_state_dict(), f"the global model of round {run_round}"
-        )
-        cfg = self.cfg
+    @property
+    def out_dir(self) -> str:
+        return str(self.cfg["out_dir"])
+
+    def _central_val(self) -> dict[str, float]:
         metrics, _ = evaluate(
             self.model,
             batches(
                 self.eval_paths,
-                int(cfg["train"]["eval_batch_size"]),
-                cfg["model"]["region_mode"],
+                int(self.cfg["train"]["eval_batch_size"]),
+                self.cfg["model"]["region_mode"],
                 self.norm_stats,
             ),
             device="cpu",
         )
-        val = {f"val/{k}": float(v) for k, v in metrics.items()}
-        record: dict[str, Any] = {"round": run_round, **val}
-        sites = self.quorum.rounds.get(server_round)
-        if sites is not None:
+        return {f"val/{k}": float(v) for k, v in metrics.items()}
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        run_round = self.round_offset + server_round
+        if server_round == 0 and (self.round_offset > 0 or not self.eval_paths):
+            return None  # resumed weights were scored when their round ended; no central set
+        ckpt_io.load_weights(
+            self.model, arrays.to_torch_state_dict(), f"the global model of round {run_round}"
+        )
+        sites = self.quorum.rounds.get(server_round, RoundSites())
+        at_sites = {"val/" + metric_name(k): v for k, v in sites.evaluate_metrics.items()}
+        if self.eval_paths:
+            val = self._central_val()
+            record: dict[str, Any] = {
+                "round": run_round,
+                **val,
+                **{"sites/" + k: v for k, v in at_sites.items()},
+            }
+        else:
+            val = at_sites
+            record = {"round": run_round, **val}
+        if server_round > 0:
             record.update(
                 {"train/" + k.removeprefix("train-"): v for k, v in sites.train_metrics.items()}
             )
-            record.update(
-                {
-                    "sites/val/" + k.removeprefix("val-"): v
-                    for k, v in sites.evaluate_metrics.items()
-                }
-            )
-            record["sites"] = {
-                "sampled": sites.sampled,
-                "updated": sites.updated,
-                "failures": sites.failures,
-            }
+            record["sites"] = sites.summary()
         epsilon = None if self.privacy is None else self.privacy.spent(run_round)
         if epsilon is not None:
             record["dp/epsilon"] = epsilon
@@ -156,9 +178,10 @@ class RoundRecorder:
         append_log(self._path(ROUND_METRICS_FILE), record, "round")
         if self.tracked is not None:
             self.tracked[0].log_history(self.tracked[1], [record], "round")
-        monitor = cfg["task"]["monitor"]
+        monitor = self.cfg["task"]["monitor"]
         logger.info(
-            "round %d: train loss %.4f  val loss %.4f  %s %.4f (best %s at round %s)  %.1f s",
+            "round %d: train loss %.4f  val loss %.4f  %s %.4f (best %s at round %s; %d site(s) "
+            "evaluated)  %.1f s",
             run_round,
             record.get("train/loss", math.nan),
             val.get("val/loss", math.nan),
@@ -166,6 +189,7 @@ class RoundRecorder:
             val.get(monitor, math.nan),
             "n/a" if self.best.best is None else f"{self.best.best:.4f}",
             self.best_round,
+            sites.evaluated,
             record["seconds"],
         )
         return MetricRecord({k: v for k, v in val.items() if "/per_finding/" not in k})
@@ -183,6 +207,7 @@ class RoundRecorder:
             "local_epochs": int(fed["local_epochs"]),
             "run_name": self.cfg["run_name"],
             "metrics": val,
+            "site_normalisation": self.norm_stats is None,
         }
         targets = [BEST_CHECKPOINT, LAST_CHECKPOINT] if improved else [LAST_CHECKPOINT]
         for name in targets:
@@ -223,8 +248,8 @@ def _rounds_within_budget(cfg: Mapping[str, Any]) -> int:
 def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     """Run (or resume) the federated run ``cfg`` (resolved ``configs/federated.yaml``) over the
     sites reachable through ``grid``; return where its results are."""
-    manifest = check_config(cfg)
-    sites_cfg = site_config(cfg, manifest)
+    central = check_config(cfg)
+    sites_cfg = site_config(cfg)
     fed = cfg["federated"]
     num_rounds = _rounds_within_budget(cfg)
     model = _initial_model(cfg, sites_cfg["model"])
@@ -247,12 +272,16 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     tracker = tracking.open_tracker(cfg)
     if tracker is not None:
         run_id = tracker.run(str(cfg["out_dir"]), str(cfg["run_name"]), "federated")
-        dataset = tracking.dataset_identity(str(cfg["server"]["data_root"]), manifest.to_dict())
+        dataset = (
+            {}
+            if central is None
+            else tracking.dataset_identity(str(cfg["server"]["eval_data"]), central.to_dict())
+        )
         tracker.log_params(run_id, {**tracking.flatten(cfg), **dataset})
         tracked = (tracker, run_id)
     recorder = RoundRecorder(
         cfg,
-        manifest,
+        central,
         model,
         quorum,
         server_state,
@@ -262,17 +291,16 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
         tracked=tracked,
     )
     if done < num_rounds:
-        config = train_config_record(sites_cfg, done)
         quorum.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=num_rounds - done,
             timeout=float(fed["round_timeout_s"]),
-            train_config=config,
-            evaluate_config=train_config_record(sites_cfg, done),
+            train_config=train_config_record(sites_cfg, done),
+            evaluate_config=train_config_record(sites_cfg, done, cfg["server"]["eval_split"]),
             evaluate_fn=recorder,
         )
-    result = write_report(cfg)
+    result = write_report(cfg, score_at_sites(grid, cfg, quorum, sites_cfg))
     if tracked is not None:
         tracker, run_id = tracked
         rounds = read_log(storage.join(result.out_dir, ROUND_METRICS_FILE))
@@ -283,32 +311,76 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     return result
 
 
-def write_report(cfg: Mapping[str, Any]) -> FederatedResult:
-    """Score the best round's checkpoint (the last one when the monitor was never finite) on the
-    test split with ``dipro.evaluation.evaluate_checkpoint``; write ``metrics.json``."""
+def selected_checkpoint(out_dir: str) -> str:
+    """The best round's checkpoint, or the last one when the monitor was never finite."""
+    best = storage.join(out_dir, BEST_CHECKPOINT)
+    return best if storage.exists(best) else storage.join(out_dir, LAST_CHECKPOINT)
+
+
+def score_at_sites(
+    grid: Grid, cfg: Mapping[str, Any], quorum: SiteQuorum, sites_cfg: Mapping[str, Any]
+) -> RoundSites | None:
+    """Every connected site scores the selected model on its own ``server.test_split``
+    (None when the run has no test split)."""
+    split = cfg["server"]["test_split"]
+    if split is None:
+        return None
+    payload = ckpt_io.read_checkpoint(selected_checkpoint(str(cfg["out_dir"])))
+    best_round = int(payload["training"]["extra"]["round"])
+    sites = quorum.evaluate_at_sites(
+        grid,
+        ArrayRecord(payload["weights"]),
+        train_config_record(sites_cfg, best_round, split),
+        float(cfg["federated"]["round_timeout_s"]),
+    )
+    logger.info(
+        "test of round %d's model at %d of %d site(s): %s",
+        best_round,
+        sites.evaluated,
+        sites.sampled,
+        {metric_name(k): round(v, 4) for k, v in sites.evaluate_metrics.items()},
+    )
+    return sites
+
+
+def write_report(cfg: Mapping[str, Any], site_test: RoundSites | None) -> FederatedResult:
+    """``metrics.json`` of the run: the selected round, its validation metrics and its test
+    metrics (the sites' aggregate, or the central ``server.eval_data`` test split when set),
+    each site's test metrics and count, the privacy spent."""
     out_dir = str(cfg["out_dir"])
     last = storage.join(out_dir, LAST_CHECKPOINT)
-    best = storage.join(out_dir, BEST_CHECKPOINT)
-    if not storage.exists(best):
-        best = last
+    best = selected_checkpoint(out_dir)
     best_extra = ckpt_io.read_checkpoint(best)["training"]["extra"]
     rounds = int(ckpt_io.read_checkpoint(last)["training"]["extra"]["round"])
-    test_paths = list_shards(
-        cfg["server"]["data_root"], cfg["task"]["name"], cfg["server"]["test_split"]
+    server = cfg["server"]
+    at_sites = (
+        None
+        if site_test is None or not site_test.per_site
+        else {metric_name(k): v for k, v in site_test.evaluate_metrics.items()}
     )
-    batch_size = int(cfg["train"]["eval_batch_size"])
-    test = (
-        evaluate_checkpoint(best, test_paths, batch_size=batch_size).metrics if test_paths else None
-    )
+    test = at_sites
+    if server["eval_data"] is not None and server["test_split"] is not None:
+        paths = list_shards(server["eval_data"], cfg["task"]["name"], server["test_split"])
+        batch_size = int(cfg["train"]["eval_batch_size"])
+        test = evaluate_checkpoint(best, paths, batch_size=batch_size).metrics if paths else None
     val = {k: float(v) for k, v in best_extra["metrics"].items()}
-    report = {
+    report: dict[str, Any] = {
         "task": cfg["task"]["name"],
         "run_name": cfg["run_name"],
         "seed": int(cfg["seed"]),
         "best_checkpoint": best,
         "best_round": int(best_extra["round"]),
+        "selected_on": "server.eval_data" if server["eval_data"] is not None else "sites",
         "val": val,
         "test": test,
+        "site_test": None
+        if site_test is None
+        else {
+            "split": server["test_split"],
+            "aggregate": at_sites,
+            "sites": site_test.per_site,
+            "failures": site_test.evaluate_failures,
+        },
         "round_metrics": storage.join(out_dir, ROUND_METRICS_FILE),
         "final_checkpoint": last,
         "rounds": rounds,

@@ -3,16 +3,17 @@ CONFIG_JSON`` (what ``federated.simulate.run_federated`` starts).
 
 Flower's ``run_simulation`` starts Ray and calls ``ray.shutdown()`` when it ends, so it must not
 share a process with another Ray user. The simulated sites are the dataset's first
-``simulation.num_sites`` hospitals (partition-id i is the i-th hospital). Exit status 0 when the
-run finished, 1 with a ``federated run failed:`` line when it did not.
+``simulation.num_sites`` hospitals (partition-id i is the i-th hospital; the launcher sets the
+number). This process is the coordinator's: it reads no data, the sites (Ray actors) do.
+Exit status 0 when the run finished, 1 with a ``federated run failed:`` line when it did not.
 
 It dies with its launcher, for any reason the launcher exits (a SIGKILL of the launcher's
 process group included): the kernel sends it SIGTERM (``PR_SET_PDEATHSIG``), and a watcher
 thread checks the parent too, in case the signal cannot be handled at once. Either way it sends
 SIGTERM to its whole process group (Ray's GCS, raylet and workers and the node agents, which
 exit at once on a raylet's SIGTERM but wait a minute on the dead GCS after a raylet's SIGKILL),
-then SIGKILL a few seconds later, itself included, so no orphan ever goes on writing the run
-directory. The launcher's pid is ``DIPRO_LAUNCHER_PID``.
+then SIGKILL a few seconds later to every descendant and the group, itself included, so no
+orphan ever goes on writing the run directory. The launcher's pid is ``DIPRO_LAUNCHER_PID``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from typing import Any
 from flwr.simulation import run_simulation
 
 from dipro import storage
-from dipro.data.shards import read_manifest
 from federated.client_app import app as client_app
 from federated.server import REPORT_FILE
 from federated.server_app import server_app_for
@@ -66,21 +66,41 @@ def _watch_parent(launcher: int) -> None:
 
 def _stop_process_group() -> None:
     """SIGTERM to this process group (Ray ends gracefully, its agents with it), SIGKILL to
-    whatever is left, this process included, after ``_GRACE_S``. Runs in the main thread (the
-    signal handler) or the watcher thread, so it sets no signal disposition."""
+    whatever is left, this process included, after ``_GRACE_S``. Ray's node agents run in
+    sessions of their own and wait a minute on a dead GCS when the raylet is killed mid-work
+    before it could stop them, so every descendant found before the SIGTERM gets the SIGKILL
+    too. Runs in the main thread (the signal handler) or the watcher thread, so it sets no
+    signal disposition."""
     if not _stopping.acquire(blocking=False):
         return  # this process's own SIGTERM, or the other of the two paths: already stopping
+    family = _descendants(os.getpid())
     os.killpg(0, signal.SIGTERM)
     time.sleep(_GRACE_S)
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
     os.killpg(0, signal.SIGKILL)
 
 
-def num_sites(cfg: dict[str, Any]) -> int:
-    """Simulated sites: ``simulation.num_sites`` or every hospital of the server's dataset."""
-    wanted = cfg["simulation"].get("num_sites")
-    if wanted is not None:
-        return int(wanted)
-    return len(read_manifest(cfg["server"]["data_root"], cfg["task"]["name"]).hospitals)
+def _descendants(root: int) -> set[int]:
+    """The live descendants of ``root`` (from ``/proc/*/stat``)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    frontier = [root]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            if child not in found:
+                found.add(child)
+                frontier.append(child)
+    return found
 
 
 def simulate(cfg: dict[str, Any]) -> None:
@@ -89,7 +109,7 @@ def simulate(cfg: dict[str, Any]) -> None:
     run_simulation(
         server_app=server_app_for(cfg),
         client_app=client_app,
-        num_supernodes=num_sites(cfg),
+        num_supernodes=int(sim["num_sites"]),
         backend_config={
             "client_resources": {"num_cpus": float(sim["client_cpus"]), "num_gpus": 0.0},
             "init_args": {"num_cpus": int(sim["ray_num_cpus"])},

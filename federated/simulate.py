@@ -1,6 +1,9 @@
 """Federated DiPro simulated on one machine: ``python -m federated.simulate [hydra overrides]``.
 
-The work is ``run_federated(cfg)``: check the config and the data, then run the simulation
+The work is ``run_federated(cfg)``: check the config and the simulated sites' dataset
+(``data.root``: its region mode; its hospitals, the simulated sites unless
+``simulation.num_sites`` says fewer; in features mode its feature width, which the run's
+``model.feature_dim`` takes, as a deployment's operator sets it), then run the simulation
 (``federated.sim_process``) in a process and session of its own, bounded by
 ``simulation.timeout_s``, with its output in ``{out_dir}/simulation.log``. Flower's runtime
 dependency installation and telemetry are turned off for it. The ``@hydra.main`` wrapper only
@@ -30,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from dipro import storage
 from dipro.config import ConfigError, exit_on
 from dipro.runs import RUN_CONFIG_FILE
-from federated.config import check_config
+from federated.config import check_config, dataset_manifest
 from federated.server import FederatedResult, read_result
 from federated.sim_process import FAILED, LAUNCHER_PID_ENV
 
@@ -102,6 +105,12 @@ def run_federated(cfg: DictConfig | dict[str, Any]) -> FederatedResult:
         OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     )
     check_config(resolved)
+    sites = dataset_manifest(resolved, resolved["data"]["root"], "data.root")
+    if sites.feature_dim is not None:
+        resolved["model"]["feature_dim"] = sites.feature_dim
+    simulation = resolved["simulation"]
+    if simulation["num_sites"] is None:
+        simulation["num_sites"] = len(sites.hospitals)
     if storage.is_remote(resolved["out_dir"]):
         raise ConfigError("a simulation writes to a local out_dir")
     out_dir = Path(resolved["out_dir"])

@@ -60,9 +60,14 @@ class Site:
     hospitals: tuple[int, ...]
     train_paths: tuple[str, ...]
     val_paths: tuple[str, ...]
+    test_paths: tuple[str, ...]
     norm_stats: NormStats
     class_weights: ClassWeights
     num_train: int
+
+    def split_paths(self, split: str) -> tuple[str, ...]:
+        """The site's shards of ``split`` (train, val or test)."""
+        return {"train": self.train_paths, "val": self.val_paths, "test": self.test_paths}[split]
 
     @property
     def name(self) -> str:
@@ -105,8 +110,9 @@ def site_of(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Site:
     if not train:
         raise SiteConfigError(f"no training shards for hospital {hospitals} under {root}")
     val = tuple(list_shards(root, task, "val", hospitals=hospitals))
+    test = tuple(list_shards(root, task, "test", hospitals=hospitals))
     verify_shards(
-        root, task, train + val, checksums=bool(cfg["data"].get("verify_checksums", True))
+        root, task, train + val + test, checksums=bool(cfg["data"].get("verify_checksums", True))
     )
     norm_stats, class_weights = _fit(train, tuple(sorted(manifest.files.items())))
     return Site(
@@ -115,6 +121,7 @@ def site_of(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Site:
         hospitals=hospitals,
         train_paths=train,
         val_paths=val,
+        test_paths=test,
         norm_stats=norm_stats,
         class_weights=class_weights,
         num_train=sum(manifest.counts["train"].get(str(h), 0) for h in hospitals),
@@ -220,15 +227,17 @@ def train_site(
     return {**stats, "samples": samples, "steps": steps}
 
 
-def evaluate_site(model: nn.Module, site: Site, cfg: Mapping[str, Any]) -> dict[str, float]:
-    """The task's metrics of ``model`` on the site's validation shards (its own statistics)."""
+def evaluate_site(
+    model: nn.Module, site: Site, cfg: Mapping[str, Any], split: str = "val"
+) -> dict[str, float]:
+    """The task's metrics of ``model`` on the site's ``split`` shards (its own statistics)."""
     device = cfg["federated"].get("device", "cpu")
     model.to(device)
     loss_fn = build_loss(site.task, cfg["loss"], site.class_weights)
     metrics, predictions = evaluate(
         model,
         batches(
-            site.val_paths,
+            site.split_paths(split),
             int(cfg["train"]["eval_batch_size"]),
             cfg["model"]["region_mode"],
             site.norm_stats,

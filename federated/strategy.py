@@ -9,12 +9,16 @@ Gaussian noise to the mean). ``SiteQuorum`` wraps the result so that:
   ``NotEnoughSitesError`` (Flower alone would wait forever);
 - a site that fails during a round is logged (node id and reason) and recorded with the round;
   the round completes with the others as long as ``min_sites`` sent an update, and is an
-  error otherwise.
+  error otherwise; training and evaluation failures are kept apart;
+- each evaluating site's own metrics are kept with the round (``RoundSites.per_site``) beside
+  their aggregate (``finite_weighted_mean``), and ``evaluate_at_sites`` has every site score
+  one model (the selected one, on its test split) at the end of a run.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -41,13 +45,29 @@ class NotEnoughSitesError(RuntimeError):
 
 @dataclass
 class RoundSites:
-    """What happened to the sites of one round (Flower's round number of this start)."""
+    """What happened to the sites of one round (Flower's round number of this start): how
+    many trained, which failed to train or to evaluate, the aggregated metrics, and each
+    evaluating site's own validation metrics (``node_id``, ``num_examples`` and scalars)."""
 
     sampled: int = 0
     updated: int = 0
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    train_failures: list[dict[str, Any]] = field(default_factory=list)
+    evaluated: int = 0
+    evaluate_failures: list[dict[str, Any]] = field(default_factory=list)
     train_metrics: dict[str, float] = field(default_factory=dict)
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
+    per_site: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The round log's ``sites`` entry."""
+        return {
+            "sampled": self.sampled,
+            "updated": self.updated,
+            "train_failures": self.train_failures,
+            "evaluated": self.evaluated,
+            "evaluate_failures": self.evaluate_failures,
+            "val": self.per_site,
+        }
 
 
 def _failures(replies: list[Message], what: str, server_round: int) -> list[dict[str, Any]]:
@@ -61,6 +81,28 @@ def _failures(replies: list[Message], what: str, server_round: int) -> list[dict
             )
             out.append({"node_id": node, "reason": reason})
     return out
+
+
+SITE_METRIC_PREFIX = "val-"
+
+
+def site_metrics(reply: Message) -> dict[str, Any]:
+    """One site's evaluate reply as a round-log entry: ``node_id``, ``num_examples`` and its
+    metrics under the central run's names (``val-loss-task`` -> ``loss/task``)."""
+    metrics = reply.content["metrics"]
+    entry: dict[str, Any] = {
+        "node_id": int(reply.metadata.src_node_id),
+        "num_examples": int(metrics["num-examples"]),
+    }
+    for key, value in metrics.items():
+        if key.startswith(SITE_METRIC_PREFIX):
+            entry[metric_name(key)] = float(value)
+    return entry
+
+
+def metric_name(key: str) -> str:
+    """A site's metric key under the central run's name (``val-loss-task`` -> ``loss/task``)."""
+    return key.removeprefix(SITE_METRIC_PREFIX).replace("-", "/")
 
 
 class SiteQuorum(Strategy):
@@ -97,8 +139,8 @@ class SiteQuorum(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         sites = self.rounds.setdefault(server_round, RoundSites(sampled=len(replies)))
-        sites.failures = _failures(replies, "train", server_round)
-        sites.updated = len(replies) - len(sites.failures)
+        sites.train_failures = _failures(replies, "train", server_round)
+        sites.updated = len(replies) - len(sites.train_failures)
         missing = sites.sampled - len(replies)
         if missing > 0:
             logger.warning(
@@ -110,7 +152,7 @@ class SiteQuorum(Strategy):
             raise NotEnoughSitesError(
                 f"round {server_round}: {sites.updated} of {sites.sampled} site(s) sent an "
                 f"update, the run needs at least {self.min_sites} (federated.min_sites); "
-                f"failures: {sites.failures}"
+                f"failures: {sites.train_failures}"
             )
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is None:
@@ -127,20 +169,62 @@ class SiteQuorum(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = list(replies)
         sites = self.rounds.setdefault(server_round, RoundSites())
-        sites.failures += _failures(replies, "evaluate", server_round)
+        return self._aggregate_evaluation(sites, list(replies), server_round)
+
+    def _aggregate_evaluation(
+        self, sites: RoundSites, replies: list[Message], server_round: int
+    ) -> MetricRecord | None:
+        """Each site's metrics, each failure and the strategy's aggregate into ``sites``."""
+        sites.evaluate_failures = _failures(replies, "evaluate", server_round)
+        sites.per_site = [site_metrics(m) for m in replies if not m.has_error()]
+        sites.evaluated = len(sites.per_site)
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         sites.evaluate_metrics = (
             {} if metrics is None else {k: float(v) for k, v in metrics.items()}
         )
         return metrics
 
+    def evaluate_at_sites(
+        self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+    ) -> RoundSites:
+        """Every connected site scores ``arrays`` (the run's selected model, on the split
+        ``config`` names): each site's metrics and the example-weighted aggregate."""
+        self._await_sites(grid, 0)
+        record = RecordDict({"arrays": arrays, "config": config})
+        messages = [
+            Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=node)
+            for node in sorted(grid.get_node_ids())
+        ]
+        sites = RoundSites(sampled=len(messages))
+        self._aggregate_evaluation(sites, list(grid.send_and_receive(messages, timeout=timeout)), 0)
+        return sites
+
     def summary(self) -> None:
         logger.info(
             "site quorum: at least %d site(s), waiting at most %.0f s", self.min_sites, self.wait_s
         )
         self.strategy.summary()
+
+
+def finite_weighted_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """The sites' evaluation metrics aggregated: each metric's mean over the sites where it is
+    finite, weighted by their ``weighting_key`` (examples). A site whose validation split has
+    one class has no AUROC; the others' still count, instead of the aggregate being NaN."""
+    totals: dict[str, list[float]] = {}
+    for record in records:
+        (metrics,) = record.metric_records.values()
+        weight = float(metrics[weighting_key])
+        for key, value in metrics.items():
+            if key == weighting_key:
+                continue
+            total = totals.setdefault(key, [0.0, 0.0])
+            if math.isfinite(float(value)):
+                total[0] += weight * float(value)
+                total[1] += weight
+    return MetricRecord(
+        {key: value / weight if weight > 0 else math.nan for key, (value, weight) in totals.items()}
+    )
 
 
 def build_strategy(cfg: Mapping[str, Any]) -> tuple[FedAvg, SiteQuorum]:
@@ -153,6 +237,7 @@ def build_strategy(cfg: Mapping[str, Any]) -> tuple[FedAvg, SiteQuorum]:
         "min_train_nodes": min_sites,
         "min_evaluate_nodes": min_sites,
         "min_available_nodes": min_sites,
+        "evaluate_metrics_aggr_fn": finite_weighted_mean,
     }
     name = spec["name"]
     if name == "fedavg":

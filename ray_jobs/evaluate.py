@@ -144,6 +144,7 @@ def evaluate_to_report(
     # The data it was trained on must still be that data; other data is scored with the
     # training statistics the checkpoint carries.
     own_data = manifest is not None and os.fspath(data_root) == os.fspath(train_root)
+    site_normalised = bool((payload["training"].get("extra") or {}).get("site_normalisation"))
     try:
         eval_manifest = read_manifest(data_root, task)
         paths = list_shards(data_root, task, split)
@@ -151,12 +152,15 @@ def evaluate_to_report(
             payload,
             ckpt,
             task=task,
-            norm_stats=manifest.norm() if own_data else None,
+            norm_stats=manifest.norm() if own_data and not site_normalised else None,
             region_mode=eval_manifest.region_mode,
         )
     except (FileNotFoundError, CheckpointError) as err:
         raise EvaluationError(str(err)) from err
-    if payload["training"].get("norm_stats") is None:
+    # A federated model normalised at each site is scored as a site does: with the
+    # statistics of the scored dataset's own training split.
+    site_stats = eval_manifest.norm() if site_normalised else None
+    if payload["training"].get("norm_stats") is None and not site_normalised:
         raise EvaluationError(
             f"{ckpt}: carries no normalisation statistics, so its inputs cannot be normalised "
             "as in training"
@@ -172,12 +176,13 @@ def evaluate_to_report(
             f"epoch_metrics={log} logs a {', '.join(sorted(logged))} run, the checkpoint is "
             f"a {task} model"
         )
-    result = evaluate_checkpoint(ckpt, paths, batch_size=batch_size, device=device, amp_dtype=amp)
+    scoring = {"batch_size": batch_size, "device": device, "amp_dtype": amp}
+    result = evaluate_checkpoint(ckpt, paths, **scoring, norm_stats=site_stats)
     removed = {}
     if missing_inputs:
         for name, remove in MISSING_INPUT_VARIANTS[task]:
             removed[name] = evaluate_checkpoint(
-                ckpt, paths, batch_size=batch_size, device=device, amp_dtype=amp, remove=remove
+                ckpt, paths, **scoring, remove=remove, norm_stats=site_stats
             ).metrics
     task_cfg = (context.config or {}).get("task", {})
     if out_dir is None:

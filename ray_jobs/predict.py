@@ -5,7 +5,8 @@ file under a shard folder (``shards``, labels optional), are read with ``ray.dat
 and scored by ``map_batches`` over a pool of ``actors`` model actors (CPU or GPU), each loading
 the checkpoint once. Each actor validates its batches with the inference rules of
 ``dipro.data.schema``, pads them with the project's one collate and normalises them with the
-statistics stored in the checkpoint (those of its training data), then turns the model's output
+statistics stored in the checkpoint (those of its training data; a federated model normalised
+at each site: those of the scored dataset's training split), then turns the model's output
 into prediction rows (``dipro.prediction``). The driver gathers the rows, sorts them by
 ``sample_id`` and writes ``{out_dir}/predictions.parquet`` and ``predictions.json`` (counts,
 missing-input flags, throughput, checkpoint identity), each atomically; a rerun refuses an
@@ -21,6 +22,7 @@ command runs through ``ray job submit -- python -m ray_jobs.predict ...``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -39,11 +41,12 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from dipro import storage
-from dipro.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from dipro.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_checkpoint
 from dipro.config import exit_on
 from dipro.data.collate import collate
+from dipro.data.normalize import NormStats
 from dipro.data.schema import VERSION_KEY, SchemaError, schema_version_of, upgrade, validate
-from dipro.data.shards import list_shards, read_table
+from dipro.data.shards import list_shards, read_manifest, read_table
 from dipro.engine import predict
 from dipro.explain import write_explanation
 from dipro.prediction import checkpoint_identity, prediction_table
@@ -69,8 +72,10 @@ class PredictActor:
         identity: Mapping[str, str],
         device: str = "cpu",
         amp: str | None = None,
+        norm_stats: Mapping[str, Any] | None = None,
     ) -> None:
-        self.model, self.meta = load_checkpoint(checkpoint, map_location=device)
+        self.model, meta = load_checkpoint(checkpoint, map_location=device)
+        self.meta = with_stats(meta, norm_stats)
         self.model.to(device)
         self.version = str(schema_version).encode()
         self.identity = dict(identity)
@@ -91,6 +96,35 @@ class PredictActor:
             amp_dtype=self.amp,
         )
         return prediction_table(predictions, columns, self.identity)
+
+
+def with_stats(meta: CheckpointMeta, norm_stats: Mapping[str, Any] | None) -> CheckpointMeta:
+    """``meta`` normalising with ``norm_stats`` (``NormStats.to_dict``) when given."""
+    if norm_stats is None:
+        return meta
+    return dataclasses.replace(meta, norm_stats=NormStats.from_dict(norm_stats))
+
+
+def scoring_stats(
+    checkpoint: str, cfg: DictConfig, task: str, train_root: str | None
+) -> dict[str, Any] | None:
+    """None: the records are normalised with the checkpoint's statistics. A federated model
+    normalised at each site carries none; it is scored as a site does, with the statistics of
+    the scored dataset's training split (its manifest), so a folder of shards without one
+    cannot be scored."""
+    training = read_checkpoint(checkpoint)["training"]
+    if training.get("norm_stats") is not None:
+        return None
+    if not (training.get("extra") or {}).get("site_normalisation"):
+        raise PredictionError(f"{checkpoint}: carries no normalisation statistics")
+    root = cfg.data.root or train_root
+    if cfg.shards or root is None:
+        raise PredictionError(
+            f"{checkpoint}: a federated model normalised at each site; score a shard dataset "
+            "(data.root=...), whose manifest has the statistics of its training split, not "
+            "a folder of shards"
+        )
+    return read_manifest(root, task).norm().to_dict()
 
 
 def check_records(table: pa.Table, task: str, region_mode: str, source: str) -> None:
@@ -172,16 +206,19 @@ def run_prediction(cfg: DictConfig) -> str:
     context = run_context(checkpoint)
     train_root = (context.config or {}).get("data", {}).get("root")
     paths, name = input_paths(cfg, task, train_root)
+    stats = scoring_stats(checkpoint, cfg, task, train_root)
     out_dir = _out_dir(cfg, checkpoint, context.run_dir, name)
     if cfg.explain is not None:
-        return explain(checkpoint, paths, str(cfg.explain), out_dir, device=str(cfg.device))
+        return explain(
+            checkpoint, paths, str(cfg.explain), out_dir, device=str(cfg.device), norm_stats=stats
+        )
     target = storage.join(out_dir, PREDICTIONS_FILE)
     if storage.exists(target) and not cfg.overwrite:
         raise PredictionError(f"{target} exists; pass overwrite=true to replace it")
     version = dataset_version(paths)
     identity = checkpoint_identity(checkpoint)
     ensure_ray(cfg, local_num_cpus(cfg))
-    table, seconds = score(cfg, checkpoint, paths, version, identity)
+    table, seconds = score(cfg, checkpoint, paths, version, identity, stats)
     _write_parquet(target, table)
     summary = {
         "rows": table.num_rows,
@@ -219,6 +256,7 @@ def score(
     paths: list[str],
     version: int,
     identity: Mapping[str, str],
+    norm_stats: Mapping[str, Any] | None = None,
 ) -> tuple[pa.Table, float]:
     """The prediction rows of every record of ``paths``, sorted by sample_id, and the seconds
     the pipeline took (read, score and gather)."""
@@ -234,6 +272,7 @@ def score(
             "identity": dict(identity),
             "device": str(cfg.device),
             "amp": cfg.amp,
+            "norm_stats": norm_stats,
         },
         batch_size=int(cfg.batch_size),
         batch_format="pyarrow",
@@ -256,7 +295,13 @@ def _write_parquet(target: str, table: pa.Table) -> None:
 
 
 def explain(
-    checkpoint: str, paths: list[str], sample_id: str, out_dir: str, *, device: str = "cpu"
+    checkpoint: str,
+    paths: list[str],
+    sample_id: str,
+    out_dir: str,
+    *,
+    device: str = "cpu",
+    norm_stats: Mapping[str, Any] | None = None,
 ) -> str:
     """Write ``{out_dir}/explain-{sample_id}.png`` for one record of ``paths``; returns it."""
     if storage.is_remote(out_dir):
@@ -264,7 +309,7 @@ def explain(
     record = find_record(paths, sample_id)
     model, meta = load_checkpoint(checkpoint, map_location=device)
     target = os.path.join(out_dir, f"explain-{sample_id}.png")
-    write_explanation(model, meta, record, target, device=device)
+    write_explanation(model, with_stats(meta, norm_stats), record, target, device=device)
     return target
 
 

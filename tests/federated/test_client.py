@@ -30,8 +30,7 @@ def _global_model(cfg):
 
 
 def _message(cfg, model, message_type=MessageType.TRAIN, **extra) -> Message:
-    manifest = read_manifest(cfg["data"]["root"], cfg["task"]["name"])
-    config = train_config_record(site_config(cfg, manifest), round_offset=0)
+    config = train_config_record(site_config(cfg), round_offset=0)
     config["server-round"] = 1
     for key, value in extra.items():
         config[key] = value
@@ -148,5 +147,5 @@ def test_the_injected_fault_fails_only_its_hospital_in_its_round(tiny_data_root,
 
 def test_config_record_is_plain(tiny_data_root, tmp_path):
     cfg = compose(tiny_data_root, tmp_path)
-    record = train_config_record(site_config(cfg, read_manifest(tiny_data_root, "mortality")), 2)
+    record = train_config_record(site_config(cfg), 2)
     assert isinstance(record, ConfigRecord) and record["round-offset"] == 2

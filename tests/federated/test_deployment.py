@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dipro.checkpoint import load_checkpoint
+from dipro.data.shards import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -257,7 +258,6 @@ def test_tls_and_node_auth_deployment_runs_one_round(tiny_data_root, tmp_path, p
             f"data.root={tiny_data_root}",
             f"out_dir={out}",
             "federated.num_rounds=1",
-            "federated.fraction_evaluate=0",
             "federated.min_sites=2",
             "federated.wait_for_sites_s=120",
         ]
@@ -277,8 +277,12 @@ def test_tls_and_node_auth_deployment_runs_one_round(tiny_data_root, tmp_path, p
     status = _until(f"run {run_id} to finish", time.monotonic() + 420, finished)
     assert status == "finished:completed", processes.log("superlink")
 
-    (line,) = [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()][1:]
-    assert line["sites"] == {"sampled": 2, "updated": 2, "failures": []}, "site 2 joined"
+    (line,) = [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()]
+    assert line["sites"]["sampled"] == line["sites"]["updated"] == 2, "site 2 joined"
+    assert line["sites"]["evaluated"] == 2 and not line["sites"]["train_failures"]
     report = json.loads((out / "metrics.json").read_text())
     assert report["task"] == TASK and report["rounds"] == 1
     assert load_checkpoint(report["final_checkpoint"])[1].extra["round"] == 1
+    assert sorted(s["num_examples"] for s in report["site_test"]["sites"]) == sorted(
+        read_manifest(tiny_data_root, TASK).counts["test"][str(h)] for h in (0, 1)
+    )

@@ -5,6 +5,7 @@ unreachable minimum of sites."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 from conftest import TASK, compose
 
 from dipro.checkpoint import load_checkpoint
-from dipro.data.shards import list_shards
+from dipro.data.normalize import NORM_COLUMNS, fit_norm_stats
+from dipro.data.shards import list_shards, read_manifest, read_table
 from dipro.evaluation import evaluate_checkpoint
 from federated.simulate import FederatedRunError, run_federated
 
@@ -23,35 +25,65 @@ def _rounds(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "round_metrics.jsonl").read_text().splitlines()]
 
 
+def _site_scores(data_root: Path, checkpoint: str, split: str) -> list[tuple[int, float]]:
+    """(count, AUROC) of ``checkpoint`` on each hospital's ``split``, normalised with that
+    hospital's own training statistics, as each site scores it."""
+    manifest = read_manifest(data_root, TASK)
+    out = []
+    for hospital in manifest.hospitals:
+        train = list_shards(data_root, TASK, "train", hospitals=[hospital])
+        stats = fit_norm_stats(read_table([p], NORM_COLUMNS) for p in train)
+        paths = list_shards(data_root, TASK, split, hospitals=[hospital])
+        scored = evaluate_checkpoint(checkpoint, paths, batch_size=16, norm_stats=stats)
+        out.append((len(scored.predictions), scored.metrics["auroc"]))
+    return sorted(out)
+
+
+def _weighted(entries: list[dict], key: str) -> float:
+    finite = [(e["num_examples"], e[key]) for e in entries if math.isfinite(e[key])]
+    if not finite:
+        return math.nan  # e.g. AUROC where no site's split has both classes
+    return sum(n * v for n, v in finite) / sum(n for n, _ in finite)
+
+
 def test_three_sites_two_rounds_then_resume(tiny_data_root, tmp_path):
     out = tmp_path / "run"
     cfg = compose(tiny_data_root, out, "federated.num_rounds=2", "simulation.timeout_s=900")
     result = run_federated(cfg)
 
     rounds = _rounds(out)
-    assert [r["round"] for r in rounds] == [0, 1, 2]
-    for r in rounds[1:]:
-        assert r["sites"] == {"sampled": 3, "updated": 3, "failures": []}
-        assert r["train/loss"] > 0 and "val/auroc" in r and "sites/val/loss" in r
+    assert [r["round"] for r in rounds] == [1, 2]  # the coordinator has no data to score round 0
+    val_counts = read_manifest(tiny_data_root, TASK).counts["val"]
+    for r in rounds:
+        sites = r["sites"]
+        assert (sites["sampled"], sites["updated"], sites["evaluated"]) == (3, 3, 3)
+        assert sites["train_failures"] == sites["evaluate_failures"] == []
+        assert sorted(s["num_examples"] for s in sites["val"]) == sorted(val_counts.values())
+        assert r["train/loss"] > 0
+        assert r["val/loss"] == pytest.approx(_weighted(sites["val"], "loss"))
+        assert r["val/auroc"] == pytest.approx(_weighted(sites["val"], "auroc"), nan_ok=True)
     model, meta = load_checkpoint(result.final_checkpoint)
     assert meta.task == TASK and meta.epoch == 2 and meta.extra["round"] == 2
-    assert meta.norm_stats is not None
+    assert meta.norm_stats is None and meta.extra["site_normalisation"]
     report = json.loads((out / "metrics.json").read_text())
     assert {"task", "run_name", "seed", "best_checkpoint", "val", "test"} <= set(report)
-    assert report["task"] == TASK and report["rounds"] == 2
-    assert set(report["test"]) >= {"auroc", "auprc"}
-    rescored = evaluate_checkpoint(
-        report["best_checkpoint"], list_shards(tiny_data_root, TASK, "test"), batch_size=16
-    )
-    assert rescored.metrics == pytest.approx(report["test"], nan_ok=True)
+    assert report["task"] == TASK and report["rounds"] == 2 and report["selected_on"] == "sites"
+    site_test = report["site_test"]
+    reported = sorted((s["num_examples"], s["auroc"]) for s in site_test["sites"])
+    rescored = _site_scores(tiny_data_root, report["best_checkpoint"], "test")
+    assert [n for n, _ in reported] == [n for n, _ in rescored]
+    assert [a for _, a in reported] == pytest.approx([a for _, a in rescored], nan_ok=True)
+    assert report["test"] == site_test["aggregate"]
+    assert sum(math.isfinite(a) for _, a in reported) >= 2  # two sites' test splits: both classes
+    assert report["test"]["auroc"] == pytest.approx(_weighted(site_test["sites"], "auroc"))
 
     # started again with one round more, it plays only round 3
     resumed = run_federated(
         compose(tiny_data_root, out, "federated.num_rounds=3", "simulation.timeout_s=900")
     )
     again = _rounds(out)
-    assert [r["round"] for r in again] == [0, 1, 2, 3]
-    assert again[:3] == rounds, "finished rounds were played again instead of resumed"
+    assert [r["round"] for r in again] == [1, 2, 3]
+    assert again[:2] == rounds, "finished rounds were played again instead of resumed"
     assert resumed.rounds == 3 and load_checkpoint(resumed.final_checkpoint)[1].epoch == 3
 
 
@@ -61,15 +93,15 @@ def test_a_failing_site_is_logged_and_the_round_completes(tiny_data_root, tmp_pa
         tiny_data_root,
         out,
         "federated.num_rounds=1",
-        "federated.fraction_evaluate=0",
         "+federated.fail_at={hospital: 1, round: 1}",
         "simulation.timeout_s=900",
     )
     result = run_federated(cfg)
 
-    (line,) = _rounds(out)[1:]
+    (line,) = _rounds(out)
     assert line["sites"]["sampled"] == 3 and line["sites"]["updated"] == 2
-    (failure,) = line["sites"]["failures"]
+    assert line["sites"]["evaluated"] == 3  # the fault is in training only
+    (failure,) = line["sites"]["train_failures"]
     assert failure["reason"] == "site failed: injected-fault"
     log = (out / "simulation.log").read_text()
     assert "failed to train: site failed: injected-fault" in log

@@ -42,9 +42,7 @@ def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 def _ask(cfg, partition: int, message_type=MessageType.TRAIN) -> Message:
     torch.manual_seed(0)
     model = build_model(cfg["model"], cfg["task"]["name"])
-    config = train_config_record(
-        site_config(cfg, read_manifest(cfg["data"]["root"], "mortality")), 0
-    )
+    config = train_config_record(site_config(cfg), 0)
     config["server-round"] = 1
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
     msg = Message(content=content, dst_node_id=7, message_type=message_type)
@@ -250,12 +248,17 @@ def test_a_bad_record_at_one_site_and_too_little_val_data_at_others_leak_nothing
     result = run_federated(cfg)
 
     assert result.rounds == 1
-    (line,) = [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()][1:]
-    assert line["sites"]["sampled"] == 3 and line["sites"]["updated"] == 2
-    reasons = {f["reason"] for f in line["sites"]["failures"]}  # training and evaluation
-    assert reasons == {"site failed: site-data", "site failed: too-few-examples"}
-    assert line["train/loss"] > 0 and "val/auprc" in line  # the round went on and was scored
-    assert "sites/val/loss" in line  # hospital 0 has enough validation samples and reported
+    (line,) = [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()]
+    sites = line["sites"]
+    assert sites["sampled"] == 3 and sites["updated"] == 2
+    assert [f["reason"] for f in sites["train_failures"]] == ["site failed: site-data"]
+    reasons = sorted(f["reason"] for f in sites["evaluate_failures"])
+    assert reasons == ["site failed: site-data", "site failed: too-few-examples"]
+    # hospital 0 has enough validation samples: it alone scored the round
+    (reported,) = sites["val"]
+    assert reported["num_examples"] == val_counts["0"] == minimum
+    assert line["train/loss"] > 0
+    assert line["val/loss"] == reported["loss"] and "auprc" in reported
     for path in out.rglob("*"):
         if path.is_file():
             text = path.read_bytes().decode("utf-8", errors="ignore")

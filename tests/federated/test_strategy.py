@@ -14,7 +14,8 @@ from flwr.serverapp.strategy import (
 )
 
 from dipro import checkpoint as ckpt_io
-from federated.config import ConfigError, check_config
+from federated.config import ConfigError
+from federated.simulate import run_federated
 from federated.strategy import ServerOptimizerState, build_strategy
 
 
@@ -72,10 +73,13 @@ def test_fedadam_moments_survive_a_checkpoint(tiny_data_root, tmp_path):
     [
         ("federated.num_rounds=0", "num_rounds"),
         ("federated.fraction_train=0", "fraction_train"),
-        ("data.root=/nonexistent/shards", "/nonexistent/shards"),
-        ("model.region_mode=features", "region_mode"),
+        ("federated.fraction_evaluate=0", "nothing would score the rounds"),
+        ("data.root=/nonexistent/shards", "data.root: .*/nonexistent/shards"),
+        ("server.eval_data=/nonexistent/held-out", "server.eval_data: .*/nonexistent/held-out"),
+        ("model.region_mode=features", "data.root.* stores crops"),
     ],
 )
 def test_bad_config_fails_before_any_site_is_contacted(tiny_data_root, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
-        check_config(compose(tiny_data_root, tmp_path, override))
+        run_federated(compose(tiny_data_root, tmp_path / "run", override))
+    assert not (tmp_path / "run").exists()

@@ -13,9 +13,11 @@ from conftest import CONFIGS, TINY_MODEL, compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from dipro.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dipro.data.mimic.readers import image_path
 from dipro.data.schema import SCHEMA
 from dipro.data.shards import list_shards, read_manifest, read_table
+from dipro.evaluation import evaluate_checkpoint
 from dipro.metrics import compute_metrics
 from dipro.prediction import predictions_from_table
 from ray_jobs.evaluate import evaluate_to_report
@@ -144,3 +146,43 @@ def test_raw_mimic_tree_predictions_name_its_images(tiny_checkpoint, tmp_path):
         for dicom, study in zip(row["dicom_ids"], row["study_ids"], strict=True):
             path = image_path(tree.mimic_cxr, row["subject_id"], study, dicom)
             assert path.is_file() and (tree.mimic_cxr / "files") in path.parents, path
+
+
+def test_a_site_normalised_federated_model_is_scored_with_the_datasets_own_statistics(
+    tiny_checkpoint, tiny_data_root, tmp_path
+):
+    """A federated checkpoint carries no normalisation statistics (each site used its own):
+    evaluation and prediction on a dataset use that dataset's training statistics, which for
+    this model's own data reproduces the central checkpoint exactly; a bare folder of shards,
+    which has none, is refused."""
+    model, meta = load_checkpoint(tiny_checkpoint)
+    federated = tmp_path / "federated" / "best.pt"
+    save_checkpoint(
+        federated, model, model_cfg=meta.model_cfg, task=meta.task,
+        extra={"round": 3, "site_normalisation": True},
+    )  # fmt: skip
+    test = list_shards(tiny_data_root, TASK, "test")
+    with pytest.raises(CheckpointError, match="carries no normalisation statistics"):
+        evaluate_checkpoint(federated, test)
+    stats = read_manifest(tiny_data_root, TASK).norm()
+    assert evaluate_checkpoint(federated, test, norm_stats=stats).metrics == pytest.approx(
+        evaluate_checkpoint(tiny_checkpoint, test).metrics, nan_ok=True
+    )
+    report = evaluate_to_report(federated, tiny_data_root, split="test", out_dir=tmp_path / "r")
+    central = evaluate_to_report(tiny_checkpoint, tiny_data_root, split="test",
+                                 out_dir=tmp_path / "c")  # fmt: skip
+    assert json.loads((report.parent / "metrics.json").read_text())["metrics"] == pytest.approx(
+        json.loads((central.parent / "metrics.json").read_text())["metrics"], nan_ok=True
+    )
+    rows = pq.read_table(
+        run_prediction(
+            _predict_cfg(f"checkpoint={federated}", f"data.root={tiny_data_root}",
+                         f"out_dir={tmp_path / 'p'}")
+        )
+    )  # fmt: skip
+    assert rows.num_rows == len(read_table(test))
+    with pytest.raises(PredictionError, match="normalised at each site"):
+        run_prediction(
+            _predict_cfg(f"checkpoint={federated}", f"shards={tiny_data_root / TASK}",
+                         f"out_dir={tmp_path / 'q'}")
+        )  # fmt: skip
