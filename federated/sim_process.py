@@ -8,12 +8,14 @@ number). This process is the coordinator's: it reads no data, the sites (Ray act
 Exit status 0 when the run finished, 1 with a ``federated run failed:`` line when it did not.
 
 It dies with its launcher, for any reason the launcher exits (a SIGKILL of the launcher's
-process group included): the kernel sends it SIGTERM (``PR_SET_PDEATHSIG``), and a watcher
-thread checks the parent too, in case the signal cannot be handled at once. Either way it sends
-SIGTERM to its whole process group (Ray's GCS, raylet and workers and the node agents, which
-exit at once on a raylet's SIGTERM but wait a minute on the dead GCS after a raylet's SIGKILL),
-then SIGKILL a few seconds later to every descendant and the group, itself included, so no
-orphan ever goes on writing the run directory. The launcher's pid is ``DIPRO_LAUNCHER_PID``.
+process group included): the kernel sends it SIGUSR1 (``PR_SET_PDEATHSIG``; not SIGTERM, which
+Ray's in-process driver handles itself), and a watcher thread checks the parent too, in case
+the signal cannot be handled at once. Either way it sends SIGTERM to every process of its
+session (Ray's GCS, raylet and workers and the node agents, which exit at once on a raylet's
+SIGTERM but wait a minute on the dead GCS after a raylet's SIGKILL), but not to itself: the
+stop must outlive Ray's teardown. A few seconds later they, and then its process group with
+itself, get SIGKILL, so no orphan ever goes on writing the run directory. The launcher's pid
+is ``DIPRO_LAUNCHER_PID``.
 """
 
 from __future__ import annotations
@@ -45,13 +47,14 @@ _stopping = threading.Lock()
 
 
 def die_with_launcher() -> None:
-    """Stop this process group when the parent exits (Linux): SIGTERM from the kernel
+    """Stop this process group when the parent exits (Linux): SIGUSR1 from the kernel
     (``PR_SET_PDEATHSIG``) or the watcher thread, whichever comes first; stop now if the
     launcher is already gone (it died before this process asked)."""
     launcher = int(os.environ.get(LAUNCHER_PID_ENV, os.getppid()))
     signal.signal(signal.SIGTERM, lambda *_: _stop_process_group())
+    signal.signal(signal.SIGUSR1, lambda *_: _stop_process_group())
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != launcher:
         _stop_process_group()
@@ -65,36 +68,48 @@ def _watch_parent(launcher: int) -> None:
 
 
 def _stop_process_group() -> None:
-    """SIGTERM to this process group (Ray ends gracefully, its agents with it), SIGKILL to
-    whatever is left, this process included, after ``_GRACE_S``. Ray's node agents run in
-    sessions of their own and wait a minute on a dead GCS when the raylet is killed mid-work
-    before it could stop them, so every descendant found before the SIGTERM gets the SIGKILL
-    too. Runs in the main thread (the signal handler) or the watcher thread, so it sets no
-    signal disposition."""
+    """SIGTERM to every other process of this session (Ray ends gracefully, its agents with
+    it), SIGKILL to them after ``_GRACE_S``, then to this process group, this process included.
+    Ray's node agents may have been reparented away from their raylet, so the session is what
+    is stopped, not only the descendants. Runs in the main thread (a signal handler) or the
+    watcher thread, so it sets no signal disposition."""
     if not _stopping.acquire(blocking=False):
-        return  # this process's own SIGTERM, or the other of the two paths: already stopping
-    family = _descendants(os.getpid())
-    os.killpg(0, signal.SIGTERM)
-    time.sleep(_GRACE_S)
-    for pid in family:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
+        return  # the other of the two paths: already stopping
+    family = _session_members(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in family:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                continue
+        if sig == signal.SIGTERM:
+            time.sleep(_GRACE_S)
     os.killpg(0, signal.SIGKILL)
 
 
-def _descendants(root: int) -> set[int]:
-    """The live descendants of ``root`` (from ``/proc/*/stat``)."""
+def _await_stop() -> None:
+    """Wait for the end when the watcher thread is stopping the process group: the simulation
+    it tears down returns here, and exiting now would end the watcher before its SIGKILLs."""
+    while _stopping.locked():
+        time.sleep(_WATCH_INTERVAL_S)
+
+
+def _session_members(root: int) -> set[int]:
+    """The live descendants of ``root`` and the other processes of its session, from
+    ``/proc/*/stat``."""
     children: dict[int, list[int]] = {}
+    session = os.getsid(root)
+    found: set[int] = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue  # gone meanwhile
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found: set[int] = set()
-    frontier = [root]
+        pid = int(stat.parent.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        if int(fields[3]) == session and pid != root:
+            found.add(pid)
+    frontier = [root, *found]
     while frontier:
         for child in children.get(frontier.pop(), []):
             if child not in found:
@@ -129,10 +144,12 @@ def main(argv: list[str]) -> int:
     try:
         simulate(cfg)
     except Exception as err:
+        _await_stop()
         traceback.print_exc()
         cause = _root_cause(err)
         print(f"{FAILED} {type(cause).__name__}: {cause}", file=sys.stderr, flush=True)
         return 1
+    _await_stop()
     if not storage.exists(storage.join(cfg["out_dir"], REPORT_FILE)):
         print(
             f"{FAILED} the simulation ended without {REPORT_FILE} (see the log above)",
