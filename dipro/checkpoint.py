@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -93,15 +93,20 @@ def save_checkpoint(
     norm_stats: NormStats | None = None,
     class_weights: ClassWeights | None = None,
     extra: Mapping[str, Any] | None = None,
+    exclude: Collection[str] = (),
 ) -> str:
     """Write a checkpoint of ``model`` (DDP-wrapped or not) atomically to ``path``; returns it.
 
     ``model_cfg`` is the resolved model config the model was built from (``build_model``'s
-    input); an OmegaConf node is converted to plain containers.
+    input); an OmegaConf node is converted to plain containers. ``exclude``: state-dict keys
+    left out of the weights (a federated model's site-local layers, listed in
+    ``extra["site_local_keys"]``; such a checkpoint loads only where they are added back).
     """
     if task not in vocab.TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {vocab.TASKS}")
-    weights = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    weights = {
+        k: v.detach().cpu() for k, v in unwrap(model).state_dict().items() if k not in exclude
+    }
     training = {
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
@@ -198,9 +203,16 @@ def load_checkpoint(
             model = build_model({**model_cfg, "pretrained_weights": None}, task)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{where}: its model config does not build: {err}") from err
+    training = payload["training"]
+    held = (training.get("extra") or {}).get("site_local_keys")
+    if held:
+        raise CheckpointError(
+            f"{where}: a federated model whose {len(held)} site-local parameters and buffers "
+            "(federated.local, e.g. FedBN's BatchNorm layers) stay at the sites; each site "
+            "scores it with its own"
+        )
     load_weights(model, payload["weights"], where)
     model.eval()
-    training = payload["training"]
     meta = CheckpointMeta(
         path=where,
         task=task,

@@ -9,6 +9,10 @@ round) or test split (the selected model, at the end). No record, identifier, la
 prediction or statistic of a patient is sent; the site's normalisation statistics and class
 weights stay at the site.
 
+With site-local layers (``federated.local``, FedBN) the arrays in and out hold only the global
+keys; the site adds its own local part (``federated.local_state``) before training or
+evaluating and writes it back, at the site, after training.
+
 With the server's DP wrapper on, the server asks for clipping and Flower's ``fixedclipping_mod``
 clips the update (new weights minus the global weights) to the asked L2 norm before it leaves.
 
@@ -42,6 +46,7 @@ from dipro.checkpoint import CheckpointError
 from dipro.config import ConfigError
 from dipro.data.schema import SchemaError
 from federated.config import EVAL_SPLIT_KEY, read_site_config
+from federated.local_state import load_local, save_local, state_dir
 from federated.site import (
     InjectedSiteFault,
     SiteConfigError,
@@ -146,12 +151,26 @@ def _scalars(values: dict[str, float], prefix: str) -> dict[str, float]:
 def _trained_state(
     model: torch.nn.Module, received: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """The trained state dict, with integer buffers (BatchNorm's step counters, unused with a
-    momentum) as received: they would count the site's local steps and escape DP clipping."""
+    """The trained state dict of the keys received (site-local layers stay here), with integer
+    buffers (BatchNorm's step counters, unused with a momentum) as received: they would count
+    the site's local steps and escape DP clipping."""
     return {
         key: value if value.is_floating_point() else received[key]
         for key, value in model.state_dict().items()
+        if key in received
     }
+
+
+def _local_layers(
+    context: Context, cfg: Mapping[str, Any], run_round: int
+) -> tuple[Path | None, dict[str, torch.Tensor] | None]:
+    """Where this site keeps its local layers and their state as of ``run_round`` (None, None
+    when the run keeps nothing local)."""
+    spec = cfg["federated"].get("local") or {}
+    if not (spec.get("batch_norm") or spec.get("layers")):
+        return None, None
+    directory = state_dir(context.node_config, cfg)
+    return directory, load_local(directory, run_round)
 
 
 @app.train(mods=[clip_update_when_asked])
@@ -163,7 +182,8 @@ def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(int(cfg["federated"]["threads"]))
         site = site_of(context.node_config, cfg)
         state = msg.content["arrays"].to_torch_state_dict()
-        model = model_from_state(cfg, state, f"the global model of round {server_round}")
+        directory, own = _local_layers(context, cfg, server_round - 1)
+        model = model_from_state(cfg, state, f"the global model of round {server_round}", own)
         stats = train_site(
             model,
             site,
@@ -172,6 +192,9 @@ def train(msg: Message, context: Context) -> Message:
             prox_mu=float(config.get("proximal-mu", 0.0)),
         )
         _enough(cfg, stats["samples"])
+        if directory is not None:
+            trained = model.state_dict()
+            save_local(directory, server_round, {k: trained[k] for k in trained if k not in state})
         metrics = {"num-examples": int(stats["samples"]), **_scalars(stats, "train-")}
         content = RecordDict(
             {
@@ -196,7 +219,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         if not site.split_paths(split):
             raise TooFewExamples(f"no {split} shards at this site")
         state = msg.content["arrays"].to_torch_state_dict()
-        model = model_from_state(cfg, state, f"the global model of round {server_round}")
+        _, own = _local_layers(context, cfg, server_round)
+        model = model_from_state(cfg, state, f"the global model of round {server_round}", own)
         values = evaluate_site(model, site, cfg, split)
         _enough(cfg, values["samples"])
         metrics = {"num-examples": int(values["samples"]), **_scalars(values, "val-")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from omegaconf import OmegaConf
 
 from dipro.config import FEDERATED_SCHEMA, ConfigError, validate
 from dipro.data.shards import Manifest, read_manifest
+from dipro.model import build_model
+from federated.local_state import local_keys
 from federated.privacy import PrivacyBudget
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -59,6 +62,7 @@ def check_config(cfg: Mapping[str, Any]) -> Manifest | None:
             f"round ({budget.epsilon(1):.3f} at delta {budget.delta}, noise_multiplier "
             f"{budget.noise_multiplier}): raise the target or the noise"
         )
+    _check_local_layers(cfg)
     root = cfg["server"]["eval_data"]
     if root is None:
         if float(cfg["federated"]["fraction_evaluate"]) == 0.0:
@@ -74,6 +78,23 @@ def check_config(cfg: Mapping[str, Any]) -> Manifest | None:
             f"{cfg['server']['eval_split']} samples for the server to evaluate on"
         )
     return manifest
+
+
+def _check_local_layers(cfg: Mapping[str, Any]) -> None:
+    """``federated.local`` names layers of the model, and no coordinator scores a model whose
+    local layers it does not hold."""
+    spec = cfg["federated"].get("local") or {}
+    if not (spec.get("batch_norm") or spec.get("layers")):
+        return
+    if cfg["server"]["eval_data"] is not None:
+        raise ConfigError(
+            "federated.local keeps layers at the sites, so the coordinator cannot score the "
+            "model on server.eval_data: leave it null (the sites evaluate)"
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="model config: no pretrained_weights")
+        model = build_model({**cfg["model"], "pretrained_weights": None}, cfg["task"]["name"])
+    local_keys(model, spec)
 
 
 def dataset_manifest(cfg: Mapping[str, Any], root: str, key: str) -> Manifest:

@@ -58,6 +58,7 @@ from dipro.evaluation import evaluate_checkpoint
 from dipro.model import DiPro, build_model
 from dipro.runs import ROUND_METRICS_FILE, BestMetric, append_log, read_log
 from federated.config import check_config, site_config, train_config_record
+from federated.local_state import global_part, local_keys
 from federated.privacy import PrivacyBudget
 from federated.site import batches
 from federated.strategy import (
@@ -102,11 +103,13 @@ class RoundRecorder:
         round_offset: int,
         best_round: int | None,
         best_metric: float | None,
+        local: frozenset[str] = frozenset(),
         tracked: tuple[tracking.Tracker, str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.tracked = tracked
         self.model = model
+        self.local = local
         self.quorum = quorum
         self.server_state = server_state
         self.round_offset = round_offset
@@ -147,9 +150,10 @@ class RoundRecorder:
         run_round = self.round_offset + server_round
         if server_round == 0 and (self.round_offset > 0 or not self.eval_paths):
             return None  # resumed weights were scored when their round ended; no central set
-        ckpt_io.load_weights(
-            self.model, arrays.to_torch_state_dict(), f"the global model of round {run_round}"
-        )
+        load_global_part(
+            self.model, arrays.to_torch_state_dict(), self.local,
+            f"the global model of round {run_round}",
+        )  # fmt: skip
         sites = self.quorum.rounds.get(server_round, RoundSites())
         at_sites = {"val/" + metric_name(k): v for k, v in sites.evaluate_metrics.items()}
         if self.eval_paths:
@@ -209,6 +213,8 @@ class RoundRecorder:
             "metrics": val,
             "site_normalisation": self.norm_stats is None,
         }
+        if self.local:
+            extra["site_local_keys"] = sorted(self.local)
         targets = [BEST_CHECKPOINT, LAST_CHECKPOINT] if improved else [LAST_CHECKPOINT]
         for name in targets:
             ckpt_io.save_checkpoint(
@@ -221,12 +227,22 @@ class RoundRecorder:
                 best_metric=self.best.best,
                 norm_stats=self.norm_stats,
                 extra=extra,
+                exclude=self.local,
             )
 
 
 def _initial_model(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> DiPro:
     torch.manual_seed(int(cfg["seed"]))
     return build_model(model_cfg, cfg["task"]["name"])
+
+
+def load_global_part(
+    model: DiPro, weights: Mapping[str, torch.Tensor], local: frozenset[str], where: str
+) -> None:
+    """Load the global ``weights`` into ``model`` strictly; its site-local keys (which the server
+    never holds) keep the values they have."""
+    own = model.state_dict()
+    ckpt_io.load_weights(model, {**weights, **{k: own[k] for k in local}}, where)
 
 
 def _rounds_within_budget(cfg: Mapping[str, Any]) -> int:
@@ -253,6 +269,7 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     fed = cfg["federated"]
     num_rounds = _rounds_within_budget(cfg)
     model = _initial_model(cfg, sites_cfg["model"])
+    local = local_keys(model, fed.get("local"))
     base, quorum = build_strategy(cfg)
     server_state = ServerOptimizerState(base)
 
@@ -260,7 +277,7 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     done, best_round, best_metric = 0, None, None
     if storage.exists(last):
         payload = ckpt_io.read_checkpoint(last)
-        ckpt_io.load_weights(model, payload["weights"], last)
+        load_global_part(model, payload["weights"], local, last)
         training = payload["training"]
         done = int(training["extra"]["round"])
         best_round, best_metric = training["extra"]["best_round"], training["best_metric"]
@@ -288,12 +305,13 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
         round_offset=done,
         best_round=best_round,
         best_metric=best_metric,
+        local=local,
         tracked=tracked,
     )
     if done < num_rounds:
         quorum.start(
             grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
+            initial_arrays=ArrayRecord(global_part(model.state_dict(), local)),
             num_rounds=num_rounds - done,
             timeout=float(fed["round_timeout_s"]),
             train_config=train_config_record(sites_cfg, done),

@@ -41,6 +41,7 @@ from dipro.engine import build_optimizer, evaluate, train_epoch
 from dipro.losses import ClassWeights, LabelCounts, build_loss
 from dipro.model import build_model
 from dipro.seeds import stream_seed
+from federated.local_state import local_keys
 
 
 class SiteConfigError(ValueError):
@@ -163,10 +164,22 @@ def batches(
 
 
 def model_from_state(
-    cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], where: str
+    cfg: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    where: str,
+    local_part: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """The run's model with ``state`` loaded strictly (``dipro.checkpoint.load_weights``)."""
+    """The run's model with ``state`` loaded strictly (``dipro.checkpoint.load_weights``).
+
+    With site-local layers (``federated.local``) the server's ``state`` holds only the global
+    keys: the site adds its own ``local_part``, or before its first round the model's initial
+    values of them (the same at every site: the model is built from the run's seed)."""
+    torch.manual_seed(int(cfg["seed"]))
     model = build_model(cfg["model"], cfg["task"]["name"])
+    local = local_keys(model, cfg["federated"].get("local"))
+    if local:
+        own = model.state_dict() if local_part is None else local_part
+        state = {**state, **{k: own[k] for k in local if k in own}}
     load_weights(model, state, where)
     return model
 
