@@ -37,13 +37,17 @@ FEDERATED_RUNS: dict[str, list[str]] = {
     "fedavg": ["strategy=fedavg"],
     "fedprox": ["strategy=fedprox", "strategy.proximal_mu=0.01"],
     "fedbn": ["strategy=fedavg", "federated.local.batch_norm=true"],
-    "fedavg+dp(z=0.3)": [
+    "fedavg-dp-z0.3": [
         "strategy=fedavg", "federated.dp.enabled=true", "federated.dp.clipping_norm=5.0",
         "federated.dp.noise_multiplier=0.3",
     ],
-    "fedavg+dp(z=1.0)": [
+    "fedavg-dp-z1.0": [
         "strategy=fedavg", "federated.dp.enabled=true", "federated.dp.clipping_norm=5.0",
         "federated.dp.noise_multiplier=1.0",
+    ],
+    "fedbn-dp-z1.0": [
+        "strategy=fedavg", "federated.local.batch_norm=true", "federated.dp.enabled=true",
+        "federated.dp.clipping_norm=5.0", "federated.dp.noise_multiplier=1.0",
     ],
 }  # fmt: skip
 
