@@ -234,6 +234,12 @@ def load_checkpoint(
     return model, meta
 
 
+def normalised_at_sites(payload: Mapping[str, Any]) -> bool:
+    """Whether the checkpoint (``read_checkpoint``'s dict) is a federated model normalised at
+    each site with its own statistics, so that it carries none (``extra.site_normalisation``)."""
+    return bool((payload["training"].get("extra") or {}).get("site_normalisation"))
+
+
 def check_matches(
     payload: Mapping[str, Any],
     where: str,

@@ -46,7 +46,7 @@ from dipro.checkpoint import CheckpointError
 from dipro.config import ConfigError
 from dipro.data.schema import SchemaError
 from federated.config import EVAL_SPLIT_KEY, read_site_config
-from federated.local_state import load_local, save_local, state_dir
+from federated.local_state import keeps_layers, load_local, save_local, state_dir
 from federated.site import (
     InjectedSiteFault,
     SiteConfigError,
@@ -166,8 +166,7 @@ def _local_layers(
 ) -> tuple[Path | None, dict[str, torch.Tensor] | None]:
     """Where this site keeps its local layers and their state as of ``run_round`` (None, None
     when the run keeps nothing local)."""
-    spec = cfg["federated"].get("local") or {}
-    if not (spec.get("batch_norm") or spec.get("layers")):
+    if not keeps_layers(cfg["federated"].get("local")):
         return None, None
     directory = state_dir(context.node_config, cfg)
     return directory, load_local(directory, run_round)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from dipro.config import FEDERATED_SCHEMA, ConfigError, validate
 from dipro.data.shards import Manifest, read_manifest
 from dipro.model import build_model
-from federated.local_state import local_keys
+from federated.local_state import keeps_layers, local_keys
 from federated.privacy import PrivacyBudget
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -83,8 +83,8 @@ def check_config(cfg: Mapping[str, Any]) -> Manifest | None:
 def _check_local_layers(cfg: Mapping[str, Any]) -> None:
     """``federated.local`` names layers of the model, and no coordinator scores a model whose
     local layers it does not hold."""
-    spec = cfg["federated"].get("local") or {}
-    if not (spec.get("batch_norm") or spec.get("layers")):
+    spec = cfg["federated"].get("local")
+    if not keeps_layers(spec):
         return
     if cfg["server"]["eval_data"] is not None:
         raise ConfigError(

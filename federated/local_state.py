@@ -32,6 +32,11 @@ from dipro.config import ConfigError
 STATE_FILE = "round-{round}.pt"
 
 
+def keeps_layers(spec: Mapping[str, Any] | None) -> bool:
+    """Whether ``federated.local`` keeps any layer at the sites."""
+    return bool(spec and (spec.get("batch_norm") or spec.get("layers")))
+
+
 def local_keys(model: nn.Module, spec: Mapping[str, Any] | None) -> frozenset[str]:
     """The state-dict keys of ``model`` that stay at the sites under ``federated.local``
     (``batch_norm``, ``layers``); empty when nothing is local. A layer prefix that names no
@@ -59,6 +64,16 @@ def global_part(
     """``state`` without the site-local keys."""
     keep = set(local)
     return {k: v for k, v in state.items() if k not in keep}
+
+
+def with_local(
+    weights: Mapping[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+    local: Iterable[str],
+) -> dict[str, torch.Tensor]:
+    """The global ``weights`` completed with the site-local keys' values from ``own`` (a
+    site's local part, or the model's current state): a whole state dict to load strictly."""
+    return {**weights, **{k: own[k] for k in local if k in own}}
 
 
 def state_dir(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Path:

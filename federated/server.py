@@ -58,7 +58,7 @@ from dipro.evaluation import evaluate_checkpoint
 from dipro.model import DiPro, build_model
 from dipro.runs import ROUND_METRICS_FILE, BestMetric, append_log, read_log
 from federated.config import check_config, site_config, train_config_record
-from federated.local_state import global_part, local_keys
+from federated.local_state import global_part, local_keys, with_local
 from federated.privacy import PrivacyBudget
 from federated.site import batches
 from federated.strategy import (
@@ -124,14 +124,11 @@ class RoundRecorder:
                 cfg["server"]["eval_data"], cfg["task"]["name"], cfg["server"]["eval_split"]
             )
         )
+        self.out_dir = str(cfg["out_dir"])
         self.started = time.monotonic()
 
     def _path(self, name: str) -> str:
         return storage.join(self.out_dir, name)
-
-    @property
-    def out_dir(self) -> str:
-        return str(self.cfg["out_dir"])
 
     def _central_val(self) -> dict[str, float]:
         metrics, _ = evaluate(
@@ -241,8 +238,7 @@ def load_global_part(
 ) -> None:
     """Load the global ``weights`` into ``model`` strictly; its site-local keys (which the server
     never holds) keep the values they have."""
-    own = model.state_dict()
-    ckpt_io.load_weights(model, {**weights, **{k: own[k] for k in local}}, where)
+    ckpt_io.load_weights(model, with_local(weights, model.state_dict(), local), where)
 
 
 def _rounds_within_budget(cfg: Mapping[str, Any]) -> int:

@@ -41,7 +41,7 @@ from dipro.engine import build_optimizer, evaluate, train_epoch
 from dipro.losses import ClassWeights, LabelCounts, build_loss
 from dipro.model import build_model
 from dipro.seeds import stream_seed
-from federated.local_state import local_keys
+from federated.local_state import local_keys, with_local
 
 
 class SiteConfigError(ValueError):
@@ -177,10 +177,8 @@ def model_from_state(
     torch.manual_seed(int(cfg["seed"]))
     model = build_model(cfg["model"], cfg["task"]["name"])
     local = local_keys(model, cfg["federated"].get("local"))
-    if local:
-        own = model.state_dict() if local_part is None else local_part
-        state = {**state, **{k: own[k] for k in local if k in own}}
-    load_weights(model, state, where)
+    own = model.state_dict() if local_part is None else local_part
+    load_weights(model, with_local(state, own, local), where)
     return model
 
 

@@ -211,20 +211,27 @@ def finite_weighted_mean(records: list[RecordDict], weighting_key: str) -> Metri
     """The sites' evaluation metrics aggregated: each metric's mean over the sites where it is
     finite, weighted by their ``weighting_key`` (examples). A site whose validation split has
     one class has no AUROC; the others' still count, instead of the aggregate being NaN."""
-    totals: dict[str, list[float]] = {}
+    rows = []
     for record in records:
         (metrics,) = record.metric_records.values()
-        weight = float(metrics[weighting_key])
-        for key, value in metrics.items():
-            if key == weighting_key:
-                continue
-            total = totals.setdefault(key, [0.0, 0.0])
-            if math.isfinite(float(value)):
-                total[0] += weight * float(value)
-                total[1] += weight
+        rows.append(metrics)
+    keys = dict.fromkeys(key for metrics in rows for key in metrics if key != weighting_key)
     return MetricRecord(
-        {key: value / weight if weight > 0 else math.nan for key, (value, weight) in totals.items()}
+        {
+            key: weighted_finite_mean(
+                (float(m[weighting_key]), float(m[key])) for m in rows if key in m
+            )
+            for key in keys
+        }
     )
+
+
+def weighted_finite_mean(pairs: Iterable[tuple[float, float]]) -> float:
+    """The mean of the finite values of ``(weight, value)`` pairs, weighted; NaN when no value
+    is finite (the sites' aggregation rule, ``finite_weighted_mean``)."""
+    finite = [(weight, value) for weight, value in pairs if math.isfinite(value)]
+    total = sum(weight for weight, _ in finite)
+    return sum(weight * value for weight, value in finite) / total if total > 0 else math.nan
 
 
 def build_strategy(cfg: Mapping[str, Any]) -> tuple[FedAvg, SiteQuorum]:

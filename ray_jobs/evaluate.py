@@ -25,7 +25,12 @@ import hydra
 from omegaconf import DictConfig
 
 from dipro import storage
-from dipro.checkpoint import CheckpointError, check_matches, read_checkpoint
+from dipro.checkpoint import (
+    CheckpointError,
+    check_matches,
+    normalised_at_sites,
+    read_checkpoint,
+)
 from dipro.config import EVALUATE_SCHEMA, exit_on, validate
 from dipro.data.schema import SchemaError
 from dipro.data.shards import ChecksumError, Manifest, list_shards, read_manifest, verify_shards
@@ -144,7 +149,7 @@ def evaluate_to_report(
     # The data it was trained on must still be that data; other data is scored with the
     # training statistics the checkpoint carries.
     own_data = manifest is not None and os.fspath(data_root) == os.fspath(train_root)
-    site_normalised = bool((payload["training"].get("extra") or {}).get("site_normalisation"))
+    site_normalised = normalised_at_sites(payload)
     try:
         eval_manifest = read_manifest(data_root, task)
         paths = list_shards(data_root, task, split)

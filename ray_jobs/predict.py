@@ -41,7 +41,13 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from dipro import storage
-from dipro.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_checkpoint
+from dipro.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    load_checkpoint,
+    normalised_at_sites,
+    read_checkpoint,
+)
 from dipro.config import exit_on
 from dipro.data.collate import collate
 from dipro.data.normalize import NormStats
@@ -106,16 +112,15 @@ def with_stats(meta: CheckpointMeta, norm_stats: Mapping[str, Any] | None) -> Ch
 
 
 def scoring_stats(
-    checkpoint: str, cfg: DictConfig, task: str, train_root: str | None
+    checkpoint: str, payload: Mapping[str, Any], cfg: DictConfig, train_root: str | None
 ) -> dict[str, Any] | None:
     """None: the records are normalised with the checkpoint's statistics. A federated model
     normalised at each site carries none; it is scored as a site does, with the statistics of
     the scored dataset's training split (its manifest), so a folder of shards without one
-    cannot be scored."""
-    training = read_checkpoint(checkpoint)["training"]
-    if training.get("norm_stats") is not None:
+    cannot be scored. ``payload``: the checkpoint's ``read_checkpoint`` dict."""
+    if payload["training"].get("norm_stats") is not None:
         return None
-    if not (training.get("extra") or {}).get("site_normalisation"):
+    if not normalised_at_sites(payload):
         raise PredictionError(f"{checkpoint}: carries no normalisation statistics")
     root = cfg.data.root or train_root
     if cfg.shards or root is None:
@@ -124,7 +129,7 @@ def scoring_stats(
             "(data.root=...), whose manifest has the statistics of its training split, not "
             "a folder of shards"
         )
-    return read_manifest(root, task).norm().to_dict()
+    return read_manifest(root, payload["task"]).norm().to_dict()
 
 
 def check_records(table: pa.Table, task: str, region_mode: str, source: str) -> None:
@@ -200,13 +205,14 @@ def run_prediction(cfg: DictConfig) -> str:
     (``predictions.parquet``, or the explanation PNG with ``cfg.explain``)."""
     try:
         checkpoint = resolve_checkpoint(cfg.checkpoint)
-        task = read_checkpoint(checkpoint)["task"]
+        payload = read_checkpoint(checkpoint)
     except (CheckpointError, ValueError) as err:
         raise PredictionError(str(err)) from err
+    task = payload["task"]
     context = run_context(checkpoint)
     train_root = (context.config or {}).get("data", {}).get("root")
     paths, name = input_paths(cfg, task, train_root)
-    stats = scoring_stats(checkpoint, cfg, task, train_root)
+    stats = scoring_stats(checkpoint, payload, cfg, train_root)
     out_dir = _out_dir(cfg, checkpoint, context.run_dir, name)
     if cfg.explain is not None:
         return explain(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -50,11 +49,6 @@ FEDERATED_RUNS: dict[str, list[str]] = {
         "federated.dp.clipping_norm=5.0", "federated.dp.noise_multiplier=1.0",
     ],
 }  # fmt: skip
-
-
-def _weighted(entries: list[tuple[int, float]]) -> float:
-    finite = [(n, v) for n, v in entries if math.isfinite(v)]
-    return sum(n * v for n, v in finite) / sum(n for n, _ in finite) if finite else math.nan
 
 
 def ensure_cohort(root: Path) -> None:
@@ -114,14 +108,16 @@ def federated(root: Path, out: Path, rounds: int, seed: int, extra: list[str]) -
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
+    from federated.strategy import weighted_finite_mean
+
     counts = sorted((n for n, _, _ in next(iter(results.values()))["sites"]), reverse=True)
     header = ["run", "AUROC (mean of sites)", "AUPRC (mean of sites)"]
     header += [f"site n={n} AUROC" for n in counts] + ["selected", "wall s", "epsilon"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, result in results.items():
         by_count = sorted(result["sites"], key=lambda s: -s[0])
-        auroc = _weighted([(n, a) for n, a, _ in by_count])
-        auprc = _weighted([(n, p) for n, _, p in by_count])
+        auroc = weighted_finite_mean((n, a) for n, a, _ in by_count)
+        auprc = weighted_finite_mean((n, p) for n, _, p in by_count)
         epsilon = result.get("epsilon")
         row = [name, f"{auroc:.3f}", f"{auprc:.3f}", *(f"{a:.3f}" for _, a, _ in by_count)]
         row += [result["selected"], f"{result['seconds']:.0f}",
