@@ -13,6 +13,10 @@ With site-local layers (``federated.local``, FedBN) the arrays in and out hold o
 keys; the site adds its own local part (``federated.local_state``) before training or
 evaluating and writes it back, at the site, after training.
 
+With secure aggregation on (``federated.secure``), the train handler runs unchanged inside
+Flower's SecAgg+ protocol (``federated.secure``): what leaves the site is its update, masked,
+and its scalar metrics.
+
 With the server's DP wrapper on, the server asks for clipping and Flower's ``fixedclipping_mod``
 clips the update (new weights minus the global weights) to the asked L2 norm before it leaves.
 
@@ -47,6 +51,7 @@ from dipro.config import ConfigError
 from dipro.data.schema import SchemaError
 from federated.config import EVAL_SPLIT_KEY, read_site_config
 from federated.local_state import keeps_layers, load_local, save_local, state_dir
+from federated.secure import SecureAggregationError, secure_when_asked
 from federated.site import (
     InjectedSiteFault,
     SiteConfigError,
@@ -66,6 +71,7 @@ FAILURE_CATEGORIES: Final[dict[str, int]] = {
     "too-few-examples": 3,  # fewer than federated.min_report_count examples
     "injected-fault": 4,  # federated.fail_at (tests)
     "site-error": 5,  # anything else
+    "secure-aggregation": 6,  # a step of the SecAgg+ protocol (federated.secure) failed
 }
 
 
@@ -79,6 +85,8 @@ def failure_category(err: BaseException) -> str:
         return "too-few-examples"
     if isinstance(err, InjectedSiteFault):
         return "injected-fault"
+    if isinstance(err, SecureAggregationError):
+        return "secure-aggregation"
     if isinstance(err, SiteConfigError | ConfigError | CheckpointError):
         return "site-config"
     if isinstance(err, SchemaError | OSError | pa.ArrowException | ValueError | KeyError):
@@ -138,6 +146,15 @@ def clip_update_when_asked(msg: Message, context: Context, call_next: ClientAppC
     return call_next(msg, context)
 
 
+def secure_round(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The SecAgg+ protocol's messages (``federated.secure``) through ``secure_when_asked``; a
+    failure of the protocol itself is logged here and leaves as its category only."""
+    try:
+        return secure_when_asked(msg, context, call_next)
+    except SecureAggregationError as err:
+        return _failed(msg, context, None, "aggregate securely", err)
+
+
 def _scalars(values: dict[str, float], prefix: str) -> dict[str, float]:
     """Scalar metrics under Flower-style keys (``loss/task`` -> ``{prefix}loss-task``); the
     per-finding breakdown stays at the site."""
@@ -172,7 +189,7 @@ def _local_layers(
     return directory, load_local(directory, run_round)
 
 
-@app.train(mods=[clip_update_when_asked])
+@app.train(mods=[secure_round, clip_update_when_asked])
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's shards; reply with its weights and scalars."""
 

@@ -24,6 +24,7 @@ from dipro.data.shards import Manifest, read_manifest
 from dipro.model import build_model
 from federated.local_state import keeps_layers, local_keys
 from federated.privacy import PrivacyBudget
+from federated.secure import check_secure
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 SITE_CONFIG_KEY = "dipro-config"
@@ -63,6 +64,7 @@ def check_config(cfg: Mapping[str, Any]) -> Manifest | None:
             f"{budget.noise_multiplier}): raise the target or the noise"
         )
     _check_local_layers(cfg)
+    check_secure(cfg)
     root = cfg["server"]["eval_data"]
     if root is None:
         if float(cfg["federated"]["fraction_evaluate"]) == 0.0:

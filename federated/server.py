@@ -13,6 +13,9 @@ it then scores each round's model on that dataset's ``server.eval_split`` and se
 (``val/*``), the sites' aggregate going to ``sites/val/*``; and its rounds start at 0 (the
 initial model scored).
 
+With ``federated.secure.enabled`` each round's training is a SecAgg+ round
+(``federated.secure.SecureGrid``): the server learns only the sites' weighted sum.
+
 Every round writes ``checkpoints/last.pt`` and, when the monitor improves,
 ``checkpoints/best.pt`` in the project's checkpoint format (atomic). The checkpoint's ``epoch``
 holds the round; ``extra`` the round, the best round and its metric. Normalisation: each site
@@ -60,6 +63,7 @@ from dipro.runs import ROUND_METRICS_FILE, BestMetric, append_log, read_log
 from federated.config import check_config, site_config, train_config_record
 from federated.local_state import global_part, local_keys, with_local
 from federated.privacy import PrivacyBudget
+from federated.secure import SecureGrid, build_workflow, secure_enabled
 from federated.site import batches
 from federated.strategy import (
     RoundSites,
@@ -306,7 +310,7 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     )
     if done < num_rounds:
         quorum.start(
-            grid=grid,
+            grid=SecureGrid(grid, build_workflow(cfg)) if secure_enabled(cfg) else grid,
             initial_arrays=ArrayRecord(global_part(model.state_dict(), local)),
             num_rounds=num_rounds - done,
             timeout=float(fed["round_timeout_s"]),
@@ -401,6 +405,11 @@ def write_report(cfg: Mapping[str, Any], site_test: RoundSites | None) -> Federa
         "strategy": cfg["strategy"]["name"],
         "local_epochs": int(cfg["federated"]["local_epochs"]),
     }
+    if secure_enabled(cfg):
+        report["secure_aggregation"] = {
+            "protocol": "SecAgg+ (flwr.server.workflow.SecAggPlusWorkflow)",
+            **cfg["federated"]["secure"],
+        }
     budget = PrivacyBudget.of_run(cfg)
     if budget is not None:
         report["privacy"] = {

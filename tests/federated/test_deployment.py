@@ -1,6 +1,7 @@
 """The deployment of docs/federated.md on loopback: a SuperLink with TLS and node
 authentication, two registered SuperNodes each over its own hospital's shards, a third node
-whose key is not registered, and one round submitted with ``flwr run``.
+whose key is not registered, and one round submitted with ``flwr run`` and aggregated with
+SecAgg+ (``federated.secure``).
 
 Every process is started in a session of its own and stopped by its process group; every wait
 is bounded."""
@@ -201,7 +202,7 @@ def _until(what: str, deadline: float, check) -> object:  # noqa: ANN001
         time.sleep(2)
 
 
-def test_tls_and_node_auth_deployment_runs_one_round(tiny_data_root, tmp_path, processes):
+def test_tls_and_node_auth_deployment_runs_one_secure_round(tiny_data_root, tmp_path, processes):
     certs = tmp_path / "certs"
     certs.mkdir()
     _write_tls(certs)
@@ -260,6 +261,7 @@ def test_tls_and_node_auth_deployment_runs_one_round(tiny_data_root, tmp_path, p
             "federated.num_rounds=1",
             "federated.min_sites=2",
             "federated.wait_for_sites_s=120",
+            "federated.secure.enabled=true",
         ]
     )
     submitted = _flwr(
@@ -282,6 +284,9 @@ def test_tls_and_node_auth_deployment_runs_one_round(tiny_data_root, tmp_path, p
     assert line["sites"]["evaluated"] == 2 and not line["sites"]["train_failures"]
     report = json.loads((out / "metrics.json").read_text())
     assert report["task"] == TASK and report["rounds"] == 1
+    assert report["secure_aggregation"]["enabled"]
+    server_log = _flwr(processes, "log", str(run_id), FEDERATION, "--show")
+    assert "SecAgg+ unmasked the sum of 2 site(s)' updates, 0 dropped out" in server_log.stdout
     assert load_checkpoint(report["final_checkpoint"])[1].extra["round"] == 1
     assert sorted(s["num_examples"] for s in report["site_test"]["sites"]) == sorted(
         read_manifest(tiny_data_root, TASK).counts["test"][str(h)] for h in (0, 1)
