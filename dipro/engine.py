@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -170,6 +171,24 @@ def proximal_term(
         )
     sq = sum((w - g.to(w.device)).pow(2).sum() for w, g in zip(params, global_params, strict=True))
     return 0.5 * mu * sq
+
+
+class NonFiniteOutputError(ValueError):
+    """The model's outputs are NaN or infinite (diverged or broken weights), so nothing can be
+    scored; raised by ``evaluate`` instead of a metric library's complaint about its input."""
+
+
+def check_finite(predictions: Predictions) -> None:
+    """Raise ``NonFiniteOutputError`` naming how many samples, and the first one, have a
+    non-finite output."""
+    bad = ~np.isfinite(predictions.logits.reshape(len(predictions.logits), -1)).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise NonFiniteOutputError(
+            f"the model's outputs are not finite for {int(bad.sum())} of {len(bad)} samples "
+            f"(first: subject {int(predictions.subject_id[first])}, stay "
+            f"{int(predictions.stay_id[first])}): its weights have diverged or are broken"
+        )
 
 
 class _Means:
@@ -342,9 +361,11 @@ def evaluate(
     """The task's metrics on ``batches`` (plus ``loss`` and ``loss/<component>`` when a loss is
     given) and the predictions.
 
-    The model (unwrapped from DDP) names its task in ``model.task``, as ``DiPro`` does.
+    The model (unwrapped from DDP) names its task in ``model.task``, as ``DiPro`` does. Outputs
+    that are not finite are a ``NonFiniteOutputError``.
     """
     predictions, losses = predict_with_loss(
         model, batches, loss_fn, device=device, amp_dtype=amp_dtype
     )
+    check_finite(predictions)
     return {**compute_metrics(predictions), **losses}, predictions

@@ -49,6 +49,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from dipro.checkpoint import CheckpointError
 from dipro.config import ConfigError
 from dipro.data.schema import SchemaError
+from dipro.engine import NonFiniteOutputError
 from federated.config import EVAL_SPLIT_KEY, read_site_config
 from federated.local_state import keeps_layers, load_local, save_local, state_dir
 from federated.secure import SecureAggregationError, secure_when_asked
@@ -72,6 +73,7 @@ FAILURE_CATEGORIES: Final[dict[str, int]] = {
     "injected-fault": 4,  # federated.fail_at (tests)
     "site-error": 5,  # anything else
     "secure-aggregation": 6,  # a step of the SecAgg+ protocol (federated.secure) failed
+    "model-output": 7,  # the model it was sent predicts NaN or infinity on its data
 }
 
 
@@ -87,6 +89,8 @@ def failure_category(err: BaseException) -> str:
         return "injected-fault"
     if isinstance(err, SecureAggregationError):
         return "secure-aggregation"
+    if isinstance(err, NonFiniteOutputError):
+        return "model-output"
     if isinstance(err, SiteConfigError | ConfigError | CheckpointError):
         return "site-config"
     if isinstance(err, SchemaError | OSError | pa.ArrowException | ValueError | KeyError):

@@ -39,9 +39,12 @@ def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, key, 1)
 
 
-def _ask(cfg, partition: int, message_type=MessageType.TRAIN) -> Message:
+def _ask(cfg, partition: int, message_type=MessageType.TRAIN, spoil: str | None = None) -> Message:
+    """The real ClientApp's reply to the server's message (with ``spoil``: that array NaN)."""
     torch.manual_seed(0)
     model = build_model(cfg["model"], cfg["task"]["name"])
+    if spoil is not None:
+        model.state_dict()[spoil].fill_(float("nan"))
     config = train_config_record(site_config(cfg), 0)
     config["server-round"] = 1
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
@@ -82,6 +85,15 @@ def test_a_site_with_a_bad_shard_tells_the_server_only_a_category(
     assert "Traceback" in site_log and "/split=train/hospital=1/" in site_log
     assert tree_checksums(data) == before
     assert set(FAILURE_CATEGORIES) == _documented_list("failure categories")
+
+
+def test_a_model_that_predicts_nan_is_a_model_output_failure_not_bad_data(tiny_data_root, tmp_path):
+    cfg = compose(tiny_data_root, tmp_path / "run")
+    reply = _ask(cfg, 0, MessageType.EVALUATE, spoil="heads.heads.0.3.bias")
+    assert reply.has_error()
+    assert reply.error.reason == "site failed: model-output"
+    site_log = (tmp_path / "run-site-logs" / "site-0.log").read_text()
+    assert "NonFiniteOutputError: the model's outputs are not finite for" in site_log
 
 
 def test_replies_carry_exactly_the_documented_metrics(tiny_data_root, tmp_path):
@@ -242,7 +254,10 @@ def test_a_bad_record_at_one_site_and_too_little_val_data_at_others_leak_nothing
     minimum = max(val_counts.values())
     assert sorted(val_counts.values()) != [minimum] * 3  # some site is below it
     cfg = compose(
-        data, out, "federated.num_rounds=1", f"federated.min_report_count={minimum}",
+        data,
+        out,
+        "federated.num_rounds=1",
+        f"federated.min_report_count={minimum}",
         "simulation.timeout_s=900",
     )
     result = run_federated(cfg)
