@@ -9,9 +9,12 @@ tree, so a seed fixes every byte):
 - latent severity ``s_i(t)`` over hourly steps ``t`` = 0 .. 263 (11 days): a piecewise-linear
   random walk with one knot a day, starting at a baseline that rises with age and with the
   hospital's case mix, with a patient-specific drift (improving or deteriorating stays);
-- finding intensities ``a[t, r, k] = sigmoid(load[r, k] + resp[r, k] * s(t) + drift[r, k] * t)``
-  in [0, 1] for the anatomically plausible (region, finding) pairs of ``AFFINITY``; a finding the
-  patient does not have barely responds to severity;
+- finding intensities ``a[t, r, k] = level[r, k] + resp[r, k] * (s(t) - s(t0)) + own[r, k](t) -
+  own[r, k](t0)`` in [0, 1] for the anatomically plausible (region, finding) pairs of
+  ``AFFINITY`` (``t0``: the patient's first CXR): a static per-patient level drawn wide and
+  independently of the course, so that one image says little about a change; the change of
+  severity, which the EHR follows, times the patient's response (small for a finding the patient
+  does not have); and the finding's own daily random walk, which only the images show;
 - the ICU stay: length of stay (days, in [2, 11)) and in-hospital mortality from the severity of
   the first 48 h, its slope, the peak severity of the stay and age; 2..6 CXRs at least
   ``min_gap_hours`` apart, the first two inside the first 48 h, all inside the stay;
@@ -21,9 +24,9 @@ tree, so a seed fixes every byte):
   Region crops are cut from the full image by boxes jittered per image and resized to ``S x S``
   (``torchvision.ops.roi_align``); a few boxes are missing;
 - progression labels per consecutive CXR pair and (region, finding): worsened / improved / no
-  change by thresholding the change of intensity, "not mentioned" for implausible pairs, regions
-  without a box and at random; the finding-level label is that of the mentioned region with the
-  largest change;
+  change by thresholding the change of intensity (what a reader sees, not a latent logit),
+  "not mentioned" for implausible pairs, regions without a box and at random; the finding-level
+  label is that of the mentioned region with the largest change;
 - 38 hourly EHR variables in clinical units, each a normal value plus a patient offset plus
   severity (and, for the respiratory variables, its slope) times a loading, with noise; vitals
   observed almost hourly, lab panels every 4-24 h or never, PEEP only for ventilated patients;
@@ -52,7 +55,7 @@ from dipro.data.shards import Manifest, write_dataset
 
 # Bump when a code change alters the generated data for the same config, so that datasets
 # written by older code are recognised as different (dipro.data.synthetic.generator_info).
-GENERATOR_VERSION: Final[int] = 2
+GENERATOR_VERSION: Final[int] = 3
 MAX_STAY_HOURS: Final[int] = 11 * 24  # LOS < 11 days (vocab.LOS_BIN_EDGES)
 _KNOT_HOURS: Final[int] = 24
 _PROFILE_GRID: Final[int] = 24  # finding patterns are drawn on this grid in box coordinates
@@ -96,8 +99,10 @@ AFFINITY: Final[np.ndarray] = np.array(
 )
 
 # Pixel amplitude of each finding's pattern at intensity 1 (image scale 0..1).
-_FINDING_AMPLITUDE: Final[np.ndarray] = np.array([0.30, 0.30, 0.40, 0.25, 0.30, 0.40, 0.35])
-_FINDING_BASE_LOAD: Final[np.ndarray] = np.array([-1.4, -1.6, -1.8, -1.6, -1.2, -1.7, -1.8])
+_FINDING_AMPLITUDE: Final[np.ndarray] = np.array([0.45, 0.45, 0.60, 0.40, 0.45, 0.60, 0.50])
+_LEVEL_LOW, _LEVEL_HIGH = 0.08, 0.92  # a finding's static per-patient intensity
+_RESPONSE: Final[tuple[float, float]] = (0.015, 0.04)  # intensity per unit of severity change
+_OWN_COURSE: Final[float] = 0.05  # daily step of a finding's own course (not in the EHR)
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,7 @@ class SyntheticConfig:
     min_gap_hours: float = 8.0  # between consecutive CXRs
     max_gap_hours: float = 40.0
     icu_window_hours: int = 48  # ICU samples: CXRs and EHR of the first hours
-    change_threshold: float = 0.3  # |finding extent change| above it: worsened / improved
+    change_threshold: float = 0.02  # |change of finding intensity| above it: worsened / improved
     not_mentioned_rate: float = 0.15  # plausible (region, finding) pairs left unlabelled
     missing_box_rate: float = 0.03  # regions without a box on a CXR
     box_jitter: float = 0.01  # per-image box jitter, fraction of the image side
@@ -332,10 +337,13 @@ def simulate_cohort(cfg: SyntheticConfig) -> Cohort:
     cxr_times, cxr_offsets = _cxr_times(cfg, num_hours, rng_stay)
     cxr_subject = np.repeat(np.arange(N), np.diff(cxr_offsets))
 
-    extent = _extent(hospital, site["finding_shift"], severity, cxr_subject, cxr_times, rng_find)
-    intensities = np.where(AFFINITY, 1.0 / (1.0 + np.exp(-extent)), 0.0)
+    intensities = _finding_intensity(
+        hospital, site["finding_shift"], severity, cxr_subject, cxr_times, rng_find
+    )
     images, boxes, present, crops = _render(cfg, cxr_subject, hospital, site, intensities, rng_img)
-    pair_first, region_labels, progression = _labels(cfg, cxr_offsets, extent, present, rng_find)
+    pair_first, region_labels, progression = _labels(
+        cfg, cxr_offsets, intensities, present, rng_find
+    )
     ehr_values, ehr_observed = _ehr(severity, slope, num_hours, demo, rng_ehr)
 
     ids = np.arange(N, dtype=np.int64)
@@ -486,7 +494,7 @@ def _cxr_times(
     return np.round(times[keep], 2), offsets
 
 
-def _extent(
+def _finding_intensity(
     hospital: np.ndarray,
     finding_shift: np.ndarray,
     severity: np.ndarray,
@@ -494,21 +502,35 @@ def _extent(
     cxr_times: np.ndarray,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Latent finding extent [M, R, K] at each CXR (a logit: the rendered intensity is its
-    sigmoid). Progression labels threshold its change, which does not depend on its level."""
+    """Finding intensity [M, R, K] in [0, 1] at each CXR: a static per-patient level plus the
+    change of severity since the patient's first CXR.
+
+    ``a[t] = level + resp * (s(t) - s(t0)) + drift * (t - t0)``, with ``level`` drawn wide and
+    independently of the course (the patient's static appearance dominates one image), ``resp``
+    the patient's response to severity (small for a finding the patient does not have) and
+    ``drift`` a region-specific course per day. One image shows its level, which says little
+    about the change; the change shows only against an earlier image (and in the EHR between
+    them, which follows ``s``). The level stays inside [_LEVEL_LOW, _LEVEL_HIGH] before the
+    change, away from the bounds that would make a level predict the direction of a change."""
     N, R, K = hospital.shape[0], vocab.NUM_REGIONS, vocab.NUM_FINDINGS
     has = rng.random((N, 1, K)) < 0.8  # the patient has the finding at all
-    load = (_FINDING_BASE_LOAD + finding_shift[hospital])[:, None, :] + rng.normal(
-        0.0, 0.6, (N, R, K)
+    level = rng.uniform(_LEVEL_LOW, _LEVEL_HIGH, (N, R, K)) + 0.05 * finding_shift[hospital][
+        :, None, :
+    ]
+    resp = np.where(has, rng.uniform(*_RESPONSE, (N, R, K)), 0.002)
+    days = MAX_STAY_HOURS // _KNOT_HOURS
+    steps = np.where(has[..., None], _OWN_COURSE, 0.1 * _OWN_COURSE) * rng.standard_normal(
+        (N, R, K, days)
     )
-    resp = np.where(has, rng.uniform(1.0, 1.8, (N, R, K)), 0.05)
-    drift = rng.normal(0.0, 0.15, (N, R, K))  # per day, region-specific course
+    knots = np.concatenate([np.zeros((N, R, K, 1)), np.cumsum(steps, axis=3)], axis=3)
     hour = np.clip(np.floor(cxr_times).astype(int), 0, MAX_STAY_HOURS - 1)
-    s = severity[cxr_subject, hour][:, None, None]
-    days = cxr_times[:, None, None] / 24.0
-    x = load[cxr_subject] + resp[cxr_subject] * s + drift[cxr_subject] * days
-    x = x + rng.normal(0.0, 0.05, x.shape)
-    return x
+    day, frac = hour // _KNOT_HOURS, ((hour % _KNOT_HOURS) / _KNOT_HOURS)[:, None, None]
+    own = knots[cxr_subject, :, :, day] * (1.0 - frac) + knots[cxr_subject, :, :, day + 1] * frac
+    starts = np.searchsorted(cxr_subject, np.arange(N))[cxr_subject]
+    s = (severity[cxr_subject, hour] - severity[cxr_subject, hour[starts]])[:, None, None]
+    a = level[cxr_subject] + resp[cxr_subject] * s + own - own[starts]
+    a = a + rng.normal(0.0, 0.005, a.shape)
+    return np.where(AFFINITY, np.clip(a, 0.0, 1.0), 0.0)
 
 
 def _anatomy(cfg: SyntheticConfig, boxes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -676,7 +698,7 @@ def _paste_weights(lo: np.ndarray, hi: np.ndarray, W: int) -> np.ndarray:
 def _labels(
     cfg: SyntheticConfig,
     cxr_offsets: np.ndarray,
-    extent: np.ndarray,
+    intensities: np.ndarray,
     present: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -685,7 +707,7 @@ def _labels(
     pair_first = np.concatenate(
         [np.arange(cxr_offsets[i], cxr_offsets[i + 1] - 1) for i in range(counts.shape[0])]
     ).astype(np.int64)
-    delta = extent[pair_first + 1] - extent[pair_first]  # [Q, R, K]
+    delta = intensities[pair_first + 1] - intensities[pair_first]  # [Q, R, K]
     thr = cfg.change_threshold
     codes = np.where(
         delta > thr, vocab.WORSENED, np.where(delta < -thr, vocab.IMPROVED, vocab.NO_CHANGE)

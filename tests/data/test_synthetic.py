@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -157,36 +157,51 @@ def signal_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _cv_balanced_accuracy(features: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
-    """Balanced accuracy of a logistic regression, 5-fold cross-validated by patient."""
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-    predicted = cross_val_predict(model, features, labels, groups=groups, cv=GroupKFold(5))
-    return balanced_accuracy_score(labels, predicted)
+def _cv_auroc(features: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
+    """AUROC of a logistic regression on standardised ``features``, 5-fold cross-validated by
+    patient."""
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=3000))
+    scores = cross_val_predict(
+        model, features, labels, groups=groups, cv=GroupKFold(5), method="predict_proba"
+    )[:, 1]
+    return roc_auc_score(labels, scores)
 
 
-def test_progression_is_in_the_change_between_crops_not_in_one_crop(
+@pytest.mark.slow
+def test_progression_is_in_the_change_between_crops_and_the_interval_ehr_not_in_one_crop(
     signal_dataset: Path,
 ) -> None:
-    """Mean pixel per region crop: its change between the two CXRs predicts the finding-level
-    label; the prior CXR alone is at chance. The later CXR alone carries a little, because a
-    finding's current extent includes its recent change, but far less than the change."""
+    """The paper's premises as measurements on the shards the model reads, per finding and
+    region (the region-level labels), worsened against improved: the region's crop of the later
+    CXR alone is near chance (a static per-patient level dominates one image), the change between
+    the two CXRs is well above it, and the EHR of the interval adds to the pair (it follows the
+    severity that drives part of the change)."""
     cols = _read_task(signal_dataset, "disease_progression")
-    S, R = cols["crop_size"][0], vocab.NUM_REGIONS
-    crops = np.stack([np.frombuffer(b, np.uint8).reshape(2, R, S, S) for b in cols["crops"]])
-    means = crops.astype(np.float64).mean(axis=(3, 4))  # [n, 2, R]
-    inputs = {"change": means[:, 1] - means[:, 0], "prior": means[:, 0], "later": means[:, 1]}
-    labels = np.array(cols["progression"])  # [n, K]
-    groups = np.array(cols["subject_id"])
-    score = {name: [] for name in inputs}
+    S, R, V = cols["crop_size"][0], vocab.NUM_REGIONS, vocab.NUM_EHR
+    crops = np.stack([np.frombuffer(b, np.uint8).reshape(2, R, S * S) for b in cols["crops"]])
+    crops = crops.astype(np.float32) / 255.0  # [n, 2, R, S*S]
+    ehr = [np.asarray(v, np.float32).reshape(-1, V) for v in cols["ehr_values"]]
+    interval = np.stack([h[-6:].mean(0) - h[:6].mean(0) for h in ehr])  # [n, V]
+    labels = np.stack([np.asarray(v).reshape(R, -1) for v in cols["region_labels"]])  # [n, R, K]
+    subjects = np.array(cols["subject_id"])
+    score: dict[str, list[float]] = {"later": [], "pair": [], "pair + EHR": []}
     for k in range(vocab.NUM_FINDINGS):
-        rows = labels[:, k] != vocab.NOT_MENTIONED
-        for name, x in inputs.items():
-            score[name].append(_cv_balanced_accuracy(x[rows], labels[rows, k], groups[rows]))
+        sample, region = np.nonzero(np.isin(labels[:, :, k], (vocab.WORSENED, vocab.IMPROVED)))
+        y = (labels[sample, region, k] == vocab.WORSENED).astype(int)
+        where = np.eye(R)[region]
+        later = crops[sample, 1, region]
+        change = later - crops[sample, 0, region]
+        features = {
+            "later": np.concatenate([later, where], axis=1),
+            "pair": np.concatenate([change, where], axis=1),
+            "pair + EHR": np.concatenate([change, interval[sample], where], axis=1),
+        }
+        for name, x in features.items():
+            score[name].append(_cv_auroc(x, y, subjects[sample]))
     mean = {name: float(np.mean(v)) for name, v in score.items()}
-    chance = 1.0 / vocab.NUM_PROGRESSION_CLASSES
-    assert mean["change"] > chance + 0.12, mean
-    assert mean["prior"] < chance + 0.06, mean
-    assert mean["change"] > mean["later"] + 0.05, mean
+    assert mean["later"] < 0.62, mean
+    assert mean["pair"] > 0.70 and mean["pair"] > mean["later"] + 0.12, mean
+    assert mean["pair + EHR"] > mean["pair"] + 0.015, mean
 
 
 def test_ehr_predicts_mortality(signal_dataset: Path) -> None:
