@@ -310,13 +310,14 @@ class SecureGrid(_DelegatingGrid):
 
 
 def _apply_update(global_arrays: ArrayRecord, update: list[np.ndarray]) -> ArrayRecord:
-    """The global weights plus the aggregated update, in the global weights' dtypes; integer
-    arrays (BatchNorm step counters, sent as a zero update) stay as they are."""
+    """The global weights plus the aggregated update, in the global weights' dtypes (0-d arrays,
+    which numpy arithmetic turns into scalars, stay arrays); integer arrays (BatchNorm step
+    counters, sent as a zero update) stay as they are."""
     out = {}
     for (key, array), delta in zip(global_arrays.items(), update, strict=True):
         value = array.numpy()
         if np.issubdtype(value.dtype, np.floating):
-            value = (value + delta.reshape(value.shape)).astype(value.dtype)
+            value = np.asarray(value + delta.reshape(value.shape), dtype=value.dtype)
         out[key] = Array(value)
     return ArrayRecord(array_dict=out)
 
@@ -352,7 +353,7 @@ def _as_fitres(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         raise _SiteFailed(reply)
     trained = reply.content["arrays"]
     update = [
-        (trained[k].numpy() - v).astype(np.float32)
+        np.asarray(trained[k].numpy() - v, dtype=np.float32)
         if np.issubdtype(v.dtype, np.floating)
         else np.zeros(v.shape, np.float32)
         for k, v in zip(keys, received, strict=True)

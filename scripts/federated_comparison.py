@@ -8,7 +8,8 @@ validation (central: the pooled validation split; federated: the sites' aggregat
 scored on each hospital's own test split. The table gives each hospital's test AUROC and the
 example-weighted mean over hospitals (the federated runs' ``test``), the wall time, and epsilon
 for the DP runs, as the mean (+- std) over ``--seeds`` (default the paper's three, 23 29 66);
-``{out}/comparison.json`` keeps every run's per-site results. The per-hospital test splits are
+``{out}/comparison.json`` keeps every run's per-site results; started again, the script reuses
+the runs that finished (``{run}/comparison-result.json``). The per-hospital test splits are
 small: read the differences against the noise note printed below the table.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+RESULT_FILE = "comparison-result.json"  # a finished run's per-site results, in its directory
 TASK = "mortality"
 MODEL = [
     "model.backbone=resnet18",
@@ -159,10 +161,14 @@ def main() -> None:
     for seed in args.seeds:
         for name in args.runs:
             run_out = out / f"{name}-seed{seed}"
-            if name == "central":
+            done = run_out / RESULT_FILE
+            if done.exists():  # a study started again reuses the runs it finished
+                result = json.loads(done.read_text())
+            elif name == "central":
                 result = central(root, run_out, args.rounds, seed)
             else:
                 result = federated(root, run_out, args.rounds, seed, FEDERATED_RUNS[name])
+            done.write_text(json.dumps(result))
             results[name][seed] = result
             print(f"{name} seed {seed}: {json.dumps(result)}", flush=True)
     (out / "comparison.json").write_text(json.dumps(results, indent=2))

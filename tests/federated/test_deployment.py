@@ -1,6 +1,6 @@
 """The deployment of docs/federated.md on loopback: a SuperLink with TLS and node
 authentication, two registered SuperNodes each over its own hospital's shards, a third node
-whose key is not registered, and one round submitted with ``flwr run`` and aggregated with
+whose key is not registered, and two rounds submitted with ``flwr run`` and aggregated with
 SecAgg+ (``federated.secure``).
 
 Every process is started in a session of its own and stopped by its process group; every wait
@@ -202,7 +202,7 @@ def _until(what: str, deadline: float, check) -> object:  # noqa: ANN001
         time.sleep(2)
 
 
-def test_tls_and_node_auth_deployment_runs_one_secure_round(tiny_data_root, tmp_path, processes):
+def test_tls_and_node_auth_deployment_runs_secure_rounds(tiny_data_root, tmp_path, processes):
     certs = tmp_path / "certs"
     certs.mkdir()
     _write_tls(certs)
@@ -258,7 +258,7 @@ def test_tls_and_node_auth_deployment_runs_one_secure_round(tiny_data_root, tmp_
             *TINY,
             f"data.root={tiny_data_root}",
             f"out_dir={out}",
-            "federated.num_rounds=1",
+            "federated.num_rounds=2",  # round 2 starts from a secure aggregate
             "federated.min_sites=2",
             "federated.wait_for_sites_s=120",
             "federated.secure.enabled=true",
@@ -279,15 +279,18 @@ def test_tls_and_node_auth_deployment_runs_one_secure_round(tiny_data_root, tmp_
     status = _until(f"run {run_id} to finish", time.monotonic() + 420, finished)
     assert status == "finished:completed", processes.log("superlink")
 
-    (line,) = [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()]
-    assert line["sites"]["sampled"] == line["sites"]["updated"] == 2, "site 2 joined"
-    assert line["sites"]["evaluated"] == 2 and not line["sites"]["train_failures"]
+    lines = [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2]
+    for line in lines:
+        assert line["sites"]["sampled"] == line["sites"]["updated"] == 2, "site 2 joined"
+        assert line["sites"]["evaluated"] == 2 and not line["sites"]["train_failures"]
     report = json.loads((out / "metrics.json").read_text())
-    assert report["task"] == TASK and report["rounds"] == 1
+    assert report["task"] == TASK and report["rounds"] == 2
     assert report["secure_aggregation"]["enabled"]
-    server_log = _flwr(processes, "log", str(run_id), FEDERATION, "--show")
-    assert "SecAgg+ unmasked the sum of 2 site(s)' updates, 0 dropped out" in server_log.stdout
-    assert load_checkpoint(report["final_checkpoint"])[1].extra["round"] == 1
+    server_log = _flwr(processes, "log", str(run_id), FEDERATION, "--show").stdout
+    for rnd in (1, 2):
+        assert f"round {rnd}: SecAgg+ unmasked the sum of 2 site(s)' updates" in server_log
+    assert load_checkpoint(report["final_checkpoint"])[1].extra["round"] == 2
     assert sorted(s["num_examples"] for s in report["site_test"]["sites"]) == sorted(
         read_manifest(tiny_data_root, TASK).counts["test"][str(h)] for h in (0, 1)
     )
