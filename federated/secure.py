@@ -77,7 +77,6 @@ from dipro.config import ConfigError
 
 logger = logging.getLogger("flwr")
 STATE_KEYS: Final = "state-keys"  # the arrays' names, in order, in the fit instructions
-_FIT_RECORDS: Final = ("fitins.parameters", "fitins.config")
 
 
 def secure_enabled(cfg: Mapping[str, Any]) -> bool:
