@@ -181,7 +181,8 @@ class NonFiniteOutputError(ValueError):
 def check_finite(predictions: Predictions) -> None:
     """Raise ``NonFiniteOutputError`` naming how many samples, and the first one, have a
     non-finite output."""
-    bad = ~np.isfinite(predictions.logits.reshape(len(predictions.logits), -1)).all(axis=1)
+    logits = predictions.logits
+    bad = ~np.isfinite(logits.reshape(len(logits), int(np.prod(logits.shape[1:])))).all(axis=1)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise NonFiniteOutputError(
