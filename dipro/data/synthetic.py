@@ -9,12 +9,15 @@ tree, so a seed fixes every byte):
 - latent severity ``s_i(t)`` over hourly steps ``t`` = 0 .. 263 (11 days): a piecewise-linear
   random walk with one knot a day, starting at a baseline that rises with age and with the
   hospital's case mix, with a patient-specific drift (improving or deteriorating stays);
-- finding intensities ``a[t, r, k] = level[r, k] + resp[r, k] * (s(t) - s(t0)) + own[r, k](t) -
-  own[r, k](t0)`` in [0, 1] for the anatomically plausible (region, finding) pairs of
-  ``AFFINITY`` (``t0``: the patient's first CXR): a static per-patient level drawn wide and
-  independently of the course, so that one image says little about a change; the change of
-  severity, which the EHR follows, times the patient's response (small for a finding the patient
-  does not have); and the finding's own daily random walk, which only the images show;
+- finding intensities ``a[t, r, k] = level[r, k] + w * s(t0) + resp[r, k] * (s(t) - s(t0)) +
+  own[r, k](t) - own[r, k](t0)`` in [0, 1] for the anatomically plausible (region, finding)
+  pairs of ``AFFINITY`` (``t0``: the patient's first CXR): a static per-patient level drawn wide
+  and independently of the course, so that one image says little about a change; the severity
+  the patient arrived with, which every image shows a little of (how sick the patient looks,
+  which the ICU outcomes depend on, but which does not predict the direction of a later change);
+  the change of severity, which the EHR follows, times the patient's response (small for a
+  finding the patient does not have); and the finding's own daily random walk, which only the
+  images show;
 - the ICU stay: length of stay (days, in [2, 11)) and in-hospital mortality from the severity of
   the first 48 h, its slope, the peak severity of the stay and age; 2..6 CXRs at least
   ``min_gap_hours`` apart, the first two inside the first 48 h, all inside the stay;
@@ -55,7 +58,7 @@ from dipro.data.shards import Manifest, write_dataset
 
 # Bump when a code change alters the generated data for the same config, so that datasets
 # written by older code are recognised as different (dipro.data.synthetic.generator_info).
-GENERATOR_VERSION: Final[int] = 3
+GENERATOR_VERSION: Final[int] = 4
 MAX_STAY_HOURS: Final[int] = 11 * 24  # LOS < 11 days (vocab.LOS_BIN_EDGES)
 _KNOT_HOURS: Final[int] = 24
 _PROFILE_GRID: Final[int] = 24  # finding patterns are drawn on this grid in box coordinates
@@ -101,6 +104,7 @@ AFFINITY: Final[np.ndarray] = np.array(
 # Pixel amplitude of each finding's pattern at intensity 1 (image scale 0..1).
 _FINDING_AMPLITUDE: Final[np.ndarray] = np.array([0.45, 0.45, 0.60, 0.40, 0.45, 0.60, 0.50])
 _LEVEL_LOW, _LEVEL_HIGH = 0.08, 0.92  # a finding's static per-patient intensity
+_ARRIVAL: Final[float] = 0.06  # intensity per unit of the severity at the first CXR
 _RESPONSE: Final[tuple[float, float]] = (0.015, 0.04)  # intensity per unit of severity change
 _OWN_COURSE: Final[float] = 0.05  # daily step of a finding's own course (not in the EHR)
 
@@ -502,16 +506,19 @@ def _finding_intensity(
     cxr_times: np.ndarray,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Finding intensity [M, R, K] in [0, 1] at each CXR: a static per-patient level plus the
-    change of severity since the patient's first CXR.
+    """Finding intensity [M, R, K] in [0, 1] at each CXR: a static per-patient level, the
+    severity the patient arrived with, and the change of severity since the patient's first CXR.
 
-    ``a[t] = level + resp * (s(t) - s(t0)) + drift * (t - t0)``, with ``level`` drawn wide and
-    independently of the course (the patient's static appearance dominates one image), ``resp``
-    the patient's response to severity (small for a finding the patient does not have) and
-    ``drift`` a region-specific course per day. One image shows its level, which says little
-    about the change; the change shows only against an earlier image (and in the EHR between
-    them, which follows ``s``). The level stays inside [_LEVEL_LOW, _LEVEL_HIGH] before the
-    change, away from the bounds that would make a level predict the direction of a change."""
+    ``a[t] = level + _ARRIVAL * s(t0) + resp * (s(t) - s(t0)) + own(t) - own(t0)``, with
+    ``level`` drawn wide and independently of the course (the patient's static appearance
+    dominates one image), ``s(t0)`` the severity at the first CXR (every image carries a little
+    of it, so the CXRs say something about the ICU outcomes; it is independent of the later
+    course, so it says nothing about the direction of a change), ``resp`` the patient's response
+    to severity (small for a finding the patient does not have) and ``own`` the finding's own
+    daily random walk. One image shows its level, which says little about the change; the change
+    shows only against an earlier image (and in the EHR between them, which follows ``s``).
+    The level is drawn inside [_LEVEL_LOW, _LEVEL_HIGH], away from the bounds that would make a
+    level predict the direction of a change."""
     N, R, K = hospital.shape[0], vocab.NUM_REGIONS, vocab.NUM_FINDINGS
     has = rng.random((N, 1, K)) < 0.8  # the patient has the finding at all
     level = rng.uniform(_LEVEL_LOW, _LEVEL_HIGH, (N, R, K)) + 0.05 * finding_shift[hospital][
@@ -527,8 +534,9 @@ def _finding_intensity(
     day, frac = hour // _KNOT_HOURS, ((hour % _KNOT_HOURS) / _KNOT_HOURS)[:, None, None]
     own = knots[cxr_subject, :, :, day] * (1.0 - frac) + knots[cxr_subject, :, :, day + 1] * frac
     starts = np.searchsorted(cxr_subject, np.arange(N))[cxr_subject]
-    s = (severity[cxr_subject, hour] - severity[cxr_subject, hour[starts]])[:, None, None]
-    a = level[cxr_subject] + resp[cxr_subject] * s + own - own[starts]
+    arrival = severity[cxr_subject, hour[starts]][:, None, None]
+    s = severity[cxr_subject, hour][:, None, None] - arrival
+    a = level[cxr_subject] + _ARRIVAL * arrival + resp[cxr_subject] * s + own - own[starts]
     a = a + rng.normal(0.0, 0.005, a.shape)
     return np.where(AFFINITY, np.clip(a, 0.0, 1.0), 0.0)
 

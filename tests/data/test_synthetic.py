@@ -204,6 +204,18 @@ def test_progression_is_in_the_change_between_crops_and_the_interval_ehr_not_in_
     assert mean["pair + EHR"] > mean["pair"] + 0.015, mean
 
 
+@pytest.mark.slow
+def test_one_cxr_shows_how_sick_the_patient_is(signal_dataset: Path) -> None:
+    """The ICU samples' last CXR alone predicts mortality above chance (every image carries a
+    little of the severity the patient arrived with), though it says nothing about a change."""
+    cols = _read_task(signal_dataset, "mortality")
+    S, R = cols["crop_size"][0], vocab.NUM_REGIONS
+    last = np.stack([np.frombuffer(b, np.uint8).reshape(-1, R * S * S)[-1] for b in cols["crops"]])
+    labels = np.array(cols["mortality"]).astype(int)
+    auroc = _cv_auroc(last.astype(np.float32) / 255.0, labels, np.array(cols["subject_id"]))
+    assert auroc > 0.62, auroc
+
+
 def test_ehr_predicts_mortality(signal_dataset: Path) -> None:
     cols = _read_task(signal_dataset, "mortality")
     values = np.stack([np.asarray(v).reshape(-1, vocab.NUM_EHR) for v in cols["ehr_values"]])
