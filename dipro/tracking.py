@@ -20,7 +20,6 @@ This module imports neither Ray nor Flower; MLflow is imported when a ``Tracker`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dipro import storage
+from dipro.data.shards import files_digest
 from dipro.runs import EPOCH_METRICS_FILE, RUN_CONFIG_FILE, read_log
 
 STORE_FILE = "mlflow.db"
@@ -109,9 +109,7 @@ def dataset_identity(root: str, manifest: Mapping[str, Any]) -> dict[str, str]:
     """Parameters naming a dataset: its root, schema and generator version and one digest of
     every shard's checksum (two datasets with the same digest hold the same bytes)."""
     files = manifest.get("files") or {}
-    digest = hashlib.sha256(
-        "".join(f"{path}:{files[path]}\n" for path in sorted(files)).encode()
-    ).hexdigest()
+    digest = files_digest(files)
     generator = manifest.get("generator") or {}
     return {
         "dataset.root": str(root),

@@ -7,10 +7,18 @@
   without PAE, without local fusion, without global fusion, CXR-only, last-CXR-only), as one
   table.
 
+Before the first run trains, ``prepare_dataset(cfg)`` makes the study's dataset when it is
+absent (``dataset``): the synthetic cohort of ``data.generator`` under ``data.root``, as the demo
+does (``dataset.synthetic``), and, with ``dataset.features`` naming a backbone, that frozen
+backbone's features of the task's crops under ``dataset.root``, computed once and reused; every
+run then trains on them (features mode, DIPRO_SPEC section 1).
+
 ``ablations.json`` also holds, for each variant, its test metrics per seed with their mean and
-std, and against the full model the paired difference (DiPro minus variant, same seed and test
-sample) with a percentile bootstrap interval over the test samples pooled across seeds
-(``paired_bootstrap``: resamples, seed, level). The predictions behind it come from each run's
+std, on progression its averaged region attention map and the attention faithfulness ratios
+(``dipro.report.attention_faithfulness``) over the test samples of all seeds, and against the
+full model the paired difference (DiPro minus variant, same seed and test sample) with a
+percentile bootstrap interval over the test samples pooled across seeds (``paired_bootstrap``:
+resamples, seed, level). The predictions behind it come from each run's
 best checkpoint scored again on the test split.
 
 Each run is an ordinary training run named ``{cfg.name}-{variant}-seed{seed}`` under
@@ -35,10 +43,11 @@ from typing import Any
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dipro import storage, tracking
 from dipro.config import TRAIN_SCHEMA, ConfigError, exit_on, validate
+from dipro.data.features import ensure_features
 from dipro.data.shards import list_shards, read_manifest
 from dipro.evaluation import evaluate_checkpoint
 from dipro.metrics import (
@@ -47,9 +56,17 @@ from dipro.metrics import (
     mean_std_over_seeds,
     paired_bootstrap_difference,
 )
-from dipro.report import SummaryRow, summary_table, write_json, write_text
+from dipro.report import (
+    SummaryRow,
+    attention_faithfulness,
+    mean_region_attention,
+    summary_table,
+    write_json,
+    write_text,
+)
 from dipro.runs import RUN_CONFIG_FILE
 from ray_jobs.console import say, session
+from ray_jobs.demo import ensure_synthetic_data
 from ray_jobs.train import run_training
 
 FULL_MODEL = "dipro"
@@ -75,6 +92,7 @@ _STUDY_KEYS = (
     "out_dir",
     "reuse_finished",
     "paired_bootstrap",
+    "dataset",
 )
 
 
@@ -376,6 +394,20 @@ def run_ablations(cfg: DictConfig) -> Path:
                     for k, v in sorted(pooled.items())
                 )
             )
+    for name, result in results.items():
+        faith = result.get("region_attention", {}).get("faithfulness", {})
+        if faith.get("n_samples"):
+            label = specs[name].get("label", name)
+            (low, high), (map_low, map_high) = (
+                faith["interval"],
+                faith["interval_against_mean_map"],
+            )
+            notes.append(
+                f"- {label} region attention on the changed regions (test samples of all seeds): "
+                f"ratio {faith['ratio']:.3f} [{low:.3f}, {high:.3f}] to their share of regions, "
+                f"{faith['ratio_against_mean_map']:.3f} [{map_low:.3f}, {map_high:.3f}] to its "
+                "averaged map"
+            )
     extra = {"variants": _json_safe(results)}
     return _write_study(
         cfg, "ablations", "DiPro and its ablations", rows, records, notes, extra, study=study
@@ -414,6 +446,15 @@ def _variant_results(
             "mean": {k: mean for k, (mean, _) in summary.items()},
             "std": {k: std for k, (_, std) in summary.items()},
         }
+        if cfg.task.name == "disease_progression":
+            pooled = Predictions.concatenate([predictions[(name, s)] for s in seeds])
+            result["region_attention"] = {
+                "mean_map": mean_region_attention(pooled),
+                "faithfulness": attention_faithfulness(
+                    pooled, resamples=int(boot.resamples), seed=int(boot.seed),
+                    level=float(boot.level),
+                ),
+            }
         if name != FULL_MODEL:
             result["vs_dipro"] = paired_comparison(
                 cfg.task.name,
@@ -427,8 +468,46 @@ def _variant_results(
     return out
 
 
+def prepare_dataset(cfg: DictConfig) -> DictConfig:
+    """Make the study's dataset when it is absent and point ``cfg.data.root`` at what the runs
+    train on; returns ``cfg``.
+
+    With ``dataset.synthetic`` the synthetic cohort of ``data.generator`` is written under
+    ``data.root`` unless it is there (one written with another generator config is refused, or
+    replaced with ``data.overwrite``). With ``dataset.features`` (a backbone name) the task's
+    crops are featurised once by that frozen backbone (``dataset.weights``: a local state dict,
+    else seeded random weights) into ``dataset.root``, and the runs train on those features.
+    """
+    spec = cfg.dataset
+    overwrite = bool(cfg.data.get("overwrite", False))
+    source = str(cfg.data.root)
+    if spec.synthetic:
+        ensure_synthetic_data(cfg.data)
+    if spec.features is None:
+        return cfg
+    root = str(spec.root)
+    manifest = ensure_features(
+        source,
+        root,
+        cfg.task.name,
+        backbone=str(spec.features),
+        weights_path=None if spec.weights is None else str(spec.weights),
+        overwrite=overwrite,
+    )
+    say(
+        f"[{cfg.name}] {cfg.task.name}: {spec.features} features ({manifest.feature_dim} per "
+        f"region) of {source} in {root}"
+    )
+    with open_dict(cfg):
+        cfg.dataset.root = root
+        cfg.data.root = root
+    return cfg
+
+
 def run_experiment(cfg: DictConfig) -> Path:
-    """Dispatch on ``cfg.mode``: ``seeds`` or ``ablations``."""
+    """Prepare the study's dataset (``prepare_dataset``), then dispatch on ``cfg.mode``:
+    ``seeds`` or ``ablations``."""
+    prepare_dataset(cfg)
     if cfg.mode == "seeds":
         return run_seeds(cfg)
     if cfg.mode == "ablations":

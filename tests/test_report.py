@@ -266,6 +266,17 @@ def test_attention_faithfulness_ratio_matches_its_formula():
     assert faith["ratio"] == pytest.approx(a.mean() / s.mean())
     low, high = faith["interval"]
     assert 1.0 < low < faith["ratio"] < high
+    mean_map = attention.astype(np.float64).mean(0)
+    m = (mean_map * changed[keep]).sum(1)
+    assert faith["ratio_against_mean_map"] == pytest.approx(a.mean() / m.mean())
+    low, high = faith["interval_against_mean_map"]
+    assert 1.0 < low < faith["ratio_against_mean_map"] < high
+    # attention that follows which regions tend to change, not the sample's: 1 against the map
+    often = changed.mean(0)
+    prior = np.broadcast_to(often / often.sum(), (n, R)).astype(np.float32)
+    positional = Predictions("disease_progression", base.logits, base.labels, *ids, prior, changed)
+    by_region = attention_faithfulness(positional, resamples=50)
+    assert by_region["ratio_against_mean_map"] == pytest.approx(1.0)
     uniform = Predictions(
         "disease_progression",
         base.logits,

@@ -76,6 +76,20 @@ def _featurized(
                 yield record
 
 
+def _features_generator(
+    source: Manifest, src_root: str | os.PathLike[str], backbone: str, weights_path: str | None
+) -> dict[str, Any]:
+    """The features dataset's provenance: the source's, plus where its features came from (the
+    source dataset by root and shard digest, the backbone and its weights)."""
+    features = {
+        "source": os.fspath(src_root),
+        "source_sha256": source.files_digest(),
+        "backbone": backbone,
+        "weights": weights_path,
+    }
+    return {**source.generator, "features": features}
+
+
 def featurize_dataset(
     src_root: str | os.PathLike[str],
     dst_root: str | os.PathLike[str],
@@ -95,10 +109,7 @@ def featurize_dataset(
     if source.region_mode != "crops":
         raise ValueError(f"{src_root}/{task} stores {source.region_mode}, not crops")
     extractor = RegionFeatureExtractor(backbone, weights_path, device)
-    generator = {
-        **source.generator,
-        "features": {"source": os.fspath(src_root), "backbone": backbone, "weights": weights_path},
-    }
+    generator = _features_generator(source, src_root, backbone, weights_path)
     return write_dataset(
         _featurized(src_root, task, extractor),
         dst_root,
@@ -106,4 +117,44 @@ def featurize_dataset(
         rows_per_file=source.rows_per_file,
         generator=generator,
         overwrite=overwrite,
+    )
+
+
+def ensure_features(
+    src_root: str | os.PathLike[str],
+    dst_root: str | os.PathLike[str],
+    task: str,
+    *,
+    backbone: str,
+    weights_path: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """``featurize_dataset`` unless ``{dst_root}/{task}`` already holds the features of this
+    source dataset and backbone; returns the features dataset's manifest.
+
+    Features of another source dataset (its generator or shards changed) or of another backbone
+    are replaced when ``overwrite`` is true, else a FileExistsError says which.
+    """
+    wanted = _features_generator(read_manifest(src_root, task), src_root, backbone, weights_path)
+    try:
+        existing = read_manifest(dst_root, task)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        if existing.generator == wanted:
+            return existing
+        if not overwrite:
+            raise FileExistsError(
+                f"{dst_root}/{task} holds features of another source dataset or backbone than "
+                f"{src_root}/{task} with {backbone}; set data.overwrite=true to replace them"
+            )
+    return featurize_dataset(
+        src_root,
+        dst_root,
+        task,
+        backbone=backbone,
+        weights_path=weights_path,
+        device=device,
+        overwrite=existing is not None,
     )

@@ -61,6 +61,12 @@ MANIFEST_NAME: Final[str] = "manifest.json"
 COMPRESSION: Final[str] = "zstd"
 
 
+def files_digest(files: Mapping[str, str]) -> str:
+    """sha256 over ``path:checksum`` lines of a manifest's ``files``, sorted by path."""
+    lines = "".join(f"{path}:{files[path]}\n" for path in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What ``{root}/{task}/manifest.json`` holds.
@@ -91,6 +97,11 @@ class Manifest:
 
     def num_samples(self, split: str) -> int:
         return sum(self.counts.get(split, {}).values())
+
+    def files_digest(self) -> str:
+        """One sha256 over every shard's path and checksum: two datasets with the same digest
+        hold the same bytes."""
+        return files_digest(self.files)
 
     def label_counts(self) -> LabelCounts:
         """The training split's label counts (what the loss weights come from)."""

@@ -309,11 +309,15 @@ def _faithfulness_lines(payload: Mapping[str, Any]) -> list[str]:
         format_number(faith["attention_on_changed"]),
         format_number(faith["share_of_changed"]),
     )
+    map_low, map_high = (format_number(v) for v in faith["interval_against_mean_map"])
     return [
         f"Faithfulness: the regions whose label changed (worsened or improved) get "
         f"{on_changed} of the attention while they are {share} of the regions: ratio "
         f"**{format_number(faith['ratio'])}** ({pct}% interval {low} to {high}; "
-        f"{faith['n_samples']} samples; 1 = attention blind to change).",
+        f"{faith['n_samples']} samples; 1 = attention blind to change). Against the averaged "
+        f"map (which regions tend to change, not which changed in the sample): "
+        f"**{format_number(faith['ratio_against_mean_map'])}** ({pct}% interval {map_low} to "
+        f"{map_high}).",
         "",
     ]
 
