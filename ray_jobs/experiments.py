@@ -476,7 +476,8 @@ def prepare_dataset(cfg: DictConfig) -> DictConfig:
     ``data.root`` unless it is there (one written with another generator config is refused, or
     replaced with ``data.overwrite``). With ``dataset.features`` (a backbone name) the task's
     crops are featurised once by that frozen backbone (``dataset.weights``: a local state dict,
-    else seeded random weights) into ``dataset.root``, and the runs train on those features.
+    else seeded random weights) into ``dataset.root``, and the runs train on those features
+    (``model.region_mode`` features).
     """
     spec = cfg.dataset
     overwrite = bool(cfg.data.get("overwrite", False))
@@ -501,6 +502,7 @@ def prepare_dataset(cfg: DictConfig) -> DictConfig:
     with open_dict(cfg):
         cfg.dataset.root = root
         cfg.data.root = root
+        cfg.model.region_mode = "features"
     return cfg
 
 

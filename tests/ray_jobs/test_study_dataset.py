@@ -44,7 +44,7 @@ def _study(tmp_path: Path, *extra: str) -> DictConfig:
 def test_the_cohort_and_its_features_are_made_once_and_follow_the_generator(tmp_path):
     cfg = prepare_dataset(_study(tmp_path))
     features = tmp_path / "cohort-features-resnet18"
-    assert cfg.data.root == str(features)
+    assert cfg.data.root == str(features) and cfg.model.region_mode == "features"
     made = read_manifest(features, TASK)
     assert made.region_mode == "features" and made.feature_dim == 512
     source = read_manifest(tmp_path / "cohort", TASK)
@@ -72,4 +72,4 @@ def test_a_features_study_trains_its_runs_on_the_features(tmp_path, ray_session)
     config = next(Path(run["run_dir"]).glob("checkpoint_*/config.json"))
     trained = json.loads(config.read_text())
     assert trained["data"]["root"] == str(tmp_path / "cohort-features-resnet18")
-    assert trained["model"]["feature_dim"] == 512
+    assert trained["model"]["region_mode"] == "features" and trained["model"]["feature_dim"] == 512
