@@ -342,14 +342,11 @@ def _is_no_op(task: str, ablation: Mapping[str, bool]) -> bool:
     return task == "disease_progression" and switched_off == {"longitudinal"}
 
 
-def run_ablations(cfg: DictConfig) -> Path:
-    """DiPro and each variant of ``cfg.ablations`` over ``cfg.seeds``, as one table
-    (``ablations.md`` / ``ablations.json``); returns the markdown path.
-
-    A variant that is the full model on this task (last-CXR-only on progression, where every
-    sample has one pair) is not trained again: its row repeats DiPro's runs and says so.
-    """
-    task = cfg.task.name
+def _variants(
+    cfg: DictConfig,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[str]]:
+    """The study's variants, their specs and ablation switches, and the ones to train; every
+    trained variant's run config is checked (before the first one trains)."""
     variants = OmegaConf.to_container(cfg.ablations, resolve=True)
     if FULL_MODEL not in variants:
         raise ConfigError(f"ablations must include the full model {FULL_MODEL!r}")
@@ -358,10 +355,22 @@ def run_ablations(cfg: DictConfig) -> Path:
     trained = [
         name
         for name in (FULL_MODEL, *(v for v in variants if v != FULL_MODEL))
-        if name == FULL_MODEL or not _is_no_op(task, ablations[name])
+        if name == FULL_MODEL or not _is_no_op(cfg.task.name, ablations[name])
     ]
-    for name in trained:  # every variant is checked before the first one trains
+    for name in trained:
         _run_config(cfg, name, int(cfg.seeds[0]), ablations[name])
+    return variants, specs, ablations, trained
+
+
+def run_ablations(cfg: DictConfig) -> Path:
+    """DiPro and each variant of ``cfg.ablations`` over ``cfg.seeds``, as one table
+    (``ablations.md`` / ``ablations.json``); returns the markdown path.
+
+    A variant that is the full model on this task (last-CXR-only on progression, where every
+    sample has one pair) is not trained again: its row repeats DiPro's runs and says so.
+    """
+    task = cfg.task.name
+    variants, specs, ablations, trained = _variants(cfg)
     # Seeds outermost: a study stopped halfway has every variant for its first seeds.
     study = _study_run(cfg, "ablations")
     records = [
@@ -483,6 +492,15 @@ def prepare_dataset(cfg: DictConfig) -> DictConfig:
     overwrite = bool(cfg.data.get("overwrite", False))
     source = str(cfg.data.root)
     if spec.synthetic:
+        try:
+            name = read_manifest(source, cfg.task.name).generator.get("name")
+        except FileNotFoundError:
+            name = "synthetic"
+        if name != "synthetic":
+            raise ConfigError(
+                f"{source}/{cfg.task.name} holds {name} data, not a synthetic cohort: set "
+                "dataset.synthetic=false to study it as it is"
+            )
         ensure_synthetic_data(cfg.data)
     if spec.features is None:
         return cfg
@@ -507,14 +525,17 @@ def prepare_dataset(cfg: DictConfig) -> DictConfig:
 
 
 def run_experiment(cfg: DictConfig) -> Path:
-    """Prepare the study's dataset (``prepare_dataset``), then dispatch on ``cfg.mode``:
-    ``seeds`` or ``ablations``."""
-    prepare_dataset(cfg)
+    """Check every run's config, prepare the study's dataset (``prepare_dataset``), then
+    dispatch on ``cfg.mode``: ``seeds`` or ``ablations``."""
     if cfg.mode == "seeds":
-        return run_seeds(cfg)
-    if cfg.mode == "ablations":
-        return run_ablations(cfg)
-    raise ConfigError(f"mode={cfg.mode!r} is not seeds or ablations")
+        for seed in cfg.seeds:
+            _run_config(cfg, FULL_MODEL, int(seed), {})
+    elif cfg.mode == "ablations":
+        _variants(cfg)
+    else:
+        raise ConfigError(f"mode={cfg.mode!r} is not seeds or ablations")
+    prepare_dataset(cfg)
+    return run_seeds(cfg) if cfg.mode == "seeds" else run_ablations(cfg)
 
 
 @hydra.main(config_path="../configs", config_name="experiments", version_base="1.3")

@@ -12,7 +12,9 @@ from conftest import CONFIGS, TINY_MODEL
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from dipro.data.shards import read_manifest
+from dipro.config import ConfigError
+from dipro.data.shards import read_manifest, write_dataset
+from dipro.data.synthetic import SyntheticConfig, cohort_records, simulate_cohort
 from ray_jobs.experiments import prepare_dataset, run_experiment
 
 TASK = "disease_progression"
@@ -73,3 +75,13 @@ def test_a_features_study_trains_its_runs_on_the_features(tmp_path, ray_session)
     trained = json.loads(config.read_text())
     assert trained["data"]["root"] == str(tmp_path / "cohort-features-resnet18")
     assert trained["model"]["region_mode"] == "features" and trained["model"]["feature_dim"] == 512
+
+
+def test_a_study_on_other_data_is_not_offered_a_synthetic_overwrite(tmp_path):
+    cohort = simulate_cohort(SyntheticConfig(seed=2, num_patients=8, image_size=32, crop_size=4))
+    write_dataset(
+        cohort_records(cohort, TASK), tmp_path / "cohort", TASK, generator={"name": "mimic"}
+    )
+    with pytest.raises(ConfigError, match="dataset.synthetic=false"):
+        prepare_dataset(_study(tmp_path, "data.overwrite=true"))
+    assert read_manifest(tmp_path / "cohort", TASK).generator == {"name": "mimic"}
