@@ -324,11 +324,16 @@ def _write_study(
     return Path(path)
 
 
+def _check_seeds(cfg: DictConfig) -> None:
+    """Every seed's run config is checked (before the first one trains)."""
+    for seed in cfg.seeds:
+        _run_config(cfg, FULL_MODEL, int(seed), {})
+
+
 def run_seeds(cfg: DictConfig) -> Path:
     """Train and test DiPro (as configured) over ``cfg.seeds``; write ``seeds.md`` and
     ``seeds.json`` (mean ± std table in the paper's layout); returns the markdown path."""
-    for seed in cfg.seeds:
-        _run_config(cfg, FULL_MODEL, int(seed), {})
+    _check_seeds(cfg)
     study = _study_run(cfg, "seeds")
     records = [train_run(cfg, FULL_MODEL, int(seed), {}, study) for seed in cfg.seeds]
     rows = [SummaryRow("DiPro (this run)", [r.test for r in records])]
@@ -407,10 +412,8 @@ def run_ablations(cfg: DictConfig) -> Path:
         faith = result.get("region_attention", {}).get("faithfulness", {})
         if faith.get("n_samples"):
             label = specs[name].get("label", name)
-            (low, high), (map_low, map_high) = (
-                faith["interval"],
-                faith["interval_against_mean_map"],
-            )
+            low, high = faith["interval"]
+            map_low, map_high = faith["interval_against_mean_map"]
             notes.append(
                 f"- {label} region attention on the changed regions (test samples of all seeds): "
                 f"ratio {faith['ratio']:.3f} [{low:.3f}, {high:.3f}] to their share of regions, "
@@ -528,8 +531,7 @@ def run_experiment(cfg: DictConfig) -> Path:
     """Check every run's config, prepare the study's dataset (``prepare_dataset``), then
     dispatch on ``cfg.mode``: ``seeds`` or ``ablations``."""
     if cfg.mode == "seeds":
-        for seed in cfg.seeds:
-            _run_config(cfg, FULL_MODEL, int(seed), {})
+        _check_seeds(cfg)
     elif cfg.mode == "ablations":
         _variants(cfg)
     else:
