@@ -1,7 +1,7 @@
 """Ray's real autoscaler on this machine, driving the node types of ``ray_jobs/cluster/``.
 
 The head runs ``ray start --head --autoscaling-config=...`` with ``RAY_FAKE_CLUSTER=1``: Ray's own
-monitor process runs the autoscaler (v1) against its fake multi-node provider
+monitor process runs the autoscaler (v2, its instance manager) against its fake multi-node provider
 (``ray.autoscaler._private.fake_multi_node``), whose "nodes" are raylets on 127.0.0.1 launched and
 terminated by the autoscaler. ``ray.cluster_utils.AutoscalingCluster`` does the same, but it runs
 ``ray stop --force`` (every Ray process of the machine), binds the default ports and reads a
@@ -18,8 +18,11 @@ does not have). So ``gpu_worker`` ``{CPU: 96, GPU: 8}`` becomes ``{CPU: 2, logic
 some CPUs) becomes ``{CPU: 1, logical_gpu: 1}``: one per launched GPU node, like one GPU of it.
 
 A preemption is what a spot reclaim does to a machine: every process of one node is killed
-(SIGKILL) without warning; the autoscaler notices the lost heartbeats, terminates the node
-through the provider and launches a replacement while Ray Train still asks for it.
+(SIGKILL) without warning. The GCS marks the node dead after its missed health checks; the v2
+autoscaler reconciles the provider's instance of a dead node to RAY_STOPPED, terminates it and
+launches a replacement while Ray Train still asks for it. (The v1 autoscaler never replaces such
+a node here: the fake provider keeps listing the instance, and v1 drops the dead node's heartbeat
+record and then counts it as fresh, so the node type stays at its maximum.)
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from typing import Any
 
 import yaml
 from local_cluster import LocalCluster
+from ray.autoscaler._private.fake_multi_node.node_provider import (
+    FAKE_HEAD_NODE_ID,
+    FakeMultiNodeProvider,
+)
 from ray.util.state import list_nodes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,11 +160,16 @@ class AutoscalingCluster(LocalCluster):
             "upscaling_speed": float(launcher.get("upscaling_speed", 1.0)),
             "idle_timeout_minutes": idle_timeout_s / 60,
             "provider": {
-                "type": "fake_multinode",
+                # Ray's fake provider, named as an external one: for the type "fake_multinode" the
+                # v2 autoscaler reads a defaults file the Ray wheel does not ship.
+                "type": "external",
+                "module": f"{FakeMultiNodeProvider.__module__}.{FakeMultiNodeProvider.__name__}",
                 "gcs_address": f"127.0.0.1:{self.gcs_port}",
                 "use_node_id_as_ip": True,
                 "disable_node_updaters": True,
                 "disable_launch_config_check": True,
+                "launch_multiple": True,
+                "head_node_id": FAKE_HEAD_NODE_ID,
             },
             "available_node_types": {
                 **self.node_types,
@@ -189,9 +201,10 @@ class AutoscalingCluster(LocalCluster):
         head = self.config["available_node_types"][FAKE_HEAD_TYPE]["resources"]
         env = {
             "RAY_FAKE_CLUSTER": "1",
+            "RAY_enable_autoscaler_v2": "1",
+            "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
+            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
             "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-            # A lost node is declared dead after this long without a heartbeat (default 30 s).
-            "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10",
             # The fake provider's raylets bind the address Ray picks for the host: loopback.
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         }
@@ -257,10 +270,3 @@ class AutoscalingCluster(LocalCluster):
         address = f"127.0.0.1:{self.gcs_port}".encode()
         super().stop()
         _kill(_pids_where(lambda p: address in (p / "cmdline").read_bytes()))
-
-
-def submit_and_wait(cluster: AutoscalingCluster, command: str, timeout: float) -> tuple[Any, str]:
-    """``ray job submit`` ``command`` with the repository as working dir, then wait for it."""
-    job = cluster.submit(command, str(REPO))
-    return cluster.wait(job, timeout=timeout)
-

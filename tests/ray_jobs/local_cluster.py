@@ -134,8 +134,10 @@ class LocalCluster:
                     ) from err
                 time.sleep(2)
 
-    def submit(self, entrypoint: str, working_dir: str) -> str:
-        """Submit with ``ray job submit`` (the CLI users run) and return the job id."""
+    def submit(self, entrypoint: str, working_dir: str | None) -> str:
+        """Submit with ``ray job submit`` (the CLI users run) and return the job id. With
+        ``working_dir=None`` the job runs the project as installed on the nodes."""
+        shipped = ["--working-dir", working_dir] if working_dir else []
         proc = subprocess.run(
             [
                 RAY,
@@ -143,8 +145,7 @@ class LocalCluster:
                 "submit",
                 "--address",
                 self.dashboard,
-                "--working-dir",
-                working_dir,
+                *shipped,
                 "--no-wait",
                 "--",
                 *entrypoint.split(),

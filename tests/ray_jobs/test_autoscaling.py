@@ -24,14 +24,17 @@ from autoscaling_cluster import (
     loopback_node_types,
     node_type_for,
 )
-from conftest import REPO, TINY_MODEL
+from conftest import TINY_MODEL
 from ray.job_submission import JobStatus
 
 # A training worker of the GPU presets (1 GPU + CPUs), scaled like the node types.
 GPU_WORKER = {"CPU": 1, LOGICAL_GPU: 1}
-# Every loopback node shares this machine's Ray temp dir, and a node the autoscaler terminates
-# takes the job's unpacked working dir with it: what runs after training must not need the
-# driver's cwd (MLflow resolves its store against it), so tracking is off here.
+# Jobs run the project as the cluster file installs it on every node (`pip install -e`), not a
+# `--working-dir` copy: the loopback nodes share one Ray session directory, and each node's
+# runtime-env agent unpacks a working dir afresh over the same path (Ray's working_dir plugin
+# overwrites), pulling it from under the processes of the nodes already running there. On a
+# real cluster every node unpacks onto its own disk. Tracking is off: the runs are about
+# placement, and an MLflow store would resolve against the job driver's working directory.
 GPU_SCALING = [
     "tracking.enabled=false",
     "scaling.use_gpu=false",
@@ -43,6 +46,12 @@ GPU_SCALING = [
 
 def _epochs(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "epoch_metrics.jsonl").read_text().splitlines()]
+
+
+def _first_epoch_without(epochs: list[dict], node: str) -> int | None:
+    """Index of the first epoch after the last one ``node`` trained in (None: not yet)."""
+    last = max(i for i, e in enumerate(epochs) if node in e["worker_nodes"])
+    return last + 1 if last + 1 < len(epochs) else None
 
 
 def _command(module: str, data_root: Path, runs: Path, *extra: str, flags: str = "") -> str:
@@ -141,7 +150,7 @@ def test_training_job_scales_gpu_nodes_up_and_down(autoscaling, tiny_data_root, 
             "train.max_epochs=2",
             "scaling.num_workers=2",
         ),
-        str(REPO),
+        None,
     )
     status, logs, launched = _wait_job(autoscaling, job, timeout=900)
     assert status == JobStatus.SUCCEEDED, logs[-3000:] + autoscaling.monitor_log()[-3000:]
@@ -177,7 +186,7 @@ def test_sweep_trials_run_on_separate_launched_nodes(autoscaling, tiny_data_root
             "scaling.num_workers=1",
             flags=f"--config-dir={tmp_path / 'configs'}",
         ),
-        str(REPO),
+        None,
     )
     status, logs, launched = _wait_job(autoscaling, job, timeout=900)
     assert status == JobStatus.SUCCEEDED, logs[-3000:] + autoscaling.monitor_log()[-3000:]
@@ -202,19 +211,20 @@ def test_elastic_run_survives_a_preempted_node_and_grows_back(
             tiny_data_root,
             tmp_path,
             "run_name=elastic",
-            "train.max_epochs=10",
+            "train.max_epochs=14",
             "scaling.num_workers=[1,2]",
             "scaling.max_failures=4",
             "scaling.elastic_resize_monitor_interval_s=5",
         ),
-        str(REPO),
+        None,
     )
     client = autoscaling.client()
     submitted = time.monotonic()
-    # Preempt one node once the run has trained an epoch on two workers.
+    # Preempt one node once the run has trained on two workers past its first epoch, so that a
+    # checkpoint has been committed (the log line of an epoch is written before its report).
     while time.monotonic() - submitted < 600:
         log = run / "epoch_metrics.jsonl"
-        if log.exists() and _epochs(run)[-1]["world_size"] == 2:
+        if log.exists() and _epochs(run)[-1]["world_size"] == 2 and len(_epochs(run)) >= 2:
             break
         assert not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-3000:]
         time.sleep(1)
@@ -225,25 +235,35 @@ def test_elastic_run_survives_a_preempted_node_and_grows_back(
     preempted_after_epoch = _epochs(run)[-1]["epoch"]
     autoscaling.preempt(victim)
     preempted = time.monotonic()
+    # The first epoch trained after the loss is a restore from the checkpoint before it.
+    while time.monotonic() - preempted < 600:
+        if _first_epoch_without(_epochs(run), victim) or client.get_job_status(job).is_terminal():
+            break
+        time.sleep(1)
+    resume_s = time.monotonic() - preempted
 
     status, logs, launched = _wait_job(autoscaling, job, timeout=900)
     assert status == JobStatus.SUCCEEDED, logs[-3000:] + autoscaling.monitor_log()[-3000:]
     epochs = _epochs(run)
-    assert [e["epoch"] for e in epochs] == list(range(1, 11))
+    assert [e["epoch"] for e in epochs] == list(range(1, 15))  # none lost, none repeated
     worlds = [e["world_size"] for e in epochs]
-    changes = [i for i in range(1, len(worlds)) if worlds[i] != worlds[i - 1]]
-    assert worlds[0] == 2 and 1 in worlds and worlds[-1] == 2, worlds
-    # Every change of world size is one restore from the checkpoint of the epoch before.
-    for i in changes:
+    after_loss = _first_epoch_without(epochs, victim)
+    assert after_loss, worlds
+    # Training goes on from the last checkpoint: with 1 worker when the replacement is not up yet
+    # (then back to 2 when it is), or with 2 when the autoscaler replaced the node first.
+    assert epochs[after_loss]["restored_from_epoch"] == epochs[after_loss - 1]["epoch"]
+    assert worlds[-1] == 2, worlds
+    # Every change of world size is one restore from the checkpoint of the epoch before, and
+    # nothing else restores.
+    changes = {i for i in range(1, len(worlds)) if worlds[i] != worlds[i - 1]}
+    restores = {i for i, e in enumerate(epochs) if e["restored_from_epoch"] is not None}
+    assert restores - {after_loss} == changes - {after_loss}, (worlds, sorted(restores))
+    for i in restores:
         assert epochs[i]["restored_from_epoch"] == epochs[i - 1]["epoch"], epochs[i]
-    restores = [e for e in epochs if e["restored_from_epoch"] is not None]
-    assert len(restores) == len(changes), worlds
     # The global batch is held: each worker accumulates in proportion to the missing workers.
     assert {e["world_size"] * e["accumulation_steps"] for e in epochs} == {2}
-    assert victim not in epochs[-1]["worker_nodes"]  # the replacement is a new node
-    first_single = next(e for e in epochs if e["world_size"] == 1)
     print(
         f"elastic: 2 workers after {scale_up:.0f} s; node lost after epoch "
-        f"{preempted_after_epoch}; resumed on 1 worker at epoch {first_single['epoch']}; "
-        f"world sizes {worlds}; {time.monotonic() - preempted:.0f} s from the loss to the end"
+        f"{preempted_after_epoch}; training again {resume_s:.0f} s later, at epoch "
+        f"{epochs[after_loss]['epoch']} on {worlds[after_loss]} worker(s); world sizes {worlds}"
     )
