@@ -276,7 +276,13 @@ def test_tls_and_node_auth_deployment_runs_secure_rounds(tiny_data_root, tmp_pat
         status = json.loads(listed.stdout)["runs"][0]["status"] if listed.returncode == 0 else ""
         return status if status.startswith("finished") else None
 
-    status = _until(f"run {run_id} to finish", time.monotonic() + 420, finished)
+    # Every SecAgg+ stage and every evaluation starts a fresh ClientApp process per site (11 per
+    # site for two rounds, each importing torch): about 285 s on an idle 2-core machine.
+    try:
+        status = _until(f"run {run_id} to finish", time.monotonic() + 660, finished)
+    except TimeoutError as err:
+        shown = _flwr(processes, "log", str(run_id), FEDERATION, "--show").stdout
+        raise AssertionError(f"{err}; the ServerApp's log ends:\n{shown[-4000:]}") from err
     assert status == "finished:completed", processes.log("superlink")
 
     lines = [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()]
