@@ -276,13 +276,15 @@ def test_tls_and_node_auth_deployment_runs_secure_rounds(tiny_data_root, tmp_pat
         status = json.loads(listed.stdout)["runs"][0]["status"] if listed.returncode == 0 else ""
         return status if status.startswith("finished") else None
 
+    def server_log() -> str:
+        return _flwr(processes, "log", str(run_id), FEDERATION, "--show").stdout
+
     # Every SecAgg+ stage and every evaluation starts a fresh ClientApp process per site (11 per
     # site for two rounds, each importing torch): about 285 s on an idle 2-core machine.
     try:
         status = _until(f"run {run_id} to finish", time.monotonic() + 660, finished)
     except TimeoutError as err:
-        shown = _flwr(processes, "log", str(run_id), FEDERATION, "--show").stdout
-        raise AssertionError(f"{err}; the ServerApp's log ends:\n{shown[-4000:]}") from err
+        raise AssertionError(f"{err}; the ServerApp's log ends:\n{server_log()[-4000:]}") from err
     assert status == "finished:completed", processes.log("superlink")
 
     lines = [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()]
@@ -293,9 +295,9 @@ def test_tls_and_node_auth_deployment_runs_secure_rounds(tiny_data_root, tmp_pat
     report = json.loads((out / "metrics.json").read_text())
     assert report["task"] == TASK and report["rounds"] == 2
     assert report["secure_aggregation"]["enabled"]
-    server_log = _flwr(processes, "log", str(run_id), FEDERATION, "--show").stdout
+    shown = server_log()
     for rnd in (1, 2):
-        assert f"round {rnd}: SecAgg+ unmasked the sum of 2 site(s)' updates" in server_log
+        assert f"round {rnd}: SecAgg+ unmasked the sum of 2 site(s)' updates" in shown
     assert load_checkpoint(report["final_checkpoint"])[1].extra["round"] == 2
     assert sorted(s["num_examples"] for s in report["site_test"]["sites"]) == sorted(
         read_manifest(tiny_data_root, TASK).counts["test"][str(h)] for h in (0, 1)
