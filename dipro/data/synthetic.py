@@ -15,9 +15,11 @@ tree, so a seed fixes every byte):
   and independently of the course, so that one image says little about a change; the severity
   the patient arrived with, which every image shows a little of (how sick the patient looks,
   which the ICU outcomes depend on, but which does not predict the direction of a later change);
-  the change of severity, which the EHR follows, times the patient's response (small for a
-  finding the patient does not have); and the finding's own daily random walk, which only the
-  images show;
+  the change of severity, which the EHR follows, times the patient's response (a slow drift of
+  every region at once); and the finding's own course in each region: a slow background drift
+  plus local episodes in which a finding clearly worsens or improves in one region within a
+  day. Only the images show where an episode happened; its direction follows that day's
+  severity step against the patient's trend, which the EHR between two CXRs shows;
 - the ICU stay: length of stay (days, in [2, 11)) and in-hospital mortality from the severity of
   the first 48 h, its slope, the peak severity of the stay and age; 2..6 CXRs at least
   ``min_gap_hours`` apart, the first two inside the first 48 h, all inside the stay;
@@ -58,7 +60,7 @@ from dipro.data.shards import Manifest, write_dataset
 
 # Bump when a code change alters the generated data for the same config, so that datasets
 # written by older code are recognised as different (dipro.data.synthetic.generator_info).
-GENERATOR_VERSION: Final[int] = 4
+GENERATOR_VERSION: Final[int] = 5
 MAX_STAY_HOURS: Final[int] = 11 * 24  # LOS < 11 days (vocab.LOS_BIN_EDGES)
 _KNOT_HOURS: Final[int] = 24
 _PROFILE_GRID: Final[int] = 24  # finding patterns are drawn on this grid in box coordinates
@@ -105,8 +107,12 @@ AFFINITY: Final[np.ndarray] = np.array(
 _FINDING_AMPLITUDE: Final[np.ndarray] = np.array([0.45, 0.45, 0.60, 0.40, 0.45, 0.60, 0.50])
 _LEVEL_LOW, _LEVEL_HIGH = 0.08, 0.92  # a finding's static per-patient intensity
 _ARRIVAL: Final[float] = 0.06  # intensity per unit of the severity at the first CXR
-_RESPONSE: Final[tuple[float, float]] = (0.015, 0.04)  # intensity per unit of severity change
-_OWN_COURSE: Final[float] = 0.05  # daily step of a finding's own course (not in the EHR)
+_RESPONSE: Final[tuple[float, float]] = (0.003, 0.008)  # intensity per unit of severity change
+_BACKGROUND_COURSE: Final[float] = 0.01  # daily step of a finding's slow drift (below a reader)
+_EPISODE_RATE: Final[float] = 0.55  # daily chance of an episode of a finding, over its regions
+_EPISODE_SIZE: Final[tuple[float, float]] = (0.04, 0.20)  # its change of intensity, either sign
+_EPISODE_FOLLOWS_SEVERITY: Final[float] = 5.0  # logit of worsening per unit of the day's step
+_EPISODE_TREND_SHARE: Final[float] = 0.9  # of the patient's mean daily step, taken off that step
 
 
 @dataclass(frozen=True)
@@ -199,7 +205,7 @@ class SyntheticConfig:
     min_gap_hours: float = 8.0  # between consecutive CXRs
     max_gap_hours: float = 40.0
     icu_window_hours: int = 48  # ICU samples: CXRs and EHR of the first hours
-    change_threshold: float = 0.02  # |change of finding intensity| above it: worsened / improved
+    change_threshold: float = 0.06  # |change of finding intensity| above it: worsened / improved
     not_mentioned_rate: float = 0.15  # plausible (region, finding) pairs left unlabelled
     missing_box_rate: float = 0.03  # regions without a box on a CXR
     box_jitter: float = 0.01  # per-image box jitter, fraction of the image side
@@ -342,7 +348,7 @@ def simulate_cohort(cfg: SyntheticConfig) -> Cohort:
     cxr_subject = np.repeat(np.arange(N), np.diff(cxr_offsets))
 
     intensities = _finding_intensity(
-        hospital, site["finding_shift"], severity, cxr_subject, cxr_times, rng_find
+        hospital, site["finding_shift"], severity, slope, cxr_subject, cxr_times, rng_find
     )
     images, boxes, present, crops = _render(cfg, cxr_subject, hospital, site, intensities, rng_img)
     pair_first, region_labels, progression = _labels(
@@ -502,23 +508,32 @@ def _finding_intensity(
     hospital: np.ndarray,
     finding_shift: np.ndarray,
     severity: np.ndarray,
+    slope: np.ndarray,
     cxr_subject: np.ndarray,
     cxr_times: np.ndarray,
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Finding intensity [M, R, K] in [0, 1] at each CXR: a static per-patient level, the
-    severity the patient arrived with, and the change of severity since the patient's first CXR.
+    severity the patient arrived with, the change of severity since the patient's first CXR, and
+    the finding's own local course.
 
     ``a[t] = level + _ARRIVAL * s(t0) + resp * (s(t) - s(t0)) + own(t) - own(t0)``, with
     ``level`` drawn wide and independently of the course (the patient's static appearance
     dominates one image), ``s(t0)`` the severity at the first CXR (every image carries a little
     of it, so the CXRs say something about the ICU outcomes; it is independent of the later
     course, so it says nothing about the direction of a change), ``resp`` the patient's response
-    to severity (small for a finding the patient does not have) and ``own`` the finding's own
-    daily random walk. One image shows its level, which says little about the change; the change
-    shows only against an earlier image (and in the EHR between them, which follows ``s``).
-    The level is drawn inside [_LEVEL_LOW, _LEVEL_HIGH], away from the bounds that would make a
-    level predict the direction of a change."""
+    to severity (small for a finding the patient does not have; a slow drift of every region at
+    once, below what a reader calls a change) and ``own`` the finding's own course in
+    each region: a slow background drift plus episodes, one region at a time, in which a finding
+    the patient has clearly worsens or improves within a day (``_EPISODE_RATE`` a day, a change
+    of ``_EPISODE_SIZE``). An episode is local, so only the images show where it happened; its
+    direction follows that day's severity step against the patient's own trend
+    (``_EPISODE_TREND_SHARE`` of the mean daily step taken off, so that a patient's trend, which
+    the earlier episodes already show in one image, does not predict the next one): a patient
+    who deteriorates more than usual that day tends to develop new opacities, one who improves
+    to clear them, so the EHR between two CXRs says which way the changes went. The level is
+    drawn inside [_LEVEL_LOW, _LEVEL_HIGH], away from the bounds that would make a level predict
+    the direction of a change."""
     N, R, K = hospital.shape[0], vocab.NUM_REGIONS, vocab.NUM_FINDINGS
     has = rng.random((N, 1, K)) < 0.8  # the patient has the finding at all
     level = rng.uniform(_LEVEL_LOW, _LEVEL_HIGH, (N, R, K)) + 0.05 * finding_shift[hospital][
@@ -526,9 +541,16 @@ def _finding_intensity(
     ]
     resp = np.where(has, rng.uniform(*_RESPONSE, (N, R, K)), 0.002)
     days = MAX_STAY_HOURS // _KNOT_HOURS
-    steps = np.where(has[..., None], _OWN_COURSE, 0.1 * _OWN_COURSE) * rng.standard_normal(
-        (N, R, K, days)
+    drift = _BACKGROUND_COURSE * rng.standard_normal((N, R, K, days))
+    daily = slope[:, ::_KNOT_HOURS][:, :days]  # [N, days] severity step of each day
+    surprise = (daily - _EPISODE_TREND_SHARE * daily.mean(1, keepdims=True))[:, None, None, :]
+    worsens = rng.random((N, R, K, days)) < 1.0 / (
+        1.0 + np.exp(-_EPISODE_FOLLOWS_SEVERITY * surprise)
     )
+    per_region = 1.0 - (1.0 - _EPISODE_RATE) ** (1.0 / AFFINITY.sum(0))  # [K]
+    episode = (rng.random((N, R, K, days)) < per_region[:, None]) & has[..., None]
+    size = rng.uniform(*_EPISODE_SIZE, (N, R, K, days))
+    steps = drift + np.where(episode, np.where(worsens, size, -size), 0.0)
     knots = np.concatenate([np.zeros((N, R, K, 1)), np.cumsum(steps, axis=3)], axis=3)
     hour = np.clip(np.floor(cxr_times).astype(int), 0, MAX_STAY_HOURS - 1)
     day, frac = hour // _KNOT_HOURS, ((hour % _KNOT_HOURS) / _KNOT_HOURS)[:, None, None]
