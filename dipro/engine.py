@@ -192,7 +192,7 @@ def check_finite(predictions: Predictions) -> None:
         )
 
 
-class _Means:
+class _RunningMeans:
     """Row-weighted running means of logged values."""
 
     def __init__(self) -> None:
@@ -248,7 +248,7 @@ def train_epoch(
     params = list(unwrap(model).parameters())
     sync_free = getattr(model, "no_sync", None)
 
-    logged = _Means()
+    logged = _RunningMeans()
     steps = micro = group_rows = 0
     group_loss = 0.0
     optimizer.zero_grad(set_to_none=True)
@@ -323,7 +323,7 @@ def predict_with_loss(
         loss_fn.to(device)
     dtype = resolve_amp(amp_dtype, device)
     parts_out: list[Predictions] = []
-    logged = _Means()
+    logged = _RunningMeans()
     with torch.inference_mode():
         for batch in batches:
             batch = batch.to(device, non_blocking=True)

@@ -57,8 +57,8 @@ from federated.site import (
     InjectedSiteFault,
     SiteConfigError,
     evaluate_site,
+    load_site,
     model_from_state,
-    site_of,
     train_site,
 )
 
@@ -200,7 +200,7 @@ def train(msg: Message, context: Context) -> Message:
     def work(cfg: Mapping[str, Any], server_round: int) -> Message:
         config = msg.content["config"]
         torch.set_num_threads(int(cfg["federated"]["threads"]))
-        site = site_of(context.node_config, cfg)
+        site = load_site(context.node_config, cfg)
         state = msg.content["arrays"].to_torch_state_dict()
         directory, own = _local_layers(context, cfg, server_round - 1)
         model = model_from_state(cfg, state, f"the global model of round {server_round}", own)
@@ -235,7 +235,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     def work(cfg: Mapping[str, Any], server_round: int) -> Message:
         torch.set_num_threads(int(cfg["federated"]["threads"]))
         split = str(msg.content["config"].get(EVAL_SPLIT_KEY, "val"))
-        site = site_of(context.node_config, cfg)
+        site = load_site(context.node_config, cfg)
         if not site.split_paths(split):
             raise TooFewExamples(f"no {split} shards at this site")
         state = msg.content["arrays"].to_torch_state_dict()

@@ -64,7 +64,7 @@ from federated.config import check_config, site_config, train_config_record
 from federated.local_state import global_part, local_keys, with_local
 from federated.privacy import PrivacyBudget
 from federated.secure import SecureGrid, build_workflow, secure_enabled
-from federated.site import batches
+from federated.site import iter_collated_batches
 from federated.strategy import (
     RoundSites,
     ServerOptimizerState,
@@ -120,7 +120,7 @@ class RoundRecorder:
         self.best_round = best_round
         self.best = BestMetric(cfg["task"]["monitor_mode"], best_metric)
         self.privacy = PrivacyBudget.of_run(cfg)
-        self.norm_stats = None if central is None else central.norm()
+        self.norm_stats = None if central is None else central.norm_statistics()
         self.eval_paths = (
             []
             if central is None
@@ -137,7 +137,7 @@ class RoundRecorder:
     def _central_val(self) -> dict[str, float]:
         metrics, _ = evaluate(
             self.model,
-            batches(
+            iter_collated_batches(
                 self.eval_paths,
                 int(self.cfg["train"]["eval_batch_size"]),
                 self.cfg["model"]["region_mode"],

@@ -75,7 +75,7 @@ class Site:
         return f"hospital {','.join(map(str, self.hospitals))} of {self.root}"
 
 
-def site_of(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Site:
+def load_site(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Site:
     """The site a SuperNode serves (module docstring), with its statistics fitted."""
     task = cfg["task"]["name"]
     if "data-path" in node_config:
@@ -151,7 +151,7 @@ def _label_counts(paths: Sequence[str]) -> LabelCounts:
     return counts
 
 
-def batches(
+def iter_collated_batches(
     paths: Sequence[str],
     batch_size: int,
     region_mode: str,
@@ -216,7 +216,7 @@ def train_site(
         torch.manual_seed(seed)
         stats = train_epoch(
             model,
-            batches(
+            iter_collated_batches(
                 site.train_paths,
                 int(cfg["optim"]["batch_size"]),
                 cfg["model"]["region_mode"],
@@ -247,7 +247,7 @@ def evaluate_site(
     loss_fn = build_loss(site.task, cfg["loss"], site.class_weights)
     metrics, predictions = evaluate(
         model,
-        batches(
+        iter_collated_batches(
             site.split_paths(split),
             int(cfg["train"]["eval_batch_size"]),
             cfg["model"]["region_mode"],

@@ -157,14 +157,14 @@ def evaluate_to_report(
             payload,
             ckpt,
             task=task,
-            norm_stats=manifest.norm() if own_data and not site_normalised else None,
+            norm_stats=manifest.norm_statistics() if own_data and not site_normalised else None,
             region_mode=eval_manifest.region_mode,
         )
     except (FileNotFoundError, CheckpointError) as err:
         raise EvaluationError(str(err)) from err
     # A federated model normalised at each site is scored as a site does: with the
     # statistics of the scored dataset's own training split.
-    site_stats = eval_manifest.norm() if site_normalised else None
+    site_stats = eval_manifest.norm_statistics() if site_normalised else None
     if payload["training"].get("norm_stats") is None and not site_normalised:
         raise EvaluationError(
             f"{ckpt}: carries no normalisation statistics, so its inputs cannot be normalised "

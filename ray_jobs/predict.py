@@ -129,7 +129,7 @@ def scoring_stats(
             "(data.root=...), whose manifest has the statistics of its training split, not "
             "a folder of shards"
         )
-    return read_manifest(root, payload["task"]).norm().to_dict()
+    return read_manifest(root, payload["task"]).norm_statistics().to_dict()
 
 
 def check_records(table: pa.Table, task: str, region_mode: str, source: str) -> None:

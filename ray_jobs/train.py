@@ -107,7 +107,7 @@ def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
                 payload,
                 uri,
                 task=cfg.task.name,
-                norm_stats=manifest.norm(),
+                norm_stats=manifest.norm_statistics(),
                 region_mode=manifest.region_mode,
             )
         except ckpt_io.CheckpointError as err:

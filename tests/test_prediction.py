@@ -45,7 +45,7 @@ def _split(root: Path, task: str, split: str = "test") -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("task", vocab.TASKS)
 def test_rows_carry_ids_provenance_and_give_back_the_metrics(tiny_dataset: Path, task: str):
     records = _split(tiny_dataset, task)
-    stats = read_manifest(tiny_dataset, task).norm()
+    stats = read_manifest(tiny_dataset, task).norm_statistics()
     predictions = predict(_model(task), [collate(records, stats)], device="cpu")
     table = prediction_table(predictions, records, IDENTITY)
 
@@ -83,7 +83,7 @@ def test_missing_inputs_are_flagged_and_masked(tiny_dataset: Path) -> None:
     stripped = remove_inputs(records, ["ehr", "cxr"])
     flags = missing_input_flags(stripped)
     assert flags["missing_ehr"].all() and flags["single_cxr"].all()
-    batch = collate(stripped, read_manifest(tiny_dataset, task).norm())
+    batch = collate(stripped, read_manifest(tiny_dataset, task).norm_statistics())
     assert batch.cxr_mask.shape[1] == 2 and not batch.pair_mask.any()
     assert not batch.ehr_mask.any()
     S = int(records["crop_size"][0])

@@ -113,7 +113,7 @@ class Manifest:
                 "written by an older version; write it again"
             ) from err
 
-    def norm(self) -> NormStats:
+    def norm_statistics(self) -> NormStats:
         """The training-split normalisation statistics."""
         return NormStats.from_dict(self.norm_stats)
 

@@ -48,7 +48,7 @@ from dipro.model.regions import BACKBONES, CropBackbone, RegionEncoder, build_ba
 from dipro.model.std import Disentangler, SharedProjection, pair_tokens
 
 
-def _take_pairs(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _gather_cxrs(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [B, T, ...] gathered along dim 1 at index [B, n] -> [B, n, ...]."""
     view = index.view(*index.shape, *([1] * (x.dim() - 2)))
     return x.gather(1, view.expand(*index.shape, *x.shape[2:]))
@@ -111,12 +111,12 @@ class DiPro(nn.Module):
         last = (cxr_mask.sum(dim=1) - 2).clamp(min=0)  # [B], first CXR of each sample's last pair
         if not self.longitudinal:
             index = torch.stack([last, last + 1], dim=1)  # [B, 2]
-            cxr_times = _take_pairs(cxr_times, index)  # [B, 2]
+            cxr_times = _gather_cxrs(cxr_times, index)  # [B, 2]
             cxr_mask = torch.ones_like(cxr_mask[:, :2])  # [B, 2]
             pair_mask = torch.ones_like(pair_mask[:, :1])  # [B, 1]
-            region_present = _take_pairs(region_present, index)  # [B, 2, R]
-            crops = None if crops is None else _take_pairs(crops, index)  # [B, 2, R, S, S]
-            features = None if features is None else _take_pairs(features, index)  # [B, 2, R, F]
+            region_present = _gather_cxrs(region_present, index)  # [B, 2, R]
+            crops = None if crops is None else _gather_cxrs(crops, index)  # [B, 2, R, S, S]
+            features = None if features is None else _gather_cxrs(features, index)  # [B, 2, R, F]
 
         feats = self.regions(region_present, cxr_mask, crops=crops, features=features)  # [B,T,R,D]
         z = pair_tokens(feats)  # [B, P, R, 2D]

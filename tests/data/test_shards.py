@@ -59,7 +59,7 @@ def test_hospital_filter(tiny_dataset: Path) -> None:
 
 
 def test_norm_stats_come_from_the_training_split_only(tiny_dataset: Path) -> None:
-    stats = read_manifest(tiny_dataset, "mortality").norm()
+    stats = read_manifest(tiny_dataset, "mortality").norm_statistics()
     cols = ["ehr_values", "ehr_observed", "demographics"]
     train = fit_norm_stats([read_table(list_shards(tiny_dataset, "mortality", "train"), cols)])
     everything = fit_norm_stats(
@@ -147,7 +147,7 @@ def test_numpy_batches_feed_the_collate(tiny_dataset: Path) -> None:
     assert set(first) == set(columns)
     assert first["ehr_values"].dtype == object and isinstance(first["ehr_values"][0], np.ndarray)
     assert isinstance(first["crops"][0], bytes)
-    batch = collate(first, read_manifest(tiny_dataset, "disease_progression").norm())
+    batch = collate(first, read_manifest(tiny_dataset, "disease_progression").norm_statistics())
     assert batch.crops is not None and batch.crops.shape[1:] == (2, vocab.NUM_REGIONS, 16, 16)
 
     def order(seed: int | None) -> list[str]:

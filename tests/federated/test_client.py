@@ -14,7 +14,7 @@ from dipro.data.shards import read_manifest
 from dipro.model import build_model
 from federated.client_app import app
 from federated.config import site_config, train_config_record
-from federated.site import InjectedSiteFault, SiteConfigError, site_of
+from federated.site import InjectedSiteFault, SiteConfigError, load_site
 
 
 @pytest.fixture(autouse=True)
@@ -117,17 +117,17 @@ def test_dp_clipping_bounds_the_update(tiny_data_root, tmp_path):
 def test_a_site_reads_only_its_hospital(tiny_data_root, tmp_path):
     cfg = compose(tiny_data_root, tmp_path)
     manifest = read_manifest(tiny_data_root, "mortality")
-    deployed = site_of({"data-path": str(tiny_data_root), "hospital-id": 2}, cfg)
-    simulated = site_of({"partition-id": 2, "num-partitions": 3}, cfg)
+    deployed = load_site({"data-path": str(tiny_data_root), "hospital-id": 2}, cfg)
+    simulated = load_site({"partition-id": 2, "num-partitions": 3}, cfg)
 
     for site in (deployed, simulated):
         assert site.hospitals == (manifest.hospitals[2],)
         assert all("hospital=2/" in p for p in site.train_paths + site.val_paths)
         assert site.num_train == manifest.counts["train"]["2"]
     with pytest.raises(SiteConfigError, match="data-path"):
-        site_of({}, cfg)
+        load_site({}, cfg)
     with pytest.raises(SiteConfigError, match="hospital-id"):
-        site_of({"data-path": str(tiny_data_root), "hospital-id": 9}, cfg)
+        load_site({"data-path": str(tiny_data_root), "hospital-id": 9}, cfg)
 
 
 def test_the_injected_fault_fails_only_its_hospital_in_its_round(tiny_data_root, tmp_path):

@@ -164,7 +164,7 @@ def test_a_site_normalised_federated_model_is_scored_with_the_datasets_own_stati
     test = list_shards(tiny_data_root, TASK, "test")
     with pytest.raises(CheckpointError, match="carries no normalisation statistics"):
         evaluate_checkpoint(federated, test)
-    stats = read_manifest(tiny_data_root, TASK).norm()
+    stats = read_manifest(tiny_data_root, TASK).norm_statistics()
     assert evaluate_checkpoint(federated, test, norm_stats=stats).metrics == pytest.approx(
         evaluate_checkpoint(tiny_checkpoint, test).metrics, nan_ok=True
     )

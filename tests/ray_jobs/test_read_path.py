@@ -24,7 +24,7 @@ from dipro.data.schema import SCHEMA, SchemaError
 from dipro.data.shards import MANIFEST_NAME, ChecksumError, read_manifest, verify_shards
 from dipro.model import build_model
 from federated.config import compose_config
-from federated.site import site_of
+from federated.site import load_site
 from ray_jobs.data import iter_batches, read_split
 from ray_jobs.evaluate import evaluate_to_report
 from ray_jobs.train import check_config, data_error
@@ -188,7 +188,7 @@ def test_tampered_shard_is_refused_by_evaluation(tiny_data_root, tmp_path):
         build_model(model_cfg, "mortality"),
         model_cfg=model_cfg,
         task="mortality",
-        norm_stats=read_manifest(tmp_path / "data", "mortality").norm(),
+        norm_stats=read_manifest(tmp_path / "data", "mortality").norm_statistics(),
     )
     with pytest.raises(ChecksumError, match="fails its checksum") as info:
         evaluate_to_report(checkpoint, tmp_path / "data", split="test", out_dir=tmp_path / "r")
@@ -199,7 +199,7 @@ def test_tampered_shard_is_refused_by_the_federated_site(tiny_data_root, tmp_pat
     shard = _tampered_copy(tiny_data_root, tmp_path / "data")
     cfg = compose_config(["task=mortality", f"data.root={tmp_path / 'data'}"])
     with pytest.raises(ChecksumError, match="fails its checksum") as info:
-        site_of({"data-path": str(tmp_path / "data")}, cfg)
+        load_site({"data-path": str(tmp_path / "data")}, cfg)
     assert str(shard) in str(info.value)
 
 

@@ -88,7 +88,7 @@ def test_shards_validate_with_expected_counts(first_run, raw_tree) -> None:
         assert {k: counts[k] for k in EXPECTED_COUNTS} == EXPECTED_COUNTS
         assert manifest.generator["missing_images"] == [raw_tree.missing_image]
         assert manifest.generator["missing_scene_graphs"] == [raw_tree.missing_scene_graph]
-        assert manifest.norm().ehr_std.shape == (vocab.NUM_EHR,)
+        assert manifest.norm_statistics().ehr_std.shape == (vocab.NUM_EHR,)
 
 
 def test_real_radiograph_crops_are_not_blank(first_run, raw_tree) -> None:
@@ -152,7 +152,7 @@ def test_shards_collate_into_a_batch(first_run) -> None:
     for task, manifest in manifests.items():
         paths = shards.list_shards(out, task, "train")
         columns = next(shards.iter_numpy_batches(paths, 4, columns=model_columns("crops")))
-        batch = collate(columns, manifest.norm())
+        batch = collate(columns, manifest.norm_statistics())
         T = batch.cxr_times.shape[1]
         assert batch.crops is not None
         assert batch.crops.shape == (batch.size, T, vocab.NUM_REGIONS, 32, 32)
