@@ -10,10 +10,15 @@ and seed studies, the report, the console, tracking) reads it through this modul
 | ``checkpoint_*/model.pt``| the Ray Train worker              | ``dipro.checkpoint`` payload      |
 | ``checkpoint_*/config.json`` | the Ray Train worker          | the run's resolved configuration  |
 | ``best.pt``, ``last.pt`` | the federated server              | ``dipro.checkpoint`` payload      |
+| ``metrics.json``         | the trainer's driver, the server  | the run's summary (best, test)    |
 
 A metrics log is rewritten whole (temp file + rename) with each new line; the lines of this and
 later steps (``epoch`` or ``round``) are dropped first, so a step that a failed attempt logged
 before its checkpoint appears once, as its retry wrote it.
+
+The monitored metric's rule (``best_first``, ``improves``) is the same for early stopping, the
+best checkpoint, the report's best epoch and a sweep's best epoch: NaN is never best and of
+equal values the earliest wins.
 """
 
 from __future__ import annotations
@@ -21,15 +26,88 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+import pyarrow.fs as pafs
 
 from dipro import storage
+
+T = TypeVar("T")
+E = TypeVar("E", bound=Exception)
 
 CHECKPOINT_FILE = "model.pt"
 RUN_CONFIG_FILE = "config.json"
 EPOCH_METRICS_FILE = "epoch_metrics.jsonl"
 ROUND_METRICS_FILE = "round_metrics.jsonl"
+SUMMARY_FILE = "metrics.json"
+CHECKPOINT_DIR_PREFIX = "checkpoint_"
+
+
+def run_dir(storage_path: str, run_name: str) -> str:
+    """Where a run lives: ``{storage_path}/{run_name}`` (a path or URI)."""
+    return storage.join(str(storage_path), str(run_name))
+
+
+def checkpoint_files(directory: str) -> list[str]:
+    """The ``model.pt`` of each checkpoint directory of the run ``directory``, newest first
+    (Ray Train names them ``checkpoint_{timestamp}``); empty when the run does not exist."""
+    fs, base = storage.resolve_filesystem(directory)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    names = sorted(
+        (
+            info.base_name
+            for info in fs.get_file_info(pafs.FileSelector(base))
+            if info.type == pafs.FileType.Directory
+            and info.base_name.startswith(CHECKPOINT_DIR_PREFIX)
+        ),
+        reverse=True,
+    )
+    return [storage.join(directory, name, CHECKPOINT_FILE) for name in names]
+
+
+def first_loadable(
+    uris: Iterable[str],
+    load: Callable[[str], T],
+    skipped: Callable[[E], None],
+    *,
+    error: type[E],
+) -> tuple[str, T] | None:
+    """The first of ``uris`` that ``load`` reads without raising ``error`` (a damaged
+    checkpoint: ``dipro.checkpoint.CheckpointError``), with what it read; each one skipped is
+    passed to ``skipped`` with its error. None when none loads."""
+    for uri in uris:
+        try:
+            return uri, load(uri)
+        except error as err:
+            skipped(err)
+    return None
+
+
+def _order(value: float, mode: str) -> float:
+    """Sort key of a monitored value: smaller is better, NaN last."""
+    if math.isnan(value):
+        return math.inf
+    return -value if mode == "max" else value
+
+
+def improves(value: float, best: float | None, mode: str) -> bool:
+    """Whether ``value`` beats ``best`` (None: nothing yet) on a metric to ``mode`` (max or
+    min); NaN never does."""
+    return not math.isnan(value) and (best is None or _order(value, mode) < _order(best, mode))
+
+
+def best_first(values: Sequence[float], mode: str) -> list[int]:
+    """Indices of ``values`` from best to worst (NaN last, the earliest first among equals)."""
+    return sorted(range(len(values)), key=lambda i: _order(float(values[i]), mode))
+
+
+def best_index(values: Sequence[float], mode: str) -> int | None:
+    """Index of the best of ``values`` (the earliest among equals); None when all are NaN."""
+    order = best_first(values, mode)
+    return order[0] if order and not math.isnan(float(values[order[0]])) else None
 
 
 def append_log(uri: str, record: dict[str, Any], step: str) -> None:
@@ -81,9 +159,7 @@ class BestMetric:
 
     def update(self, value: float) -> bool:
         """Take this step's value; True when it is the new best."""
-        if not math.isnan(value) and (
-            self.best is None or (value > self.best if self.mode == "max" else value < self.best)
-        ):
+        if improves(value, self.best, self.mode):
             self.best, self.bad_steps = value, 0
             return True
         self.bad_steps += 1

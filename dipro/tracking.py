@@ -33,7 +33,7 @@ from typing import Any
 
 from dipro import storage
 from dipro.data.shards import files_digest
-from dipro.runs import EPOCH_METRICS_FILE, RUN_CONFIG_FILE, read_log
+from dipro.runs import EPOCH_METRICS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE, read_log, run_dir
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
@@ -41,7 +41,6 @@ RUN_DIR_TAG = "dipro.run_dir"
 KIND_TAG = "dipro.kind"
 PARENT_TAG = "mlflow.parentRunId"
 _PARAM_VALUE_LIMIT = 6000  # MLflow's longest parameter value
-SUMMARY_FILE = "metrics.json"
 
 
 @dataclass(frozen=True)
@@ -279,12 +278,12 @@ def track_training(
     ``config.json``) is logged under ``checkpoint/`` and registered as a version of
     ``tracking.model_name``, tagged with the task, best epoch, monitor and test metrics.
     """
-    run_dir = storage.join(str(cfg["storage_path"]), str(cfg["run_name"]))
-    run_id = tracker.run(run_dir, str(cfg["run_name"]), kind, parent)
+    directory = run_dir(cfg["storage_path"], cfg["run_name"])
+    run_id = tracker.run(directory, str(cfg["run_name"]), kind, parent)
     dataset = dataset_identity(str(cfg["data"]["root"]), manifest)
     tracker.log_params(run_id, {**flatten(cfg), **dataset})
-    tracker.log_history(run_id, read_log(storage.join(run_dir, EPOCH_METRICS_FILE)), "epoch")
-    summary_uri = storage.join(run_dir, SUMMARY_FILE)
+    tracker.log_history(run_id, read_log(storage.join(directory, EPOCH_METRICS_FILE)), "epoch")
+    summary_uri = storage.join(directory, SUMMARY_FILE)
     if storage.exists(summary_uri):
         summary = json.loads(storage.read_bytes(summary_uri))
         tracker.log_summary(run_id, summary.get("test") or {}, "test/")

@@ -55,7 +55,6 @@ from federated.local_state import keeps_layers, load_local, save_local, state_di
 from federated.secure import SecureAggregationError, secure_when_asked
 from federated.site import (
     InjectedSiteFault,
-    SiteConfigError,
     evaluate_site,
     load_site,
     model_from_state,
@@ -91,7 +90,7 @@ def failure_category(err: BaseException) -> str:
         return "secure-aggregation"
     if isinstance(err, NonFiniteOutputError):
         return "model-output"
-    if isinstance(err, SiteConfigError | ConfigError | CheckpointError):
+    if isinstance(err, ConfigError | CheckpointError):
         return "site-config"
     if isinstance(err, SchemaError | OSError | pa.ArrowException | ValueError | KeyError):
         return "site-data"

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dipro.config import FEDERATED_SCHEMA, ConfigError, validate
-from dipro.data.shards import Manifest, read_manifest
+from dipro.data.shards import Manifest, model_manifest
 from dipro.model import build_model
 from federated.local_state import keeps_layers, local_keys
 from federated.privacy import PrivacyBudget
@@ -73,13 +73,13 @@ def check_config(cfg: Mapping[str, Any]) -> Manifest | None:
                 "the rounds to select the best one"
             )
         return None
-    manifest = dataset_manifest(cfg, root, "server.eval_data")
-    if manifest.num_samples(cfg["server"]["eval_split"]) == 0:
-        raise ConfigError(
-            f"the {cfg['task']['name']} dataset under {root} (server.eval_data) has no "
-            f"{cfg['server']['eval_split']} samples for the server to evaluate on"
-        )
-    return manifest
+    return model_manifest(
+        root,
+        cfg["task"]["name"],
+        cfg["model"]["region_mode"],
+        "server.eval_data",
+        splits=(cfg["server"]["eval_split"],),
+    )
 
 
 def _check_local_layers(cfg: Mapping[str, Any]) -> None:
@@ -97,22 +97,6 @@ def _check_local_layers(cfg: Mapping[str, Any]) -> None:
         warnings.filterwarnings("ignore", message="model config: no pretrained_weights")
         model = build_model({**cfg["model"], "pretrained_weights": None}, cfg["task"]["name"])
     local_keys(model, spec)
-
-
-def dataset_manifest(cfg: Mapping[str, Any], root: str, key: str) -> Manifest:
-    """The task's manifest under ``root`` (named by config ``key``), checked against the model:
-    a missing dataset or another region mode is a ConfigError."""
-    task = cfg["task"]["name"]
-    try:
-        manifest = read_manifest(root, task)
-    except FileNotFoundError as err:
-        raise ConfigError(f"{key}: {err}") from err
-    if manifest.region_mode != cfg["model"]["region_mode"]:
-        raise ConfigError(
-            f"the {task} dataset under {root} ({key}) stores {manifest.region_mode}, but "
-            f"model.region_mode={cfg['model']['region_mode']}"
-        )
-    return manifest
 
 
 def site_config(cfg: Mapping[str, Any]) -> dict[str, Any]:

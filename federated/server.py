@@ -59,7 +59,7 @@ from dipro.data.shards import Manifest, list_shards
 from dipro.engine import evaluate
 from dipro.evaluation import evaluate_checkpoint
 from dipro.model import DiPro, build_model
-from dipro.runs import ROUND_METRICS_FILE, BestMetric, append_log, read_log
+from dipro.runs import ROUND_METRICS_FILE, SUMMARY_FILE, BestMetric, append_log, read_log
 from federated.config import check_config, site_config, train_config_record
 from federated.local_state import global_part, local_keys, with_local
 from federated.privacy import PrivacyBudget
@@ -77,7 +77,6 @@ logger = logging.getLogger("flwr")
 
 LAST_CHECKPOINT = "checkpoints/last.pt"
 BEST_CHECKPOINT = "checkpoints/best.pt"
-REPORT_FILE = "metrics.json"
 
 
 @dataclass(frozen=True)
@@ -324,7 +323,7 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
         rounds = read_log(storage.join(result.out_dir, ROUND_METRICS_FILE))
         tracker.log_history(run_id, rounds, "round")
         tracker.log_summary(run_id, result.test_metrics or {}, "test/")
-        tracker.log_files(run_id, [storage.join(result.out_dir, REPORT_FILE)], None)
+        tracker.log_files(run_id, [storage.join(result.out_dir, SUMMARY_FILE)], None)
         tracker.finish(run_id)
     return result
 
@@ -422,7 +421,7 @@ def write_report(cfg: Mapping[str, Any], site_test: RoundSites | None) -> Federa
             "accountant": "opacus RDPAccountant, sample rate 1 (no sampling amplification)",
         }
     storage.write_bytes_atomic(
-        storage.join(out_dir, REPORT_FILE), json.dumps(report, indent=2).encode()
+        storage.join(out_dir, SUMMARY_FILE), json.dumps(report, indent=2).encode()
     )
     return FederatedResult(
         out_dir=out_dir,
@@ -437,7 +436,7 @@ def write_report(cfg: Mapping[str, Any], site_test: RoundSites | None) -> Federa
 
 def read_result(out_dir: str | Path) -> FederatedResult:
     """The result of a finished run from its ``metrics.json``."""
-    report = json.loads(storage.read_bytes(storage.join(str(out_dir), REPORT_FILE)))
+    report = json.loads(storage.read_bytes(storage.join(str(out_dir), SUMMARY_FILE)))
     return FederatedResult(
         out_dir=str(out_dir),
         best_checkpoint=report["best_checkpoint"],

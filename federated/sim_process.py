@@ -34,8 +34,8 @@ from typing import Any
 from flwr.simulation import run_simulation
 
 from dipro import storage
+from dipro.runs import SUMMARY_FILE
 from federated.client_app import app as client_app
-from federated.server import REPORT_FILE
 from federated.server_app import server_app_for
 
 FAILED = "federated run failed:"
@@ -150,9 +150,9 @@ def main(argv: list[str]) -> int:
         print(f"{FAILED} {type(cause).__name__}: {cause}", file=sys.stderr, flush=True)
         return 1
     _await_stop()
-    if not storage.exists(storage.join(cfg["out_dir"], REPORT_FILE)):
+    if not storage.exists(storage.join(cfg["out_dir"], SUMMARY_FILE)):
         print(
-            f"{FAILED} the simulation ended without {REPORT_FILE} (see the log above)",
+            f"{FAILED} the simulation ended without {SUMMARY_FILE} (see the log above)",
             file=sys.stderr,
             flush=True,
         )

@@ -32,8 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dipro import storage
 from dipro.config import ConfigError, exit_on
+from dipro.data.shards import model_manifest
 from dipro.runs import RUN_CONFIG_FILE
-from federated.config import check_config, dataset_manifest
+from federated.config import check_config
 from federated.server import FederatedResult, read_result
 from federated.sim_process import FAILED, LAUNCHER_PID_ENV
 
@@ -105,7 +106,12 @@ def run_federated(cfg: DictConfig | dict[str, Any]) -> FederatedResult:
         OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     )
     check_config(resolved)
-    sites = dataset_manifest(resolved, resolved["data"]["root"], "data.root")
+    sites = model_manifest(
+        resolved["data"]["root"],
+        resolved["task"]["name"],
+        resolved["model"]["region_mode"],
+        "data.root",
+    )
     if sites.feature_dim is not None:
         resolved["model"]["feature_dim"] = sites.feature_dim
     simulation = resolved["simulation"]

@@ -26,6 +26,7 @@ from torch import nn
 
 from dipro.batch import Batch
 from dipro.checkpoint import load_weights
+from dipro.config import ConfigError
 from dipro.data.collate import collate
 from dipro.data.labels import LABEL_COLUMNS
 from dipro.data.normalize import NORM_COLUMNS, NormStats, fit_norm_stats
@@ -42,10 +43,6 @@ from dipro.losses import ClassWeights, LabelCounts, build_loss
 from dipro.model import build_model
 from dipro.seeds import stream_seed
 from federated.local_state import local_keys, with_local
-
-
-class SiteConfigError(ValueError):
-    """A SuperNode whose node config does not say where its data is."""
 
 
 class InjectedSiteFault(RuntimeError):
@@ -91,25 +88,25 @@ def load_site(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Site:
         manifest = read_manifest(root, task)
         partition = int(node_config["partition-id"])
         if partition >= len(manifest.hospitals):
-            raise SiteConfigError(
+            raise ConfigError(
                 f"simulated site {partition} has no hospital: the {task} dataset under {root} "
                 f"has hospitals {manifest.hospitals}"
             )
         hospitals = (manifest.hospitals[partition],)
     else:
-        raise SiteConfigError(
+        raise ConfigError(
             "the SuperNode's node config names no data-path (start it with "
             "--node-config 'data-path=\"/path/to/shards\"')"
         )
     missing = sorted(set(hospitals) - set(manifest.hospitals))
     if missing:
-        raise SiteConfigError(
+        raise ConfigError(
             f"hospital-id {missing} is not in the {task} dataset under {root} "
             f"(it has {manifest.hospitals})"
         )
     train = tuple(list_shards(root, task, "train", hospitals=hospitals))
     if not train:
-        raise SiteConfigError(f"no training shards for hospital {hospitals} under {root}")
+        raise ConfigError(f"no training shards for hospital {hospitals} under {root}")
     val = tuple(list_shards(root, task, "val", hospitals=hospitals))
     test = tuple(list_shards(root, task, "test", hospitals=hospitals))
     verify_shards(

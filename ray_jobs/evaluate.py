@@ -36,7 +36,13 @@ from dipro.data.schema import SchemaError
 from dipro.data.shards import ChecksumError, Manifest, list_shards, read_manifest, verify_shards
 from dipro.evaluation import evaluate_checkpoint
 from dipro.report import ReportSettings, write_evaluation_report
-from dipro.runs import CHECKPOINT_FILE, EPOCH_METRICS_FILE, RUN_CONFIG_FILE, read_epoch_log
+from dipro.runs import (
+    CHECKPOINT_FILE,
+    EPOCH_METRICS_FILE,
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+    read_epoch_log,
+)
 
 _ICU_VARIANTS = (
     ("no EHR", ("ehr",)),
@@ -229,7 +235,7 @@ def write_run_report(
     ``{run_dir}/report-{split}``.
     """
     path = os.fspath(run)
-    metrics_uri = path if path.endswith(".json") else storage.join(path, "metrics.json")
+    metrics_uri = path if path.endswith(".json") else storage.join(path, SUMMARY_FILE)
     try:
         summary = json.loads(storage.read_bytes(metrics_uri))
     except FileNotFoundError as err:

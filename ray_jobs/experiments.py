@@ -64,7 +64,7 @@ from dipro.report import (
     write_json,
     write_text,
 )
-from dipro.runs import RUN_CONFIG_FILE
+from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, run_dir
 from ray_jobs.console import say, session
 from ray_jobs.demo import ensure_synthetic_data
 from ray_jobs.train import run_training
@@ -132,10 +132,10 @@ def _agree(trained: Any, wanted: Any) -> bool:
     return trained == wanted
 
 
-def _finished(run_cfg: DictConfig, run_dir: str) -> dict[str, Any] | None:
+def _finished(run_cfg: DictConfig, directory: str) -> dict[str, Any] | None:
     """The ``metrics.json`` of a finished run of this name, or None. A finished run trained with
     other settings (its checkpoint's ``config.json``) is refused, not silently reused."""
-    uri = storage.join(run_dir, "metrics.json")
+    uri = storage.join(directory, SUMMARY_FILE)
     if not storage.exists(uri):
         return None
     summary = json.loads(storage.read_bytes(uri))
@@ -149,7 +149,7 @@ def _finished(run_cfg: DictConfig, run_dir: str) -> dict[str, Any] | None:
     differ = [k for k in _SAME_RUN_KEYS if not _agree(trained.get(k), wanted.get(k))]
     if differ:
         raise ConfigError(
-            f"{run_dir} holds a finished run with other {', '.join(differ)} settings: give the "
+            f"{directory} holds a finished run with other {', '.join(differ)} settings: give the "
             "study another name, or reuse_finished=false to train it again"
         )
     return summary
@@ -177,9 +177,9 @@ def train_run(
     """Train and test ``variant`` with ``seed`` (or reuse the finished run of that name); its
     MLflow run goes under the ``study`` run."""
     run_cfg = _run_config(cfg, variant, seed, ablation)
-    run_dir = storage.join(run_cfg.storage_path, run_cfg.run_name)
+    directory = run_dir(run_cfg.storage_path, run_cfg.run_name)
     started = time.monotonic()
-    done = _finished(run_cfg, run_dir) if cfg.reuse_finished else None
+    done = _finished(run_cfg, directory) if cfg.reuse_finished else None
     if done is None:
         result = run_training(run_cfg, tracking_parent=study[1] if study else None)
         if result.test_metrics is None:
@@ -198,12 +198,12 @@ def train_run(
         + ("reused" if done is not None else f"trained in {seconds:.0f} s")
         + f", test {metric} {test.get(metric, math.nan):.4f}"
     )
-    return RunRecord(variant, seed, run_dir, test, done is not None, seconds)
+    return RunRecord(variant, seed, directory, test, done is not None, seconds)
 
 
 def test_predictions(cfg: DictConfig, record: RunRecord) -> Predictions:
     """The test-split predictions of a finished run's best checkpoint, scored on the CPU."""
-    summary = json.loads(storage.read_bytes(storage.join(record.run_dir, "metrics.json")))
+    summary = json.loads(storage.read_bytes(storage.join(record.run_dir, SUMMARY_FILE)))
     paths = list_shards(cfg.data.root, cfg.task.name, "test")
     return evaluate_checkpoint(
         summary["best_checkpoint"], paths, batch_size=int(cfg.train.eval_batch_size)

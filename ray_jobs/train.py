@@ -29,15 +29,23 @@ from dipro.data.shards import (
     ChecksumError,
     Manifest,
     list_shards,
-    read_manifest,
+    model_manifest,
     verify_shards,
 )
 from dipro.evaluation import evaluate_checkpoint
 from dipro.losses import ClassWeights
-from dipro.runs import CHECKPOINT_FILE, EPOCH_METRICS_FILE
+from dipro.runs import (
+    CHECKPOINT_FILE,
+    EPOCH_METRICS_FILE,
+    SUMMARY_FILE,
+    best_first,
+    checkpoint_files,
+    first_loadable,
+    run_dir,
+)
 from ray_jobs.console import follow_epochs, say, session
 from ray_jobs.data import read_split
-from ray_jobs.worker import run_checkpoints, run_dir, train_loop_per_worker
+from ray_jobs.worker import train_loop_per_worker
 
 
 @dataclass(frozen=True)
@@ -69,18 +77,9 @@ def check_config(cfg: DictConfig) -> Manifest:
                 storage.require_remote(value, key)
             except ValueError as err:
                 raise ConfigError(str(err)) from err
-    try:
-        manifest = read_manifest(cfg.data.root, task)
-    except FileNotFoundError as err:
-        raise ConfigError(str(err)) from err
-    if manifest.region_mode != cfg.model.region_mode:
-        raise ConfigError(
-            f"the {task} dataset under {cfg.data.root} stores {manifest.region_mode}, but "
-            f"model.region_mode={cfg.model.region_mode}"
-        )
-    for split in ("train", "val"):
-        if manifest.num_samples(split) == 0:
-            raise ConfigError(f"the {task} dataset under {cfg.data.root} has no {split} samples")
+    manifest = model_manifest(
+        cfg.data.root, task, cfg.model.region_mode, "data.root", splits=("train", "val")
+    )
     splits = ("train", "val", "test") if cfg.train.evaluate_test else ("train", "val")
     verify_shards(
         cfg.data.root,
@@ -96,27 +95,33 @@ def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
     """A run of this name that exists must be of this task and trained on this data (its
     newest loadable checkpoint's task, region mode and normalisation statistics). Says which
     checkpoints the resume skips (unreadable ones, as the workers do) and the one it uses."""
-    for uri in run_checkpoints(OmegaConf.to_container(cfg, resolve=True)):
-        try:
-            payload = ckpt_io.read_checkpoint(uri)
-        except ckpt_io.CheckpointError as err:
-            say(f"[{cfg.task.name}] resume: skipped {err}")
-            continue
-        try:
-            ckpt_io.check_matches(
-                payload,
-                uri,
-                task=cfg.task.name,
-                norm_stats=manifest.norm_statistics(),
-                region_mode=manifest.region_mode,
-            )
-        except ckpt_io.CheckpointError as err:
-            raise ConfigError(
-                f"run_name={cfg.run_name} exists and cannot be resumed with this config: {err}"
-            ) from err
-        epoch = int(payload["training"]["epoch"])
-        say(f"[{cfg.task.name}] resume: from {uri}, after epoch {epoch}")
+    found = first_loadable(
+        checkpoint_files(_run_dir(cfg)),
+        ckpt_io.read_checkpoint,
+        lambda err: say(f"[{cfg.task.name}] resume: skipped {err}"),
+        error=ckpt_io.CheckpointError,
+    )
+    if found is None:
         return
+    uri, payload = found
+    try:
+        ckpt_io.check_matches(
+            payload,
+            uri,
+            task=cfg.task.name,
+            norm_stats=manifest.norm_statistics(),
+            region_mode=manifest.region_mode,
+        )
+    except ckpt_io.CheckpointError as err:
+        raise ConfigError(
+            f"run_name={cfg.run_name} exists and cannot be resumed with this config: {err}"
+        ) from err
+    epoch = int(payload["training"]["epoch"])
+    say(f"[{cfg.task.name}] resume: from {uri}, after epoch {epoch}")
+
+
+def _run_dir(cfg: DictConfig) -> str:
+    return run_dir(str(cfg.storage_path), str(cfg.run_name))
 
 
 def data_error(err: BaseException) -> SchemaError | ChecksumError | None:
@@ -253,7 +258,7 @@ def ensure_ray(cfg: DictConfig, num_cpus: int | None = None) -> None:
     )
 
 
-def _checkpoint_uri(cfg: DictConfig, checkpoint_path: str) -> str:
+def checkpoint_uri(cfg: DictConfig, checkpoint_path: str) -> str:
     """The project checkpoint file inside a Ray checkpoint directory, as a path or URI (Ray
     keeps remote checkpoint paths without their scheme)."""
     if storage.is_remote(cfg.storage_path) and not storage.is_remote(checkpoint_path):
@@ -270,7 +275,7 @@ def _score(
     ).metrics
 
 
-def _test_metrics(cfg: DictConfig, checkpoint_uri: str) -> dict[str, float] | None:
+def _test_metrics(cfg: DictConfig, uri: str) -> dict[str, float] | None:
     """Metrics of the checkpoint on the whole test split, computed in one Ray task (on a GPU
     when the run trains on GPUs); None when the dataset has no test split."""
     paths = list_shards(cfg.data.root, cfg.task.name, "test")
@@ -280,7 +285,7 @@ def _test_metrics(cfg: DictConfig, checkpoint_uri: str) -> dict[str, float] | No
     remote = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_score)
     return ray.get(
         remote.remote(
-            checkpoint_uri,
+            uri,
             paths,
             int(cfg.train.eval_batch_size),
             "cuda" if use_gpu else "cpu",
@@ -294,22 +299,18 @@ def _best_loadable(
 ) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
     """The best kept checkpoint on ``task.monitor`` whose file loads (a damaged one, skipped
     on resume, may still hold the best score)."""
-    monitor, sign = cfg.task.monitor, 1.0 if cfg.task.monitor_mode == "max" else -1.0
-
-    def score(pair: tuple[ray.train.Checkpoint, dict[str, Any]]) -> float:
-        value = float(pair[1].get(monitor, math.nan))
-        return -math.inf if math.isnan(value) else sign * value
-
-    ranked = sorted(kept, key=score, reverse=True)
-    for checkpoint, metrics in ranked:
-        uri = _checkpoint_uri(cfg, checkpoint.path)
-        try:
-            ckpt_io.read_checkpoint(uri)
-        except ckpt_io.CheckpointError as err:
-            print(f"[{cfg.task.name}] best checkpoint: skipped {err}", flush=True)
-            continue
-        return checkpoint, metrics
-    raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint that loads")
+    scores = [float(metrics.get(cfg.task.monitor, math.nan)) for _, metrics in kept]
+    ranked = [kept[i] for i in best_first(scores, cfg.task.monitor_mode)]
+    by_uri = {checkpoint_uri(cfg, checkpoint.path): (checkpoint, m) for checkpoint, m in ranked}
+    found = first_loadable(
+        by_uri,
+        ckpt_io.read_checkpoint,
+        lambda err: print(f"[{cfg.task.name}] best checkpoint: skipped {err}", flush=True),
+        error=ckpt_io.CheckpointError,
+    )
+    if found is None:
+        raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint that loads")
+    return by_uri[found[0]]
 
 
 def _note_random_backbone(cfg: DictConfig) -> None:
@@ -336,20 +337,20 @@ def run_training(cfg: DictConfig, tracking_parent: str | None = None) -> Trainin
             raise
         raise bad from None
     best, best_val = _best_loadable(cfg, result.best_checkpoints)
-    checkpoint_uri = _checkpoint_uri(cfg, best.path)
-    test_metrics = _test_metrics(cfg, checkpoint_uri) if cfg.train.evaluate_test else None
+    best_uri = checkpoint_uri(cfg, best.path)
+    test_metrics = _test_metrics(cfg, best_uri) if cfg.train.evaluate_test else None
     out = {
         "task": cfg.task.name,
         "run_name": cfg.run_name,
         "seed": int(cfg.seed),
-        "best_checkpoint": checkpoint_uri,
+        "best_checkpoint": best_uri,
         "best_epoch": int(best_val["epoch"]),
         "val": {k: float(v) for k, v in best_val.items() if k.startswith("val/")},
         "test": test_metrics,
-        "epoch_metrics": storage.join(run_dir(cfg), EPOCH_METRICS_FILE),
+        "epoch_metrics": storage.join(_run_dir(cfg), EPOCH_METRICS_FILE),
     }
     storage.write_bytes_atomic(
-        storage.join(run_dir(cfg), "metrics.json"), json.dumps(out, indent=2).encode()
+        storage.join(_run_dir(cfg), SUMMARY_FILE), json.dumps(out, indent=2).encode()
     )
     last = max(int(best_val["epoch"]), int(result.metrics.get("epoch", 0)))
     if last < int(cfg.train.max_epochs):
@@ -361,12 +362,12 @@ def run_training(cfg: DictConfig, tracking_parent: str | None = None) -> Trainin
         mlflow_run = tracking.track_training(
             tracker, resolved, manifest.to_dict(), parent=tracking_parent
         )
-    return TrainingResult(run_dir(cfg), checkpoint_uri, out["val"], test_metrics, mlflow_run)
+    return TrainingResult(_run_dir(cfg), best_uri, out["val"], test_metrics, mlflow_run)
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with exit_on({(SchemaError, ChecksumError): "data"}), session(cfg, cfg.run_name, run_dir(cfg)):
+    with exit_on({(SchemaError, ChecksumError): "data"}), session(cfg, cfg.run_name, _run_dir(cfg)):
         result = run_training(cfg)
     print(json.dumps({"run_dir": result.run_dir, "test": result.test_metrics}, indent=2))
 

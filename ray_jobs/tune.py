@@ -40,10 +40,9 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 from dipro import storage, tracking
 from dipro.config import ConfigError, exit_on
 from dipro.data.shards import read_manifest
-from dipro.runs import EPOCH_METRICS_FILE, last_logged
+from dipro.runs import EPOCH_METRICS_FILE, best_index, last_logged, run_dir
 from ray_jobs.console import Progress, format_epoch, say, session
-from ray_jobs.train import _checkpoint_uri, build_trainer, check_config, ensure_ray
-from ray_jobs.worker import run_dir
+from ray_jobs.train import build_trainer, check_config, checkpoint_uri, ensure_ray
 
 SEARCHES = ("random", "optuna")
 SCHEDULERS = ("asha", "fifo")
@@ -209,7 +208,7 @@ def _expected_trials(cfg: DictConfig) -> int:
 
 def _last_epoch(cfg: DictConfig) -> int:
     """The last epoch the run ``cfg.run_name`` recorded (0 for a new run)."""
-    return last_logged(storage.join(run_dir(cfg), EPOCH_METRICS_FILE))
+    return last_logged(storage.join(run_dir(cfg.storage_path, cfg.run_name), EPOCH_METRICS_FILE))
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: str) -> None:
@@ -239,16 +238,16 @@ def _trial_rows(cfg: DictConfig, results: tune.ResultGrid, keys: list[str]) -> p
         row.update({key: result.config.get(key) for key in keys})
         history = result.metrics_dataframe
         if history is not None and monitor in history and history[monitor].notna().any():
-            best = history[monitor].idxmax() if mode == "max" else history[monitor].idxmin()
+            best = history.index[best_index(history[monitor].tolist(), mode)]
             row["epochs"] = int(history["epoch"].max())
             row[f"best {monitor}"] = float(history.loc[best, monitor])
             row["best epoch"] = int(history.loc[best, "epoch"])
             row[f"last {monitor}"] = float(history[monitor].iloc[-1])
             path = history.loc[best].get(CHECKPOINT_PATH_KEY)
-            row["checkpoint"] = _checkpoint_uri(cfg, path) if isinstance(path, str) else None
+            row["checkpoint"] = checkpoint_uri(cfg, path) if isinstance(path, str) else None
         else:
             row.update({"epochs": 0, f"best {monitor}": math.nan, "checkpoint": None})
-        row["train_run"] = storage.join(cfg.storage_path, f"{cfg.tune.name}-{trial_id}")
+        row["train_run"] = run_dir(cfg.storage_path, f"{cfg.tune.name}-{trial_id}")
         rows.append(row)
     table = pd.DataFrame(rows)
     return table.sort_values(

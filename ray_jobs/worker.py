@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -42,7 +41,13 @@ import torch.distributed as dist
 from dipro import checkpoint as ckpt_io
 from dipro import storage
 from dipro.data.normalize import NormStats
-from dipro.engine import build_optimizer, build_scheduler, predict_with_loss, train_epoch
+from dipro.engine import (
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    predict_with_loss,
+    train_epoch,
+)
 from dipro.losses import ClassWeights, build_loss
 from dipro.metrics import Predictions, compute_metrics
 from dipro.model import build_model
@@ -52,6 +57,9 @@ from dipro.runs import (
     RUN_CONFIG_FILE,
     BestMetric,
     append_log,
+    checkpoint_files,
+    first_loadable,
+    run_dir,
 )
 from dipro.seeds import stream_seed
 from ray_jobs.data import iter_batches
@@ -63,26 +71,8 @@ class InjectedFault(RuntimeError):
     """Raised once by ``train.fail_at`` to test recovery from a worker failure."""
 
 
-def run_dir(cfg: dict[str, Any]) -> str:
-    """Where Ray Train keeps this run: ``{storage_path}/{run_name}``."""
-    return storage.join(cfg["storage_path"], cfg["run_name"])
-
-
-def run_checkpoints(cfg: dict[str, Any]) -> list[str]:
-    """The ``model.pt`` of each of the run's checkpoint directories, newest first (Ray Train
-    names them ``checkpoint_{timestamp}``)."""
-    fs, base = storage.resolve_filesystem(run_dir(cfg))
-    if fs.get_file_info(base).type != pafs.FileType.Directory:
-        return []
-    names = sorted(
-        (
-            info.base_name
-            for info in fs.get_file_info(pafs.FileSelector(base))
-            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
-        ),
-        reverse=True,
-    )
-    return [storage.join(run_dir(cfg), name, CHECKPOINT_FILE) for name in names]
+def _run_dir(cfg: dict[str, Any]) -> str:
+    return run_dir(cfg["storage_path"], cfg["run_name"])
 
 
 def _restore(
@@ -93,25 +83,30 @@ def _restore(
     latest_name = posixpath.basename(latest.path.rstrip("/"))
     candidates = [
         uri
-        for uri in run_checkpoints(cfg)
+        for uri in checkpoint_files(_run_dir(cfg))
         if posixpath.basename(posixpath.dirname(uri)) <= latest_name
     ]
-    errors = []
-    for uri in candidates:
-        try:
-            payload = ckpt_io.read_checkpoint(uri)
-            ckpt_io.load_weights(model, payload["weights"], uri)
-        except ckpt_io.CheckpointError as err:
-            errors.append(str(err))
-            if rank == 0:
-                print(f"[{cfg['task']['name']}] resume: skipped {err}", flush=True)
-            continue
-        if rank == 0 and errors:
-            print(f"[{cfg['task']['name']}] resume: from {uri}", flush=True)
+    errors: list[str] = []
+
+    def load(uri: str) -> dict[str, Any]:
+        payload = ckpt_io.read_checkpoint(uri)
+        ckpt_io.load_weights(model, payload["weights"], uri)
         return payload
-    raise ckpt_io.CheckpointError(
-        f"run {cfg['run_name']}: no checkpoint loads ({'; '.join(errors) or 'none found'})"
-    )
+
+    def skipped(err: ckpt_io.CheckpointError) -> None:
+        errors.append(str(err))
+        if rank == 0:
+            print(f"[{cfg['task']['name']}] resume: skipped {err}", flush=True)
+
+    found = first_loadable(candidates, load, skipped, error=ckpt_io.CheckpointError)
+    if found is None:
+        raise ckpt_io.CheckpointError(
+            f"run {cfg['run_name']}: no checkpoint loads ({'; '.join(errors) or 'none found'})"
+        )
+    uri, payload = found
+    if rank == 0 and errors:
+        print(f"[{cfg['task']['name']}] resume: from {uri}", flush=True)
+    return payload
 
 
 def _gather(value: Any) -> list[Any]:
@@ -128,7 +123,7 @@ def _fault_hook(cfg: dict[str, Any], epoch: int, rank: int, world: int):  # noqa
     fail_at = cfg["train"].get("fail_at")
     if not fail_at or int(fail_at["epoch"]) != epoch or rank != min(1, world - 1):
         return None
-    marker = storage.join(run_dir(cfg), FAULT_MARKER)
+    marker = storage.join(_run_dir(cfg), FAULT_MARKER)
 
     def hook(step: int, _: dict[str, float]) -> None:
         if step == int(fail_at["step"]) and not storage.exists(marker):
@@ -278,7 +273,9 @@ class _WorkerRun:
         self, epoch: int, stats: dict[str, float], val: _Gathered, train_s: float, started: float
     ) -> dict[str, float]:
         """The epoch's metrics: the paper's metrics on the gathered predictions, the losses,
-        throughput, and the monitored metric's best so far (early stopping's state)."""
+        throughput, and the monitored metric's best so far (early stopping's state). Outputs
+        that are not finite are a ``NonFiniteOutputError`` (``engine.check_finite``)."""
+        check_finite(val.predictions)
         monitor = self.cfg["task"]["monitor"]
         metrics = {f"val/{k}": v for k, v in compute_metrics(val.predictions).items()}
         metrics["val/loss"] = val.val_loss
@@ -320,7 +317,7 @@ class _WorkerRun:
                 (Path(tmp) / RUN_CONFIG_FILE).write_text(config_json)
                 restored = self.restored_from if epoch == self.start_epoch else None
                 append_log(
-                    storage.join(run_dir(self.cfg), EPOCH_METRICS_FILE),
+                    storage.join(_run_dir(self.cfg), EPOCH_METRICS_FILE),
                     {
                         **metrics,
                         "task": self.task,

@@ -30,11 +30,12 @@ from dipro.checkpoint import load_checkpoint
 from dipro.data.collate import collate
 from dipro.data.schema import model_columns
 from dipro.data.shards import iter_arrow_batches, list_shards
+from dipro.runs import SUMMARY_FILE
 
 
 def token_attention(run: Path, shards: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per-token attention over regions [N, K, R] and the finding's changed regions [N, K, R]."""
-    best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
+    best = json.loads((run / SUMMARY_FILE).read_text())["best_checkpoint"]
     model, meta = load_checkpoint(best)
     model.eval()
     seen: dict[str, torch.Tensor] = {}

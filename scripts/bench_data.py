@@ -34,7 +34,6 @@ def _reader(reader: str, root: str, batch_size: int, prefetch: int) -> Callable[
     """A function that starts one epoch of ``reader`` over the training split of ``root``; its
     set-up (imports, checksums, Ray start-up) is done here, outside the timings."""
     from dipro.data.collate import collate
-    from dipro.data.normalize import NormStats
     from dipro.data.schema import model_columns
     from dipro.data.shards import iter_arrow_batches, list_shards, read_manifest, verify_shards
 
@@ -42,7 +41,7 @@ def _reader(reader: str, root: str, batch_size: int, prefetch: int) -> Callable[
     paths = list_shards(root, TASK, "train")
     verify_shards(root, TASK, paths)  # once per run, as training does
     if reader == "plain":
-        stats = NormStats.from_dict(manifest.norm_stats)
+        stats = manifest.norm_statistics()
         columns = model_columns("crops")
         return lambda: (
             collate(table, stats) for table in iter_arrow_batches(paths, batch_size, columns)

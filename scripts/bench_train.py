@@ -24,6 +24,7 @@ from hydra import compose, initialize_config_dir
 from dipro.data.features import featurize_dataset
 from dipro.data.shards import read_manifest
 from dipro.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from dipro.runs import EPOCH_METRICS_FILE
 from ray_jobs.data import iter_batches, read_split
 from ray_jobs.train import run_training
 
@@ -62,7 +63,7 @@ def train(root: Path, runs: Path, mode: str, workers: int, epochs: int, name: st
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     run_training(cfg)
-    lines = (runs / name / "epoch_metrics.jsonl").read_text().splitlines()
+    lines = (runs / name / EPOCH_METRICS_FILE).read_text().splitlines()
     last = json.loads(lines[-1])  # the last epoch: start-up costs are behind it
     return {
         "samples_per_s": last["train/samples"] * workers / last["epoch_seconds"],

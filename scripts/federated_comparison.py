@@ -66,6 +66,7 @@ def central(root: Path, out: Path, rounds: int, seed: int) -> dict[str, Any]:
     checkpoint (normalised with the statistics the checkpoint carries)."""
     from dipro.data.shards import list_shards, read_manifest
     from dipro.evaluation import evaluate_checkpoint
+    from dipro.runs import SUMMARY_FILE
 
     started = time.monotonic()
     command = [
@@ -75,7 +76,7 @@ def central(root: Path, out: Path, rounds: int, seed: int) -> dict[str, Any]:
     ]  # fmt: skip
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     seconds = time.monotonic() - started
-    summary = json.loads((out / "central" / "metrics.json").read_text())
+    summary = json.loads((out / "central" / SUMMARY_FILE).read_text())
     sites = []
     for hospital in read_manifest(root, TASK).hospitals:
         paths = list_shards(root, TASK, "test", hospitals=[hospital])
@@ -86,6 +87,7 @@ def central(root: Path, out: Path, rounds: int, seed: int) -> dict[str, Any]:
 
 def federated(root: Path, out: Path, rounds: int, seed: int, extra: list[str]) -> dict[str, Any]:
     """One simulated federated run; the sites' own test metrics of its selected round."""
+    from dipro.runs import SUMMARY_FILE
     from federated.config import compose_config
     from federated.simulate import run_federated
 
@@ -99,7 +101,7 @@ def federated(root: Path, out: Path, rounds: int, seed: int, extra: list[str]) -
     started = time.monotonic()
     run_federated(cfg)
     seconds = time.monotonic() - started
-    report = json.loads((out / "metrics.json").read_text())
+    report = json.loads((out / SUMMARY_FILE).read_text())
     sites = [(s["num_examples"], s["auroc"], s["auprc"]) for s in report["site_test"]["sites"]]
     return {
         "sites": sites,

@@ -6,7 +6,19 @@ import math
 
 import pytest
 
-from dipro.runs import BestMetric, append_log, last_logged, read_epoch_log, read_log
+from dipro.checkpoint import CheckpointError
+from dipro.runs import (
+    BestMetric,
+    append_log,
+    best_first,
+    best_index,
+    checkpoint_files,
+    first_loadable,
+    last_logged,
+    read_epoch_log,
+    read_log,
+    run_dir,
+)
 
 
 def test_a_retried_epoch_replaces_the_lines_of_the_failed_attempt(tmp_path):
@@ -49,3 +61,47 @@ def test_a_restored_tracker_continues_its_patience():
     monitored = BestMetric("max", best=0.8, bad_steps=2)
     assert not monitored.update(0.79) and monitored.exhausted(3)
     assert monitored.update(0.81) and monitored.bad_steps == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "order"),
+    [
+        ("max", [0.5, math.nan, 0.7, 0.7, 0.1], [2, 3, 0, 4, 1]),
+        ("min", [0.5, math.nan, 0.7, 0.1, 0.1], [3, 4, 0, 2, 1]),
+    ],
+)
+def test_one_rule_ranks_a_monitored_metric_nan_last_and_the_earliest_of_equals_first(
+    mode, values, order
+):
+    assert best_first(values, mode) == order
+    assert best_index(values, mode) == order[0]
+    assert best_index([math.nan, math.nan], mode) is None and best_index([], mode) is None
+    monitored = BestMetric(mode)
+    for step, value in enumerate(values):
+        if monitored.update(value):
+            best_step = step
+    assert best_step == order[0]  # early stopping keeps the epoch the ranking puts first
+
+
+def test_checkpoints_are_listed_newest_first_and_the_first_loadable_is_taken(tmp_path):
+    directory = run_dir(str(tmp_path), "run")
+    assert checkpoint_files(directory) == []
+    for name in ("checkpoint_2026-01-01_00-00-00.000000", "checkpoint_2026-01-02_00-00-00.000000"):
+        (tmp_path / "run" / name).mkdir(parents=True)
+    (tmp_path / "run" / "report-test").mkdir()
+    files = checkpoint_files(directory)
+    assert [f.split("/")[-2] for f in files] == [
+        "checkpoint_2026-01-02_00-00-00.000000",
+        "checkpoint_2026-01-01_00-00-00.000000",
+    ]
+    assert all(f.endswith("/model.pt") for f in files)
+
+    def load(uri: str) -> str:
+        if "01-02" in uri:
+            raise CheckpointError(f"{uri}: truncated")
+        return "payload"
+
+    skipped: list[str] = []
+    found = first_loadable(files, load, lambda err: skipped.append(str(err)), error=CheckpointError)
+    assert found == (files[1], "payload") and skipped == [f"{files[0]}: truncated"]
+    assert first_loadable([], load, skipped.append, error=CheckpointError) is None

@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dipro import storage, vocab
+from dipro.config import ConfigError
 from dipro.data.labels import LABEL_COLUMNS, LabelCounts
 from dipro.data.normalize import NORM_COLUMNS, NormStats, fit_norm_stats
 from dipro.data.schema import (
@@ -385,6 +386,32 @@ def read_manifest(root: str | os.PathLike[str], task: str) -> Manifest:
     except json.JSONDecodeError as err:
         raise SchemaError(f"manifest is not valid JSON: {err}", source=uri) from err
     return Manifest.from_dict(data, source=uri)
+
+
+def model_manifest(
+    root: str | os.PathLike[str],
+    task: str,
+    region_mode: str,
+    key: str,
+    *,
+    splits: Sequence[str] = (),
+) -> Manifest:
+    """The task's manifest under ``root`` (set by the config key ``key``), for a model of
+    ``region_mode`` that reads ``splits``: a missing dataset, one of another region mode or an
+    empty split is a ConfigError naming ``key``. Every entrypoint checks its data here."""
+    try:
+        manifest = read_manifest(root, task)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{key}: {err}") from err
+    if manifest.region_mode != region_mode:
+        raise ConfigError(
+            f"the {task} dataset under {root} ({key}) stores {manifest.region_mode}, but "
+            f"model.region_mode={region_mode}"
+        )
+    for split in splits:
+        if manifest.num_samples(split) == 0:
+            raise ConfigError(f"the {task} dataset under {root} ({key}) has no {split} samples")
+    return manifest
 
 
 def list_shards(

@@ -11,6 +11,7 @@ import numpy as np
 
 from dipro import vocab
 from dipro.report.tables import METRIC_LABELS, TABLE_METRICS, format_number
+from dipro.runs import best_index
 
 _REGION_MARKS: Final[tuple[tuple[tuple[float, float], tuple[float, float], str], ...]] = (
     ((0.75, 0.32), (1.30, 0.28), "L lung"),
@@ -150,8 +151,5 @@ def best_epoch(epochs: Sequence[Mapping[str, Any]], monitor: str | None, mode: s
     """The epoch with the best ``monitor`` (``mode`` max or min); None when unknown."""
     if monitor is None:
         return None
-    scores = [float(e.get(monitor, math.nan)) for e in epochs]
-    if all(math.isnan(s) for s in scores):
-        return None
-    pick = np.nanargmax if mode == "max" else np.nanargmin
-    return int(epochs[int(pick(scores))]["epoch"])
+    best = best_index([float(e.get(monitor, math.nan)) for e in epochs], mode)
+    return None if best is None else int(epochs[best]["epoch"])

@@ -10,11 +10,12 @@ from conftest import compose
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from dipro.config import ConfigError
 from dipro.data.shards import read_manifest
 from dipro.model import build_model
 from federated.client_app import app
 from federated.config import site_config, train_config_record
-from federated.site import InjectedSiteFault, SiteConfigError, load_site
+from federated.site import InjectedSiteFault, load_site
 
 
 @pytest.fixture(autouse=True)
@@ -124,9 +125,9 @@ def test_a_site_reads_only_its_hospital(tiny_data_root, tmp_path):
         assert site.hospitals == (manifest.hospitals[2],)
         assert all("hospital=2/" in p for p in site.train_paths + site.val_paths)
         assert site.num_train == manifest.counts["train"]["2"]
-    with pytest.raises(SiteConfigError, match="data-path"):
+    with pytest.raises(ConfigError, match="data-path"):
         load_site({}, cfg)
-    with pytest.raises(SiteConfigError, match="hospital-id"):
+    with pytest.raises(ConfigError, match="hospital-id"):
         load_site({"data-path": str(tiny_data_root), "hospital-id": 9}, cfg)
 
 
