@@ -140,7 +140,7 @@ class DiProLoss(nn.Module):
     whichever of ``orth``, ``temp``, ``static``, ``dyn`` the output supports.
     """
 
-    def __init__(self, task: str, weights: LossWeights, class_weights: ClassWeights) -> None:
+    def __init__(self, *, task: str, weights: LossWeights, class_weights: ClassWeights) -> None:
         super().__init__()
         if task not in vocab.TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {vocab.TASKS}")
@@ -211,4 +211,6 @@ class DiProLoss(nn.Module):
 def build_loss(task: str, loss_cfg: Mapping[str, Any], class_weights: ClassWeights) -> DiProLoss:
     """The loss of ``task``: lambdas from the ``loss`` config, class weights from the training
     split (``ClassWeights.from_counts``). Every training path builds its loss here."""
-    return DiProLoss(task, LossWeights.from_dict(loss_cfg), class_weights)
+    return DiProLoss(
+        task=task, weights=LossWeights.from_dict(loss_cfg), class_weights=class_weights
+    )

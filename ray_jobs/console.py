@@ -33,6 +33,7 @@ from typing import Any, TextIO
 import ray
 
 from dipro import storage
+from dipro.report.tables import format_number
 from dipro.runs import EPOCH_METRICS_FILE, read_log, run_dir
 from dipro.tracking import TrackingSettings
 
@@ -99,22 +100,16 @@ def _point_handlers(streams: tuple[TextIO, ...], target: TextIO) -> None:
                 handler.setStream(target)
 
 
-def _fmt(value: Any) -> str:
-    return (
-        "n/a"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else (f"{value:.4f}")
-    )
-
-
 def format_epoch(task: str, record: Mapping[str, Any], max_epochs: int, monitor: str) -> str:
     """``[task] epoch 3/4  train loss 0.6931  val loss 0.6812  val/auroc 0.7012 (best 0.7100)
     12.4 s  85 samples/s``."""
     rate = record.get("train/samples_per_s")
     return (
         f"[{task}] epoch {int(record['epoch'])}/{max_epochs}  "
-        f"train loss {_fmt(record.get('train/loss'))}  val loss {_fmt(record.get('val/loss'))}  "
-        f"{monitor} {_fmt(record.get(monitor))} (best {_fmt(record.get(f'best/{monitor}'))})  "
+        f"train loss {format_number(record.get('train/loss'))}  "
+        f"val loss {format_number(record.get('val/loss'))}  "
+        f"{monitor} {format_number(record.get(monitor))} "
+        f"(best {format_number(record.get(f'best/{monitor}'))})  "
         f"{float(record.get('epoch_seconds', math.nan)):.1f} s"
         + (f"  {rate:.0f} samples/s" if isinstance(rate, int | float) else "")
     )

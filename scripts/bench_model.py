@@ -97,7 +97,9 @@ def bench_one(task: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*random weights", category=UserWarning)
         model = build_model(model_cfg, task).to(device).train()
-    loss_fn = DiProLoss(task, LossWeights.from_dict(loss_cfg), ClassWeights.uniform()).to(device)
+    loss_fn = DiProLoss(
+        task=task, weights=LossWeights.from_dict(loss_cfg), class_weights=ClassWeights.uniform()
+    ).to(device)
     batch = random_batch(
         task,
         mode,

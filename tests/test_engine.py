@@ -290,7 +290,9 @@ def test_evaluate_returns_metrics_losses_and_predictions(task):
     batches = [to_batch(recs[:6]), to_batch(recs[6:])]
     torch.manual_seed(0)
     model = build_model({**MODEL_CFG, "dropout": 0.1}, task)
-    loss_fn = DiProLoss(task, LossWeights.from_dict(LOSS_CFG), ClassWeights.uniform())
+    loss_fn = DiProLoss(
+        task=task, weights=LossWeights.from_dict(LOSS_CFG), class_weights=ClassWeights.uniform()
+    )
     model.train()
     metrics, preds = evaluate(model, batches, loss_fn, device=DEVICE)
     assert not model.training

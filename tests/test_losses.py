@@ -174,7 +174,9 @@ def test_progression_task_loss_is_class_weighted_ce_over_labelled_rows():
     batch, _ = make_batch("disease_progression", 12, seed=3)
     counts = count_labels([make_batch("disease_progression", 50, seed=4)[0]])
     weights = ClassWeights.from_counts(counts)
-    loss_fn = DiProLoss("disease_progression", LossWeights(2.0, 0, 0, 0, 0), weights)
+    loss_fn = DiProLoss(
+        task="disease_progression", weights=LossWeights(2.0, 0, 0, 0, 0), class_weights=weights
+    )
     out = make_output(batch, "disease_progression", full=False)
     total, parts = loss_fn(out, batch)
     ref = ref_weighted_ce(out.logits, batch.progression, torch.tensor(weights.progression))
@@ -208,7 +210,11 @@ def test_length_of_stay_loss_is_ce_and_masks_absent_labels():
     los = batch.los_class.clone()
     los[:3] = IGNORE_INDEX
     batch = Batch(**{**batch.__dict__, "los_class": los})
-    loss_fn = DiProLoss("length_of_stay", LossWeights(10.0, 0, 0, 0, 0), ClassWeights.uniform())
+    loss_fn = DiProLoss(
+        task="length_of_stay",
+        weights=LossWeights(10.0, 0, 0, 0, 0),
+        class_weights=ClassWeights.uniform(),
+    )
     out = make_output(batch, "length_of_stay", full=False)
     logp = torch.log_softmax(out.logits.detach().double(), -1)
     ref = -logp[torch.arange(3, 10), los[3:]].mean()
@@ -219,7 +225,9 @@ def test_total_combines_auxiliary_terms_with_config_lambdas():
     batch, _ = make_batch("mortality", 6, seed=7)
     weights = LossWeights(ce=6.0, orth=0.1, temp=1.0, static=0.5, dyn=0.1)
     counts = count_labels([batch])
-    loss_fn = DiProLoss("mortality", weights, ClassWeights.from_counts(counts))
+    loss_fn = DiProLoss(
+        task="mortality", weights=weights, class_weights=ClassWeights.from_counts(counts)
+    )
     out = make_output(batch, "mortality")
     total, parts = loss_fn(out, batch)
     assert set(parts) == {"task", "orth", "temp", "static", "dyn"}
@@ -242,7 +250,9 @@ def test_total_combines_auxiliary_terms_with_config_lambdas():
 def test_ablated_terms_are_absent_and_contribute_nothing():
     batch, _ = make_batch("length_of_stay", 6, seed=8)
     weights = LossWeights(ce=10.0, orth=5.0, temp=5.0, static=5.0, dyn=5.0)
-    loss_fn = DiProLoss("length_of_stay", weights, ClassWeights.uniform())
+    loss_fn = DiProLoss(
+        task="length_of_stay", weights=weights, class_weights=ClassWeights.uniform()
+    )
     out = make_output(batch, "length_of_stay", full=False)
     total, parts = loss_fn(out, batch)
     assert set(parts) == {"task"}
@@ -262,7 +272,11 @@ def test_finite_when_nothing_is_labelled():
             "region_labels": torch.full_like(batch.region_labels, 3),
         }
     )
-    loss_fn = DiProLoss("disease_progression", LossWeights(2, 1, 0, 0.5, 2), ClassWeights.uniform())
+    loss_fn = DiProLoss(
+        task="disease_progression",
+        weights=LossWeights(2, 1, 0, 0.5, 2),
+        class_weights=ClassWeights.uniform(),
+    )
     out = make_output(batch, "disease_progression")
     total, parts = loss_fn(out, batch)
     assert torch.isfinite(total)

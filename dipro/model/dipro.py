@@ -70,6 +70,7 @@ class DiPro(nn.Module):
 
     def __init__(
         self,
+        *,
         task: str,
         regions: RegionEncoder,
         std: Disentangler | SharedProjection,
@@ -206,19 +207,37 @@ def build_model(model_cfg: Mapping[str, Any] | ModelConfig, task: str) -> DiPro:
                 stacklevel=2,
             )
         backbone = CropBackbone(build_backbone(cfg.backbone, cfg.pretrained_weights))
-        regions = RegionEncoder(backbone, BACKBONES[cfg.backbone], D, R, dropout)
+        regions = RegionEncoder(
+            backbone=backbone,
+            in_dim=BACKBONES[cfg.backbone],
+            d_model=D,
+            num_regions=R,
+            dropout=dropout,
+        )
     else:
-        regions = RegionEncoder(None, cfg.feature_dim, D, R, dropout)
+        regions = RegionEncoder(
+            backbone=None, in_dim=cfg.feature_dim, d_model=D, num_regions=R, dropout=dropout
+        )
 
-    std = Disentangler(D, dropout) if ablation.std else SharedProjection(D, dropout)
+    projection = Disentangler if ablation.std else SharedProjection
+    std = projection(d_model=D, dropout=dropout)
     ehr = local_ehr = local_fusion = global_fusion = None
     if ablation.ehr:
-        ehr = EHREncoder(vocab.NUM_EHR, D, heads, cfg.ehr_layers, dropout, cfg.ehr_use_observed)
+        ehr = EHREncoder(
+            num_variables=vocab.NUM_EHR,
+            d_model=D,
+            num_heads=heads,
+            num_layers=cfg.ehr_layers,
+            dropout=dropout,
+            use_observed=cfg.ehr_use_observed,
+        )
         if ablation.local_fusion:
-            local_ehr = LocalEHRAttention(D, heads)
-            local_fusion = LocalFusion(D, heads, cfg.local_fusion_layers)
+            local_ehr = LocalEHRAttention(d_model=D, num_heads=heads)
+            local_fusion = LocalFusion(
+                d_model=D, num_heads=heads, num_layers=cfg.local_fusion_layers
+            )
         if ablation.global_fusion:
-            global_fusion = GlobalFusion(D, heads)
+            global_fusion = GlobalFusion(d_model=D, num_heads=heads)
 
     num_tokens = K if task == "disease_progression" else 1
     out_dim = vocab.task_output_dim(task) // num_tokens
@@ -226,13 +245,25 @@ def build_model(model_cfg: Mapping[str, Any] | ModelConfig, task: str) -> DiPro:
         task=task,
         regions=regions,
         std=std,
-        region_heads=RegionHeads(D, K) if ablation.pae else None,
+        region_heads=RegionHeads(d_model=D, num_findings=K) if ablation.pae else None,
         ehr=ehr,
         local_ehr=local_ehr,
         local_fusion=local_fusion,
         global_fusion=global_fusion,
-        final_fusion=FinalFusion(D, heads, cfg.fusion_layers, num_tokens, dropout),
-        static_fusion=StaticFusion(D, heads, cfg.num_groups, vocab.NUM_DEMOGRAPHICS, dropout),
-        heads=TaskHeads(D, num_tokens, out_dim, dropout),
+        final_fusion=FinalFusion(
+            d_model=D,
+            num_heads=heads,
+            num_layers=cfg.fusion_layers,
+            num_tokens=num_tokens,
+            dropout=dropout,
+        ),
+        static_fusion=StaticFusion(
+            d_model=D,
+            num_heads=heads,
+            num_groups=cfg.num_groups,
+            num_demographics=vocab.NUM_DEMOGRAPHICS,
+            dropout=dropout,
+        ),
+        heads=TaskHeads(d_model=D, num_tokens=num_tokens, out_dim=out_dim, dropout=dropout),
         longitudinal=ablation.longitudinal,
     )

@@ -73,6 +73,7 @@ class EHREncoder(nn.Module):
 
     def __init__(
         self,
+        *,
         num_variables: int,
         d_model: int,
         num_heads: int,
@@ -144,7 +145,7 @@ class IntervalTimeEmbedding(nn.Module):
 class LocalEHRAttention(nn.Module):
     """E_local [B, P, L, D] and in_interval [B, P, L] from the step tokens of E_global [B, L, D]."""
 
-    def __init__(self, d_model: int, num_heads: int) -> None:
+    def __init__(self, *, d_model: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.time = IntervalTimeEmbedding(d_model)

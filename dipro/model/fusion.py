@@ -43,7 +43,7 @@ class LocalFusionLayer(nn.Module):
     ``valid`` [N, L + R] marks the keys (True = valid).
     """
 
-    def __init__(self, d_model: int, num_heads: int) -> None:
+    def __init__(self, *, d_model: int, num_heads: int) -> None:
         super().__init__()
         self.region_proj = nn.Linear(d_model, 3 * d_model)  # W_x
         self.ehr_proj = nn.Linear(d_model, 2 * d_model)  # W_e
@@ -69,9 +69,11 @@ class LocalFusion(nn.Module):
     """Dy [B, P, R, D], E_local [B, P, L, D], in_interval [B, P, L] -> Dy_fuse [B, P, R, D]
     through ``num_layers`` stacked ``LocalFusionLayer``s."""
 
-    def __init__(self, d_model: int, num_heads: int, num_layers: int) -> None:
+    def __init__(self, *, d_model: int, num_heads: int, num_layers: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(LocalFusionLayer(d_model, num_heads) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            LocalFusionLayer(d_model=d_model, num_heads=num_heads) for _ in range(num_layers)
+        )
 
     def forward(
         self, dynamic: torch.Tensor, local_ehr: torch.Tensor, in_interval: torch.Tensor
@@ -90,7 +92,7 @@ class LocalFusion(nn.Module):
 class GlobalFusion(nn.Module):
     """E_global [B, N_e, D] attends to Dy_fuse tokens [B, P*R, D] (padded pairs masked) -> H."""
 
-    def __init__(self, d_model: int, num_heads: int) -> None:
+    def __init__(self, *, d_model: int, num_heads: int) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
         self.norm = nn.LayerNorm(d_model)
@@ -112,7 +114,7 @@ class FinalFusion(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, num_heads: int, num_layers: int, num_tokens: int, dropout: float
+        self, *, d_model: int, num_heads: int, num_layers: int, num_tokens: int, dropout: float
     ) -> None:
         super().__init__()
         self.cls = nn.Parameter(torch.randn(1, num_tokens, d_model))  # N(0, 1)

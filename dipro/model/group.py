@@ -31,7 +31,7 @@ from dipro.model.masks import key_padding_mask
 class GroupEmbedding(nn.Module):
     """GE(X) = softmax(X W) Gm: tokens [..., D] -> [..., D] through G learned group vectors."""
 
-    def __init__(self, d_model: int, num_groups: int) -> None:
+    def __init__(self, *, d_model: int, num_groups: int) -> None:
         super().__init__()
         self.assign = nn.Linear(d_model, num_groups, bias=False)  # W: D x G
         self.groups = nn.Parameter(torch.empty(num_groups, d_model))  # Gm: G x D
@@ -46,13 +46,19 @@ class StaticFusion(nn.Module):
     """c [B, C, D] attends to GE([S || demo]); residual + LayerNorm -> c' [B, C, D]."""
 
     def __init__(
-        self, d_model: int, num_heads: int, num_groups: int, num_demographics: int, dropout: float
+        self,
+        *,
+        d_model: int,
+        num_heads: int,
+        num_groups: int,
+        num_demographics: int,
+        dropout: float,
     ) -> None:
         super().__init__()
         self.demographics = nn.Sequential(
             nn.Linear(num_demographics, d_model), nn.ReLU(), nn.Dropout(dropout)
         )
-        self.group = GroupEmbedding(d_model, num_groups)
+        self.group = GroupEmbedding(d_model=d_model, num_groups=num_groups)
         self.attn = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
         self.norm = nn.LayerNorm(d_model)
 
@@ -75,7 +81,7 @@ class StaticFusion(nn.Module):
 class TaskHeads(nn.Module):
     """One MLP head per task token: c' [B, C, D] -> logits [B, C, out]."""
 
-    def __init__(self, d_model: int, num_tokens: int, out_dim: int, dropout: float) -> None:
+    def __init__(self, *, d_model: int, num_tokens: int, out_dim: int, dropout: float) -> None:
         super().__init__()
         self.heads = nn.ModuleList(
             nn.Sequential(

@@ -53,7 +53,7 @@ def reverse_labels(labels: torch.Tensor) -> torch.Tensor:
 class RegionHeads(nn.Module):
     """K heads f_k: dynamic tokens [..., D] -> region progression logits [..., K, 3]."""
 
-    def __init__(self, d_model: int, num_findings: int) -> None:
+    def __init__(self, *, d_model: int, num_findings: int) -> None:
         super().__init__()
         self.heads = nn.ModuleList(
             nn.Sequential(

@@ -96,6 +96,7 @@ class RegionEncoder(nn.Module):
 
     def __init__(
         self,
+        *,
         backbone: CropBackbone | None,
         in_dim: int,
         d_model: int,

@@ -56,7 +56,7 @@ def projection(d_model: int, dropout: float) -> nn.Sequential:
 class Disentangler(nn.Module):
     """(S, Dy) = (f_s(z), f_d(z)) on the valid tokens: z [B, P, R, 2D] -> two [B, P, R, D]."""
 
-    def __init__(self, d_model: int, dropout: float) -> None:
+    def __init__(self, *, d_model: int, dropout: float) -> None:
         super().__init__()
         self.static = projection(d_model, dropout)  # f_s
         self.dynamic = projection(d_model, dropout)  # f_d
@@ -68,7 +68,7 @@ class Disentangler(nn.Module):
 class SharedProjection(nn.Module):
     """The STD ablation: one projection f(z) serves as both the static and the dynamic tokens."""
 
-    def __init__(self, d_model: int, dropout: float) -> None:
+    def __init__(self, *, d_model: int, dropout: float) -> None:
         super().__init__()
         self.shared = projection(d_model, dropout)
 

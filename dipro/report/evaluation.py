@@ -29,7 +29,7 @@ from dipro.report.tables import (
     PAPER_RESULTS,
     TABLE_METRICS,
     finite_or_none,
-    fmt_mean_std,
+    format_mean_std,
     format_number,
     json_bytes,
     markdown_table,
@@ -201,7 +201,7 @@ def render_report(
             + [
                 [
                     f"{name} (paper, MIMIC)",
-                    *(fmt_mean_std(*ref[m], decimals=3) if m in ref else "" for m in table),
+                    *(format_mean_std(*ref[m], decimals=3) if m in ref else "" for m in table),
                 ]
                 for name, ref in PAPER_RESULTS[task].items()
             ],

@@ -13,6 +13,9 @@ from dipro import vocab
 from dipro.report.tables import METRIC_LABELS, TABLE_METRICS, format_number
 from dipro.runs import best_index
 
+# Where each region is marked on the schematic chest (x right, y down, fractions of the image;
+# radiological convention: the patient's left on the image's right), where its label goes, and
+# the label's short name. The bar chart beside the chest uses the full names.
 _REGION_MARKS: Final[tuple[tuple[tuple[float, float], tuple[float, float], str], ...]] = (
     ((0.75, 0.32), (1.30, 0.28), "L lung"),
     ((0.25, 0.32), (-0.30, 0.28), "R lung"),

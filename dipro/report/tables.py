@@ -59,9 +59,6 @@ PAPER_RESULTS: Final[dict[str, dict[str, dict[str, tuple[float, float | None]]]]
 }
 
 
-# Where each region is marked on the schematic chest (x right, y down, fractions of the image;
-# radiological convention: the patient's left on the image's right), where its label goes, and
-# the label's short name. The bar chart beside the chest uses the full names.
 def format_number(value: float | None) -> str:
     """A metric as the report prints it: 4 decimals, ``n/a`` when undefined."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -69,7 +66,7 @@ def format_number(value: float | None) -> str:
     return f"{value:.4f}"
 
 
-def fmt_mean_std(mean: float, std: float | None, decimals: int = 4) -> str:
+def format_mean_std(mean: float, std: float | None, decimals: int = 4) -> str:
     """``mean ± std`` (just the mean when the std is unknown or undefined)."""
     if math.isnan(mean):
         return "n/a"
@@ -130,7 +127,7 @@ def summary_table(
         body.append(
             [
                 row.label + (f" ({row.note})" if row.note else ""),
-                *(fmt_mean_std(*stats[m]) if m in stats else "n/a" for m in columns),
+                *(format_mean_std(*stats[m]) if m in stats else "n/a" for m in columns),
             ]
         )
     if with_paper:
@@ -138,7 +135,7 @@ def summary_table(
             body.append(
                 [
                     f"{name} (paper, MIMIC)",
-                    *(fmt_mean_std(*ref[m], decimals=3) if m in ref else "" for m in columns),
+                    *(format_mean_std(*ref[m], decimals=3) if m in ref else "" for m in columns),
                 ]
             )
     return markdown_table(["model", *(METRIC_LABELS[m] for m in columns)], body), data

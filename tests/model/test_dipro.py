@@ -111,7 +111,9 @@ def _assert_every_parameter_has_a_gradient(model: torch.nn.Module) -> None:
 
 def _train_step(model: DiPro, batch: Batch, task: str) -> torch.Tensor:
     model.train()
-    loss, _ = DiProLoss(task, ALL_ONES, ClassWeights.uniform())(model(batch), batch)
+    loss, _ = DiProLoss(task=task, weights=ALL_ONES, class_weights=ClassWeights.uniform())(
+        model(batch), batch
+    )
     loss.backward()
     return loss
 
@@ -233,7 +235,8 @@ def test_trains_under_bf16_autocast(task: str) -> None:
     batch = batch_of([make_record(i, task, _cxrs(task, 2 + i)) for i in range(2)])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch)
-    loss, _ = DiProLoss(task, ALL_ONES, ClassWeights.uniform())(out, batch)
+    loss_fn = DiProLoss(task=task, weights=ALL_ONES, class_weights=ClassWeights.uniform())
+    loss, _ = loss_fn(out, batch)
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -252,7 +255,7 @@ def _overfit(task: str, mode: str, steps: int, num_samples: int) -> tuple[float,
     ]
     batch = batch_of(records)
     lambdas = LossWeights(ce=1.0, orth=0.1, temp=0.1, static=0.1, dyn=0.1)
-    loss_fn = DiProLoss(task, lambdas, ClassWeights.uniform())
+    loss_fn = DiProLoss(task=task, weights=lambdas, class_weights=ClassWeights.uniform())
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     history = []
     for _ in range(steps):

@@ -100,7 +100,9 @@ def test_ehr_encoder_ignores_padded_steps() -> None:
 
 def test_ehr_encoder_observed_flags_are_an_input() -> None:
     torch.manual_seed(0)
-    enc = EHREncoder(5, 8, 2, 1, 0.0, use_observed=True).eval()
+    enc = EHREncoder(
+        num_variables=5, d_model=8, num_heads=2, num_layers=1, dropout=0.0, use_observed=True
+    ).eval()
     values, times, mask = (
         torch.randn(1, 3, 5),
         torch.arange(3.0).view(1, 3),
@@ -109,4 +111,6 @@ def test_ehr_encoder_observed_flags_are_an_input() -> None:
     a, _ = enc(values, torch.zeros(1, 3, 5, dtype=torch.bool), times, mask)
     b, _ = enc(values, torch.ones(1, 3, 5, dtype=torch.bool), times, mask)
     assert not torch.allclose(a, b)
-    assert EHREncoder(5, 8, 2, 1, 0.0, use_observed=False).embed[0].in_features == 5
+    assert EHREncoder(
+        num_variables=5, d_model=8, num_heads=2, num_layers=1, dropout=0.0, use_observed=False
+    ).embed[0].in_features == 5

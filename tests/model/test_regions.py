@@ -17,7 +17,7 @@ from dipro.model.regions import CropBackbone, RegionEncoder, build_backbone
 
 def test_missing_regions_and_padded_cxrs_get_the_region_embedding() -> None:
     torch.manual_seed(0)
-    enc = RegionEncoder(None, in_dim=5, d_model=4, num_regions=3, dropout=0.1).eval()
+    enc = RegionEncoder(backbone=None, in_dim=5, d_model=4, num_regions=3, dropout=0.1).eval()
     features = torch.randn(2, 2, 3, 5)
     present = torch.ones(2, 2, 3, dtype=torch.bool)
     present[0, 1, 2] = False
@@ -35,7 +35,7 @@ def test_backbone_runs_only_on_present_crops_of_valid_cxrs() -> None:
     backbone = CropBackbone(build_backbone("resnet18", None))
     seen: list[int] = []
     backbone.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
-    enc = RegionEncoder(backbone, 512, 8, num_regions=3, dropout=0.0)
+    enc = RegionEncoder(backbone=backbone, in_dim=512, d_model=8, num_regions=3, dropout=0.0)
     crops = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)
     present = torch.ones(2, 3, 3, dtype=torch.bool)
     present[0, 0, 1] = False
