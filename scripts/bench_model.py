@@ -23,14 +23,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
 from dipro import vocab
 from dipro.batch import Batch
-from dipro.data.collate import collate
-from dipro.data.schema import records_to_table
+from dipro.data.samples import collate_records, random_record
 from dipro.losses import ClassWeights, DiProLoss, LossWeights
 from dipro.model import build_model
 
@@ -49,41 +47,22 @@ def task_config(task: str) -> tuple[dict[str, Any], dict[str, Any], int]:
 def random_batch(
     task: str, mode: str, batch_size: int, num_cxr: int, ehr_hours: int, crop: int, feat: int
 ) -> Batch:
-    """A batch of random records of ``task`` through records_to_table and collate."""
-    rng = np.random.default_rng(0)
-    R, K, V, G = vocab.NUM_REGIONS, vocab.NUM_FINDINGS, vocab.NUM_EHR, vocab.NUM_DEMOGRAPHICS
-    T = 2 if task == "disease_progression" else num_cxr
-    records = []
-    for i in range(batch_size):
-        rec: dict[str, Any] = {
-            "sample_id": f"bench{i}",
-            "subject_id": i,
-            "stay_id": i,
-            "hospital": 0,
-            "split": "train",
-            "task": task,
-            "cxr_times": np.linspace(0.0, ehr_hours - 1, T).astype(np.float32),
-            "region_present": rng.random((T, R)) < 0.95,
-            "ehr_times": np.arange(ehr_hours, dtype=np.float32),
-            "ehr_values": rng.normal(size=(ehr_hours, V)).astype(np.float32),
-            "ehr_observed": rng.random((ehr_hours, V)) < 0.3,
-            "demographics": rng.normal(size=G).astype(np.float32),
-            "region_labels": rng.integers(0, 4, size=(T - 1, R, K)).astype(np.int8),
-        }
-        if mode == "crops":
-            rec["crop_size"] = crop
-            rec["crops"] = rng.integers(0, 256, size=(T, R, crop, crop), dtype=np.uint8)
-        else:
-            rec["feature_dim"] = feat
-            rec["features"] = rng.normal(size=(T, R, feat)).astype(np.float32)
-        if task == "disease_progression":
-            rec["progression"] = rng.integers(0, 4, size=K).astype(np.int8)
-        else:
-            rec["mortality"] = i % 2
-            rec["los_days"] = 3.5
-        records.append(rec)
-    table = records_to_table(records)
-    return collate({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names})
+    """A batch of random records of ``task`` (``dipro.data.samples``) through the collate."""
+    hours = [float(h) for h in range(ehr_hours)]
+    return collate_records(
+        [
+            random_record(
+                i,
+                task,
+                num_cxr=2 if task == "disease_progression" else num_cxr,
+                ehr_times=hours,
+                mode=mode,
+                crop_size=crop,
+                feature_dim=feat,
+            )
+            for i in range(batch_size)
+        ]
+    )
 
 
 def bench_one(task: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
