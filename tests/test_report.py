@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_model import tiny_model_cfg
 
 from dipro import vocab
 from dipro.checkpoint import CheckpointMeta
@@ -56,23 +57,8 @@ def _mortality(n: int, seed: int) -> Predictions:
 
 
 def _meta(task: str) -> CheckpointMeta:
-    model_cfg = {
-        "region_mode": "crops",
-        "backbone": "resnet18",
-        "d_model": 16,
-        "num_heads": 2,
-        "ehr_layers": 1,
-        "local_fusion_layers": 1,
-        "num_groups": 8,
-        "ablation": {
-            "std": True,
-            "pae": False,
-            "local_fusion": True,
-            "global_fusion": True,
-            "ehr": True,
-            "longitudinal": True,
-        },
-    }
+    model_cfg = tiny_model_cfg(region_mode="crops")
+    model_cfg["ablation"]["pae"] = False
     return CheckpointMeta(
         path="/runs/x/model.pt",
         task=task,
