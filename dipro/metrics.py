@@ -350,32 +350,43 @@ def _percentiles(values: Sequence[float], level: float) -> tuple[float, float]:
 
 def paired_bootstrap_difference(
     metric_fn: MetricFn,
-    probs_a: np.ndarray,
-    probs_b: np.ndarray,
+    probs_a: Sequence[np.ndarray],
+    probs_b: Sequence[np.ndarray],
     labels: np.ndarray,
     *,
     n: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, dict[str, float]]:
-    """metric(a) - metric(b) of two models scored on the same rows, with a paired percentile
-    bootstrap interval: each resample draws rows with replacement and scores both models on the
-    same draw. Returns ``{metric: {"difference", "low", "high"}}``; a resample where either side
-    is undefined (NaN) is left out of that metric's interval."""
-    _check_rows(probs_a, labels)
-    _check_rows(probs_b, labels)
+    """Model a minus model b on the same rows, averaged over runs (seeds), with a paired
+    percentile bootstrap interval.
+
+    ``probs_a[s]`` and ``probs_b[s]`` are run ``s``'s scores of the two models on the same rows,
+    whose ``labels`` every run shares. The difference is the mean over runs of metric(a_s) -
+    metric(b_s); each resample draws the rows with replacement once and scores every run of
+    both models on that draw. Each run keeps its own score scale (pooling the runs' rows into
+    one ranking would compare the runs' calibrations, not the models). Returns ``{metric:
+    {"difference", "low", "high"}}``; a resample where a side is undefined (NaN) is left out of
+    that metric's interval."""
+    if len(probs_a) != len(probs_b) or not probs_a:
+        raise ValueError(f"{len(probs_a)} runs of model a against {len(probs_b)} of model b")
+    for probs in (*probs_a, *probs_b):
+        _check_rows(probs, labels)
     _check_level(level)
-    point_a, point_b = metric_fn(probs_a, labels), metric_fn(probs_b, labels)
 
-    def difference(idx: np.ndarray) -> dict[str, float]:
-        a, b = metric_fn(probs_a[idx], labels[idx]), metric_fn(probs_b[idx], labels[idx])
-        return {key: a[key] - b[key] for key in point_a}
+    def difference(idx: np.ndarray | slice) -> dict[str, float]:
+        runs = [
+            (metric_fn(a[idx], labels[idx]), metric_fn(b[idx], labels[idx]))
+            for a, b in zip(probs_a, probs_b, strict=True)
+        ]
+        return {key: float(np.mean([a[key] - b[key] for a, b in runs])) for key in runs[0][0]}
 
+    point = difference(slice(None))
     draws = _resampled(difference, labels.shape[0], n, seed)
     out = {}
-    for key in point_a:
+    for key, value in point.items():
         low, high = _percentiles(draws.get(key, []), level)
-        out[key] = {"difference": float(point_a[key] - point_b[key]), "low": low, "high": high}
+        out[key] = {"difference": value, "low": low, "high": high}
     return out
 
 

@@ -16,10 +16,10 @@ run then trains on them (features mode, DIPRO_SPEC section 1).
 ``ablations.json`` also holds, for each variant, its test metrics per seed with their mean and
 std, on progression its averaged region attention map and the attention faithfulness ratios
 (``dipro.report.attention_faithfulness``) over the test samples of all seeds, and against the
-full model the paired difference (DiPro minus variant, same seed and test sample) with a
-percentile bootstrap interval over the test samples pooled across seeds (``paired_bootstrap``:
-resamples, seed, level). The predictions behind it come from each run's
-best checkpoint scored again on the test split.
+full model the paired difference (DiPro minus variant, same seed and test sample) per seed and
+its mean over seeds with a percentile bootstrap interval over the test samples, which every seed
+shares (``paired_bootstrap``: resamples, seed, level). The predictions behind it come from each
+run's best checkpoint scored again on the test split.
 
 Each run is an ordinary training run named ``{cfg.name}-{variant}-seed{seed}`` under
 ``storage_path``; a run whose ``metrics.json`` already holds test metrics is reused
@@ -220,11 +220,13 @@ def paired_comparison(
     level: float,
 ) -> dict[str, Any]:
     """DiPro minus a variant, both lists in the same seed order: per seed the metric difference,
-    and over the test samples of every seed pooled (row i of seed s of DiPro against row i of
-    seed s of the variant) the difference with a paired bootstrap interval."""
-    for a, b in zip(full, variant, strict=True):
+    and their mean over seeds with a paired bootstrap interval over the test samples (each
+    resample draws the samples once and scores every seed of both models on them)."""
+    first = full[0]
+    for a in [*full, *variant]:
         if not (
-            np.array_equal(a.subject_id, b.subject_id) and np.array_equal(a.stay_id, b.stay_id)
+            np.array_equal(a.subject_id, first.subject_id)
+            and np.array_equal(a.stay_id, first.stay_id)
         ):
             raise ValueError("DiPro and the variant were not scored on the same test samples")
     metric_fn = TASK_METRICS[task]
@@ -232,21 +234,19 @@ def paired_comparison(
     for a, b in zip(full, variant, strict=True):
         ma, mb = metric_fn(a.probabilities, a.labels), metric_fn(b.probabilities, a.labels)
         per_seed.append({k: ma[k] - mb[k] for k in ma if "/" not in k})
-    pooled_a = Predictions.concatenate(full)
-    pooled_b = Predictions.concatenate(variant)
-    pooled = paired_bootstrap_difference(
+    over_seeds = paired_bootstrap_difference(
         metric_fn,
-        pooled_a.probabilities,
-        pooled_b.probabilities,
-        pooled_a.labels,
+        [p.probabilities for p in full],
+        [p.probabilities for p in variant],
+        full[0].labels,
         n=resamples,
         seed=seed,
         level=level,
     )
     return {
         "per_seed": per_seed,
-        "pooled": {k: v for k, v in pooled.items() if "/" not in k},
-        "samples": len(pooled_a),
+        "mean_over_seeds": {k: v for k, v in over_seeds.items() if "/" not in k},
+        "samples": len(full[0]),
         "bootstrap": {"resamples": resamples, "seed": seed, "level": level, "unit": "sample"},
     }
 
@@ -397,15 +397,16 @@ def run_ablations(cfg: DictConfig) -> Path:
             "only the last pair is the full model; its row repeats DiPro's runs."
         )
     for name, result in results.items():
-        pooled = result.get("vs_dipro", {}).get("pooled", {})
-        if pooled:
+        over_seeds = result.get("vs_dipro", {}).get("mean_over_seeds", {})
+        if over_seeds:
             label = specs[name].get("label", name)
             pct = round(100 * float(cfg.paired_bootstrap.level))
             notes.append(
-                f"- DiPro minus {label} (paired, {pct}% bootstrap over the pooled test samples): "
+                f"- DiPro minus {label}, mean over seeds (paired, {pct}% bootstrap over the test "
+                "samples): "
                 + ", ".join(
                     f"{k} {v['difference']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]"
-                    for k, v in sorted(pooled.items())
+                    for k, v in sorted(over_seeds.items())
                 )
             )
     for name, result in results.items():

@@ -282,7 +282,7 @@ def test_paired_bootstrap_difference_scores_both_models_on_the_same_draws():
     good = np.clip(0.5 * labels + 0.5 * rng.random(80), 0, 1)
     weak = rng.random(80)
     fn = mortality_metrics
-    got = paired_bootstrap_difference(fn, good, weak, labels, n=40, seed=3)
+    got = paired_bootstrap_difference(fn, [good], [weak], labels, n=40, seed=3)
     assert got["auroc"]["difference"] == pytest.approx(
         roc_auc_score(labels, good) - roc_auc_score(labels, weak)
     )
@@ -295,5 +295,41 @@ def test_paired_bootstrap_difference_scores_both_models_on_the_same_draws():
     low, high = np.percentile(diffs, [2.5, 97.5])
     assert (got["auroc"]["low"], got["auroc"]["high"]) == pytest.approx((low, high))
     assert got["auroc"]["low"] > 0
-    same = paired_bootstrap_difference(fn, good, good, labels, n=10)
+    same = paired_bootstrap_difference(fn, [good], [good], labels, n=10)
     assert same["auroc"] == {"difference": 0.0, "low": 0.0, "high": 0.0}
+
+
+def test_paired_bootstrap_over_runs_averages_each_runs_difference_on_shared_draws():
+    """Two runs of each model whose scores live on different scales: each run is ranked on its
+    own, so a model that ranks the rows the same way in every run differs by 0 from itself
+    rescaled, where pooling the runs' rows into one ranking would not."""
+    rng = np.random.default_rng(5)
+    labels = (rng.random(60) < 0.4).astype(np.int64)
+    run1 = np.clip(0.4 * labels + 0.6 * rng.random(60), 0.01, 0.99)
+    run2 = 0.5 * run1  # the same ranking, another calibration
+    weak1, weak2 = rng.random(60), rng.random(60)
+    got = paired_bootstrap_difference(
+        mortality_metrics, [run1, run2], [weak1, weak2], labels, n=30, seed=1
+    )
+    pairs = ((run1, weak1), (run2, weak2))
+    expected = np.mean([roc_auc_score(labels, a) - roc_auc_score(labels, b) for a, b in pairs])
+    assert got["auroc"]["difference"] == pytest.approx(expected)
+    draws = np.random.default_rng(1)
+    diffs = []
+    for _ in range(30):
+        idx = draws.integers(0, 60, size=60)
+        diffs.append(
+            np.mean(
+                [
+                    roc_auc_score(labels[idx], a[idx]) - roc_auc_score(labels[idx], b[idx])
+                    for a, b in pairs
+                ]
+            )
+        )
+    assert (got["auroc"]["low"], got["auroc"]["high"]) == pytest.approx(
+        tuple(np.percentile(diffs, [2.5, 97.5]))
+    )
+    itself = paired_bootstrap_difference(mortality_metrics, [run1, run2], [run2, run1], labels, n=5)
+    assert itself["auroc"]["difference"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="2 runs of model a against 1"):
+        paired_bootstrap_difference(mortality_metrics, [run1, run2], [weak1], labels)
