@@ -7,9 +7,6 @@ shards the generator writes directly.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +15,25 @@ import pandas as pd
 from PIL import Image
 
 from dipro import vocab
+from dipro.data.mimic.ehr import EHR_SPECS, GCS_WORDS, URINE_ITEMID
 from dipro.data.mimic.raw_tree import (
     COMPARISON_NAMES,
-    CXR_METADATA_COLUMNS,
-    FINDING_NAMES,
-    GCS_EYE,
     CxrImage,
     RawTree,
     Stay,
     admission_row,
+    cxr_metadata_row,
     event_row,
     icustay_row,
     patient_row,
     real_cxr_pixels,
     scene_graph_object,
-    write_csv,
+    write_cxr_metadata,
+    write_gold_comparisons,
     write_mimic_iv_tables,
+    write_scene_graph,
 )
-from dipro.data.mimic.readers import GOLD_COLUMNS, image_path
+from dipro.data.mimic.readers import image_path
 from dipro.data.synthetic import cxr_identifiers
 
 _CAREUNITS = (  # sorted by name, so the "careunit" hospital rule maps unit i back to site i
@@ -45,24 +43,6 @@ _CAREUNITS = (  # sorted by name, so the "careunit" hospital rule maps unit i ba
     "Surgical Intensive Care Unit (SICU)",
     "Trauma SICU (TSICU)",
 )
-_GCS_WORDS = {
-    "Glascow coma scale eye opening": dict(GCS_EYE),
-    "Glascow coma scale verbal response": {
-        5: "Oriented",
-        4: "Confused",
-        3: "Inappropriate Words",
-        2: "Incomprehensible sounds",
-        1: "No Response-ETT",
-    },
-    "Glascow coma scale motor response": {
-        6: "Obeys Commands",
-        5: "Localizes Pain",
-        4: "Flex-withdraws",
-        3: "Abnormal Flexion",
-        2: "Abnormal extension",
-        1: "No response",
-    },
-}
 
 
 def write_cohort_raw_tree(
@@ -89,13 +69,7 @@ def write_cohort_raw_tree(
     if version not in ("2.0", "2.2"):
         raise ValueError(f"unknown MIMIC-IV version {version!r}; expected 2.0 or 2.2")
     root = Path(root)
-    tree = RawTree(
-        root,
-        root / "mimiciv",
-        root / "mimic-cxr-jpg",
-        root / "chest-imagenome" / "silver_dataset" / "scene_graph",
-        root / "chest-imagenome" / "gold_dataset" / "gold_object_comparison_with_coordinates.txt",
-    )
+    tree = RawTree.under(root)
     dicom_ids, study_ids = cxr_identifiers(cohort)
     base = pd.Timestamp("2160-01-01 06:00:00")
     stays: list[Stay] = []
@@ -154,7 +128,7 @@ def write_cohort_raw_tree(
     gold_stay = next(s for s in stays if any(img.labels for img in s.images))
     gold_img = next(img for img in gold_stay.images if img.labels)
     tree.gold_pair = (gold_img.dicom_id, str(gold_img.previous))
-    _write_gold(tree, gold_stay.subject_id, gold_img)
+    write_gold_comparisons(tree.gold_file, gold_stay.subject_id, tree.gold_pair, gold_img.labels)
     _write_cohort_mimic_iv(tree, cohort, stays, version, compress)
     tree.stays = {f"patient{i}": s.stay_id for i, s in enumerate(stays)}
     return tree
@@ -171,24 +145,7 @@ def _write_cohort_cxr(
     for order, (s, img) in enumerate(images):
         assert img.pixels is not None
         when = s.intime + pd.Timedelta(seconds=round(img.hours * 3600))
-        rows, cols = img.pixels.shape
-        hhmmss = when.hour * 10000 + when.minute * 100 + when.second
-        meta_rows.append(
-            [
-                img.dicom_id,
-                s.subject_id,
-                img.study_id,
-                "CHEST (PORTABLE AP)",
-                "AP",
-                rows,
-                cols,
-                when.strftime("%Y%m%d"),
-                f"{hhmmss}.0",
-                "CHEST (PORTABLE AP)",
-                "antero-posterior",
-                "Erect",
-            ]
-        )
+        meta_rows.append(cxr_metadata_row(s, img, img.pixels.shape, when))
         path = image_path(tree.mimic_cxr, s.subject_id, img.study_id, img.dicom_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img.pixels).save(path, format="JPEG", quality=95)
@@ -199,75 +156,13 @@ def _write_cohort_cxr(
                 continue
             x1, y1, x2, y2 = (int(round(float(v))) for v in box)
             objects.append(scene_graph_object(img.dicom_id, region, (x1, y1, x2, y2)))
-        relationships = [
-            {
-                "relationship_id": f"{img.dicom_id}_{img.previous}_{n}",
-                "predicate": "[]",
-                "synsets": [],
-                "relationship_names": [f"comparison|yes|{comparison}"],
-                "relationship_contexts": [1.0],
-                "phrase": f"{finding} {comparison}.",
-                "attributes": [f"anatomicalfinding|yes|{FINDING_NAMES[finding]}"],
-                "bbox_name": region,
-                "subject_id": f"{img.dicom_id}_{region}",
-                "object_id": f"{img.previous}_{region}",
-            }
-            for n, (region, finding, comparison) in enumerate(img.labels)
-        ]
-        graph = {
-            "image_id": img.dicom_id,
-            "viewpoint": "AP",
-            "patient_id": s.subject_id,
-            "study_id": img.study_id,
-            "gender": s.gender,
-            "StudyOrder": order,
-            "StudyDateTime": str(when),
-            "objects": objects,
-            "attributes": [],
-            "relationships": relationships,
-        }
-        (tree.scene_graph_dir / f"{img.dicom_id}_SceneGraph.json").write_text(json.dumps(graph))
-    write_csv(
-        tree.mimic_cxr / "mimic-cxr-2.0.0-metadata.csv",
-        CXR_METADATA_COLUMNS,
-        meta_rows,
-        compress,
-    )
-
-
-def _write_gold(tree: RawTree, subject_id: int, img: CxrImage) -> None:
-    tree.gold_file.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
-    writer.writerow(GOLD_COLUMNS)
-    for n, (region, finding, comparison) in enumerate(img.labels):
-        writer.writerow(
-            [
-                subject_id,
-                f"{img.dicom_id}_{img.previous}_g{n}",
-                f"{img.dicom_id}_{region}",
-                f"{img.previous}_{region}",
-                region,
-                comparison,
-                f"anatomicalfinding|yes|{finding}",
-                f"{finding}.",
-                "[0, 0, 1, 1]",
-                "[0, 0, 1, 1]",
-                "[0, 0, 1, 1]",
-                "[0, 0, 1, 1]",
-                finding,
-                img.dicom_id,
-                img.previous,
-            ]
-        )
-    tree.gold_file.write_text(buffer.getvalue())
+        write_scene_graph(tree.scene_graph_dir, s, img, order, when, objects)
+    write_cxr_metadata(tree.mimic_cxr, meta_rows, compress)
 
 
 def _write_cohort_mimic_iv(
     tree: RawTree, cohort: Any, stays: list[Stay], version: str, compress: bool
 ) -> None:
-    from dipro.data.mimic.ehr import EHR_SPECS, URINE_ITEMID
-
     new = version == "2.2"
     care = [4242] if new else []
     icu_rows, adm_rows, pat_rows, chart_rows, out_rows = [], [], [], [], []
@@ -284,7 +179,6 @@ def _write_cohort_mimic_iv(
         for h, v in zip(*np.nonzero(observed), strict=True):
             t = s.intime + pd.Timedelta(hours=int(h), minutes=30)
             value = float(cohort.ehr_values[i, h, v])
-            name = vocab.EHR_VARIABLES[v]
             itemid = EHR_SPECS[v].itemids[0]
             if itemid == URINE_ITEMID:
                 out_rows.append([*event_row(s, care, t, t, itemid), round(value, 4), "ml"])
@@ -293,8 +187,8 @@ def _write_cohort_mimic_iv(
             number: object = round(value, 4)
             if v == temp:
                 text = number = round(value * 9.0 / 5.0 + 32.0, 4)
-            elif name in _GCS_WORDS:
-                words = _GCS_WORDS[name][int(round(value))]
+            elif itemid in GCS_WORDS:
+                words = GCS_WORDS[itemid][int(round(value))]
                 text, number = (
                     (words, int(round(value))) if h % 2 else (f"{int(round(value))} {words}", None)
                 )

@@ -141,22 +141,29 @@ _HIGH = np.array([s.high for s in EHR_SPECS], dtype=np.float64)
 
 _FAHRENHEIT = 223761
 _FIO2 = 223835
-_GCS_ITEMIDS = (220739, 223900, 223901)
+# The GCS items (eye opening, verbal response, motor response): each score's MetaVision text.
+GCS_WORDS: dict[int, dict[int, str]] = {
+    220739: {4: "Spontaneously", 3: "To Speech", 2: "To Pain", 1: "No Response"},
+    223900: {
+        5: "Oriented",
+        4: "Confused",
+        3: "Inappropriate Words",
+        2: "Incomprehensible sounds",
+        1: "No Response-ETT",
+    },
+    223901: {
+        6: "Obeys Commands",
+        5: "Localizes Pain",
+        4: "Flex-withdraws",
+        3: "Abnormal Flexion",
+        2: "Abnormal extension",
+        1: "No response",
+    },
+}
+_GCS_ITEMIDS = tuple(GCS_WORDS)
+# A GCS text without a leading number (lower case) -> its score.
 GCS_TEXT: dict[str, float] = {
-    "spontaneously": 4,
-    "to speech": 3,
-    "to pain": 2,
-    "no response": 1,
-    "oriented": 5,
-    "confused": 4,
-    "inappropriate words": 3,
-    "incomprehensible sounds": 2,
-    "no response-ett": 1,
-    "obeys commands": 6,
-    "localizes pain": 5,
-    "flex-withdraws": 4,
-    "abnormal flexion": 3,
-    "abnormal extension": 2,
+    text.lower(): score for words in GCS_WORDS.values() for score, text in words.items()
 }
 _LEADING_NUMBER = re.compile(r"^\s*(\d+(?:\.\d+)?)")
 

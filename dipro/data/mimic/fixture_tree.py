@@ -23,9 +23,6 @@ outputevents, plus rows of itemids the pipeline must ignore. ``version`` picks t
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -33,29 +30,30 @@ import pandas as pd
 from PIL import Image
 
 from dipro import vocab
+from dipro.data.mimic.ehr import GCS_WORDS
 from dipro.data.mimic.raw_tree import (
     BOXES,
     COMPARISON_NAMES,
-    CXR_METADATA_COLUMNS,
-    FINDING_NAMES,
-    GCS_EYE,
-    GCS_MOTOR,
-    GCS_VERBAL,
     CxrImage,
     Ids,
     RawTree,
     Stay,
     admission_row,
+    cxr_metadata_row,
     event_row,
+    hhmmss,
     icustay_row,
     patient_row,
     real_cxr_pixels,
     scene_graph_object,
     synthetic_pixels,
     write_csv,
+    write_cxr_metadata,
+    write_gold_comparisons,
     write_mimic_iv_tables,
+    write_scene_graph,
 )
-from dipro.data.mimic.readers import GOLD_COLUMNS, image_path
+from dipro.data.mimic.readers import image_path
 
 # Counts at every stage for n_regular = 6 (see the module table).
 EXPECTED_COUNTS: dict[str, int] = {
@@ -184,13 +182,7 @@ def write_raw_tree(
         raise ValueError(f"unknown MIMIC-IV version {version!r}; expected 1.0, 2.0 or 2.2")
     root = Path(root)
     rng = np.random.default_rng(seed)
-    tree = RawTree(
-        root,
-        root / "mimiciv",
-        root / "mimic-cxr-jpg",
-        root / "chest-imagenome" / "silver_dataset" / "scene_graph",
-        root / "chest-imagenome" / "gold_dataset" / "gold_object_comparison_with_coordinates.txt",
-    )
+    tree = RawTree.under(root)
     stays = _design(n_regular, rng)
     ids = Ids(np.random.default_rng(seed + 1))
     ids.study = 59000000
@@ -258,25 +250,8 @@ def _write_cxr(
             if img.pixels is not None
             else synthetic_pixels(rng, s.severity * (1 + img.hours / 100), *image_size)
         )
-        rows, cols = pixels.shape
-        hhmmss = when.hour * 10000 + when.minute * 100 + when.second
-        study_time = f"{hhmmss}.{int(rng.integers(0, 1000)):03d}" if hhmmss > 100 else f"{hhmmss}.0"
-        meta_rows.append(
-            [
-                img.dicom_id,
-                s.subject_id,
-                img.study_id,
-                "CHEST (PORTABLE AP)",
-                img.view,
-                rows,
-                cols,
-                when.strftime("%Y%m%d"),
-                study_time,
-                "CHEST (PORTABLE AP)",
-                "antero-posterior" if img.view == "AP" else "postero-anterior",
-                "Erect",
-            ]
-        )
+        fraction = f"{int(rng.integers(0, 1000)):03d}" if hhmmss(when) > 100 else "0"
+        meta_rows.append(cxr_metadata_row(s, img, pixels.shape, when, fraction))
         chexpert[(s.subject_id, img.study_id)] = [
             float(rng.choice([1.0, 0.0, -1.0, np.nan])) for _ in range(14)
         ]
@@ -285,12 +260,7 @@ def _write_cxr(
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(path, format="JPEG", quality=90)
         img.pixels = pixels
-    write_csv(
-        tree.mimic_cxr / "mimic-cxr-2.0.0-metadata.csv",
-        CXR_METADATA_COLUMNS,
-        meta_rows,
-        compress,
-    )
+    write_cxr_metadata(tree.mimic_cxr, meta_rows, compress)
     labels = [
         "Atelectasis",
         "Cardiomegaly",
@@ -341,64 +311,27 @@ def _write_imagenome(tree: RawTree, images: list[tuple[Stay, CxrImage]], r5: Sta
                 "height": round((fy2 - fy1) * 224),
             }
             objects.append(scene_graph_object(img.dicom_id, region, (x1, y1, x2, y2), scaled))
-        relationships = []
-        for n, (region, finding, comparison) in enumerate(img.labels):
-            relationships.append(
-                {
-                    "relationship_id": f"{img.dicom_id}_{img.previous}_{n}",
-                    "predicate": "[]",
-                    "synsets": [],
-                    "relationship_names": [f"comparison|yes|{comparison}"],
-                    "relationship_contexts": [1.0],
-                    "phrase": f"{finding} {comparison} in the {region}.",
-                    "attributes": [f"anatomicalfinding|yes|{FINDING_NAMES[finding]}"],
-                    "bbox_name": region,
-                    "subject_id": f"{img.dicom_id}_{region}",
-                    "object_id": f"{img.previous}_{region}",
-                }
-            )
-        graph = {
-            "image_id": img.dicom_id,
-            "viewpoint": img.view,
-            "patient_id": s.subject_id,
-            "study_id": img.study_id,
-            "gender": s.gender,
-            "age_decile": f"{s.age // 10 * 10}-{s.age // 10 * 10 + 10} yrs",
-            "reason_for_exam": "___ with dyspnea",
-            "StudyOrder": order,
-            "StudyDateTime": str(s.intime + pd.Timedelta(hours=img.hours)),
-            "objects": objects,
-            "attributes": [],
-            "relationships": relationships,
-        }
-        (tree.scene_graph_dir / f"{img.dicom_id}_SceneGraph.json").write_text(json.dumps(graph))
-    current, previous = tree.gold_pair
+        write_scene_graph(
+            tree.scene_graph_dir,
+            s,
+            img,
+            order,
+            s.intime + pd.Timedelta(hours=img.hours),
+            objects,
+            phrase="{finding} {comparison} in the {region}.",
+            patient={
+                "age_decile": f"{s.age // 10 * 10}-{s.age // 10 * 10 + 10} yrs",
+                "reason_for_exam": "___ with dyspnea",
+            },
+        )
     region, finding, _ = tree.gold_label
-    tree.gold_file.parent.mkdir(parents=True, exist_ok=True)
-    rows = [
-        [
-            r5.subject_id,
-            f"{current}_{previous}_g0",
-            f"{current}_{region}",
-            f"{previous}_{region}",
-            region,
-            "improved",
-            f"anatomicalfinding|yes|{finding}",
-            f"{finding} has improved.",
-            "[0, 0, 1, 1]",
-            "[0, 0, 1, 1]",
-            "[0, 0, 1, 1]",
-            "[0, 0, 1, 1]",
-            finding,
-            current,
-            previous,
-        ]
-    ]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
-    writer.writerow(GOLD_COLUMNS)
-    writer.writerows(rows)
-    tree.gold_file.write_text(buffer.getvalue())
+    write_gold_comparisons(
+        tree.gold_file,
+        r5.subject_id,
+        tree.gold_pair,
+        [(region, finding, "improved")],
+        sentence="{finding} has {comparison}.",
+    )
 
 
 def _write_mimic_iv(
@@ -477,14 +410,12 @@ def _chart_events(
         if hour % 4 == 0:
             v = round(float(98.6 + 3 * sev + rng.normal(0, 0.5)), 1)
             add(t, 223761, v, v, "°F")
-            eye, verbal, motor = (
-                GCS_EYE[min(int(sev * 3), 3)],
-                GCS_VERBAL[min(int(sev * 2), 2)],
-                GCS_MOTOR[min(int(sev * 3), 2)],
-            )
-            add(t, 220739, eye[1], eye[0], None)
-            add(t, 223900, f"{verbal[0]} {verbal[1]}", None, None)
-            add(t, 223901, motor[1], None, None)
+            eye = (4, 3, 2, 1)[min(int(sev * 3), 3)]
+            verbal = (5, 4, 1)[min(int(sev * 2), 2)]
+            motor = (6, 5, 4)[min(int(sev * 3), 2)]
+            add(t, 220739, GCS_WORDS[220739][eye], eye, None)
+            add(t, 223900, f"{verbal} {GCS_WORDS[223900][verbal]}", None, None)
+            add(t, 223901, GCS_WORDS[223901][motor], None, None)
             add(t, 223835, round(0.21 + 0.4 * sev, 2), round(0.21 + 0.4 * sev, 2), "%")
         if hour % 8 == 0:
             for itemid, mean in (

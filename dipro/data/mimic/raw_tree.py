@@ -1,6 +1,7 @@
 """What both raw MIMIC tree writers share: ``RawTree`` (where a written tree lies and the ids its
-tests look for), the CSV writer, the MIMIC-IV table writer, the CXR metadata columns, the
-pixels (synthetic, or the real radiograph that pydicom-data ships) and the ImaGenome names.
+tests look for), the CSV writer, the MIMIC-IV table writer, the CXR metadata rows, the pixels
+(synthetic, or the real radiograph that pydicom-data ships), the ImaGenome names, scene graphs
+and gold comparison file. The column lists are the readers' (``readers``).
 
 Two writers use it: ``fixture_tree.write_raw_tree`` (a hand-designed tree that exercises every
 cohort rule) and ``cohort_tree.write_cohort_raw_tree`` (the synthetic cohort as a raw tree).
@@ -11,6 +12,8 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.resources
+import io
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +24,14 @@ import numpy as np
 import pandas as pd
 
 from dipro import vocab
-from dipro.data.mimic.readers import ICUSTAY_COLUMNS
+from dipro.data.mimic.readers import (
+    ADMISSIONS_PUBLISHED_COLUMNS,
+    GOLD_COLUMNS,
+    ICUSTAY_COLUMNS,
+    METADATA_PUBLISHED_COLUMNS,
+    PATIENTS_PUBLISHED_COLUMNS,
+    scene_graph_path,
+)
 
 REAL_CXR_FILE = "RG1_UNCR.dcm"
 BOXES: dict[str, tuple[float, float, float, float]] = {
@@ -40,22 +50,6 @@ FINDING_NAMES = {
     f: ("pulmonary edema/hazy opacity" if f == "pulmonary edema" else f) for f in vocab.FINDINGS
 }
 COMPARISON_NAMES = ("worsened", "improved", "no change")
-
-# mimic-cxr-2.0.0-metadata.csv, in the published column order (MIMIC_FORMATS.md).
-CXR_METADATA_COLUMNS = [
-    "dicom_id",
-    "subject_id",
-    "study_id",
-    "PerformedProcedureStepDescription",
-    "ViewPosition",
-    "Rows",
-    "Columns",
-    "StudyDate",
-    "StudyTime",
-    "ProcedureCodeSequence_CodeMeaning",
-    "ViewCodeSequence_CodeMeaning",
-    "PatientOrientationCodeSequence_CodeMeaning",
-]
 
 
 @dataclass
@@ -78,6 +72,19 @@ class RawTree:
     thinned: str = ""
     gap_stay: int = 0
     stays: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def under(cls, root: Path) -> RawTree:
+        """The published folder layout under ``root`` (``mimiciv``, ``mimic-cxr-jpg``, the Chest
+        ImaGenome silver scene graphs and gold comparison file), with no ids yet."""
+        imagenome = root / "chest-imagenome"
+        return cls(
+            root,
+            root / "mimiciv",
+            root / "mimic-cxr-jpg",
+            imagenome / "silver_dataset" / "scene_graph",
+            imagenome / "gold_dataset" / "gold_object_comparison_with_coordinates.txt",
+        )
 
 
 def real_cxr_path() -> Path:
@@ -179,6 +186,41 @@ class Ids:
         return self.study
 
 
+def hhmmss(when: pd.Timestamp) -> int:
+    """``when``'s time of day as the number HHMMSS that StudyTime starts with (00:00:45 -> 45)."""
+    return when.hour * 10000 + when.minute * 100 + when.second
+
+
+def cxr_metadata_row(
+    stay: Stay, img: CxrImage, shape: tuple[int, ...], when: pd.Timestamp, fraction: str = "0"
+) -> list[object]:
+    """The image's ``mimic-cxr-2.0.0-metadata`` row (``METADATA_PUBLISHED_COLUMNS``): a portable
+    chest film in ``img.view``, erect, of ``shape`` (rows, columns), taken at ``when``; StudyTime
+    is HHMMSS with ``fraction`` after the point."""
+    rows, cols = shape
+    return [
+        img.dicom_id,
+        stay.subject_id,
+        img.study_id,
+        "CHEST (PORTABLE AP)",
+        img.view,
+        rows,
+        cols,
+        when.strftime("%Y%m%d"),
+        f"{hhmmss(when)}.{fraction}",
+        "CHEST (PORTABLE AP)",
+        "antero-posterior" if img.view == "AP" else "postero-anterior",
+        "Erect",
+    ]
+
+
+def write_cxr_metadata(mimic_cxr: Path, rows: list[list[object]], compress: bool) -> None:
+    """``mimic-cxr-2.0.0-metadata.csv[.gz]`` under ``mimic_cxr``, rows of ``cxr_metadata_row``."""
+    write_csv(
+        mimic_cxr / "mimic-cxr-2.0.0-metadata.csv", METADATA_PUBLISHED_COLUMNS, rows, compress
+    )
+
+
 def synthetic_pixels(rng: np.random.Generator, severity: float, rows: int, cols: int) -> np.ndarray:
     y, x = np.mgrid[0:rows, 0:cols] / np.array([rows, cols])[:, None, None]
     image = 60 + 80 * y
@@ -211,7 +253,7 @@ def admission_row(
     death: pd.Timestamp | None,
     new: bool,
 ) -> list[object]:
-    """The stay's ``admissions`` row (the columns of ``write_mimic_iv_tables``): an emergency
+    """The stay's ``admissions`` row (``ADMISSIONS_PUBLISHED_COLUMNS``): an emergency
     admission that ends in death or at home; the provider column when ``new``."""
     return [
         stay.subject_id,
@@ -268,6 +310,86 @@ def scene_graph_object(
     }
 
 
+def write_scene_graph(
+    scene_graph_dir: Path,
+    stay: Stay,
+    img: CxrImage,
+    order: int,
+    when: pd.Timestamp,
+    objects: list[dict[str, object]],
+    *,
+    phrase: str = "{finding} {comparison}.",
+    patient: dict[str, object] | None = None,
+) -> None:
+    """Write the image's ``{dicom_id}_SceneGraph.json``: its ``objects`` (``scene_graph_object``)
+    and, per region label, a comparison with ``img.previous`` whose phrase is ``phrase`` filled
+    with ``finding``, ``comparison`` and ``region``; ``patient`` adds fields after ``gender``."""
+    relationships = [
+        {
+            "relationship_id": f"{img.dicom_id}_{img.previous}_{n}",
+            "predicate": "[]",
+            "synsets": [],
+            "relationship_names": [f"comparison|yes|{comparison}"],
+            "relationship_contexts": [1.0],
+            "phrase": phrase.format(finding=finding, comparison=comparison, region=region),
+            "attributes": [f"anatomicalfinding|yes|{FINDING_NAMES[finding]}"],
+            "bbox_name": region,
+            "subject_id": f"{img.dicom_id}_{region}",
+            "object_id": f"{img.previous}_{region}",
+        }
+        for n, (region, finding, comparison) in enumerate(img.labels)
+    ]
+    graph = {
+        "image_id": img.dicom_id,
+        "viewpoint": img.view,
+        "patient_id": stay.subject_id,
+        "study_id": img.study_id,
+        "gender": stay.gender,
+        **(patient or {}),
+        "StudyOrder": order,
+        "StudyDateTime": str(when),
+        "objects": objects,
+        "attributes": [],
+        "relationships": relationships,
+    }
+    scene_graph_path(scene_graph_dir, img.dicom_id).write_text(json.dumps(graph))
+
+
+def write_gold_comparisons(
+    path: Path,
+    subject_id: int,
+    pair: tuple[str, str],
+    labels: list[tuple[str, str, str]],
+    sentence: str = "{finding}.",
+) -> None:
+    """Write the tab-separated gold comparison file (``GOLD_COLUMNS``): a row per (region,
+    finding, comparison) label of the ``pair`` (current, previous image) of ``subject_id``, its
+    sentence ``sentence`` filled with ``finding`` and ``comparison``, placeholder boxes."""
+    current, previous = pair
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+    writer.writerow(GOLD_COLUMNS)
+    writer.writerows(
+        [
+            subject_id,
+            f"{current}_{previous}_g{n}",
+            f"{current}_{region}",
+            f"{previous}_{region}",
+            region,
+            comparison,
+            f"anatomicalfinding|yes|{finding}",
+            sentence.format(finding=finding, comparison=comparison),
+            *["[0, 0, 1, 1]"] * 4,
+            finding,
+            current,
+            previous,
+        ]
+        for n, (region, finding, comparison) in enumerate(labels)
+    )
+    path.write_text(buffer.getvalue())
+
+
 def write_mimic_iv_tables(
     mi: Path,
     hosp: str,
@@ -280,7 +402,8 @@ def write_mimic_iv_tables(
     chart_rows: list[list[object]],
     out_rows: list[list[object]],
 ) -> None:
-    """The MIMIC-IV tables the preprocessing reads, with the 2.2/3.x columns when ``new``."""
+    """The MIMIC-IV tables the preprocessing reads (admissions' race column named ``race_col``),
+    with the 2.2/3.x columns when ``new``."""
     extra = ["caregiver_id"] if new else []
     event_keys = ["subject_id", "hadm_id", "stay_id", *extra, "charttime", "storetime", "itemid"]
     write_csv(
@@ -292,21 +415,7 @@ def write_mimic_iv_tables(
     write_csv(
         mi / hosp / "admissions.csv",
         [
-            "subject_id",
-            "hadm_id",
-            "admittime",
-            "dischtime",
-            "deathtime",
-            "admission_type",
-            "admission_location",
-            "discharge_location",
-            "insurance",
-            "language",
-            "marital_status",
-            race_col,
-            "edregtime",
-            "edouttime",
-            "hospital_expire_flag",
+            *(race_col if c == "race" else c for c in ADMISSIONS_PUBLISHED_COLUMNS),
             *(["admit_provider_id"] if new else []),
         ],
         adm_rows,
@@ -314,7 +423,7 @@ def write_mimic_iv_tables(
     )
     write_csv(
         mi / hosp / "patients.csv",
-        ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"],
+        PATIENTS_PUBLISHED_COLUMNS,
         pat_rows,
         compress,
     )
@@ -327,9 +436,3 @@ def write_mimic_iv_tables(
     write_csv(
         mi / "icu" / "outputevents.csv", [*event_keys, "value", "valueuom"], out_rows, compress
     )
-
-
-# GCS components as MetaVision charts them: (score, the text in value).
-GCS_EYE = ((4, "Spontaneously"), (3, "To Speech"), (2, "To Pain"), (1, "No Response"))
-GCS_VERBAL = ((5, "Oriented"), (4, "Confused"), (1, "No Response-ETT"))
-GCS_MOTOR = ((6, "Obeys Commands"), (5, "Localizes Pain"), (4, "Flex-withdraws"))

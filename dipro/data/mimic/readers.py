@@ -162,6 +162,7 @@ def read_csv(
 
 # --- MIMIC-IV ---------------------------------------------------------------------------------
 
+# icustays.csv as published; every column is read.
 ICUSTAY_COLUMNS = [
     "subject_id",
     "hadm_id",
@@ -171,6 +172,25 @@ ICUSTAY_COLUMNS = [
     "intime",
     "outtime",
     "los",
+]
+# admissions.csv as published in 2.0 (1.0 calls race ``ethnicity``; 2.2 adds admit_provider_id),
+# and the columns of it that are read.
+ADMISSIONS_PUBLISHED_COLUMNS = [
+    "subject_id",
+    "hadm_id",
+    "admittime",
+    "dischtime",
+    "deathtime",
+    "admission_type",
+    "admission_location",
+    "discharge_location",
+    "insurance",
+    "language",
+    "marital_status",
+    "race",
+    "edregtime",
+    "edouttime",
+    "hospital_expire_flag",
 ]
 ADMISSION_COLUMNS = [
     "subject_id",
@@ -182,7 +202,16 @@ ADMISSION_COLUMNS = [
     "marital_status",
     "race",
 ]
-PATIENT_COLUMNS = ["subject_id", "gender", "anchor_age", "anchor_year"]
+# patients.csv as published, and the columns of it that are read.
+PATIENTS_PUBLISHED_COLUMNS = [
+    "subject_id",
+    "gender",
+    "anchor_age",
+    "anchor_year",
+    "anchor_year_group",
+    "dod",
+]
+PATIENT_COLUMNS = PATIENTS_PUBLISHED_COLUMNS[:4]
 
 
 def read_icustays(mimic_iv: Path) -> pd.DataFrame:
@@ -210,6 +239,21 @@ def read_patients(mimic_iv: Path) -> pd.DataFrame:
 
 # --- MIMIC-CXR-JPG ----------------------------------------------------------------------------
 
+# mimic-cxr-2.0.0-metadata.csv as published, and the columns of it that are read.
+METADATA_PUBLISHED_COLUMNS = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+]
 METADATA_COLUMNS = [
     "dicom_id",
     "subject_id",
