@@ -144,8 +144,9 @@ def _finished(run_cfg: DictConfig, directory: str) -> dict[str, Any] | None:
     config_uri = storage.join(posixpath.dirname(summary["best_checkpoint"]), RUN_CONFIG_FILE)
     trained = json.loads(storage.read_bytes(config_uri))
     wanted = OmegaConf.to_container(run_cfg, resolve=True)
-    for config in (trained, wanted):  # set from the dataset in "features" mode
-        config.get("model", {}).pop("feature_dim", None)
+    for config in (trained, wanted):
+        config.get("model", {}).pop("feature_dim", None)  # set from the dataset in features mode
+        config.get("data", {}).pop("overwrite", None)  # what to do with old data, not what trains
     differ = [k for k in _SAME_RUN_KEYS if not _agree(trained.get(k), wanted.get(k))]
     if differ:
         raise ConfigError(

@@ -3,12 +3,17 @@ seeds with a bootstrap interval over the test samples the seeds share."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from dipro import vocab
+from dipro.config import ConfigError
 from dipro.metrics import Predictions, mortality_metrics
-from ray_jobs.experiments import paired_comparison
+from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE
+from ray_jobs.experiments import _finished, paired_comparison
 
 
 def _mortality(labels: np.ndarray, scores: np.ndarray) -> Predictions:
@@ -45,3 +50,18 @@ def test_paired_comparison_refuses_other_samples():
     b = Predictions(**{**a.__dict__, "stay_id": np.arange(4) + 10})
     with pytest.raises(ValueError, match="same test samples"):
         paired_comparison("mortality", [a], [b], resamples=5, seed=0, level=0.95)
+
+
+def test_a_finished_run_is_reused_whatever_data_overwrite_says_but_not_on_other_data(tmp_path):
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint_2026-01-01_00-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    trained = {"task": {"name": "mortality"}, "data": {"root": "/d", "overwrite": True}, "seed": 1}
+    (checkpoint / RUN_CONFIG_FILE).write_text(json.dumps(trained))
+    summary = {"test": {"auroc": 0.8}, "best_checkpoint": str(checkpoint / "model.pt")}
+    (run / SUMMARY_FILE).write_text(json.dumps(summary))
+    again = OmegaConf.create({**trained, "data": {"root": "/d", "overwrite": False}})
+    assert _finished(again, str(run)) == summary
+    elsewhere = OmegaConf.create({**trained, "data": {"root": "/other", "overwrite": True}})
+    with pytest.raises(ConfigError, match="other data settings"):
+        _finished(elsewhere, str(run))
