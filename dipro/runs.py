@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,6 +48,16 @@ CHECKPOINT_DIR_PREFIX = "checkpoint_"
 def run_dir(storage_path: str, run_name: str) -> str:
     """Where a run lives: ``{storage_path}/{run_name}`` (a path or URI)."""
     return storage.join(str(storage_path), str(run_name))
+
+
+def run_dir_of(cfg: Mapping[str, Any]) -> str:
+    """The directory of the run a config describes (its ``storage_path`` and ``run_name``)."""
+    return run_dir(cfg["storage_path"], cfg["run_name"])
+
+
+def epoch_log(directory: str) -> str:
+    """The ``epoch_metrics.jsonl`` of the run ``directory``."""
+    return storage.join(directory, EPOCH_METRICS_FILE)
 
 
 def checkpoint_files(directory: str) -> list[str]:

@@ -33,7 +33,7 @@ from typing import Any
 
 from dipro import storage
 from dipro.data.shards import files_digest
-from dipro.runs import EPOCH_METRICS_FILE, RUN_CONFIG_FILE, SUMMARY_FILE, read_log, run_dir
+from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, epoch_log, read_log, run_dir_of
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
@@ -278,11 +278,11 @@ def track_training(
     ``config.json``) is logged under ``checkpoint/`` and registered as a version of
     ``tracking.model_name``, tagged with the task, best epoch, monitor and test metrics.
     """
-    directory = run_dir(cfg["storage_path"], cfg["run_name"])
+    directory = run_dir_of(cfg)
     run_id = tracker.run(directory, str(cfg["run_name"]), kind, parent)
     dataset = dataset_identity(str(cfg["data"]["root"]), manifest)
     tracker.log_params(run_id, {**flatten(cfg), **dataset})
-    tracker.log_history(run_id, read_log(storage.join(directory, EPOCH_METRICS_FILE)), "epoch")
+    tracker.log_history(run_id, read_log(epoch_log(directory)), "epoch")
     summary_uri = storage.join(directory, SUMMARY_FILE)
     if storage.exists(summary_uri):
         summary = json.loads(storage.read_bytes(summary_uri))

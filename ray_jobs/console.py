@@ -32,9 +32,8 @@ from typing import Any, TextIO
 
 import ray
 
-from dipro import storage
 from dipro.report.tables import format_number
-from dipro.runs import EPOCH_METRICS_FILE, read_log, run_dir
+from dipro.runs import epoch_log, read_log, run_dir_of
 from dipro.tracking import TrackingSettings
 
 _console: TextIO | None = None  # the terminal while a session sends stdout to its log file
@@ -119,7 +118,7 @@ def format_epoch(task: str, record: Mapping[str, Any], max_epochs: int, monitor:
 def follow_epochs(cfg: Mapping[str, Any], interval_s: float = 1.0) -> Iterator[None]:
     """Print each new epoch of the run ``cfg`` while the body runs (and the last ones after);
     an epoch trained again (a resume from an older checkpoint) is printed again."""
-    uri = storage.join(run_dir(cfg["storage_path"], cfg["run_name"]), EPOCH_METRICS_FILE)
+    uri = epoch_log(run_dir_of(cfg))
     task, monitor = str(cfg["task"]["name"]), str(cfg["task"]["monitor"])
     max_epochs = int(cfg["train"]["max_epochs"])
     seen = {json.dumps(record, sort_keys=True) for record in read_log(uri)}

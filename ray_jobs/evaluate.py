@@ -38,9 +38,9 @@ from dipro.evaluation import evaluate_checkpoint
 from dipro.report import ReportSettings, write_evaluation_report
 from dipro.runs import (
     CHECKPOINT_FILE,
-    EPOCH_METRICS_FILE,
     RUN_CONFIG_FILE,
     SUMMARY_FILE,
+    epoch_log,
     read_epoch_log,
 )
 
@@ -89,7 +89,7 @@ def run_context(checkpoint_file: str) -> RunContext:
         return RunContext(None, None, None)
     config = json.loads(storage.read_bytes(config_uri))
     run_dir = posixpath.dirname(ckpt_dir)
-    epochs = storage.join(run_dir, EPOCH_METRICS_FILE)
+    epochs = epoch_log(run_dir)
     return RunContext(run_dir, config, epochs if storage.exists(epochs) else None)
 
 

@@ -64,7 +64,7 @@ from dipro.report import (
     write_json,
     write_text,
 )
-from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, run_dir
+from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, run_dir_of
 from ray_jobs.console import say, session
 from ray_jobs.demo import ensure_synthetic_data
 from ray_jobs.train import run_training
@@ -178,7 +178,7 @@ def train_run(
     """Train and test ``variant`` with ``seed`` (or reuse the finished run of that name); its
     MLflow run goes under the ``study`` run."""
     run_cfg = _run_config(cfg, variant, seed, ablation)
-    directory = run_dir(run_cfg.storage_path, run_cfg.run_name)
+    directory = run_dir_of(run_cfg)
     started = time.monotonic()
     done = _finished(run_cfg, directory) if cfg.reuse_finished else None
     if done is None:

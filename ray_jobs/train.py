@@ -36,12 +36,12 @@ from dipro.evaluation import evaluate_checkpoint
 from dipro.losses import ClassWeights
 from dipro.runs import (
     CHECKPOINT_FILE,
-    EPOCH_METRICS_FILE,
     SUMMARY_FILE,
     best_first,
     checkpoint_files,
+    epoch_log,
     first_loadable,
-    run_dir,
+    run_dir_of,
 )
 from ray_jobs.console import follow_epochs, say, session
 from ray_jobs.data import read_split
@@ -96,7 +96,7 @@ def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
     newest loadable checkpoint's task, region mode and normalisation statistics). Says which
     checkpoints the resume skips (unreadable ones, as the workers do) and the one it uses."""
     found = first_loadable(
-        checkpoint_files(_run_dir(cfg)),
+        checkpoint_files(run_dir_of(cfg)),
         ckpt_io.read_checkpoint,
         lambda err: say(f"[{cfg.task.name}] resume: skipped {err}"),
         error=ckpt_io.CheckpointError,
@@ -118,10 +118,6 @@ def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
         ) from err
     epoch = int(payload["training"]["epoch"])
     say(f"[{cfg.task.name}] resume: from {uri}, after epoch {epoch}")
-
-
-def _run_dir(cfg: DictConfig) -> str:
-    return run_dir(str(cfg.storage_path), str(cfg.run_name))
 
 
 def data_error(err: BaseException) -> SchemaError | ChecksumError | None:
@@ -347,10 +343,10 @@ def run_training(cfg: DictConfig, tracking_parent: str | None = None) -> Trainin
         "best_epoch": int(best_val["epoch"]),
         "val": {k: float(v) for k, v in best_val.items() if k.startswith("val/")},
         "test": test_metrics,
-        "epoch_metrics": storage.join(_run_dir(cfg), EPOCH_METRICS_FILE),
+        "epoch_metrics": epoch_log(run_dir_of(cfg)),
     }
     storage.write_bytes_atomic(
-        storage.join(_run_dir(cfg), SUMMARY_FILE), json.dumps(out, indent=2).encode()
+        storage.join(run_dir_of(cfg), SUMMARY_FILE), json.dumps(out, indent=2).encode()
     )
     last = max(int(best_val["epoch"]), int(result.metrics.get("epoch", 0)))
     if last < int(cfg.train.max_epochs):
@@ -362,12 +358,13 @@ def run_training(cfg: DictConfig, tracking_parent: str | None = None) -> Trainin
         mlflow_run = tracking.track_training(
             tracker, resolved, manifest.to_dict(), parent=tracking_parent
         )
-    return TrainingResult(_run_dir(cfg), best_uri, out["val"], test_metrics, mlflow_run)
+    return TrainingResult(run_dir_of(cfg), best_uri, out["val"], test_metrics, mlflow_run)
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with exit_on({(SchemaError, ChecksumError): "data"}), session(cfg, cfg.run_name, _run_dir(cfg)):
+    bad_data = exit_on({(SchemaError, ChecksumError): "data"})
+    with bad_data, session(cfg, cfg.run_name, run_dir_of(cfg)):
         result = run_training(cfg)
     print(json.dumps({"run_dir": result.run_dir, "test": result.test_metrics}, indent=2))
 

@@ -40,7 +40,7 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 from dipro import storage, tracking
 from dipro.config import ConfigError, exit_on
 from dipro.data.shards import read_manifest
-from dipro.runs import EPOCH_METRICS_FILE, best_index, last_logged, run_dir
+from dipro.runs import best_index, epoch_log, last_logged, run_dir, run_dir_of
 from ray_jobs.console import Progress, format_epoch, say, session
 from ray_jobs.train import build_trainer, check_config, checkpoint_uri, ensure_ray
 
@@ -208,7 +208,7 @@ def _expected_trials(cfg: DictConfig) -> int:
 
 def _last_epoch(cfg: DictConfig) -> int:
     """The last epoch the run ``cfg.run_name`` recorded (0 for a new run)."""
-    return last_logged(storage.join(run_dir(cfg.storage_path, cfg.run_name), EPOCH_METRICS_FILE))
+    return last_logged(epoch_log(run_dir_of(cfg)))
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: str) -> None:

@@ -53,13 +53,13 @@ from dipro.metrics import Predictions, compute_metrics
 from dipro.model import build_model
 from dipro.runs import (
     CHECKPOINT_FILE,
-    EPOCH_METRICS_FILE,
     RUN_CONFIG_FILE,
     BestMetric,
     append_log,
     checkpoint_files,
+    epoch_log,
     first_loadable,
-    run_dir,
+    run_dir_of,
 )
 from dipro.seeds import stream_seed
 from ray_jobs.data import iter_batches
@@ -71,10 +71,6 @@ class InjectedFault(RuntimeError):
     """Raised once by ``train.fail_at`` to test recovery from a worker failure."""
 
 
-def _run_dir(cfg: dict[str, Any]) -> str:
-    return run_dir(cfg["storage_path"], cfg["run_name"])
-
-
 def _restore(
     cfg: dict[str, Any], model: torch.nn.Module, latest: ray.train.Checkpoint, rank: int
 ) -> dict[str, Any]:
@@ -83,7 +79,7 @@ def _restore(
     latest_name = posixpath.basename(latest.path.rstrip("/"))
     candidates = [
         uri
-        for uri in checkpoint_files(_run_dir(cfg))
+        for uri in checkpoint_files(run_dir_of(cfg))
         if posixpath.basename(posixpath.dirname(uri)) <= latest_name
     ]
     errors: list[str] = []
@@ -123,7 +119,7 @@ def _fault_hook(cfg: dict[str, Any], epoch: int, rank: int, world: int):  # noqa
     fail_at = cfg["train"].get("fail_at")
     if not fail_at or int(fail_at["epoch"]) != epoch or rank != min(1, world - 1):
         return None
-    marker = storage.join(_run_dir(cfg), FAULT_MARKER)
+    marker = storage.join(run_dir_of(cfg), FAULT_MARKER)
 
     def hook(step: int, _: dict[str, float]) -> None:
         if step == int(fail_at["step"]) and not storage.exists(marker):
@@ -317,7 +313,7 @@ class _WorkerRun:
                 (Path(tmp) / RUN_CONFIG_FILE).write_text(config_json)
                 restored = self.restored_from if epoch == self.start_epoch else None
                 append_log(
-                    storage.join(_run_dir(self.cfg), EPOCH_METRICS_FILE),
+                    epoch_log(run_dir_of(self.cfg)),
                     {
                         **metrics,
                         "task": self.task,
