@@ -1,4 +1,4 @@
-"""The DiPro training objective (DIPRO_SPEC.md section 6).
+"""The DiPro training objective (docs/model.md, "Losses").
 
     L = l_ce * L_task + l_orth * L_orth + l_temp * L_temp + l_static * L_static + l_dyn * L_dyn
 

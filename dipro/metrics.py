@@ -1,4 +1,4 @@
-"""The paper's evaluation metrics (DIPRO_SPEC.md section 7) on predictions gathered from workers.
+"""The paper's evaluation metrics (docs/model.md, "Metrics") on predictions gathered from workers.
 
 Everything here works on numpy arrays of one whole split: shards of ``Predictions`` from Ray
 workers or Flower sites are joined with ``Predictions.concatenate`` first, and only then is a

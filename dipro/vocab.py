@@ -1,6 +1,6 @@
 """Vocabularies of the DiPro data: facts of the data, not settings.
 
-Everything here follows DIPRO_SPEC.md (Vocabularies). Orders are part of the data contract: the
+Everything here follows docs/model.md ("Vocabularies"). Orders are part of the data contract: the
 index of a region, finding or EHR variable in a tensor is its index in these tuples.
 """
 

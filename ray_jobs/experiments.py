@@ -11,7 +11,7 @@ Before the first run trains, ``prepare_dataset(cfg)`` makes the study's dataset 
 absent (``dataset``): the synthetic cohort of ``data.generator`` under ``data.root``, as the demo
 does (``dataset.synthetic``), and, with ``dataset.features`` naming a backbone, that frozen
 backbone's features of the task's crops under ``dataset.root``, computed once and reused; every
-run then trains on them (features mode, DIPRO_SPEC section 1).
+run then trains on them (features mode, docs/model.md, "Region features").
 
 ``ablations.json`` also holds, for each variant, its test metrics per seed with their mean and
 std, on progression its averaged region attention map and the attention faithfulness ratios

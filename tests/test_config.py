@@ -49,8 +49,8 @@ def test_every_shipped_config_passes_its_schema(name, overrides):
     validate(cfg, _SCHEMAS[name])
 
 
-# The authors' per-task settings (DIPRO_SPEC.md section 7): the lr the published runs trained
-# with (nominal lr x batch x accumulation 4 x 1 GPU), width, and local-fusion depth
+# The authors' per-task settings (docs/model.md, "The authors' settings"): the lr the published
+# runs trained with (nominal lr x batch x accumulation 4 x 1 GPU), width, and local-fusion depth
 # ("transformer layers" // 2); their EHR encoder always has one layer.
 AUTHORS = {
     "disease_progression": {"lr": 5e-6 * 8 * 4, "batch": 8, "d_model": 256, "local": 1},

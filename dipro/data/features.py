@@ -1,8 +1,8 @@
 """A "features" dataset from a "crops" dataset: every region crop through a frozen backbone.
 
-Training in features mode (DIPRO_SPEC section 1) skips the backbone, which is what makes large
-cohorts and CPU runs affordable. This is the one place on the data side that uses the model (its
-backbone, frozen). The records keep everything else; EHR normalisation statistics
+Training in features mode (docs/model.md, "Region features") skips the backbone, which is what
+makes large cohorts and CPU runs affordable. This is the one place on the data side that uses the
+model (its backbone, frozen). The records keep everything else; EHR normalisation statistics
 and counts are recomputed by the shard writer exactly as for any dataset.
 """
 

@@ -2,7 +2,8 @@
 
 The shards store EHR in clinical units (clipped, forward filled); the collate z-scores them with
 these statistics. Fitting them on the training split alone (or per federated site) avoids the
-authors' leak of validation and test statistics (DIPRO_SPEC.md section 9.5).
+authors' leak of validation and test statistics (docs/model.md, "Where the authors' code
+differs", item 5).
 """
 
 from __future__ import annotations

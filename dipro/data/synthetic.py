@@ -1,5 +1,5 @@
 """The synthetic ICU cohort: longitudinal chest X-rays, hourly EHR and outcomes, all driven by one
-latent severity per patient (DESIGN.md section 5).
+latent severity per patient (docs/model.md, "The synthetic cohort").
 
 Generative model, per patient ``i`` in hospital ``h`` (all draws from one seeded numpy Generator
 tree, so a seed fixes every byte):

@@ -18,7 +18,7 @@ REGION_MODES = ("crops", "features")
 
 @dataclass(frozen=True, kw_only=True)
 class Ablation:
-    """Which components are built (DIPRO_SPEC.md section 8); False turns one off."""
+    """Which components are built (docs/model.md, "Ablations"); False turns one off."""
 
     std: bool = True
     pae: bool = True

@@ -1,4 +1,4 @@
-"""DiPro assembled (DIPRO_SPEC.md sections 1-5): region features -> STD -> PAE -> MMF -> static
+"""DiPro assembled (docs/model.md): region features -> STD -> PAE -> MMF -> static
 fusion -> task heads. ``build_model`` holds the numbers; ``DiPro`` receives built parts.
 
     F          = RegionEncoder(crops | features)                               [B, T, R, D]

@@ -1,11 +1,11 @@
-"""EHR encoders of the multiscale fusion, MMF (DIPRO_SPEC.md section 4, first two items).
+"""EHR encoders of the multiscale fusion, MMF (docs/model.md, "EHR encoders").
 
 Global EHR (one sequence per sample):
 
     e_j      = Dropout(Dropout(LayerNorm(W_e x_j + b_e)) + PE(t_j))   PE: sinusoidal of hour t_j
     E_global = TransformerEncoder([cls || e_1 .. e_L])                EHR padding masked
 
-x_j is the V values of hour j (the spec, the authors); ``use_observed=True`` feeds
+x_j is the V values of hour j (the paper, the authors); ``use_observed=True`` feeds
 [values_j || observed_j] (2V) instead, since the values are forward filled and only the observed
 flags say which were measured that hour. cls ~ N(0, 1), as the authors initialise it.
 

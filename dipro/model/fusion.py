@@ -1,4 +1,4 @@
-"""CXR-EHR fusion of MMF (DIPRO_SPEC.md section 4, last three items).
+"""CXR-EHR fusion of MMF (docs/model.md, "Local fusion", "Global fusion", "Final fusion").
 
     X^0 = Dy[i];  for n = 1 .. N_local:                                                 local
         (q, k_x, v_x) = W_x X^{n-1},  (k_e, v_e) = W_e E_local[i]

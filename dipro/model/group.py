@@ -1,5 +1,5 @@
 """Static fusion with demographics through the group embedding, and the task heads
-(DIPRO_SPEC.md section 5).
+(docs/model.md, "Static fusion and task heads").
 
     GE(X)  = softmax(X W) Gm                       W: D x G, Gm: G x D, softmax over the G groups
     demo   = Dropout(ReLU(W_g g + b_g))            one demographic token from g in R^17

@@ -1,4 +1,4 @@
-"""Progression-aware enhancement, PAE (DIPRO_SPEC.md section 3).
+"""Progression-aware enhancement, PAE (docs/model.md, "Progression-aware enhancement (PAE)").
 
 The reversed pair swaps the two halves of z = [F[t_i, r] || F[t_{i+1}, r]]:
 

@@ -1,4 +1,4 @@
-"""Region features F[t, r] (DIPRO_SPEC.md section 1).
+"""Region features F[t, r] (docs/model.md, "Region features").
 
     F[t, r] = Dropout(ReLU(BN(W_a . phi(crop_{t,r}) + b_a)))   if region r has a box on CXR t
     F[t, r] = e_r                                            otherwise (no box, or padded CXR)

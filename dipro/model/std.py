@@ -1,4 +1,4 @@
-"""Spatiotemporal disentanglement, STD (DIPRO_SPEC.md section 2).
+"""Spatiotemporal disentanglement, STD (docs/model.md, "Spatiotemporal disentanglement (STD)").
 
 For pair i and region r, with z = [F[t_i, r] || F[t_{i+1}, r]] in R^{2D}:
 

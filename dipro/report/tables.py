@@ -14,7 +14,8 @@ from typing import Any, Final
 from dipro import storage
 from dipro.metrics import mean_std_over_seeds
 
-# The columns of the paper's result tables, in the paper's order (DIPRO_SPEC.md section 8).
+# The columns of the paper's result tables, in the paper's order (docs/model.md, "Published
+# results").
 TABLE_METRICS: Final[dict[str, tuple[str, ...]]] = {
     "disease_progression": ("precision", "recall", "f1", "auprc", "auroc"),
     "mortality": ("auprc", "auroc"),
@@ -34,8 +35,8 @@ CLASS_NAMES: Final[dict[str, tuple[str, ...]]] = {
     "mortality": ("survived", "died"),
     "length_of_stay": ("2-3 d", "3-4 d", "4-6 d", "6-11 d"),
 }
-# Published test results, mean and std over seeds 23, 29, 66 (DIPRO_SPEC.md section 8); a std of
-# None where the paper gives only the mean.
+# Published test results, mean and std over seeds 23, 29, 66 (docs/model.md, "Published
+# results"); a std of None where the paper gives only the mean.
 PAPER_RESULTS: Final[dict[str, dict[str, dict[str, tuple[float, float | None]]]]] = {
     "disease_progression": {
         "DiPro": {
