@@ -206,6 +206,7 @@ TRAIN: dict[str, Spec] = {
     "train.evaluate_test": Bool(),
     "train.max_steps_per_epoch": Int(min=1, nullable=True),
     "train.data_progress_bars": Bool(),
+    "train.deterministic": Bool(),
     "verbose": Bool(),
     "tracking.enabled": Bool(),
 }

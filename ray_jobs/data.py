@@ -7,11 +7,22 @@ the whole block), and cut to the columns the model needs; a bad record fails its
 a ``SchemaError`` naming its shard file, subject/stay id and field. Blocks stay Arrow tables all
 the way to the worker, where the project's one collate (``dipro.data.collate``) decodes each
 batch at once inside ``iter_torch_batches``. Nothing is materialised in the driver.
+
+Deterministic order (``train.deterministic``, the default): Ray Data keeps the order of its
+blocks (``preserve_order``), so the split of blocks between the workers is a function of the
+file order alone, and the training split's file order is drawn from the run's seed. Ray Data
+reseeds that draw at each execution of the pipeline (one per epoch) from its execution count,
+so epoch ``e`` reads in the order of execution ``e - 1``; a run that starts at epoch ``k + 1``
+(a resume, or a worker group restarted after a failure) starts the count at ``k``
+(``TrainSplit``), and so reads every epoch in the order an uninterrupted run reads it. Free
+order (``train.deterministic=false``) shuffles files without a seed and hands blocks to workers
+as they finish.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -23,6 +34,7 @@ from dipro.data.collate import collate
 from dipro.data.normalize import NormStats
 from dipro.data.schema import COLUMNS, first_fault, model_columns
 from dipro.data.shards import list_shards
+from dipro.seeds import FILE_ORDER, stream_seed
 
 PATH_COLUMN = "path"  # the shard file of each row (``read_parquet(include_paths=True)``)
 
@@ -53,25 +65,35 @@ def validate_block(block: pa.Table, columns: list[str]) -> pa.Table:
 
 
 def read_split(
-    root: str, task: str, split: str, region_mode: str, num_blocks: int | None = None
+    root: str,
+    task: str,
+    split: str,
+    region_mode: str,
+    num_blocks: int | None = None,
+    *,
+    seed: int | None = None,
 ) -> ray.data.Dataset:
     """Lazily read and validate the shards of ``{root}/{task}/split={split}`` listed in the
     manifest; rows keep the model's columns only.
 
-    File order is shuffled per epoch for the training split; the hive partition columns are not
-    re-added (the records carry ``split`` and ``hospital`` themselves). ``num_blocks`` sets the
-    read parallelism (None: one read task per shard file, so that a block is not a handful of
-    rows).
+    File order is shuffled per epoch for the training split: from ``seed`` (the same orders in
+    every run with that seed), or without one when ``seed`` is None. The hive partition columns
+    are not re-added (the records carry ``split`` and ``hospital`` themselves). ``num_blocks``
+    sets the read parallelism (None: one read task per shard file, so that a block is not a
+    handful of rows).
     """
     paths = list_shards(root, task, split)
     if not paths:
         raise FileNotFoundError(f"no {split!r} shards for {task!r} under {root!r}")
+    shuffle: str | ray.data.FileShuffleConfig | None = None
+    if split == "train":
+        shuffle = "files" if seed is None else ray.data.FileShuffleConfig(seed=seed)
     dataset = ray.data.read_parquet(
         paths,
         columns=list(COLUMNS),
         include_paths=True,
         partitioning=None,
-        shuffle="files" if split == "train" else None,
+        shuffle=shuffle,
         override_num_blocks=num_blocks or len(paths),
     )
     dataset = dataset.map_batches(
@@ -83,6 +105,36 @@ def read_split(
     )
     dataset.context.raise_original_map_exception = True
     return dataset
+
+
+def start_at_epoch(dataset: ray.data.Dataset, epoch: int) -> ray.data.Dataset:
+    """``dataset`` with its next execution counted as epoch ``epoch``'s (1-based): a seeded
+    file shuffle then draws the order that execution ``epoch - 1`` of an uninterrupted run
+    draws. Ray Data keeps the count in the dataset's context and adds one after each
+    execution, finished or cut short."""
+    dataset.context._execution_idx = epoch - 1
+    return dataset
+
+
+@dataclass(frozen=True)
+class TrainSplit:
+    """The training split as Ray Train asks for it each time it starts a worker group: a
+    callable that reads the split with the run's seeded file order, starting at the epoch the
+    workers will train next (``next_epoch()``: one past the run's newest checkpoint).
+
+    ``seed`` None: the free order (an unseeded file shuffle, blocks to workers as they finish).
+    """
+
+    root: str
+    task: str
+    region_mode: str
+    seed: int | None
+    next_epoch: Any  # Callable[[], int]; a picklable callable, run where Ray Train runs it
+
+    def __call__(self) -> ray.data.Dataset:
+        file_seed = None if self.seed is None else stream_seed(self.seed, FILE_ORDER)
+        dataset = read_split(self.root, self.task, "train", self.region_mode, seed=file_seed)
+        return dataset if self.seed is None else start_at_epoch(dataset, self.next_epoch())
 
 
 def iter_batches(

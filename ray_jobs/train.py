@@ -44,7 +44,7 @@ from dipro.runs import (
     run_dir_of,
 )
 from ray_jobs.console import follow_epochs, say, session
-from ray_jobs.data import read_split
+from ray_jobs.data import TrainSplit, read_split
 from ray_jobs.worker import train_loop_per_worker
 
 
@@ -165,6 +165,23 @@ def _steps_per_epoch(cfg: DictConfig, manifest: Manifest) -> int:
     return max(1, min(steps, int(cap)) if cap else steps)
 
 
+@dataclass(frozen=True)
+class NextEpoch:
+    """The epoch a run's workers train next: one past its newest checkpoint that loads (1 for
+    a new run). Called where Ray Train starts each worker group, as the workers restore."""
+
+    run_dir: str
+
+    def __call__(self) -> int:
+        found = first_loadable(
+            checkpoint_files(self.run_dir),
+            ckpt_io.read_checkpoint,
+            lambda _: None,
+            error=ckpt_io.CheckpointError,
+        )
+        return 1 if found is None else int(found[1]["training"]["epoch"]) + 1
+
+
 def build_trainer(
     cfg: DictConfig, manifest: Manifest, callbacks: list[ray.train.UserCallback] | None = None
 ) -> TorchTrainer:
@@ -180,10 +197,19 @@ def build_trainer(
     ray.data.DataContext.get_current().enable_progress_bars = bool(
         cfg.train.get("data_progress_bars", False)
     )
+    deterministic = bool(cfg.train.deterministic)
     datasets = {
-        split: read_split(cfg.data.root, task, split, cfg.model.region_mode)
-        for split in ("train", "val")
+        "train": TrainSplit(
+            root=cfg.data.root,
+            task=task,
+            region_mode=cfg.model.region_mode,
+            seed=int(cfg.seed) if deterministic else None,
+            next_epoch=NextEpoch(run_dir_of(cfg)),
+        ),
+        "val": read_split(cfg.data.root, task, "val", cfg.model.region_mode),
     }
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = deterministic
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -215,7 +241,9 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train", "val"], execution_options=ingest
+        ),
     )
 
 

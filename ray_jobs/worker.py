@@ -61,7 +61,7 @@ from dipro.runs import (
     first_loadable,
     run_dir_of,
 )
-from dipro.seeds import stream_seed
+from dipro.seeds import TORCH, set_determinism, stream_seed
 from ray_jobs.data import iter_batches
 
 FAULT_MARKER = "fault_injected"
@@ -161,8 +161,10 @@ class _WorkerRun:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         torch.set_num_threads(int(self.scaling["cpus_per_worker"]))
-        torch.manual_seed(int(cfg["seed"]))
         self.device = ray.train.torch.get_device()
+        self.deterministic = bool(self.train_cfg.get("deterministic", True))
+        set_determinism(self.deterministic, self.device.type)
+        torch.manual_seed(int(cfg["seed"]))
         self.model = ray.train.torch.prepare_model(build_model(cfg["model"], self.task))
         self.norm_stats_dict = config["norm_stats"]
         self.norm_stats = NormStats.from_dict(self.norm_stats_dict)
@@ -214,7 +216,11 @@ class _WorkerRun:
         )
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over this worker's shard of the training split (``engine.train_epoch``)."""
+        """One pass over this worker's shard of the training split (``engine.train_epoch``).
+        Dropout and the local shuffle draw from streams of (seed, epoch, rank), so a resumed
+        epoch draws what it would have drawn in an uninterrupted run."""
+        seed = int(self.cfg["seed"])
+        torch.manual_seed(stream_seed(seed, TORCH, epoch, self.rank))
         return train_epoch(
             self.model,
             self._batches(
@@ -222,7 +228,7 @@ class _WorkerRun:
                 int(self.cfg["optim"]["batch_size"]),
                 shuffle_buffer=self.scaling.get("local_shuffle_buffer_size"),
                 prefetch_batches=int(self.scaling.get("prefetch_batches", 1)),
-                seed=stream_seed(self.cfg["seed"], epoch, self.rank),
+                seed=stream_seed(seed, epoch, self.rank) if self.deterministic else None,
             ),
             self.optimizer,
             self.loss_fn,

@@ -32,10 +32,30 @@ def _epochs(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def test_two_workers_train_to_completion(tiny_data_root, ray_session, tmp_path):
-    cfg = compose_train(_overrides(tiny_data_root, tmp_path, "smoke", "train.max_epochs=2"))
-    result = run_training(cfg)
+# What a run reports that must repeat to the last digit: every epoch's losses and validation
+# metrics (timings, memory and node ids are the machine's), and the test metrics.
+_TIMING = ("epoch_seconds", "train/samples_per_s", "worker_max_rss_mb", "worker_nodes")
 
+
+def _numbers(run_dir: Path) -> dict:
+    epochs = [{k: v for k, v in e.items() if k not in _TIMING} for e in _epochs(run_dir)]
+    for epoch in epochs:
+        epoch.pop("restored_from_epoch")
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    return {"epochs": epochs, "test": summary["test"], "best_epoch": summary["best_epoch"]}
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tiny_data_root, ray_session, tmp_path_factory):
+    """One uninterrupted two-epoch run of two workers (the reference of the tests below)."""
+    runs = tmp_path_factory.mktemp("runs")
+    return run_training(
+        compose_train(_overrides(tiny_data_root, runs, "smoke", "train.max_epochs=2"))
+    )
+
+
+def test_two_workers_train_to_completion(two_epoch_run):
+    result = two_epoch_run
     epochs = _epochs(Path(result.run_dir))
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert all(len(set(e["worker_nodes"])) >= 1 and len(e["worker_nodes"]) == 2 for e in epochs)
@@ -45,6 +65,15 @@ def test_two_workers_train_to_completion(tiny_data_root, ray_session, tmp_path):
     model, meta = load_checkpoint(result.best_checkpoint)
     assert meta.task == "mortality" and meta.norm_stats is not None
     assert meta.epoch == metrics["best_epoch"]
+
+
+def test_the_same_command_gives_the_same_numbers(two_epoch_run, tiny_data_root, tmp_path):
+    """Deterministic by default: the data order per epoch, its split between the two workers,
+    the local shuffles and dropout all come from the seed."""
+    again = run_training(
+        compose_train(_overrides(tiny_data_root, tmp_path, "smoke", "train.max_epochs=2"))
+    )
+    assert _numbers(Path(again.run_dir)) == _numbers(Path(two_epoch_run.run_dir))
 
 
 def test_killed_worker_restarts_from_last_checkpoint(tiny_data_root, ray_session, tmp_path):
@@ -65,12 +94,12 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_data_root, ray_session
     assert [e["epoch"] for e in _epochs(run_dir)] == [1, 2, 3]
 
 
-def test_stopped_run_resumes_from_epoch_two(tiny_data_root, ray_session, tmp_path):
-    base = _overrides(tiny_data_root, tmp_path, "resume", "train.max_epochs=2")
+def test_resumed_run_equals_an_uninterrupted_one(two_epoch_run, tiny_data_root, tmp_path):
+    base = _overrides(tiny_data_root, tmp_path, "smoke", "train.max_epochs=2")
     # The first start dies during epoch 2 with no restarts allowed: only epoch 1 is done.
     with pytest.raises(Exception, match="injected failure"):
         run_training(compose_train([*base, "+train.fail_at={epoch: 2, step: 1}"]))
-    run_dir = tmp_path / "resume"
+    run_dir = tmp_path / "smoke"
     first = _epochs(run_dir)
     assert [e["epoch"] for e in first] == [1]
 
@@ -78,6 +107,8 @@ def test_stopped_run_resumes_from_epoch_two(tiny_data_root, ray_session, tmp_pat
     second = _epochs(run_dir)
     assert [e["epoch"] for e in second] == [1, 2]
     assert second[0] == first[0], "epoch 1 was trained again instead of resumed"
+    assert second[1]["restored_from_epoch"] == 1
+    assert _numbers(run_dir) == _numbers(Path(two_epoch_run.run_dir))
 
 
 @pytest.mark.parametrize(
