@@ -88,6 +88,8 @@ def check_config(cfg: DictConfig) -> Manifest:
         checksums=bool(cfg.data.get("verify_checksums", True)),
     )
     _check_resumable(cfg, manifest)
+    if not (cfg.get("ray_address") or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        local_num_cpus(cfg)  # an in-process Ray too small for the run is refused here
     return manifest
 
 
@@ -255,12 +257,21 @@ def local_num_cpus(cfg: DictConfig) -> int:
     Ray Data's resource coordinator counts a Train worker's CPU reservation rounded up to a
     whole CPU (0.5 counts as 1); on a 2-core machine two workers would leave Ray Data no CPU
     ("Cluster resources are not enough to run any task from ...ReadParquet"): the reads still
-    run, on the CPU Ray core has left, but Ray Data plans them with a zero budget.
+    run, on the CPU Ray core has left, but Ray Data plans them with a zero budget. A
+    ``ray_num_cpus`` below the workers' CPUs plus one is a ConfigError (the run would wait for
+    a CPU that never comes).
     """
-    if cfg.get("ray_num_cpus"):
-        return int(cfg.ray_num_cpus)
     per_worker = math.ceil(float(cfg.scaling.resources_per_worker.get("CPU", 1)))
-    return max(os.cpu_count() or 1, worker_range(cfg.scaling)[1] * per_worker + 2)
+    workers = worker_range(cfg.scaling)[1]
+    if cfg.get("ray_num_cpus"):
+        if int(cfg.ray_num_cpus) < workers * per_worker + 1:
+            raise ConfigError(
+                f"ray_num_cpus={cfg.ray_num_cpus} leaves Ray Data no CPU to read with: "
+                f"{workers} worker(s) x {per_worker} CPU + 1 for the reads needs at least "
+                f"{workers * per_worker + 1} (or leave ray_num_cpus unset)"
+            )
+        return int(cfg.ray_num_cpus)
+    return max(os.cpu_count() or 1, workers * per_worker + 2)
 
 
 def ensure_ray(cfg: DictConfig, num_cpus: int | None = None) -> None:

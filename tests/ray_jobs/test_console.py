@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 from conftest import CONFIGS, compose_train
 from hydra import compose, initialize_config_dir
 
@@ -139,12 +140,30 @@ def test_progress_prints_an_eta(capsys, monkeypatch):
         (16, [], 16),
         (2, ["scaling.resources_per_worker.CPU=0.5"], 4),  # Ray Data rounds 0.5 up to 1
         (2, ["scaling.num_workers=1"], 3),
-        (2, ["ray_num_cpus=2"], 2),
+        (2, ["ray_num_cpus=3"], 3),
     ],
 )
 def test_in_process_ray_leaves_ray_data_a_whole_cpu(monkeypatch, cores, overrides, expected):
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     assert local_num_cpus(compose_train(overrides)) == expected
+
+
+def test_an_in_process_ray_too_small_for_the_run_is_refused_before_ray_starts(
+    without_ray, entrypoint, tiny_data_root, tmp_path
+):
+    """Two workers of one CPU and nothing left for the reads would wait forever in silence."""
+    code, lines = entrypoint(
+        "ray_jobs.train",
+        "task=mortality",
+        "+experiment=demo",
+        f"data.root={tiny_data_root}",
+        f"storage_path={tmp_path / 'runs'}",
+        "ray_num_cpus=2",
+    )
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("configuration error: ray_num_cpus=2 leaves Ray Data no CPU")
+    assert "needs at least 3" in lines[0]
+    assert not ray.is_initialized()
 
 
 @pytest.mark.parametrize(("cores", "actors", "expected"), [(2, 1, 2), (2, 2, 3), (8, 2, 8)])
