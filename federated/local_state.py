@@ -58,9 +58,7 @@ def local_keys(model: nn.Module, spec: Mapping[str, Any] | None) -> frozenset[st
     return frozenset(local)
 
 
-def global_part(
-    state: Mapping[str, torch.Tensor], local: Iterable[str]
-) -> dict[str, torch.Tensor]:
+def global_part(state: Mapping[str, torch.Tensor], local: Iterable[str]) -> dict[str, torch.Tensor]:
     """``state`` without the site-local keys."""
     keep = set(local)
     return {k: v for k, v in state.items() if k not in keep}

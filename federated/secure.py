@@ -29,12 +29,18 @@ keeps ``reconstruction_threshold`` live neighbours. A site whose masked update a
 updated even if a later step of the protocol fails there. A site's failure reaches the server as
 its category only, as in a plain round. Quantisation costs at most ``quantisation_error`` per
 value of the aggregate.
+
+A secure round is repeatable (``federated.streams``): the neighbourhoods are shuffled with a
+generator seeded from the run's seed and round, and each site rounds its update with one seeded
+from the run's seed, the round and its node id, which the server sends with the fit
+instructions (``ROUNDING_SEED``). The keys and the masks stay random: they cancel exactly.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -74,9 +80,12 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from dipro.config import ConfigError
+from dipro.seeds import stream_seed
+from federated.streams import NEIGHBOURS, ROUNDING, global_rngs_restored
 
 logger = logging.getLogger("flwr")
 STATE_KEYS: Final = "state-keys"  # the arrays' names, in order, in the fit instructions
+ROUNDING_SEED: Final = "rounding-seed"  # the seed of the site's stochastic rounding
 
 
 def secure_enabled(cfg: Mapping[str, Any]) -> bool:
@@ -137,11 +146,18 @@ def check_secure(cfg: Mapping[str, Any]) -> None:
 
 class _RoundOfMessages(LegacyStrategy):
     """The legacy strategy the SecAgg+ workflow drives: its fit instructions are the messages
-    the run's strategy built, and its aggregate is what the protocol unmasked."""
+    the run's strategy built, each with its site's ``ROUNDING_SEED``, and its aggregate is what
+    the protocol unmasked."""
 
-    def __init__(self, messages: list[Message], proxies: Mapping[int, ClientProxy]) -> None:
+    def __init__(
+        self,
+        messages: list[Message],
+        proxies: Mapping[int, ClientProxy],
+        rounding_seeds: Mapping[int, int],
+    ) -> None:
         self.messages = messages
         self.proxies = proxies
+        self.rounding_seeds = rounding_seeds
         self.aggregate: list[np.ndarray] | None = None
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -153,9 +169,14 @@ class _RoundOfMessages(LegacyStrategy):
         out = []
         for msg in self.messages:
             arrays = msg.content["arrays"]
-            config = {**dict(msg.content["config"]), STATE_KEYS: " ".join(arrays.keys())}
+            node = msg.metadata.dst_node_id
+            config = {
+                **dict(msg.content["config"]),
+                STATE_KEYS: " ".join(arrays.keys()),
+                ROUNDING_SEED: self.rounding_seeds[node],
+            }
             parameters = ndarrays_to_parameters(arrays.to_numpy_ndarrays())
-            out.append((self.proxies[msg.metadata.dst_node_id], FitIns(parameters, config)))
+            out.append((self.proxies[node], FitIns(parameters, config)))
         return out
 
     def aggregate_fit(
@@ -244,11 +265,17 @@ class _RecordingGrid(_DelegatingGrid):
 
 
 class SecureGrid(_DelegatingGrid):
-    """The run's grid with every TRAIN exchange run as a SecAgg+ round (module docstring)."""
+    """The run's grid with every TRAIN exchange run as a SecAgg+ round (module docstring);
+    ``seed`` is the run's, ``round_offset`` the rounds played before this start (Flower counts
+    the rounds of each start from 1)."""
 
-    def __init__(self, grid: Grid, workflow: SecAggPlusWorkflow) -> None:
+    def __init__(
+        self, grid: Grid, workflow: SecAggPlusWorkflow, seed: int, round_offset: int
+    ) -> None:
         super().__init__(grid)
         self.workflow = workflow
+        self.seed = seed
+        self.round_offset = round_offset
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -271,7 +298,9 @@ class SecureGrid(_DelegatingGrid):
         manager = SimpleClientManager()
         for proxy in proxies.values():
             manager.register(proxy)
-        strategy = _RoundOfMessages(messages, proxies)
+        run_round = self.round_offset + server_round
+        rounding = {node: stream_seed(self.seed, ROUNDING, run_round, node) for node in proxies}
+        strategy = _RoundOfMessages(messages, proxies, rounding)
         base = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
                        run_config={})  # fmt: skip
         context = LegacyContext(base, strategy=strategy, client_manager=manager)
@@ -279,7 +308,9 @@ class SecureGrid(_DelegatingGrid):
             {WorkflowKey.CURRENT_ROUND: server_round}
         )
         context.state.array_records[MAIN_PARAMS_RECORD] = global_arrays
-        self.workflow(recording, context)
+        with global_rngs_restored():  # the protocol's first draw: its neighbourhood shuffle
+            random.seed(stream_seed(self.seed, NEIGHBOURS, run_round))
+            self.workflow(recording, context)
 
         failed = [
             replies.errors[n] for n in proxies if n in replies.errors and n not in replies.trained
@@ -339,10 +370,14 @@ class _SiteFailed(Exception):
 def _as_fitres(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """The protocol's legacy fit instructions as the train handler's message, and its reply as
     the legacy ``FitRes`` that ``secaggplus_mod`` masks: the update (trained minus received
-    weights, zero for integer arrays) and the handler's scalar metrics."""
+    weights, zero for integer arrays) and the handler's scalar metrics. ``secaggplus_mod``
+    quantises the update next, rounding each value up or down at random with numpy's global
+    generator: it is seeded here with the server's ``ROUNDING_SEED`` for this site
+    (``secure_when_asked`` restores it after)."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = dict(fitins.config)
     keys = str(config.pop(STATE_KEYS)).split(" ")
+    rounding_seed = int(config.pop(ROUNDING_SEED))
     received = parameters_to_ndarrays(fitins.parameters)
     arrays = ArrayRecord(array_dict={k: Array(v) for k, v in zip(keys, received, strict=True)})
     inner = copy.copy(msg)
@@ -364,6 +399,7 @@ def _as_fitres(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         num_examples=int(metrics["num-examples"]),
         metrics=metrics,
     )
+    np.random.seed(rounding_seed)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
@@ -379,7 +415,8 @@ def secure_when_asked(msg: Message, context: Context, call_next: ClientAppCallab
         return _as_fitres(inner, ctx, call_next)
 
     try:
-        return secaggplus_mod(msg, context, handler)
+        with global_rngs_restored():
+            return secaggplus_mod(msg, context, handler)
     except _SiteFailed as failed:
         return Message(error=failed.reply.error, reply_to=msg)
     except Exception as err:

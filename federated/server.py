@@ -16,6 +16,11 @@ initial model scored).
 With ``federated.secure.enabled`` each round's training is a SecAgg+ round
 (``federated.secure.SecureGrid``): the server learns only the sites' weighted sum.
 
+Run twice with the same seed (a simulation: ``federated.sim_process``), a run writes the same
+numbers to its round log, checkpoints and report, timings aside: the sites' data order and
+dropout, their node ids (and so the order their replies are aggregated in), their sampling and
+SecAgg+'s rounding are drawn from the seed; DP noise is not (``federated.streams`` says why).
+
 Every round writes ``checkpoints/last.pt`` and, when the monitor improves,
 ``checkpoints/best.pt`` in the project's checkpoint format (atomic). The checkpoint's ``epoch``
 holds the round; ``extra`` the round, the best round and its metric. Normalisation: each site
@@ -255,7 +260,12 @@ def _rounds_within_budget(cfg: Mapping[str, Any]) -> int:
         logger.info(
             "federated.dp.target_epsilon=%g allows %d of %d rounds (epsilon %.3f at delta %g): "
             "the run stops after round %d",
-            budget.target_epsilon, allowed, planned, budget.epsilon(allowed), budget.delta, allowed,
+            budget.target_epsilon,
+            allowed,
+            planned,
+            budget.epsilon(allowed),
+            budget.delta,
+            allowed,
         )
     return allowed
 
@@ -308,8 +318,9 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
         tracked=tracked,
     )
     if done < num_rounds:
+        secure = secure_enabled(cfg)
         quorum.start(
-            grid=SecureGrid(grid, build_workflow(cfg)) if secure_enabled(cfg) else grid,
+            grid=SecureGrid(grid, build_workflow(cfg), int(cfg["seed"]), done) if secure else grid,
             initial_arrays=ArrayRecord(global_part(model.state_dict(), local)),
             num_rounds=num_rounds - done,
             timeout=float(fed["round_timeout_s"]),

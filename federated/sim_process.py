@@ -4,7 +4,9 @@ CONFIG_JSON`` (what ``federated.simulate.run_federated`` starts).
 Flower's ``run_simulation`` starts Ray and calls ``ray.shutdown()`` when it ends, so it must not
 share a process with another Ray user. The simulated sites are the dataset's first
 ``simulation.num_sites`` hospitals (partition-id i is the i-th hospital; the launcher sets the
-number). This process is the coordinator's: it reads no data, the sites (Ray actors) do.
+number). This process is the coordinator's: it reads no data, the sites (Ray actors) do. The
+simulated SuperNodes' node ids are drawn from the run's seed (``seed_node_ids``), so a site
+has the same node id, and is sampled and aggregated in the same place, in every run of it.
 Exit status 0 when the run finished, 1 with a ``federated run failed:`` line when it did not.
 
 It dies with its launcher, for any reason the launcher exits (a SIGKILL of the launcher's
@@ -23,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import signal
 import sys
 import threading
@@ -31,12 +34,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from flwr.server.superlink.linkstate import in_memory_linkstate
 from flwr.simulation import run_simulation
 
 from dipro import storage
 from dipro.runs import SUMMARY_FILE
+from dipro.seeds import stream_seed
 from federated.client_app import app as client_app
 from federated.server_app import server_app_for
+from federated.streams import NODE_IDS
 
 FAILED = "federated run failed:"
 LAUNCHER_PID_ENV = "DIPRO_LAUNCHER_PID"
@@ -118,9 +124,31 @@ def _session_members(root: int) -> set[int]:
     return found
 
 
+def seed_node_ids(seed: int) -> None:
+    """Have Flower's simulation register its SuperNodes under node ids drawn from ``seed``.
+
+    Flower draws each node id from ``os.urandom`` (``InMemoryLinkState.create_node``), so they
+    differ between runs, and with them the sites a round samples (by node id), the order their
+    replies are aggregated in and the round log's node ids. The simulation registers its
+    nodes one after the other, partition 0 first, and draws nothing else from the link state's
+    generator (it stores its run directly); drawn from the stream ``NODE_IDS`` of the run's seed
+    instead, partition i gets the same id in every run. The generator is replaced for the
+    lifetime of this process, which runs one simulation."""
+    rng = random.Random(stream_seed(seed, NODE_IDS))
+
+    def draw(num_bytes: int, exclude: set[int] | None = None) -> int:
+        value = rng.getrandbits(8 * num_bytes)
+        while exclude and value in exclude:
+            value = rng.getrandbits(8 * num_bytes)
+        return value
+
+    in_memory_linkstate.generate_rand_int_from_bytes = draw
+
+
 def simulate(cfg: dict[str, Any]) -> None:
     """Run ``cfg`` on Flower's Ray simulation backend, in this process."""
     sim = cfg["simulation"]
+    seed_node_ids(int(cfg["seed"]))
     run_simulation(
         server_app=server_app_for(cfg),
         client_app=client_app,

@@ -12,13 +12,17 @@ Gaussian noise to the mean). ``SiteQuorum`` wraps the result so that:
   error otherwise; training and evaluation failures are kept apart;
 - each evaluating site's own metrics are kept with the round (``RoundSites.per_site``) beside
   their aggregate (``finite_weighted_mean``), and ``evaluate_at_sites`` has every site score
-  one model (the selected one, on its test split) at the end of a run.
+  one model (the selected one, on its test split) at the end of a run;
+- a run is repeatable: the sites a round samples are drawn from the run's seed and round
+  (``federated.streams``), and the sites' replies are aggregated in the order of their node ids,
+  not in the order they arrive (the sums of floats that aggregate them depend on the order).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +39,10 @@ from flwr.serverapp.strategy import (
     FedProx,
     Strategy,
 )
+
+from dipro.seeds import stream_seed
+from federated.config import ROUND_OFFSET_KEY
+from federated.streams import EVALUATE_SAMPLE, TRAIN_SAMPLE, global_rngs_restored
 
 logger = logging.getLogger("flwr")  # Flower's log stream: shown by `flwr log` and the simulation
 
@@ -100,20 +108,34 @@ def site_metrics(reply: Message) -> dict[str, Any]:
     return entry
 
 
+def in_node_order(replies: Iterable[Message]) -> list[Message]:
+    """``replies`` sorted by the node id of their sender: Flower hands them over in the order
+    they arrive, which differs between runs, and aggregating them in it would too."""
+    return sorted(replies, key=lambda msg: int(msg.metadata.src_node_id))
+
+
 def metric_name(key: str) -> str:
     """A site's metric key under the central run's name (``val-loss-task`` -> ``loss/task``)."""
     return key.removeprefix(SITE_METRIC_PREFIX).replace("-", "/")
 
 
 class SiteQuorum(Strategy):
-    """Bounded waits, logged failures and a minimum of updating sites around ``strategy``."""
+    """Bounded waits, logged failures and a minimum of updating sites around ``strategy``;
+    its sampling drawn from the run's ``seed``, its aggregation in node order."""
 
-    def __init__(self, strategy: Strategy, min_sites: int, wait_s: float) -> None:
+    def __init__(self, strategy: Strategy, min_sites: int, wait_s: float, seed: int) -> None:
         super().__init__()
         self.strategy = strategy
         self.min_sites = min_sites
         self.wait_s = wait_s
+        self.seed = seed
         self.rounds: dict[int, RoundSites] = {}
+
+    def _sampling_seed(self, stream: int, server_round: int, config: ConfigRecord) -> int:
+        """The seed of a round's sampling: the run's round (the rounds of earlier starts plus
+        Flower's round of this one), so a resumed run samples as an uninterrupted one."""
+        run_round = server_round + int(config.get(ROUND_OFFSET_KEY, 0))
+        return stream_seed(self.seed, stream, run_round)
 
     def _await_sites(self, grid: Grid, server_round: int) -> None:
         deadline = time.monotonic() + self.wait_s
@@ -130,14 +152,16 @@ class SiteQuorum(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._await_sites(grid, server_round)
-        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        with global_rngs_restored():  # Flower samples with Python's random (sample_nodes)
+            random.seed(self._sampling_seed(TRAIN_SAMPLE, server_round, config))
+            messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self.rounds[server_round] = RoundSites(sampled=len(messages))
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies = in_node_order(replies)
         sites = self.rounds.setdefault(server_round, RoundSites(sampled=len(replies)))
         sites.train_failures = _failures(replies, "train", server_round)
         sites.updated = len(replies) - len(sites.train_failures)
@@ -164,18 +188,21 @@ class SiteQuorum(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._await_sites(grid, server_round)
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        with global_rngs_restored():
+            random.seed(self._sampling_seed(EVALUATE_SAMPLE, server_round, config))
+            return list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         sites = self.rounds.setdefault(server_round, RoundSites())
-        return self._aggregate_evaluation(sites, list(replies), server_round)
+        return self._aggregate_evaluation(sites, in_node_order(replies), server_round)
 
     def _aggregate_evaluation(
         self, sites: RoundSites, replies: list[Message], server_round: int
     ) -> MetricRecord | None:
-        """Each site's metrics, each failure and the strategy's aggregate into ``sites``."""
+        """Each site's metrics, each failure and the strategy's aggregate into ``sites``
+        (``replies`` in node order)."""
         sites.evaluate_failures = _failures(replies, "evaluate", server_round)
         sites.per_site = [site_metrics(m) for m in replies if not m.has_error()]
         sites.evaluated = len(sites.per_site)
@@ -197,7 +224,8 @@ class SiteQuorum(Strategy):
             for node in sorted(grid.get_node_ids())
         ]
         sites = RoundSites(sampled=len(messages))
-        self._aggregate_evaluation(sites, list(grid.send_and_receive(messages, timeout=timeout)), 0)
+        replies = in_node_order(grid.send_and_receive(messages, timeout=timeout))
+        self._aggregate_evaluation(sites, replies, 0)
         return sites
 
     def summary(self) -> None:
@@ -271,7 +299,7 @@ def build_strategy(cfg: Mapping[str, Any]) -> tuple[FedAvg, SiteQuorum]:
             clipping_norm=float(dp["clipping_norm"]),
             num_sampled_clients=int(dp.get("num_sampled_sites") or min_sites),
         )
-    return base, SiteQuorum(outer, min_sites, float(fed["wait_for_sites_s"]))
+    return base, SiteQuorum(outer, min_sites, float(fed["wait_for_sites_s"]), int(cfg["seed"]))
 
 
 class ServerOptimizerState:

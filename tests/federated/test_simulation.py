@@ -1,6 +1,6 @@
 """The real federated run on Flower's Ray simulation backend (``run_federated``): three
-simulated hospitals, per-round metrics, checkpoints, resume, a failing site and an
-unreachable minimum of sites."""
+simulated hospitals, per-round metrics, checkpoints, resume, the same numbers when run again, a
+failing site and an unreachable minimum of sites."""
 
 from __future__ import annotations
 
@@ -16,13 +16,29 @@ from dipro.checkpoint import load_checkpoint
 from dipro.data.normalize import NORM_COLUMNS, fit_norm_stats
 from dipro.data.shards import list_shards, read_manifest, read_table
 from dipro.evaluation import evaluate_checkpoint
+from federated.server import FederatedResult
 from federated.simulate import FederatedRunError, run_federated
 
 pytestmark = pytest.mark.slow
 
+TWO_ROUNDS = ("federated.num_rounds=2", "simulation.timeout_s=900")
+# The round log's wall-clock fields: the only ones a rerun may change.
+WALL_CLOCK = ("seconds",)
+
 
 def _rounds(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "round_metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_rounds(
+    tiny_data_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, FederatedResult, list[dict]]:
+    """A three-site, two-round run: its directory, result and round log as it finished (the
+    resume test goes on from it, the repeat test runs it again)."""
+    out = tmp_path_factory.mktemp("two-rounds") / "run"
+    result = run_federated(compose(tiny_data_root, out, *TWO_ROUNDS))
+    return out, result, _rounds(out)
 
 
 def _site_scores(data_root: Path, checkpoint: str, split: str) -> list[tuple[int, float]]:
@@ -46,12 +62,18 @@ def _weighted(entries: list[dict], key: str) -> float:
     return sum(n * v for n, v in finite) / sum(n for n, _ in finite)
 
 
-def test_three_sites_two_rounds_then_resume(tiny_data_root, tmp_path):
-    out = tmp_path / "run"
-    cfg = compose(tiny_data_root, out, "federated.num_rounds=2", "simulation.timeout_s=900")
-    result = run_federated(cfg)
+def _without_wall_clock(rounds: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rounds]
 
-    rounds = _rounds(out)
+
+def _digits(value: object) -> str:
+    """``value`` as JSON text: every float to the last digit, NaN included (an AUROC where no
+    site's split has both classes), so that equal texts mean identical numbers."""
+    return json.dumps(value, sort_keys=True)
+
+
+def test_three_sites_two_rounds_then_resume(tiny_data_root, two_rounds):
+    out, result, rounds = two_rounds
     assert [r["round"] for r in rounds] == [1, 2]  # the coordinator has no data to score round 0
     val_counts = read_manifest(tiny_data_root, TASK).counts["val"]
     for r in rounds:
@@ -85,6 +107,18 @@ def test_three_sites_two_rounds_then_resume(tiny_data_root, tmp_path):
     assert [r["round"] for r in again] == [1, 2, 3]
     assert again[:2] == rounds, "finished rounds were played again instead of resumed"
     assert resumed.rounds == 3 and load_checkpoint(resumed.final_checkpoint)[1].epoch == 3
+
+
+def test_a_two_round_run_repeated_writes_the_same_round_metrics(
+    tiny_data_root, tmp_path, two_rounds
+):
+    _, first, first_rounds = two_rounds
+    again = run_federated(compose(tiny_data_root, tmp_path / "run", *TWO_ROUNDS))
+
+    rerun = _rounds(tmp_path / "run")
+    assert all(set(WALL_CLOCK) <= set(r) for r in first_rounds + rerun)
+    assert _digits(_without_wall_clock(rerun)) == _digits(_without_wall_clock(first_rounds))
+    assert _digits(again.test_metrics) == _digits(first.test_metrics)
 
 
 def test_a_failing_site_is_logged_and_the_round_completes(tiny_data_root, tmp_path):
