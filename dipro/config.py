@@ -9,17 +9,27 @@ should be. A key absent from the composed config is not checked (entrypoints sha
 Adding a config key = one line in the table of its section, e.g.
 ``"data.verify_checksums": Bool(),`` in ``DATA``. A section listed in ``CLOSED`` accepts only
 the keys of its table (an unknown ablation switch is an error, not a silent no-op).
+
+The site-local config (configs/local/default.yaml, last in every defaults list) may only set
+keys that some entrypoint config defines: ``LocalSettingsCheck``, a Hydra callback of every
+entrypoint, refuses any other key before the job starts (``check_local_settings``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.object_type import ObjectType
+from hydra.errors import ConfigCompositionException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -358,6 +368,8 @@ FEDERATED_SCHEMA: Final = Schema(
     {**TASK, **MODEL, **LOSS, **OPTIM, **TRAIN, **DATA, **FEDERATED}, (_heads_divide_width,)
 )
 
+SYNTHETIC_SCHEMA: Final = Schema(DATA)
+
 
 def _select(cfg: DictConfig, key: str) -> Any:
     try:
@@ -442,3 +454,111 @@ def exit_on(
             if isinstance(err, types):
                 exit_with_error(kind, err)
         raise
+
+
+# --- the site-local config ----------------------------------------------------------------------
+
+LOCAL_GROUP: Final = "local"  # configs/local/<choice>.yaml, the last entry of every defaults list
+
+KeyPath = tuple[str, ...]  # a key as its parts (a part may hold dots: tune.space keys)
+
+
+def _new_keys(
+    merged: Mapping[str, Any], base: Mapping[str, Any], prefix: KeyPath = ()
+) -> list[KeyPath]:
+    """Keys of ``merged`` that ``base`` lacks, down to the leaves (``tracking.urii``, not
+    ``tracking``, where ``base`` has no ``tracking`` section: another config may have one)."""
+    found: list[KeyPath] = []
+    for key, value in merged.items():
+        path = (*prefix, str(key))
+        known = key in base
+        if known and isinstance(value, Mapping) and isinstance(base[key], Mapping):
+            found.extend(_new_keys(value, base[key], path))
+        elif not known and isinstance(value, Mapping) and value:
+            found.extend(_new_keys(value, {}, path))
+        elif not known:
+            found.append(path)
+    return found
+
+
+def _defines(cfg: Mapping[str, Any], key: KeyPath) -> bool:
+    node: Any = cfg
+    for part in key:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _without_local(name: str, overrides: Sequence[str]) -> dict[str, Any]:
+    """The primary config ``name`` composed without the site-local file (raises
+    ConfigCompositionException when its defaults list has none)."""
+    cfg = compose(name, overrides=[*overrides, f"~{LOCAL_GROUP}"])
+    return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+
+
+def _local_file(hydra_node: DictConfig, choice: str) -> str:
+    """Where the site-local config was read from (relative to the working directory)."""
+    for source in hydra_node.runtime.config_sources:
+        path = os.path.join(str(source.path), LOCAL_GROUP, f"{choice}.yaml")
+        if source.schema == "file" and os.path.isfile(path):
+            relative = os.path.relpath(path)
+            return path if relative.startswith(os.pardir) else relative
+    return f"configs/{LOCAL_GROUP}/{choice}.yaml"
+
+
+def check_local_settings(config: DictConfig) -> None:
+    """Refuse a key of the site-local config that no entrypoint config defines.
+
+    ``config`` is a job's config with its ``hydra`` node. Hydra merges the files of a defaults
+    list without struct mode, so a misspelt key in configs/local/default.yaml (``trackin.uri``)
+    would be merged in and never read, where the same key on the command line is refused. One
+    site file serves every entrypoint (the raw MIMIC paths of preprocess, the tracking URI of
+    train), so a key counts as defined when the job's config composed without the file has it or,
+    failing that, any other primary config that lists the file does. Raises ConfigError naming
+    the first undefined key and the file.
+    """
+    hydra_node = config.hydra
+    name = str(hydra_node.job.config_name)
+    searchpath = [o for o in hydra_node.overrides.hydra if o.startswith("hydra.searchpath=")]
+    loader = GlobalHydra.instance().config_loader()
+    choice = hydra_node.runtime.choices.get(LOCAL_GROUP)  # set even when the file is absent
+    local = loader.get_group_options(LOCAL_GROUP, config_name=name, overrides=searchpath)
+    if choice is None or choice not in local:
+        return
+    job = OmegaConf.to_container(config, resolve=False)
+    assert isinstance(job, dict)
+    job.pop("hydra")
+    unknown = _new_keys(job, _without_local(name, [*searchpath, *hydra_node.overrides.task]))
+    others = loader.get_group_options("", ObjectType.CONFIG, config_name=name, overrides=searchpath)
+    for other in others:
+        if not unknown:
+            return
+        if other == name:
+            continue
+        try:
+            defined = _without_local(other, searchpath)
+        except ConfigCompositionException:  # no site-local file in its defaults (a template)
+            continue
+        unknown = [key for key in unknown if not _defines(defined, key)]
+    if unknown:
+        key = ".".join(unknown[0])
+        hint = (
+            f"the file's first line must be `# @package _global_`, else its keys land under {key}"
+            if unknown[0][0] == LOCAL_GROUP
+            else "it would never be read"
+        )
+        where = _local_file(hydra_node, choice)
+        raise ConfigError(f"{key} in {where} is not a setting of any config ({hint})")
+
+
+class LocalSettingsCheck(Callback):
+    """Hydra callback of every entrypoint (configs/hydra/default.yaml): before the job starts,
+    ``check_local_settings``; an undefined key ends it as ``configuration error: ...`` with exit
+    status 2, as a bad setting on the command line does."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_local_settings(config)
+        except ConfigError as err:
+            exit_with_error("configuration", err)

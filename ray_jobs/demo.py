@@ -1,7 +1,8 @@
 """The main job: `python -m ray_jobs.demo [overrides]` (what `make demo` runs).
 
 1. Generates the default synthetic cohort under ``data.root`` (configs/data/synthetic.yaml) when
-   it is absent, and prints the samples per task, split and hospital.
+   it is absent, and prints the samples per task, split and hospital (what
+   ``python -m ray_jobs.synthetic`` does alone).
 2. For each task of ``demo.tasks``: trains DiPro with Ray Train (two CPU workers by default,
    ``scaling=cpu-laptop``), evaluates the best checkpoint on the test split and writes its
    report next to the run.
@@ -19,79 +20,27 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from dipro import storage, tracking, vocab
-from dipro.data.shards import Manifest, read_manifest
-from dipro.data.synthetic import SyntheticConfig, generator_info, write_synthetic_dataset
+from dipro import storage, tracking
+from dipro.data.shards import Manifest
+from dipro.data.synthetic import ensure_synthetic_data
 from ray_jobs.console import say, session
 from ray_jobs.evaluate import write_run_report
 from ray_jobs.train import ensure_ray, run_training
 
 
-def ensure_synthetic_data(cfg: Mapping[str, Any]) -> Path:
-    """Make sure the synthetic dataset of ``cfg`` (the ``data`` config node) exists; return its
-    root.
-
-    A dataset already there with the same generator config is reused. One written with another
-    generator config is replaced when ``cfg.overwrite`` is true, else a FileExistsError says so.
-    """
-    root = Path(str(cfg["root"]))
-    generator = cfg.get("generator") or {}
-    if isinstance(generator, DictConfig):
-        generator = OmegaConf.to_container(generator, resolve=True)
-    synth = SyntheticConfig.from_dict(generator)
-    wanted = generator_info(synth)
-    existing = {}
-    for task in vocab.TASKS:
-        try:
-            existing[task] = read_manifest(root, task).generator
-        except FileNotFoundError:
-            continue
-    if len(existing) == len(vocab.TASKS) and all(g == wanted for g in existing.values()):
-        return root
-    stale = sorted(task for task, g in existing.items() if g != wanted)
-    if stale and not cfg.get("overwrite", False):
-        raise FileExistsError(
-            f"the datasets {stale} under {root} were written with another generator config; "
-            "set data.overwrite=true to replace them"
-        )
-    missing = tuple(task for task in vocab.TASKS if task not in existing or task in stale)
-    write_synthetic_dataset(synth, root, tasks=missing, overwrite=bool(stale))
-    return root
-
-
-def format_counts(manifests: Mapping[str, Manifest]) -> str:
-    """A table of samples (and subjects) per task, split and hospital."""
-    hospitals = sorted({h for m in manifests.values() for h in m.hospitals})
-    header = f"{'task':<20} {'split':<6} " + " ".join(f"{'h' + str(h):>6}" for h in hospitals)
-    lines = [header + f" {'total':>7} {'subjects':>8}"]
-    for task, manifest in manifests.items():
-        for split in vocab.SPLITS:
-            per = manifest.counts.get(split, {})
-            cells = " ".join(f"{per.get(str(h), 0):>6}" for h in hospitals)
-            subjects = sum(manifest.subjects.get(split, {}).values())
-            lines.append(
-                f"{task:<20} {split:<6} {cells} {manifest.num_samples(split):>7} {subjects:>8}"
-            )
-    return "\n".join(lines)
-
-
 def prepare_data(data_cfg: Mapping[str, Any]) -> dict[str, Manifest]:
     """Ensure the synthetic data exists and print what is there; returns the manifests."""
     start = time.perf_counter()
-    root = ensure_synthetic_data(data_cfg)
-    seconds = time.perf_counter() - start
-    manifests = {task: read_manifest(root, task) for task in vocab.TASKS}
-    say(f"synthetic cohort under {root} (ready in {seconds:.1f} s)")
-    say(format_counts(manifests))
-    return manifests
+    data = ensure_synthetic_data(data_cfg)
+    say(data.describe(time.perf_counter() - start))
+    return data.manifests
 
 
 # What a model that ignores its input scores on each task's headline metrics.

@@ -49,6 +49,7 @@ from dipro import storage, tracking
 from dipro.config import TRAIN_SCHEMA, ConfigError, exit_on, validate
 from dipro.data.features import ensure_features
 from dipro.data.shards import list_shards, read_manifest
+from dipro.data.synthetic import ensure_synthetic_data
 from dipro.evaluation import evaluate_checkpoint
 from dipro.metrics import (
     TASK_METRICS,
@@ -66,7 +67,6 @@ from dipro.report import (
 )
 from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, run_dir_of
 from ray_jobs.console import say, session
-from ray_jobs.demo import ensure_synthetic_data
 from ray_jobs.train import run_training
 
 FULL_MODEL = "dipro"

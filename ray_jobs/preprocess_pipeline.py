@@ -47,6 +47,7 @@ from dipro.data.mimic.images import crop_regions
 from dipro.data.mimic.readers import RawDataError
 from dipro.data.shards import Manifest, write_dataset
 from ray_jobs.console import Progress
+from ray_jobs.ray_startup import set_dashboard_timeouts
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,7 @@ def run_preprocess(cfg: DictConfig) -> dict[str, Manifest]:
         chunk_bytes=int(cfg.ehr.chunk_mb) << 20,
     )
     if not ray.is_initialized():
+        set_dashboard_timeouts()
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False)
     cache = build_region_cache(prepared, settings, output_root / "_cache")
     generator = {

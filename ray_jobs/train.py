@@ -278,6 +278,9 @@ def ensure_ray(cfg: DictConfig, num_cpus: int | None = None) -> None:
     """Connect to the configured cluster (or RAY_ADDRESS), or start Ray in-process with
     ``num_cpus`` logical CPUs (default: a training job's, ``local_num_cpus``); say where Ray's
     dashboard and logs are."""
+    from ray_jobs.ray_startup import set_dashboard_timeouts
+
+    set_dashboard_timeouts()
     if ray.is_initialized():
         return
     address = cfg.get("ray_address") or os.environ.get("RAY_ADDRESS")

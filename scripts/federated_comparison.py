@@ -55,8 +55,8 @@ DEFAULT_RUNS = ["central", *(name for name in FEDERATED_RUNS if name != "fedavg-
 
 def ensure_cohort(root: Path) -> None:
     """The default synthetic cohort's mortality shards under ``root`` (written when absent)."""
+    from dipro.data.synthetic import ensure_synthetic_data
     from federated.config import compose_config
-    from ray_jobs.demo import ensure_synthetic_data
 
     ensure_synthetic_data(compose_config([f"data.root={root}", f"task={TASK}"])["data"])
 

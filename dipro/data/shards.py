@@ -388,6 +388,22 @@ def read_manifest(root: str | os.PathLike[str], task: str) -> Manifest:
     return Manifest.from_dict(data, source=uri)
 
 
+def format_counts(manifests: Mapping[str, Manifest]) -> str:
+    """A table of samples (and subjects) per task, split and hospital."""
+    hospitals = sorted({h for m in manifests.values() for h in m.hospitals})
+    header = f"{'task':<20} {'split':<6} " + " ".join(f"{'h' + str(h):>6}" for h in hospitals)
+    lines = [header + f" {'total':>7} {'subjects':>8}"]
+    for task, manifest in manifests.items():
+        for split in vocab.SPLITS:
+            per = manifest.counts.get(split, {})
+            cells = " ".join(f"{per.get(str(h), 0):>6}" for h in hospitals)
+            subjects = sum(manifest.subjects.get(split, {}).values())
+            lines.append(
+                f"{task:<20} {split:<6} {cells} {manifest.num_samples(split):>7} {subjects:>8}"
+            )
+    return "\n".join(lines)
+
+
 def model_manifest(
     root: str | os.PathLike[str],
     task: str,

@@ -40,7 +40,9 @@ tree, so a seed fixes every byte):
 Public API (also for the raw-MIMIC writer): :class:`SyntheticConfig`; :func:`simulate_cohort`
 -> :class:`Cohort` (everything in memory: stays, full CXRs, boxes, times, finding intensities,
 labels, hourly EHR, demographics, outcomes); :func:`cohort_records` (the sample records of one
-task); :func:`write_synthetic_dataset` (all tasks as Parquet shards, see dipro.data.shards).
+task); :func:`write_synthetic_dataset` (all tasks as Parquet shards, see dipro.data.shards);
+:func:`ensure_synthetic_data` (the dataset of a ``data`` config node, written when absent and
+reused otherwise: what ``ray_jobs.synthetic``, the demo and the studies call).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import dataclasses
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
@@ -56,7 +59,8 @@ import torch
 from torchvision.ops import roi_align
 
 from dipro import vocab
-from dipro.data.shards import Manifest, write_dataset
+from dipro.config import ConfigError
+from dipro.data.shards import Manifest, format_counts, read_manifest, write_dataset
 
 # Bump when a code change alters the generated data for the same config, so that datasets
 # written by older code are recognised as different (dipro.data.synthetic.generator_info).
@@ -938,3 +942,56 @@ def write_synthetic_dataset(
         )
         for task in tasks
     }
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """The synthetic dataset under ``root`` after :func:`ensure_synthetic_data`: the tasks that
+    call wrote (empty when every task's dataset was there already) and each task's manifest."""
+
+    root: Path
+    written: tuple[str, ...]
+    manifests: dict[str, Manifest]
+
+    def describe(self, seconds: float) -> str:
+        """What a command prints about it: where it is, whether it was written or reused, and
+        its samples (and subjects) per task, split and hospital."""
+        if self.written:
+            state = f"wrote {', '.join(self.written)} in {seconds:.1f} s"
+        else:
+            state = "reused (written before with the same generator config)"
+        return f"synthetic cohort under {self.root}: {state}\n{format_counts(self.manifests)}"
+
+
+def ensure_synthetic_data(cfg: Mapping[str, Any]) -> SyntheticData:
+    """Make sure the synthetic dataset of ``cfg`` (a ``data`` config node: ``root``,
+    ``generator``, ``overwrite``) exists, writing only the tasks that are missing or stale.
+
+    A task's dataset already there with the same generator config is reused, byte for byte. One
+    written with another generator config (or generator version) is replaced when
+    ``cfg.overwrite`` is true, else a FileExistsError says so. A generator setting out of range
+    is a ConfigError.
+    """
+    root = Path(str(cfg["root"]))
+    try:
+        synth = SyntheticConfig.from_dict(cfg.get("generator"))
+    except ValueError as err:
+        raise ConfigError(f"data.generator: {err}") from err
+    wanted = generator_info(synth)
+    existing = {}
+    for task in vocab.TASKS:
+        try:
+            existing[task] = read_manifest(root, task).generator
+        except FileNotFoundError:
+            continue
+    stale = sorted(task for task, g in existing.items() if g != wanted)
+    if stale and not cfg.get("overwrite", False):
+        raise FileExistsError(
+            f"the datasets {stale} under {root} were written with another generator config; "
+            "set data.overwrite=true to replace them"
+        )
+    missing = tuple(task for task in vocab.TASKS if task not in existing or task in stale)
+    if missing:
+        write_synthetic_dataset(synth, root, tasks=missing, overwrite=bool(stale))
+    manifests = {task: read_manifest(root, task) for task in vocab.TASKS}
+    return SyntheticData(root, missing, manifests)

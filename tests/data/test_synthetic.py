@@ -14,16 +14,16 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from dipro import vocab
-from dipro.data.shards import list_shards, read_manifest, read_table
+from dipro.data.shards import format_counts, list_shards, read_manifest, read_table
 from dipro.data.synthetic import (
     AFFINITY,
     Cohort,
     SyntheticConfig,
     cohort_records,
+    ensure_synthetic_data,
     simulate_cohort,
     write_synthetic_dataset,
 )
-from ray_jobs.demo import ensure_synthetic_data, format_counts
 
 
 def _read_task(root: Path, task: str) -> dict[str, list]:
@@ -268,9 +268,9 @@ def test_ehr_predicts_mortality(signal_dataset: Path) -> None:
 def test_demo_data_is_reused_refused_when_stale_and_replaced_on_request(tmp_path: Path) -> None:
     generator = {"seed": 1, "num_patients": 8, "image_size": 32, "crop_size": 4}
     cfg = {"root": str(tmp_path), "generator": generator}
-    assert ensure_synthetic_data(cfg) == tmp_path
+    assert ensure_synthetic_data(cfg).root == tmp_path
     files = read_manifest(tmp_path, "mortality").files
-    ensure_synthetic_data(cfg)  # reused, not rewritten
+    assert ensure_synthetic_data(cfg).written == ()  # reused, not rewritten
     assert read_manifest(tmp_path, "mortality").files == files
     stale = {"root": str(tmp_path), "generator": {**generator, "seed": 2}}
     with pytest.raises(FileExistsError, match="overwrite"):

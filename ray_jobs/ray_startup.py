@@ -1,0 +1,26 @@
+"""The environment of a Ray that a job starts in-process, whoever started the job.
+
+Ray gives its dashboard 60 s to come up and each of the dashboard's module processes 30 s. On a
+machine with few cores and a high load, starting those processes takes longer, Ray runs on
+without a dashboard, and what needs one fails later (``ray job submit``, the release of a
+stopped Tune trial's resources); docs/troubleshooting.md. ``set_dashboard_timeouts`` gives them
+the time that ``make`` exports, so that a job started directly behaves as under ``make``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+DASHBOARD_TIMEOUTS: Final[dict[str, str]] = {
+    "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",
+    "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "240",
+}
+
+
+def set_dashboard_timeouts() -> None:
+    """Set Ray's dashboard start-up timeouts (``DASHBOARD_TIMEOUTS``) in this process's
+    environment, which the Ray it starts inherits; a value already set (exported by the user
+    or by ``make``) is kept. Call it before ``ray.init`` starts Ray."""
+    for name, seconds in DASHBOARD_TIMEOUTS.items():
+        os.environ.setdefault(name, seconds)
