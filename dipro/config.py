@@ -219,6 +219,7 @@ TRAIN: dict[str, Spec] = {
     "train.deterministic": Bool(),
     "verbose": Bool(),
     "tracking.enabled": Bool(),
+    "tracking.required": Bool(),
 }
 DATA: dict[str, Spec] = {
     "data.root": Str(),

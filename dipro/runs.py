@@ -11,6 +11,7 @@ and seed studies, the report, the console, tracking) reads it through this modul
 | ``checkpoint_*/config.json`` | the Ray Train worker          | the run's resolved configuration  |
 | ``best.pt``, ``last.pt`` | the federated server              | ``dipro.checkpoint`` payload      |
 | ``metrics.json``         | the trainer's driver, the server  | the run's summary (best, test)    |
+| ``.lock``                | the launcher (``run_lock``)       | its pid; locked while it runs     |
 
 A metrics log is rewritten whole (temp file + rename) with each new line; the lines of this and
 later steps (``epoch`` or ``round``) are dropped first, so a step that a failed attempt logged
@@ -19,14 +20,24 @@ before its checkpoint appears once, as its retry wrote it.
 The monitored metric's rule (``best_first``, ``improves``) is the same for early stopping, the
 best checkpoint, the report's best epoch and a sweep's best epoch: NaN is never best and of
 equal values the earliest wins.
+
+One run directory, one launcher (``run_lock``): a training run, a sweep, a study and a federated
+simulation hold an exclusive ``flock`` on ``{directory}/.lock`` (which holds the launcher's pid)
+for as long as they run, and a second launcher is refused with ``RunDirectoryInUse`` naming that
+pid. The kernel drops the lock when its process dies, so the lock of a launcher that was killed
+(SIGKILL included) is taken over by the next start without help. It works on a local file
+system and on NFS (Linux emulates ``flock`` with NFS byte-range locks); on object storage
+(``s3://``, ``gs://``) there is nothing to lock and a run is not guarded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,6 +54,50 @@ EPOCH_METRICS_FILE = "epoch_metrics.jsonl"
 ROUND_METRICS_FILE = "round_metrics.jsonl"
 SUMMARY_FILE = "metrics.json"
 CHECKPOINT_DIR_PREFIX = "checkpoint_"
+LOCK_FILE = ".lock"
+
+
+class RunDirectoryInUse(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+def lock_run_directory(
+    directory: str | os.PathLike[str], holder: str = "a launcher of this run"
+) -> int:
+    """An exclusive lock on ``{directory}/.lock`` holding this pid; returns its descriptor (the
+    lock lasts while it, or a copy inherited by a child, is open). Raises RunDirectoryInUse
+    naming the holder's pid when another process has it (``holder`` says what that process
+    is, in the message)."""
+    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirectoryInUse(
+            f"{os.fspath(directory)} is in use by process {pid} ({holder} is still going); "
+            "wait for it to end or stop it before starting this run again"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def run_lock(directory: str, note: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock of the run ``directory`` (made when missing) around the body: a second
+    launcher of the same run is refused (``lock_run_directory``). On remote storage, where
+    there is no lock, ``note`` says so in one line and the body runs unguarded."""
+    if storage.is_remote(directory):
+        note(f"run lock: {directory} is on remote storage, which has no locks; start a run once")
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    fd = lock_run_directory(directory)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def run_dir(storage_path: str, run_name: str) -> str:

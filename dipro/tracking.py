@@ -14,26 +14,43 @@ or any MLflow tracking URI (``http://mlflow.hospital.org:5000``, ``sqlite:///...
 (weights and config) is logged as artifacts and registered as a version of the model
 ``model_name`` with its task, epoch and metrics as tags.
 
+Tracking is never the reason a run fails. ``open_tracker`` reaches the store once, before the
+work starts; every call to the store is tried ``ATTEMPTS`` times with a short backoff (and
+MLflow's own HTTP retries and timeout are bounded, ``HTTP_BOUNDS``, unless the environment sets
+them). A store that does not answer is one warning line; tracking is then skipped for the rest
+of the run, which goes on and leaves its directory, from which ``python -m ray_jobs.track
+RUN_DIR`` logs it later. With ``tracking.required=true`` the run stops instead, with one line
+(``TrackingUnavailable``), before it trains when the store is down at the start.
+
 This module imports neither Ray nor Flower; MLflow is imported when a ``Tracker`` is made, so
 ``tracking.enabled=false`` costs nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import posixpath
+import re
+import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from dipro import storage
 from dipro.data.shards import files_digest
 from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, epoch_log, read_log, run_dir_of
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
@@ -41,6 +58,21 @@ RUN_DIR_TAG = "dipro.run_dir"
 KIND_TAG = "dipro.kind"
 PARENT_TAG = "mlflow.parentRunId"
 _PARAM_VALUE_LIMIT = 6000  # MLflow's longest parameter value
+REPLAY_COMMAND = "python -m ray_jobs.track"
+ATTEMPTS = 3  # tries of one call to the store before tracking is skipped
+BACKOFF_S = 1.0  # seconds before the second try, doubled before each later one
+# MLflow's HTTP client retries a refused connection 7 times with a backoff factor of 2 s and
+# waits 120 s for an answer: minutes per call on a dead server. Bounded unless the environment
+# sets them.
+HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store did not answer and ``tracking.required`` is true."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +83,7 @@ class TrackingSettings:
     uri: str
     experiment: str
     model_name: str | None = None
+    required: bool = False  # a store that does not answer stops the run instead of a warning
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any]) -> TrackingSettings:
@@ -60,6 +93,7 @@ class TrackingSettings:
             uri=str(node.get("uri") or ""),
             experiment=str(node.get("experiment") or "dipro"),
             model_name=node.get("model_name"),
+            required=bool(node.get("required", False)),
         )
 
     @property
@@ -83,10 +117,11 @@ class TrackingSettings:
         """One line for a console header."""
         if not self.enabled:
             return "off (tracking.enabled=false)"
+        required = ", required" if self.required else ""
         if self.artifact_location is None:
-            return f"{self.tracking_uri}, experiment {self.experiment}"
+            return f"{self.tracking_uri}, experiment {self.experiment}{required}"
         return (
-            f"{self.tracking_uri}, experiment {self.experiment} "
+            f"{self.tracking_uri}, experiment {self.experiment}{required} "
             f"(browse: mlflow ui --backend-store-uri {self.tracking_uri})"
         )
 
@@ -130,26 +165,117 @@ def numeric_metrics(record: Mapping[str, Any], skip: Iterable[str] = ()) -> dict
     }
 
 
+def _reason(err: BaseException) -> str:
+    """What went wrong, short: the OS error behind a failed connection (``Connection
+    refused``), else the first line of the error, cut to 200 characters."""
+    text = str(err)
+    found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    if found:
+        return found.group(1).strip()
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first[:200]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _bounded(
+    action: str,
+) -> Callable[[Callable[Concatenate[Tracker, P], R]], Callable[Concatenate[Tracker, P], R | None]]:
+    """A ``Tracker`` method that the store cannot fail: tried ``ATTEMPTS`` times, then skipped
+    (None) with one warning, or ``TrackingUnavailable`` when tracking is required
+    (``Tracker.attempt``). ``action`` names it in that line."""
+
+    def wrap(
+        method: Callable[Concatenate[Tracker, P], R],
+    ) -> Callable[Concatenate[Tracker, P], R | None]:
+        @functools.wraps(method)
+        def call(self: Tracker, *args: P.args, **kwargs: P.kwargs) -> R | None:
+            return self.attempt(action, lambda: method(self, *args, **kwargs))
+
+        return call
+
+    return wrap
+
+
 class Tracker:
     """One MLflow experiment, through ``MlflowClient`` (no global active run, so a tracker can
-    be used from any thread or process)."""
+    be used from any thread or process).
 
-    def __init__(self, settings: TrackingSettings) -> None:
+    Every method that calls the store is bounded (``attempt``): once a call has failed
+    ``ATTEMPTS`` times the tracker is ``skipped`` and its methods return None without calling
+    the store again, so an outage costs one warning line and a few seconds, not the run.
+    ``say`` prints that line (default: stderr); ``replay`` is the run directory (or a pattern
+    of them) that ``python -m ray_jobs.track`` logs later, named in it.
+    """
+
+    client: MlflowClient
+    experiment_id: str
+
+    def __init__(
+        self,
+        settings: TrackingSettings,
+        *,
+        replay: str | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        for name, value in HTTP_BOUNDS.items():
+            os.environ.setdefault(name, value)
+        self.settings = settings
+        self.replay = replay
+        self.say = say or _stderr
+        self.skipped = False
+        self.connect()
+
+    def attempt(self, action: str, call: Callable[[], R]) -> R | None:
+        """``call()``, tried up to ``ATTEMPTS`` times with a doubling backoff; None without
+        calling it once the tracker is skipped. When every try fails the tracker is skipped
+        and one warning names the store, what failed and how to replay the run, or, with
+        ``settings.required``, ``TrackingUnavailable`` says so."""
+        if self.skipped:
+            return None
+        for number in range(1, ATTEMPTS + 1):
+            try:
+                return call()
+            except Exception as err:  # whatever the store raised: tracking never ends a run
+                error = err
+                if number < ATTEMPTS:
+                    time.sleep(BACKOFF_S * 2 ** (number - 1))
+        self.skipped = True
+        failed = (
+            f"MLflow tracking store {self.settings.tracking_uri}: {action} failed "
+            f"{ATTEMPTS} times ({_reason(error)})"
+        )
+        if self.settings.required:
+            raise TrackingUnavailable(
+                f"{failed}; tracking.required=true stops the run (with false it goes on "
+                "untracked and is logged later)"
+            ) from None
+        replay = f" (once the store is back: {REPLAY_COMMAND} {self.replay})" if self.replay else ""
+        self.say(
+            f"warning: {failed}; tracking is skipped for the rest of this run, its directory "
+            f"stays the record{replay}"
+        )
+        return None
+
+    @_bounded("connecting")
+    def connect(self) -> None:
+        """Open the store and find (or create) the experiment: the one probe of a run."""
         from mlflow import MlflowClient  # seconds to import: only when tracking is on
 
-        self.settings = settings
-        self.client = MlflowClient(
-            tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri
-        )
-        found = self.client.get_experiment_by_name(settings.experiment)
+        uri = self.settings.tracking_uri
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        found = self.client.get_experiment_by_name(self.settings.experiment)
         self.experiment_id = (
             found.experiment_id
             if found is not None
             else self.client.create_experiment(
-                settings.experiment, artifact_location=settings.artifact_location
+                self.settings.experiment, artifact_location=self.settings.artifact_location
             )
         )
 
+    @_bounded("finding the run")
     def run(self, run_dir: str, name: str, kind: str, parent: str | None = None) -> str:
         """The id of the MLflow run of ``run_dir`` (created when there is none), marked running
         and under ``parent`` when one is given."""
@@ -170,6 +296,7 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
+    @_bounded("logging parameters")
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         """Log the parameters the run does not hold yet (MLflow parameters are write-once; a
         resumed run keeps the values it started with)."""
@@ -180,6 +307,7 @@ class Tracker:
         if new:
             self.client.log_batch(run_id, params=new)
 
+    @_bounded("logging metrics")
     def log_history(
         self, run_id: str, records: list[dict[str, Any]], step_key: str, skip: Iterable[str] = ()
     ) -> int:
@@ -202,15 +330,23 @@ class Tracker:
             added += 1
         return added
 
+    @_bounded("logging metrics")
     def log_summary(self, run_id: str, values: Mapping[str, Any], prefix: str) -> None:
-        """Log a dict of final numbers (test metrics, the best value) once, under ``prefix``."""
+        """Log a dict of final numbers (test metrics, the best value) under ``prefix``, those
+        the run does not already hold with the same value (tracking a run again adds nothing)."""
         from mlflow.entities import Metric
 
+        held = self.client.get_run(run_id).data.metrics
         now = int(time.time() * 1000)
-        metrics = [Metric(f"{prefix}{k}", v, now, 0) for k, v in numeric_metrics(values).items()]
+        metrics = [
+            Metric(f"{prefix}{k}", v, now, 0)
+            for k, v in numeric_metrics(values).items()
+            if held.get(f"{prefix}{k}") != v
+        ]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
 
+    @_bounded("logging artifacts")
     def log_files(self, run_id: str, uris: Iterable[str], artifact_path: str | None) -> None:
         """Copy files (local paths or storage URIs) into the run's artifacts."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -221,10 +357,12 @@ class Tracker:
                 Path(local).write_bytes(storage.read_bytes(uri))
                 self.client.log_artifact(run_id, local, artifact_path)
 
+    @_bounded("logging artifacts")
     def log_dir(self, run_id: str, local_dir: str | os.PathLike[str], artifact_path: str) -> None:
         """Copy a local directory (a report with its figures) into the run's artifacts."""
         self.client.log_artifacts(run_id, os.fspath(local_dir), artifact_path)
 
+    @_bounded("registering the model")
     def register(
         self, run_id: str, artifact_path: str, tags: Mapping[str, Any], description: str
     ) -> str | None:
@@ -250,14 +388,30 @@ class Tracker:
         )
         return version.version
 
+    @_bounded("ending the run")
     def finish(self, run_id: str, failed: bool = False) -> None:
+        """Mark the run finished (or failed)."""
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
-def open_tracker(cfg: Mapping[str, Any]) -> Tracker | None:
-    """The tracker of a config's ``tracking`` node, or None when tracking is off."""
+def open_tracker(
+    cfg: Mapping[str, Any],
+    *,
+    replay: str | None = None,
+    say: Callable[[str], None] | None = None,
+) -> Tracker | None:
+    """The tracker of a config's ``tracking`` node, its store reached once; None when tracking
+    is off, or when the store did not answer (one warning through ``say``, naming ``replay``,
+    the run directory to log later with ``python -m ray_jobs.track``).
+
+    Raises:
+        TrackingUnavailable: the store did not answer and ``tracking.required`` is true.
+    """
     settings = TrackingSettings.from_dict(cfg.get("tracking") or {})
-    return Tracker(settings) if settings.enabled else None
+    if not settings.enabled:
+        return None
+    tracker = Tracker(settings, replay=replay, say=say)
+    return None if tracker.skipped else tracker
 
 
 def track_training(
@@ -268,9 +422,12 @@ def track_training(
     parent: str | None = None,
     register: bool = True,
     kind: str = "train",
-) -> str:
+) -> str | None:
     """Track the training run of ``cfg`` (resolved, as a plain mapping) from what its directory
-    ``{storage_path}/{run_name}`` holds; returns the MLflow run id.
+    ``{storage_path}/{run_name}`` holds; returns the MLflow run id, or None when the store
+    stopped answering on the way and tracking was skipped (``Tracker.attempt``). Tracking the
+    same directory again adds only what the MLflow run does not hold yet (``python -m
+    ray_jobs.track`` relies on it).
 
     Parameters: the config and ``dataset_identity`` of ``manifest``; metrics: every line of
     ``epoch_metrics.jsonl`` with the epoch as step and, once ``metrics.json`` is there, the test
@@ -280,6 +437,8 @@ def track_training(
     """
     directory = run_dir_of(cfg)
     run_id = tracker.run(directory, str(cfg["run_name"]), kind, parent)
+    if run_id is None:
+        return None
     dataset = dataset_identity(str(cfg["data"]["root"]), manifest)
     tracker.log_params(run_id, {**flatten(cfg), **dataset})
     tracker.log_history(run_id, read_log(epoch_log(directory)), "epoch")
@@ -310,4 +469,4 @@ def track_training(
                 f"on {dataset['dataset.root']}",
             )
     tracker.finish(run_id)
-    return run_id
+    return None if tracker.skipped else run_id

@@ -18,7 +18,6 @@ with the last of them.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -33,13 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 from dipro import storage
 from dipro.config import ConfigError, exit_on
 from dipro.data.shards import model_manifest
-from dipro.runs import RUN_CONFIG_FILE
+from dipro.runs import RUN_CONFIG_FILE, RunDirectoryInUse, lock_run_directory
 from federated.config import check_config
 from federated.server import FederatedResult, read_result
 from federated.sim_process import FAILED, LAUNCHER_PID_ENV
 
 LOG_FILE = "simulation.log"
-LOCK_FILE = ".lock"
 _ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -50,29 +48,6 @@ _ENV = {
 
 class FederatedRunError(RuntimeError):
     """The simulation failed or ran out of time; the message says why and where the log is."""
-
-
-class RunDirectoryInUse(RuntimeError):
-    """Another process holds the run directory's lock."""
-
-
-def lock_run_directory(out_dir: Path) -> int:
-    """An exclusive lock on ``{out_dir}/.lock`` holding this pid; returns its descriptor (the
-    lock lasts while it, or a copy inherited by a child, is open). Raises RunDirectoryInUse
-    naming the holder's pid when another process has it."""
-    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RunDirectoryInUse(
-            f"{out_dir} is in use by process {holder} (a simulation of this run is still "
-            "going); wait for it to end or stop it before starting this run again"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -121,7 +96,7 @@ def run_federated(cfg: DictConfig | dict[str, Any]) -> FederatedResult:
         raise ConfigError("a simulation writes to a local out_dir")
     out_dir = Path(resolved["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_directory(out_dir)
+    lock = lock_run_directory(out_dir, holder="a simulation of this run")
     try:
         return _simulate(resolved, out_dir, lock)
     finally:

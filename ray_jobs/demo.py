@@ -75,7 +75,7 @@ def run_demo(cfg: DictConfig, overrides: list[str]) -> dict[str, dict[str, float
         started = time.perf_counter()
         result = run_training(task_cfg)
         report = write_run_report(result.run_dir)
-        tracker = tracking.open_tracker(task_cfg)
+        tracker = tracking.open_tracker(task_cfg, say=say) if result.mlflow_run else None
         if tracker is not None and result.mlflow_run is not None:
             tracker.log_dir(result.mlflow_run, report.parent, "report")
         results[task] = dict(result.test_metrics or {})

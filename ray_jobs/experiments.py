@@ -26,7 +26,8 @@ Each run is an ordinary training run named ``{cfg.name}-{variant}-seed{seed}`` u
 (``reuse_finished``), so a study stopped halfway continues where it stopped. The tables go to
 ``cfg.out_dir`` as ``{mode}.md`` and ``{mode}.json``, written atomically. In MLflow the study is
 one parent run (its settings and both tables) with every training run, reused ones included,
-as a child.
+as a child. While a study runs its ``out_dir`` is locked (``dipro.runs.run_lock``), and so is
+each training run's directory: a second launcher of the same study is refused.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from dipro.report import (
     write_json,
     write_text,
 )
-from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, run_dir_of
+from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, RunDirectoryInUse, run_dir_of, run_lock
 from ray_jobs.console import say, session
 from ray_jobs.train import run_training
 
@@ -157,12 +158,16 @@ def _finished(run_cfg: DictConfig, directory: str) -> dict[str, Any] | None:
 
 
 def _study_run(cfg: DictConfig, mode: str) -> tuple[tracking.Tracker, str] | None:
-    """The MLflow run that groups a study's runs (None when tracking is off)."""
-    tracker = tracking.open_tracker(cfg)
+    """The MLflow run that groups a study's runs (None when tracking is off or the store did
+    not answer: one warning, and each training run reaches it again on its own)."""
+    runs = storage.join(str(cfg.storage_path), f"{cfg.name}-<variant>-seed<seed>")
+    tracker = tracking.open_tracker(cfg, replay=runs, say=say)
     if tracker is None:
         return None
     study_dir = storage.join(os.fspath(cfg.out_dir), mode)
     parent = tracker.run(study_dir, f"{cfg.name}-{mode}", mode)
+    if parent is None:
+        return None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     tracker.log_params(parent, tracking.flatten({"study": {k: resolved[k] for k in _STUDY_KEYS}}))
     return tracker, parent
@@ -465,7 +470,9 @@ def _variant_results(
             result["region_attention"] = {
                 "mean_map": mean_region_attention(pooled),
                 "faithfulness": attention_faithfulness(
-                    pooled, resamples=int(boot.resamples), seed=int(boot.seed),
+                    pooled,
+                    resamples=int(boot.resamples),
+                    seed=int(boot.seed),
                     level=float(boot.level),
                 ),
             }
@@ -530,7 +537,8 @@ def prepare_dataset(cfg: DictConfig) -> DictConfig:
 
 
 def run_experiment(cfg: DictConfig) -> Path:
-    """Check every run's config, prepare the study's dataset (``prepare_dataset``), then
+    """Check every run's config, lock the study's ``out_dir`` (``RunDirectoryInUse`` when
+    another process runs this study), prepare the study's dataset (``prepare_dataset``), then
     dispatch on ``cfg.mode``: ``seeds`` or ``ablations``."""
     if cfg.mode == "seeds":
         _check_seeds(cfg)
@@ -538,13 +546,15 @@ def run_experiment(cfg: DictConfig) -> Path:
         _variants(cfg)
     else:
         raise ConfigError(f"mode={cfg.mode!r} is not seeds or ablations")
-    prepare_dataset(cfg)
-    return run_seeds(cfg) if cfg.mode == "seeds" else run_ablations(cfg)
+    with run_lock(os.fspath(cfg.out_dir), say):
+        prepare_dataset(cfg)
+        return run_seeds(cfg) if cfg.mode == "seeds" else run_ablations(cfg)
 
 
 @hydra.main(config_path="../configs", config_name="experiments", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with exit_on({}), session(cfg, f"{cfg.name}-{cfg.mode}", os.fspath(cfg.out_dir)):
+    errors = exit_on({RunDirectoryInUse: "run directory", tracking.TrackingUnavailable: "tracking"})
+    with errors, session(cfg, f"{cfg.name}-{cfg.mode}", os.fspath(cfg.out_dir)):
         path = run_experiment(cfg)
     print(f"table written to {path}")
 

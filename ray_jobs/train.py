@@ -1,9 +1,12 @@
 """Distributed DiPro training on Ray Train: ``python -m ray_jobs.train [hydra overrides]``.
 
 The work is ``run_training(cfg)``: check the config and the data (before any worker starts),
-build the Ray Data pipelines and the ``TorchTrainer``, fit (resuming a run of the same name),
-then evaluate the best checkpoint on the test split and write ``metrics.json`` in the run
-directory. The ``@hydra.main`` wrapper only composes the config and calls it.
+lock the run directory against a second launcher (``dipro.runs.run_lock``), reach the MLflow
+store once (``dipro.tracking.open_tracker``: a store that does not answer is a warning, or with
+``tracking.required=true`` the end of the run before it trains), build the Ray Data pipelines
+and the ``TorchTrainer``, fit (resuming a run of the same name), then evaluate the best
+checkpoint on the test split, write ``metrics.json`` in the run directory and track the run.
+The ``@hydra.main`` wrapper only composes the config and calls it.
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ from dipro.losses import ClassWeights
 from dipro.runs import (
     CHECKPOINT_FILE,
     SUMMARY_FILE,
+    RunDirectoryInUse,
     best_first,
     checkpoint_files,
     epoch_log,
     first_loadable,
     run_dir_of,
+    run_lock,
 )
 from ray_jobs.console import follow_epochs, say, session
 from ray_jobs.data import TrainSplit, read_split
@@ -362,8 +367,21 @@ def _note_random_backbone(cfg: DictConfig) -> None:
 
 def run_training(cfg: DictConfig, tracking_parent: str | None = None) -> TrainingResult:
     """Train (or resume) ``cfg.run_name``; evaluate its best checkpoint on the test split;
-    track the run in MLflow (under the run ``tracking_parent`` when given)."""
+    track the run in MLflow (under the run ``tracking_parent`` when given).
+
+    Raises RunDirectoryInUse when another process runs ``cfg.run_name`` (before Ray starts),
+    TrackingUnavailable when ``tracking.required`` is true and the store does not answer.
+    """
     manifest = check_config(cfg)
+    with run_lock(run_dir_of(cfg), say):
+        return _train(cfg, manifest, tracking_parent)
+
+
+def _train(cfg: DictConfig, manifest: Manifest, tracking_parent: str | None) -> TrainingResult:
+    """``run_training``'s work, once the run directory is locked: the tracking store is reached
+    before Ray starts, so that a required store that is down stops the run before it trains."""
+    directory = run_dir_of(cfg)
+    tracker = tracking.open_tracker(cfg, replay=directory, say=say)
     ensure_ray(cfg)
     _note_random_backbone(cfg)
     try:
@@ -385,28 +403,33 @@ def run_training(cfg: DictConfig, tracking_parent: str | None = None) -> Trainin
         "best_epoch": int(best_val["epoch"]),
         "val": {k: float(v) for k, v in best_val.items() if k.startswith("val/")},
         "test": test_metrics,
-        "epoch_metrics": epoch_log(run_dir_of(cfg)),
+        "epoch_metrics": epoch_log(directory),
     }
     storage.write_bytes_atomic(
-        storage.join(run_dir_of(cfg), SUMMARY_FILE), json.dumps(out, indent=2).encode()
+        storage.join(directory, SUMMARY_FILE), json.dumps(out, indent=2).encode()
     )
     last = max(int(best_val["epoch"]), int(result.metrics.get("epoch", 0)))
     if last < int(cfg.train.max_epochs):
         say(f"[{cfg.task.name}] stopped early after epoch {last}: no {cfg.task.monitor} gain")
     mlflow_run = None
-    tracker = tracking.open_tracker(cfg)
     if tracker is not None:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         mlflow_run = tracking.track_training(
             tracker, resolved, manifest.to_dict(), parent=tracking_parent
         )
-    return TrainingResult(run_dir_of(cfg), best_uri, out["val"], test_metrics, mlflow_run)
+    return TrainingResult(directory, best_uri, out["val"], test_metrics, mlflow_run)
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    bad_data = exit_on({(SchemaError, ChecksumError): "data"})
-    with bad_data, session(cfg, cfg.run_name, run_dir_of(cfg)):
+    errors = exit_on(
+        {
+            (SchemaError, ChecksumError): "data",
+            RunDirectoryInUse: "run directory",
+            tracking.TrackingUnavailable: "tracking",
+        }
+    )
+    with errors, session(cfg, cfg.run_name, run_dir_of(cfg)):
         result = run_training(cfg)
     print(json.dumps({"run_dir": result.run_dir, "test": result.test_metrics}, indent=2))
 

@@ -17,7 +17,9 @@ at the end, ``best.yaml`` (the best trial's config, a primary config for ``ray_j
 ``best.json`` (its trial, values, metric and checkpoint) and ``trials.csv`` / ``trials.md``
 (every trial). Starting the same ``tune.name`` again resumes an interrupted sweep with
 ``Tuner.restore``: finished trials are kept, unfinished ones continue their Train runs from
-their last checkpoints.
+their last checkpoints. While a sweep runs its directory is locked (``dipro.runs.run_lock``): a
+second launcher of the same sweep is refused. The MLflow store is reached once before Ray
+starts (``dipro.tracking.open_tracker``) and the sweep is tracked at the end.
 """
 
 from __future__ import annotations
@@ -40,7 +42,15 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 from dipro import storage, tracking
 from dipro.config import ConfigError, exit_on
 from dipro.data.shards import read_manifest
-from dipro.runs import best_index, epoch_log, last_logged, run_dir, run_dir_of
+from dipro.runs import (
+    RunDirectoryInUse,
+    best_index,
+    epoch_log,
+    last_logged,
+    run_dir,
+    run_dir_of,
+    run_lock,
+)
 from ray_jobs.console import Progress, format_epoch, say, session
 from ray_jobs.train import build_trainer, check_config, checkpoint_uri, ensure_ray
 
@@ -343,13 +353,15 @@ class TrialLines(tune.Callback):
         self.progress.step(note=f"(trial {trial.trial_id} failed; see the log)")
 
 
-def _track_sweep(cfg: DictConfig, result: SweepResult, table: pd.DataFrame) -> str | None:
+def _track_sweep(
+    tracker: tracking.Tracker, cfg: DictConfig, result: SweepResult, table: pd.DataFrame
+) -> str | None:
     """The sweep as one MLflow run (its settings, best value, tables and best config) with one
-    child run per trial (the trial's config and its Train run's epoch metrics)."""
-    tracker = tracking.open_tracker(cfg)
-    if tracker is None:
-        return None
+    child run per trial (the trial's config and its Train run's epoch metrics); None when the
+    store stopped answering (``dipro.tracking.Tracker.attempt``)."""
     parent = tracker.run(result.sweep_dir, str(cfg.tune.name), "sweep")
+    if parent is None:
+        return None
     settings = OmegaConf.to_container(cfg.tune, resolve=True)
     tracker.log_params(parent, tracking.flatten({"tune": settings}))
     tracker.log_summary(
@@ -374,19 +386,31 @@ def _track_sweep(cfg: DictConfig, result: SweepResult, table: pd.DataFrame) -> s
             tracker, resolved, manifest, parent=parent, register=False, kind="trial"
         )
     tracker.finish(parent)
-    return parent
+    return None if tracker.skipped else parent
 
 
 def run_sweep(cfg: DictConfig, callbacks: list[tune.Callback] | None = None) -> SweepResult:
     """Run (or resume) the sweep ``cfg.tune.name``; write its best config and trial table.
 
     ``callbacks`` are extra Tune callbacks (loggers, trackers). Raises ConfigError before Ray
-    starts on bad settings, SweepInterrupted when the sweep stopped before all trials ended.
+    starts on bad settings, RunDirectoryInUse when another process runs this sweep,
+    TrackingUnavailable when ``tracking.required`` is true and the store does not answer,
+    SweepInterrupted when the sweep stopped before all trials ended.
     """
     space = check_sweep(cfg)
-    ensure_ray(cfg)
+    with run_lock(storage.join(cfg.storage_path, str(cfg.tune.name)), say):
+        return _sweep(cfg, space, callbacks)
+
+
+def _sweep(
+    cfg: DictConfig, space: dict[str, Any], callbacks: list[tune.Callback] | None
+) -> SweepResult:
+    """``run_sweep``'s work, once the sweep directory is locked."""
     name = str(cfg.tune.name)
     sweep_dir = storage.join(cfg.storage_path, name)
+    trial_runs = storage.join(str(cfg.storage_path), f"{name}-<trial id>")
+    tracker = tracking.open_tracker(cfg, replay=trial_runs, say=say)
+    ensure_ray(cfg)
     base = OmegaConf.to_container(cfg, resolve=True)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, sweep=name), {"CPU": _TRIAL_CPU}
@@ -427,14 +451,19 @@ def run_sweep(cfg: DictConfig, callbacks: list[tune.Callback] | None = None) -> 
         )
     table = _trial_rows(cfg, results, list(space))
     result = _write_outputs(cfg, table, list(space))
-    _track_sweep(cfg, result, table)
+    if tracker is not None:
+        _track_sweep(tracker, cfg, result, table)
     return result
 
 
 @hydra.main(config_path="../configs", config_name="tune", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     sweep_dir = storage.join(cfg.storage_path, cfg.tune.name)
-    with exit_on({}, failures=(SweepInterrupted,)), session(cfg, str(cfg.tune.name), sweep_dir):
+    errors = exit_on(
+        {RunDirectoryInUse: "run directory", tracking.TrackingUnavailable: "tracking"},
+        failures=(SweepInterrupted,),
+    )
+    with errors, session(cfg, str(cfg.tune.name), sweep_dir):
         result = run_sweep(cfg)
     print(
         json.dumps(
