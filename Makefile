@@ -1,4 +1,7 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
+# `make test` runs in one process tree with an in-process Ray; `make test-cluster` starts
+# multi-process clusters (Ray heads and nodes, the autoscaler, a Flower deployment, an MLflow
+# server); `make test-all` runs both (what CI runs: .ci/run).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +15,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION ?= 1
 export RAY_DASHBOARD_STARTUP_TIMEOUT_S ?= 300
 export RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT ?= 240
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-cluster test-all lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,7 +30,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not cluster"
+
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m cluster
+
+test-all: test test-cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -223,8 +223,17 @@ def multiclass_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float
         "auroc": auroc,
         "auprc": pr_auc,
         "accuracy": float(accuracy_score(labels, pred)),
-        "kappa": float(cohen_kappa_score(labels, pred)) if len(labels) > 1 else float("nan"),
+        "kappa": _kappa(labels, pred),
     }
+
+
+def _kappa(labels: np.ndarray, pred: np.ndarray) -> float:
+    """Cohen's kappa; NaN for a single sample, or when the labels and predictions hold one class
+    between them (the chance agreement is then 1 and kappa 0/0, which sklearn answers with two
+    warnings)."""
+    if len(labels) < 2 or len(np.union1d(labels, pred)) < 2:
+        return float("nan")
+    return float(cohen_kappa_score(labels, pred))
 
 
 def progression_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:

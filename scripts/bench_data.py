@@ -2,13 +2,18 @@
 
 Builds the synthetic cohort's progression shards at ``--crop-size`` (1x: ``--patients``, and 4x
 that), then, each reader in a process of its own, reads the training split ``--epochs`` times
-through ``dipro.data.collate`` (no model) and prints per reader and data size:
+through ``dipro.data.collate`` (no model). The Ray Data path is read twice: in the order that
+training reads by default (``deterministic``: blocks kept in order, the file order drawn from a
+seed per epoch) and in free order (``free``: an unseeded file shuffle, blocks as they finish,
+``train.deterministic=false``). Per reader and data size it prints:
 
 - steady-state samples/s: rows after each epoch's first batch over the time after it;
 - time to first batch of the first epoch and of the later ones;
 - peak RSS of the reading process (the one that consumes the batches).
 
-The last line is ``plain=<samples/s> ray=<samples/s> ratio=<ray/plain>`` (steady state, 1x).
+The last two lines are ``plain=<samples/s> ray=<samples/s> ratio=<ray/plain>`` (the
+deterministic Ray path) and ``deterministic=<samples/s> free=<samples/s> ratio=<det/free>``
+(steady state, 1x).
 Not a test: numbers depend on the machine and its load.
 
     python scripts/bench_data.py --crop-size 224
@@ -28,6 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TASK = "disease_progression"
+READERS = ("plain", "ray", "ray-free")  # "ray": the deterministic order training reads in
 
 
 def _reader(reader: str, root: str, batch_size: int, prefetch: int) -> Callable[[], Iterator]:
@@ -52,7 +58,10 @@ def _reader(reader: str, root: str, batch_size: int, prefetch: int) -> Callable[
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    iterator = read_split(root, TASK, "train", "crops").iterator()
+    deterministic = reader == "ray"
+    dataset = read_split(root, TASK, "train", "crops", seed=0 if deterministic else None)
+    dataset.context.execution_options.preserve_order = deterministic
+    iterator = dataset.iterator()
     return lambda: iter_batches(
         iterator, batch_size=batch_size, norm_stats=manifest.norm_stats, shuffle_buffer=None,
         prefetch_batches=prefetch,
@@ -120,7 +129,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--prefetch", type=int, default=2, help="Ray batches fetched ahead")
     parser.add_argument("--root", type=Path, help="datasets kept here (default: a temp dir)")
-    parser.add_argument("--measure", choices=["plain", "ray"], help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=READERS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -132,7 +141,7 @@ def main() -> None:
     results: dict[tuple[str, int], dict] = {}
     for scale in (1, 4):
         data = build(root, args.patients * scale, args.crop_size)
-        for reader in ("plain", "ray"):
+        for reader in READERS:
             proc = subprocess.run(
                 [sys.executable, __file__, "--measure", reader, "--data", str(data),
                  "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
@@ -144,13 +153,15 @@ def main() -> None:
             got = json.loads(proc.stdout.strip().splitlines()[-1])
             results[(reader, scale)] = got
             print(
-                f"{scale}x {reader:5s}: {got['samples_per_s']:7.1f} samples/s steady, "
+                f"{scale}x {reader:8s}: {got['samples_per_s']:7.1f} samples/s steady, "
                 f"first batch {got['first_batch_s']:.2f} s (later epochs "
                 f"{got['later_first_batch_s']:.2f} s), peak RSS {got['peak_rss_mb']:.0f} MiB",
                 flush=True,
             )
     plain, ray_ = results[("plain", 1)]["samples_per_s"], results[("ray", 1)]["samples_per_s"]
+    free = results[("ray-free", 1)]["samples_per_s"]
     print(f"plain={plain:.1f} ray={ray_:.1f} ratio={ray_ / plain:.2f}")
+    print(f"deterministic={ray_:.1f} free={free:.1f} ratio={ray_ / free:.2f}")
 
 
 if __name__ == "__main__":

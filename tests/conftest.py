@@ -1,4 +1,6 @@
-"""Fixtures shared by the whole suite: a tiny synthetic cohort and its shards."""
+"""Fixtures shared by the whole suite: the tiny synthetic cohorts and their shards (written once
+per test run, read-only), the run's in-process Ray, a temporary MLflow store, and the
+in-process runner of an entrypoint."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray
+from local_ray import ensure_ray
 
 from dipro.data.synthetic import Cohort, SyntheticConfig, simulate_cohort, write_synthetic_dataset
 
@@ -42,6 +46,35 @@ def tiny_dataset(
     root = tmp_path_factory.mktemp("tiny_dataset")
     write_synthetic_dataset(tiny_synthetic_config, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three tasks' shards of a 36-patient, 3-hospital synthetic cohort with 16-pixel crops:
+    what the Ray, Tune and federated tests train on (read-only)."""
+    root = tmp_path_factory.mktemp("shards")
+    write_synthetic_dataset(
+        SyntheticConfig(seed=5, num_patients=36, image_size=64, crop_size=16), root
+    )
+    return root
+
+
+@pytest.fixture
+def ray_session() -> None:
+    """The test run's in-process Ray (``local_ray``), started if it is not running."""
+    ensure_ray()
+
+
+@pytest.fixture
+def without_ray() -> None:
+    """No Ray in this process: for a test that checks a command stops before it starts Ray."""
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ray_after_the_run() -> Iterator[None]:
+    yield
+    ray.shutdown()
 
 
 def _checksums(root: Path) -> dict[str, str]:

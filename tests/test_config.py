@@ -85,7 +85,7 @@ def test_a_task_preset_sets_the_authors_model_and_lr(config, task):
     ],
 )
 def test_train_refuses_a_mistyped_setting_before_ray(
-    entrypoint, tree_checksums, tiny_dataset, tmp_path, override, message
+    without_ray, entrypoint, tree_checksums, tiny_dataset, tmp_path, override, message
 ):
     runs = tmp_path / "runs"
     before = tree_checksums(tiny_dataset)
@@ -100,7 +100,7 @@ def test_train_refuses_a_mistyped_setting_before_ray(
 
 
 def test_ablation_study_checks_every_variant_before_training(
-    entrypoint, tree_checksums, tiny_dataset, tmp_path
+    without_ray, entrypoint, tree_checksums, tiny_dataset, tmp_path
 ):
     runs = tmp_path / "runs"
     before = tree_checksums(tiny_dataset)

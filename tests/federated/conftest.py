@@ -1,14 +1,11 @@
-"""Shared fixtures of the federated tests: one tiny synthetic cohort per session (three
-non-IID hospitals) and a composer of the real federated config with a tiny model."""
+"""Shared parts of the federated tests: a composer of the real federated config with a tiny
+model (the cohort, three non-IID hospitals, is the suite's ``tiny_data_root``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from dipro.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from federated.config import compose_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,17 +16,8 @@ TINY = [
     f"task={TASK}",
     "+experiment=tiny",
     "federated.min_report_count=1",  # tiny sites: a handful of validation samples each
+    "tracking.enabled=false",  # on in the tests of tracking only
 ]
-
-
-@pytest.fixture(scope="session")
-def tiny_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The mortality shards of a 36-patient, 3-hospital synthetic cohort with 16-pixel crops."""
-    root = tmp_path_factory.mktemp("shards")
-    write_synthetic_dataset(
-        SyntheticConfig(seed=5, num_patients=36, image_size=64, crop_size=16), root, tasks=(TASK,)
-    )
-    return root
 
 
 def compose(data_root: Path, out_dir: Path, *overrides: str) -> dict[str, Any]:

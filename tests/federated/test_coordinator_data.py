@@ -18,10 +18,7 @@ from conftest import REPO, TASK, TINY
 from dipro.data.shards import list_shards
 from dipro.evaluation import evaluate_checkpoint
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to watch file opens"),
-]
+pytestmark = pytest.mark.slow
 
 CALL = re.compile(r'^(?P<call>\w+)\((?P<args>.*)\)\s+=\s+(?P<ret>-?\d+)')
 OPENED = re.compile(r'^openat\([^,]+, "(?P<path>[^"]+)"')
@@ -61,7 +58,8 @@ def _simulate_traced(data_root: Path, tmp_path: Path, *overrides: str) -> tuple[
     traces, out = tmp_path / "traces", tmp_path / "run"
     traces.mkdir()
     command = [
-        "strace", "-ff", "-qq", "-e", "trace=openat,clone,clone3,execve",
+        # --seccomp-bpf: only the traced calls stop the processes (Ray's many others do not)
+        "strace", "--seccomp-bpf", "-ff", "-qq", "-e", "trace=openat,clone,clone3,execve",
         "-o", str(traces / "trace"),
         sys.executable, "-m", "federated.simulate", *TINY, f"data.root={data_root}",
         f"out_dir={out}", "federated.num_rounds=1", "simulation.timeout_s=900",

@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from dipro.checkpoint import load_checkpoint
 from dipro.data.shards import read_manifest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 BIN = Path(sys.executable).parent
 FEDERATION = "hospitals"

@@ -1,49 +1,48 @@
-"""Shared fixtures of the Ray tests: one tiny synthetic cohort and one in-process Ray instance
-per session, and a composer of the real training config."""
+"""Shared parts of the Ray tests: the tiny model's overrides and a composer of the real training
+config (the cohort and the in-process Ray are the suite's: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from hydra import compose, initialize_config_dir
+from local_ray import ensure_ray
 from omegaconf import DictConfig
-
-from dipro.data.synthetic import SyntheticConfig, write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
-# A model small enough to train a few epochs on two CPU workers in seconds.
-TINY_MODEL = ["+experiment=tiny", "train.patience=null"]
-
-
-@pytest.fixture(scope="session")
-def tiny_data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The three tasks' shards of a 36-patient synthetic cohort with 16-pixel crops."""
-    root = tmp_path_factory.mktemp("shards")
-    write_synthetic_dataset(
-        SyntheticConfig(seed=5, num_patients=36, image_size=64, crop_size=16), root
-    )
-    return root
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    """One in-process Ray per test module (shut down after it, so that no later test finds a
-    Ray it did not start), with more logical CPUs than cores so that two training workers and
-    Ray Data never starve each other."""
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True)
-    yield
-    ray.shutdown()
+# A model small enough to train a few epochs on two CPU workers in seconds; MLflow tracking is
+# off except in the tests of tracking.
+TINY_MODEL = ["+experiment=tiny", "train.patience=null", "tracking.enabled=false"]
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
     """The real ``configs/train.yaml`` composed with ``overrides``."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def progression_run(tiny_data_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A finished two-epoch disease-progression run of the tiny model (one worker), shared
+    read-only by the evaluation, report and prediction tests: its ``TrainingResult``."""
+    from ray_jobs.train import run_training
+
+    ensure_ray()
+    storage = tmp_path_factory.mktemp("runs")
+    return run_training(
+        compose_train(
+            [
+                "task=disease_progression",
+                f"data.root={tiny_data_root}",
+                f"storage_path={storage}",
+                *TINY_MODEL,
+                "scaling.num_workers=1",
+                "run_name=tiny",
+                "train.max_epochs=2",
+            ]
+        )
+    )
+

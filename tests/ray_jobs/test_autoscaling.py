@@ -137,8 +137,7 @@ def _wait_job(cluster: AutoscalingCluster, job: str, timeout: float) -> tuple[Jo
 
 
 @pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.autoscaler
+@pytest.mark.cluster
 def test_training_job_scales_gpu_nodes_up_and_down(autoscaling, tiny_data_root, tmp_path):
     assert autoscaling.worker_nodes() == {}
     job = autoscaling.submit(
@@ -162,8 +161,7 @@ def test_training_job_scales_gpu_nodes_up_and_down(autoscaling, tiny_data_root, 
 
 
 @pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.autoscaler
+@pytest.mark.cluster
 def test_sweep_trials_run_on_separate_launched_nodes(autoscaling, tiny_data_root, tmp_path):
     autoscaling.wait_for_workers(0, timeout=180)
     space = tmp_path / "configs" / "tune"
@@ -198,8 +196,7 @@ def test_sweep_trials_run_on_separate_launched_nodes(autoscaling, tiny_data_root
 
 
 @pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.autoscaler
+@pytest.mark.cluster
 def test_elastic_run_survives_a_preempted_node_and_grows_back(
     autoscaling, tiny_data_root, tmp_path
 ):

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from conftest import TINY_MODEL, compose_train
+from local_ray import ensure_ray
 from omegaconf import OmegaConf
 
 from dipro.checkpoint import read_checkpoint, save_checkpoint
@@ -35,19 +34,9 @@ def _args(data_root: Path, runs: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ray_here() -> Iterator[None]:
-    """In-process Ray without the dashboard (nothing here needs it; it is slow to start)."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def mortality_run(tiny_data_root, ray_here, tmp_path_factory) -> Path:
+def mortality_run(tiny_data_root, tmp_path_factory) -> Path:
     """A two-epoch mortality run; its directory."""
+    ensure_ray()
     runs = tmp_path_factory.mktemp("runs")
     result = run_training(compose_train(_args(tiny_data_root, runs, "train.max_epochs=2")))
     return Path(result.run_dir)

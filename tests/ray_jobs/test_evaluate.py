@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, REPO, TINY_MODEL, compose_train
+from conftest import CONFIGS, REPO, TINY_MODEL
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -20,7 +20,7 @@ from dipro.data.shards import read_manifest
 from dipro.report import ReportSettings
 from ray_jobs.evaluate import EvaluationError, evaluate_to_report, write_run_report
 from ray_jobs.experiments import run_ablations, run_seeds
-from ray_jobs.train import ConfigError, run_training
+from ray_jobs.train import ConfigError
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -57,12 +57,10 @@ def _tiny(data_root: Path, storage: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_data_root, ray_session, tmp_path_factory):
-    """A two-epoch progression run of the tiny model on the tiny cohort."""
-    storage = tmp_path_factory.mktemp("runs")
-    cfg = compose_train(_tiny(tiny_data_root, storage, "run_name=tiny", "train.max_epochs=2"))
-    return run_training(cfg)
+@pytest.fixture
+def tiny_run(progression_run):
+    """The suite's two-epoch progression run of the tiny model on the tiny cohort."""
+    return progression_run
 
 
 def _rows(markdown: str, heading: str) -> list[list[str]]:

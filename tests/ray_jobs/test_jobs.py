@@ -12,7 +12,7 @@ from conftest import REPO, TINY_MODEL
 from local_cluster import LocalCluster
 from ray.job_submission import JobStatus
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 def _train_command(data_root: Path, runs: Path, name: str, *extra: str) -> str:

@@ -9,7 +9,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import CONFIGS, TINY_MODEL, compose_train
+from conftest import CONFIGS
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -22,7 +22,6 @@ from dipro.metrics import compute_metrics
 from dipro.prediction import predictions_from_table
 from ray_jobs.evaluate import evaluate_to_report
 from ray_jobs.predict import PredictionError, run_prediction
-from ray_jobs.train import run_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -34,22 +33,10 @@ def _predict_cfg(*overrides: str) -> DictConfig:
         return compose("predict", overrides=["batch_size=4", *overrides])
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_data_root, ray_session, tmp_path_factory) -> str:
-    """The best checkpoint of a one-epoch progression run of the tiny model."""
-    storage = tmp_path_factory.mktemp("runs")
-    cfg = compose_train(
-        [
-            f"task={TASK}",
-            f"data.root={tiny_data_root}",
-            f"storage_path={storage}",
-            *TINY_MODEL,
-            "scaling.num_workers=1",
-            "run_name=tiny-predict",
-            "train.max_epochs=1",
-        ]
-    )
-    return run_training(cfg).best_checkpoint
+@pytest.fixture
+def tiny_checkpoint(progression_run) -> str:
+    """The best checkpoint of the suite's tiny progression run."""
+    return progression_run.best_checkpoint
 
 
 def test_predictions_reproduce_the_evaluation(tiny_checkpoint, tiny_data_root, tmp_path):

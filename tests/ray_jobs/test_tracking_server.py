@@ -27,7 +27,7 @@ from ray_jobs.train import run_training
 from ray_jobs.tune import run_sweep
 
 # A training run, a two-trial sweep and a server start: ~3 min idle, 15+ min on a busy 2-core box.
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
 
 
 def _free_port() -> int:

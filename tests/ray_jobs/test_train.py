@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_MODEL, compose_train
+from local_ray import ensure_ray
 
 from dipro.checkpoint import load_checkpoint
 from ray_jobs.train import ConfigError, check_config, run_training
@@ -46,8 +47,9 @@ def _numbers(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_epoch_run(tiny_data_root, ray_session, tmp_path_factory):
+def two_epoch_run(tiny_data_root, tmp_path_factory):
     """One uninterrupted two-epoch run of two workers (the reference of the tests below)."""
+    ensure_ray()
     runs = tmp_path_factory.mktemp("runs")
     return run_training(
         compose_train(_overrides(tiny_data_root, runs, "smoke", "train.max_epochs=2"))
@@ -76,13 +78,16 @@ def test_the_same_command_gives_the_same_numbers(two_epoch_run, tiny_data_root, 
     assert _numbers(Path(again.run_dir)) == _numbers(Path(two_epoch_run.run_dir))
 
 
-def test_killed_worker_restarts_from_last_checkpoint(tiny_data_root, ray_session, tmp_path):
+def test_killed_worker_restarts_from_last_checkpoint(two_epoch_run, tiny_data_root, tmp_path):
+    """Ray Train restarts the worker group after the failure; the restarted group continues
+    epoch 2 with the same data order and random streams, so the run ends where the
+    uninterrupted one ends."""
     cfg = compose_train(
         _overrides(
             tiny_data_root,
             tmp_path,
-            "fault",
-            "train.max_epochs=3",
+            "smoke",
+            "train.max_epochs=2",
             "scaling.max_failures=1",
             "+train.fail_at={epoch: 2, step: 1}",
         )
@@ -91,7 +96,9 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_data_root, ray_session
 
     run_dir = Path(result.run_dir)
     assert (run_dir / "fault_injected").exists(), "the injected failure did not happen"
-    assert [e["epoch"] for e in _epochs(run_dir)] == [1, 2, 3]
+    assert [e["epoch"] for e in _epochs(run_dir)] == [1, 2]
+    assert _epochs(run_dir)[1]["restored_from_epoch"] == 1
+    assert _numbers(run_dir) == _numbers(Path(two_epoch_run.run_dir))
 
 
 def test_resumed_run_equals_an_uninterrupted_one(two_epoch_run, tiny_data_root, tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import CONFIGS, TINY_MODEL
 from hydra import compose, initialize_config_dir
+from local_ray import ensure_ray
 from omegaconf import DictConfig, OmegaConf, open_dict
 from ray import tune
 
@@ -58,13 +59,23 @@ def _trial_runs(runs: Path, name: str) -> dict[str, list[dict]]:
     return out
 
 
-def test_sweep_best_config_trains_unchanged(tiny_data_root, ray_session, tmp_path):
-    cfg = compose_tune(tiny_data_root, tmp_path, "sweep")
-    result = run_sweep(cfg)
-
-    sweep_dir = tmp_path / "sweep"
+def _trials(sweep_dir: Path) -> list[dict[str, str]]:
     with open(sweep_dir / "trials.csv") as f:
-        trials = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_data_root, tmp_path_factory):
+    """A finished two-trial sweep named ``sweep``: its result and its storage path."""
+    ensure_ray()
+    runs = tmp_path_factory.mktemp("runs")
+    return run_sweep(compose_tune(tiny_data_root, runs, "sweep")), runs
+
+
+def test_sweep_best_config_trains_unchanged(sweep):
+    result, tmp_path = sweep
+    sweep_dir = tmp_path / "sweep"
+    trials = _trials(sweep_dir)
     assert len(trials) == result.num_trials == 2
     assert all(t["status"] == "TERMINATED" and t["epochs"] == "1" for t in trials)
     # The first trial runs the composed config's own values; the second is sampled.
@@ -105,7 +116,7 @@ class _InterruptAfterFirstTrial(tune.Callback):
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
-    tiny_data_root, ray_session, tmp_path
+    sweep, tiny_data_root, ray_session, tmp_path
 ):
     cfg = compose_tune(tiny_data_root, tmp_path, "resumed")
     with pytest.raises(SweepInterrupted, match="1 of 2 trials finished"):
@@ -126,9 +137,16 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     assert all(len(text.splitlines()) == 1 for text in after)
     assert result.num_trials == 2
 
+    # The same seed gives the same trials in the same order, with the same results, as the
+    # uninterrupted sweep of the same settings.
+    reference, reference_runs = sweep
+    keys = ("optim.lr", "loss.dyn", "epochs", "best val/auprc")
+    got = [{k: t[k] for k in keys} for t in _trials(tmp_path / "resumed")]
+    assert got == [{k: t[k] for k in keys} for t in _trials(reference_runs / "sweep")]
+    assert result.best_value == reference.best_value
+
 
 def test_optuna_searcher_drives_a_sweep(tiny_data_root, ray_session, tmp_path):
-    pytest.importorskip("optuna")
     cfg = compose_tune(
         tiny_data_root,
         tmp_path,

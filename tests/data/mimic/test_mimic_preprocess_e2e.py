@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 from hydra import compose, initialize_config_dir
+from local_ray import ensure_ray
 from omegaconf import DictConfig
 
 from dipro import vocab
@@ -29,13 +28,6 @@ def tree_checksums(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session() -> Iterator[None]:
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def _cfg(tree: RawTree, out: Path, *extra: str) -> DictConfig:
@@ -61,6 +53,7 @@ def _cfg(tree: RawTree, out: Path, *extra: str) -> DictConfig:
 def first_run(raw_tree: RawTree, tmp_path_factory: pytest.TempPathFactory):
     from ray_jobs.preprocess import run_preprocess
 
+    ensure_ray()
     before = tree_checksums(raw_tree.root)
     out = tmp_path_factory.mktemp("shards")
     manifests = run_preprocess(_cfg(raw_tree, out))

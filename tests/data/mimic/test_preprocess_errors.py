@@ -154,18 +154,13 @@ def test_bad_setting_is_refused_before_any_raw_file_is_read(
 @pytest.mark.slow
 @pytest.mark.ray
 def test_empty_jpeg_fails_in_the_ray_data_stage_with_one_line(
-    damaged, entrypoint, tree_checksums, tmp_path
+    damaged, entrypoint, tree_checksums, ray_session, tmp_path
 ):
-    import ray
-
     tree = damaged(lambda t: next(t.mimic_cxr.rglob(f"{t.real_cxr}.jpg")).write_bytes(b""))
     out = tmp_path / "shards"
     _earlier_output(out)
     raw_before, out_before = tree_checksums(tree.root), tree_checksums(out)
-    try:
-        code, lines = entrypoint("ray_jobs.preprocess", *_args(tree, out, "tasks=[length_of_stay]"))
-    finally:
-        ray.shutdown()
+    code, lines = entrypoint("ray_jobs.preprocess", *_args(tree, out, "tasks=[length_of_stay]"))
     assert code == 2, "\n".join(lines[-12:])
     assert lines[-1].startswith(f"preprocessing error: {tree.mimic_cxr}/files/"), lines[-1]
     assert f"{tree.real_cxr}.jpg, record dicom_id={tree.real_cxr}, field 'JPEG'" in lines[-1]
