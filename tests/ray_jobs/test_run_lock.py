@@ -19,7 +19,7 @@ from conftest import TINY_MODEL
 
 from dipro.runs import LOCK_FILE
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # two launchers, each with its own Ray
 
 
 def _args(data_root: Path, tmp_path: Path) -> list[str]:

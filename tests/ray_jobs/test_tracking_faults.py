@@ -187,6 +187,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]
         proc.wait(timeout=60)
 
 
+@pytest.mark.cluster  # an MLflow server in its own process
 def test_a_server_killed_after_epoch_1_is_skipped_and_the_run_ends_well(
     tiny_data_root, tmp_path, entrypoint, ray_session, mlflow_server
 ):
