@@ -237,6 +237,11 @@ SCALING: dict[str, Spec] = {
     "scaling.require_remote_storage": Bool(),
     "scaling.pin_memory": Bool(),
     "scaling.elastic_resize_monitor_interval_s": Float(ge=0.0),
+    "scaling.channels_last": Bool(),
+    "scaling.compile": Choice(("default", "reduce-overhead", "max-autotune"), nullable=True),
+    "scaling.compile_backend": Choice(("inductor", "aot_eager", "eager")),
+    "scaling.cudnn_benchmark": Bool(),
+    "scaling.fused_optimizer": Bool(),
 }
 EVALUATE: dict[str, Spec] = {
     "checkpoint": Str(),
@@ -331,6 +336,16 @@ def _heads_divide_width(cfg: Mapping[str, Any]) -> None:
         )
 
 
+def _compile_mode_of_backend(cfg: Mapping[str, Any]) -> None:
+    scaling = cfg["scaling"]
+    mode, backend = scaling.get("compile"), scaling.get("compile_backend", "inductor")
+    if mode not in (None, "default") and backend != "inductor":
+        raise ConfigError(
+            f"scaling.compile={mode!r} is a mode of the inductor backend; "
+            f"scaling.compile_backend={backend!r} takes only 'default'"
+        )
+
+
 def _gap_order(cfg: Mapping[str, Any]) -> None:
     cohort = cfg["cohort"]
     if cohort["min_gap_hours"] > cohort["max_gap_hours"]:
@@ -361,7 +376,8 @@ class Schema:
 
 
 TRAIN_SCHEMA: Final = Schema(
-    {**TASK, **MODEL, **LOSS, **OPTIM, **TRAIN, **DATA, **SCALING}, (_heads_divide_width,)
+    {**TASK, **MODEL, **LOSS, **OPTIM, **TRAIN, **DATA, **SCALING},
+    (_heads_divide_width, _compile_mode_of_backend),
 )
 EVALUATE_SCHEMA: Final = Schema(EVALUATE, (_cuda_when_asked,))
 PREPROCESS_SCHEMA: Final = Schema(PREPROCESS, (_gap_order,))

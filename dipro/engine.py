@@ -99,13 +99,21 @@ def build_optimizer(
     *,
     world_size: int = 1,
     accumulation_steps: int = 1,
+    fused: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW over all parameters with ``optim.lr`` (see ``learning_rate``) and
-    ``optim.weight_decay`` (default 0.01, torch's)."""
+    ``optim.weight_decay`` (default 0.01, torch's).
+
+    ``fused`` (``scaling.fused_optimizer``): the update of the parameters and their moments in
+    one fused pass, instead of torch's default (on CUDA about ten multi-tensor passes, on the
+    CPU a loop over the parameter tensors). torch implements it on CUDA and on the CPU, among
+    others; on a device it does not cover, torch's error names the devices it does.
+    """
     return torch.optim.AdamW(
         unwrap(model).parameters(),
         lr=learning_rate(optim_cfg, world_size, accumulation_steps),
         weight_decay=float(optim_cfg.get("weight_decay", 0.01)),
+        fused=True if fused else None,
     )
 
 

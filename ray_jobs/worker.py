@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from dipro import checkpoint as ckpt_io
 from dipro import storage
+from dipro.accel import AccelOptions, prepare_for_device
 from dipro.data.normalize import NormStats
 from dipro.engine import (
     build_optimizer,
@@ -165,7 +166,15 @@ class _WorkerRun:
         self.deterministic = bool(self.train_cfg.get("deterministic", True))
         set_determinism(self.deterministic, self.device.type)
         torch.manual_seed(int(cfg["seed"]))
-        self.model = ray.train.torch.prepare_model(build_model(cfg["model"], self.task))
+        self.accel = AccelOptions.from_config(self.scaling)
+        self.model = ray.train.torch.prepare_model(
+            prepare_for_device(
+                build_model(cfg["model"], self.task),
+                self.device,
+                self.accel,
+                deterministic=self.deterministic,
+            )
+        )
         self.norm_stats_dict = config["norm_stats"]
         self.norm_stats = NormStats.from_dict(self.norm_stats_dict)
         self.class_weights = ClassWeights.from_dict(config["class_weights"])
@@ -174,7 +183,11 @@ class _WorkerRun:
             int(self.train_cfg["accumulation_steps"]), _max_workers(self.scaling), self.world
         )
         self.optimizer = build_optimizer(
-            self.model, cfg["optim"], world_size=self.world, accumulation_steps=self.accumulation
+            self.model,
+            cfg["optim"],
+            world_size=self.world,
+            accumulation_steps=self.accumulation,
+            fused=self.accel.fused_optimizer,
         )
         self.max_epochs = int(self.train_cfg["max_epochs"])
         self.scheduler = build_scheduler(

@@ -49,6 +49,7 @@ class TokenBatchNorm(nn.BatchNorm1d):
         return super().forward(x)
 
 
+@torch.compiler.disable(recursive=False)
 def apply_to_valid(
     fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
@@ -56,6 +57,9 @@ def apply_to_valid(
 
     valid [...] (True = valid) has x's leading shape. Invalid rows of the result are zero and never
     reach ``fn``, so padding cannot change BatchNorm statistics.
+
+    N depends on the data, so under ``torch.compile`` this function's own gather and scatter run
+    eagerly (a boolean index has no static shape to trace); ``fn`` is compiled as its own graph.
     """
     rows = x[valid]  # [N, C], N = valid.sum()
     y = fn(rows)  # [N, C']

@@ -73,7 +73,12 @@ class CropBackbone(nn.Module):
     """uint8 grayscale crops [N, S, S] -> features [N, F_in] through a ResNet.
 
     Pixels are scaled to [0, 1], replicated to 3 channels (so ImageNet weights apply unchanged) and
-    normalised with the ImageNet mean and standard deviation.
+    normalised with the ImageNet mean and standard deviation. This is the one normalisation of
+    crops, and it runs on the model's device: crops travel there as uint8 (a quarter of the bytes
+    of float32).
+
+    ``to_channels_last`` stores the ResNet's 4-D weights and lays its input out as NHWC
+    (``torch.channels_last``); the values are the same, only the memory order changes.
     """
 
     def __init__(self, net: nn.Module) -> None:
@@ -81,11 +86,18 @@ class CropBackbone(nn.Module):
         self.net = net
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.memory_format = torch.contiguous_format
+
+    def to_channels_last(self) -> CropBackbone:
+        """Weights and input of the ResNet in NHWC order (in place; returns the module)."""
+        self.net.to(memory_format=torch.channels_last)
+        self.memory_format = torch.channels_last
+        return self
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         x = crops.unsqueeze(1).to(self.mean.dtype) / 255.0  # [N, 1, S, S]
         x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std  # [N, 3, S, S]
-        return self.net(x)
+        return self.net(x.contiguous(memory_format=self.memory_format))
 
 
 class RegionEncoder(nn.Module):
