@@ -30,10 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not cluster"
+	$(BIN)/python -m pytest -m "not cluster" --durations=25
 
 test-cluster: $(STAMP)
-	$(BIN)/python -m pytest -m cluster
+	$(BIN)/python -m pytest -m cluster --durations=25
 
 test-all: test test-cluster
 

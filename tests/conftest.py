@@ -4,6 +4,8 @@ in-process runner of an entrypoint."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +77,28 @@ def without_ray() -> None:
 def _stop_ray_after_the_run() -> Iterator[None]:
     yield
     ray.shutdown()
+
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the process with pytest's own exit status once everything is reported.
+
+    A test run leaves threads of native libraries behind (Ray's and gRPC's after
+    ``ray.shutdown()``, MLflow's, torch's); the interpreter's finalisation has once ended a
+    full run with a segmentation fault after its summary was printed, turning a green run into
+    exit status 139. Nothing is left to do at this point, so the run ends here.
+    """
+    if _EXIT_STATUS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
 
 
 def _checksums(root: Path) -> dict[str, str]:

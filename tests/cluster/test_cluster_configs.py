@@ -200,6 +200,11 @@ def test_presets_share_one_flat_set_of_keys(presets: dict[str, dict[str, Any]]) 
         "elastic_resize_monitor_interval_s",
         "require_remote_storage",
         "pin_memory",
+        "channels_last",
+        "compile",
+        "compile_backend",
+        "cudnn_benchmark",
+        "fused_optimizer",
     }
 
 
