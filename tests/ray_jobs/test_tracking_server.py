@@ -123,7 +123,7 @@ def test_training_and_sweep_tracked_on_an_mlflow_server(
     mlflow_server, tiny_data_root, ray_session, tmp_path
 ):
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    tracking = [f"tracking.uri={mlflow_server}"]
+    tracking = ["tracking.enabled=true", f"tracking.uri={mlflow_server}"]
     cfg = compose_train(
         [
             "task=mortality",
