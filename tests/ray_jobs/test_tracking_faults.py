@@ -11,29 +11,20 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import TINY_MODEL
+from local_mlflow import free_port, running_server
 from mlflow import MlflowClient
 
 from dipro.tracking import RUN_DIR_TAG, numeric_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-def _free_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(data_root: Path, tmp_path: Path, uri: str, *extra: str) -> list[str]:
@@ -87,7 +78,7 @@ def _histories(client: MlflowClient, run_id: str) -> dict[str, int]:
 def test_unreachable_store_warns_once_and_the_run_is_replayed_later(
     tiny_data_root, tmp_path, entrypoint, ray_session
 ):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     run_dir = tmp_path / "runs" / "untracked"
 
     code, lines = entrypoint("ray_jobs.train", *_args(tiny_data_root, tmp_path, dead))
@@ -134,7 +125,7 @@ def test_unreachable_store_warns_once_and_the_run_is_replayed_later(
 def test_a_required_store_that_is_unreachable_stops_the_run_before_it_trains(
     tiny_data_root, tmp_path, entrypoint
 ):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     args = _args(tiny_data_root, tmp_path, dead, "tracking.required=true")
 
     code, lines = entrypoint("ray_jobs.train", *args)
@@ -149,42 +140,8 @@ def test_a_required_store_that_is_unreachable_stops_the_run_before_it_trains(
 def mlflow_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A real ``mlflow server`` on a free loopback port (SQLite store in its own directory):
     its URI and process, the leader of its own process group (stopped at the end if alive)."""
-    port = _free_port()
-    home = tmp_path / "mlflow-server"
-    home.mkdir()
-    with (home / "server.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                os.path.join(os.path.dirname(sys.executable), "mlflow"),
-                "server",
-                f"--backend-store-uri=sqlite:///{home / 'mlflow.db'}",
-                f"--artifacts-destination={home / 'artifacts'}",
-                "--host=127.0.0.1",
-                f"--port={port}",
-                "--workers=1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (home / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not start in 300 s"
-            time.sleep(0.5)
-        yield uri, proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+    with running_server(tmp_path / "mlflow-server", timeout_s=300) as server:
+        yield server
 
 
 @pytest.mark.cluster  # an MLflow server in its own process
