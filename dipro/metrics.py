@@ -29,7 +29,7 @@ Definitions (scikit-learn does the arithmetic):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -305,6 +305,175 @@ def _check_rows(probs: np.ndarray, labels: np.ndarray) -> None:
         raise ValueError(f"{probs.shape[0]} rows of probabilities but {labels.shape[0]} labels")
 
 
+# Bootstrap resamples as weights: a resample that draws row i c_i times is the row of counts c
+# [n], and every metric below is computed for a block of such rows [B, n] at once, with the
+# definitions of the module docstring (ties, undefined cases and the classes that count
+# included). The weighted forms equal the metric functions above on the resampled rows.
+
+_RESAMPLE_BLOCK = 200  # resamples scored together; bounds memory at B x n x a few arrays
+
+
+def _binary_weighted(
+    scores: np.ndarray, positive: np.ndarray, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """AUROC, average precision and trapezoid PR-AUC of ``scores`` [n] against ``positive`` [n]
+    under each row of ``weights`` [B, n], plus the positive and negative weight [B].
+
+    Rows are grouped by distinct score, highest first (a threshold each, as scikit-learn's
+    curves); AUROC counts a tie between a positive and a negative as one half. A group of
+    zero weight repeats the previous curve point and adds no area. NaN where a side is empty."""
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    w = weights[:, order]
+    is_pos = positive[order]
+    pos = np.add.reduceat(w * is_pos, starts, axis=1)
+    neg = np.add.reduceat(w * ~is_pos, starts, axis=1)
+    tps, fps = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+    n_pos, n_neg = tps[:, -1], fps[:, -1]
+    both = (n_pos > 0) & (n_neg > 0)
+    below = n_neg[:, None] - fps  # negative weight scored below each group
+    auroc = np.full(w.shape[0], np.nan)
+    auroc[both] = (pos * (below + 0.5 * neg)).sum(1)[both] / (n_pos * n_neg)[both]
+    called = tps + fps
+    precision = np.ones_like(tps)
+    np.divide(tps, called, out=precision, where=called > 0)
+    has_pos = n_pos > 0
+    recall = np.zeros_like(tps)
+    np.divide(tps, n_pos[:, None], out=recall, where=has_pos[:, None])
+    step = np.diff(recall, axis=1, prepend=0.0)
+    before = np.concatenate([np.ones((w.shape[0], 1)), precision[:, :-1]], axis=1)
+    average_precision = np.where(has_pos, (step * precision).sum(1), np.nan)
+    pr_auc = np.where(has_pos, (step * 0.5 * (precision + before)).sum(1), np.nan)
+    return {
+        "auroc": auroc,
+        "average_precision": average_precision,
+        "pr_auc": pr_auc,
+        "n_pos": n_pos,
+        "n_neg": n_neg,
+    }
+
+
+def _mean_defined(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean over axis 1 of the defined (non-NaN) entries of ``values`` [B, m] and how many
+    there were; NaN where none is."""
+    defined = ~np.isnan(values)
+    count = defined.sum(1)
+    total = np.where(defined, values, 0.0).sum(1)
+    mean = np.full(values.shape[0], np.nan)
+    np.divide(total, count, out=mean, where=count > 0)
+    return mean, count
+
+
+def _multiclass_weighted(
+    probs: np.ndarray, labels: np.ndarray, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """``multiclass_metrics`` of probs [n, C] against labels [n] under each row of weights
+    [B, n]."""
+    B, C = weights.shape[0], probs.shape[1]
+    pred = probs.argmax(axis=1)
+    cells = np.zeros((labels.shape[0], C * C))
+    cells[np.arange(labels.shape[0]), labels * C + pred] = 1.0
+    cm = (weights @ cells).reshape(B, C, C)  # rows: true class, columns: predicted class
+    true, called = cm.sum(2), cm.sum(1)
+    hit = np.diagonal(cm, axis1=1, axis2=2)
+    present = (true > 0) | (called > 0)
+    precision_c, recall_c, f1_c = np.zeros((B, C)), np.zeros((B, C)), np.zeros((B, C))
+    np.divide(hit, called, out=precision_c, where=called > 0)
+    np.divide(hit, true, out=recall_c, where=true > 0)
+    np.divide(2.0 * hit, true + called, out=f1_c, where=(true + called) > 0)
+    n_present = present.sum(1)
+    total = true.sum(1)
+    rows = total > 0
+    out: dict[str, np.ndarray] = {}
+    for name, per_class in (("precision", precision_c), ("recall", recall_c), ("f1", f1_c)):
+        out[name] = np.full(B, np.nan)
+        out[name][rows] = (per_class * present).sum(1)[rows] / n_present[rows]
+    aurocs, pr_aucs = np.full((B, C), np.nan), np.full((B, C), np.nan)
+    for c in range(C):
+        curves = _binary_weighted(probs[:, c], labels == c, weights)
+        aurocs[:, c], pr_aucs[:, c] = curves["auroc"], curves["pr_auc"]
+    out["auroc"], out["auprc"] = _mean_defined(aurocs)[0], _mean_defined(pr_aucs)[0]
+    accuracy = np.full(B, np.nan)
+    np.divide(hit.sum(1), total, out=accuracy, where=rows)
+    out["accuracy"] = accuracy
+    chance = np.full(B, np.nan)
+    np.divide((true * called).sum(1), total**2, out=chance, where=rows)
+    kappa = np.full(B, np.nan)
+    defined = (total >= 2) & (n_present >= 2)
+    kappa[defined] = (accuracy - chance)[defined] / (1.0 - chance)[defined]
+    out["kappa"] = kappa
+    return out
+
+
+def _progression_weighted(
+    probs: np.ndarray, labels: np.ndarray, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """``progression_metrics`` under each row of weights [B, N]."""
+    out: dict[str, np.ndarray] = {}
+    per_metric: dict[str, list[np.ndarray]] = {m: [] for m in _CLASS_METRICS}
+    for k, finding in enumerate(vocab.FINDINGS):
+        labelled = labels[:, k] != vocab.NOT_MENTIONED
+        w = weights[:, labelled]
+        scores = _multiclass_weighted(probs[labelled, k], labels[labelled, k], w)
+        out[f"per_finding/{finding}/n"] = w.sum(1)
+        for m in _CLASS_METRICS:
+            out[f"per_finding/{finding}/{m}"] = scores[m]
+            per_metric[m].append(scores[m])
+    for m, values in per_metric.items():
+        mean, count = _mean_defined(np.stack(values, axis=1))
+        out[m], out[f"n_findings/{m}"] = mean, count.astype(np.float64)
+    return out
+
+
+def _mortality_weighted(
+    probs: np.ndarray, labels: np.ndarray, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """``mortality_metrics`` under each row of weights [B, N]."""
+    keep = labels != IGNORE_INDEX
+    curves = _binary_weighted(probs[keep], labels[keep] == 1, weights[:, keep])
+    return {"auroc": curves["auroc"], "auprc": curves["average_precision"]}
+
+
+def _length_of_stay_weighted(
+    probs: np.ndarray, labels: np.ndarray, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """``length_of_stay_metrics`` under each row of weights [B, N]."""
+    keep = labels != IGNORE_INDEX
+    return _multiclass_weighted(probs[keep], labels[keep], weights[:, keep])
+
+
+WeightedMetricFn = Callable[[np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+# Each task metric's resampled form: (probs, labels, weights [B, n]) -> {metric: [B]}.
+WEIGHTED_METRICS: dict[MetricFn, WeightedMetricFn] = {
+    progression_metrics: _progression_weighted,
+    mortality_metrics: _mortality_weighted,
+    length_of_stay_metrics: _length_of_stay_weighted,
+}
+
+
+def _weighted_form(metric_fn: MetricFn) -> WeightedMetricFn:
+    try:
+        return WEIGHTED_METRICS[metric_fn]
+    except KeyError:
+        raise ValueError(
+            f"no resampled form of {getattr(metric_fn, '__name__', metric_fn)!r}; "
+            f"bootstrap one of {[f.__name__ for f in WEIGHTED_METRICS]}"
+        ) from None
+
+
+def _resample_counts(rows: int, n: int, seed: int) -> Iterator[np.ndarray]:
+    """Blocks of bootstrap resamples as counts [B, rows]: each of the ``n`` draws takes ``rows``
+    rows with replacement (``Generator.integers``, in order)."""
+    rng = np.random.default_rng(seed)
+    for first in range(0, n, _RESAMPLE_BLOCK):
+        block = min(_RESAMPLE_BLOCK, n - first)
+        yield np.stack(
+            [np.bincount(rng.integers(0, rows, size=rows), minlength=rows) for _ in range(block)]
+        ).astype(np.float64)
+
+
 def bootstrap_ci(
     metric_fn: MetricFn,
     probs: np.ndarray,
@@ -317,14 +486,15 @@ def bootstrap_ci(
     """Percentile bootstrap interval of every metric ``metric_fn(probs, labels)`` returns.
 
     Rows (samples; for progression a row holds all K findings of a sample) are drawn with
-    replacement ``n`` times. A resample where a metric is undefined (NaN, e.g. one class
-    only) is left out of that metric's interval; a metric undefined in every resample gets
-    (NaN, NaN).
+    replacement ``n`` times, and every resample is scored at once (a block of weight rows, see
+    above). A resample where a metric is undefined (NaN, e.g. one class only) is left out of
+    that metric's interval; a metric undefined in every resample gets (NaN, NaN).
     """
     _check_rows(probs, labels)
     _check_level(level)
-    draws = _resampled(lambda idx: metric_fn(probs[idx], labels[idx]), labels.shape[0], n, seed)
-    return {key: _percentiles(values, level) for key, values in draws.items()}
+    weighted = _weighted_form(metric_fn)
+    blocks = [weighted(probs, labels, w) for w in _resample_counts(labels.shape[0], n, seed)]
+    return {key: _percentiles(np.concatenate([b[key] for b in blocks]), level) for key in blocks[0]}
 
 
 def _check_level(level: float) -> None:
@@ -332,20 +502,7 @@ def _check_level(level: float) -> None:
         raise ValueError(f"level must be in (0, 1), got {level}")
 
 
-def _resampled(
-    score: Callable[[np.ndarray], Mapping[str, float]], rows: int, n: int, seed: int
-) -> dict[str, list[float]]:
-    """``score(idx)`` for ``n`` bootstrap draws ``idx`` of ``rows`` rows with replacement,
-    collected per metric."""
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {}
-    for _ in range(n):
-        for key, value in score(rng.integers(0, rows, size=rows)).items():
-            draws.setdefault(key, []).append(value)
-    return draws
-
-
-def _percentiles(values: Sequence[float], level: float) -> tuple[float, float]:
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     """The central ``level`` percentile interval of the defined (non-NaN) values; (NaN, NaN)
     when none is defined."""
     arr = np.asarray(values, dtype=np.float64)
@@ -373,29 +530,33 @@ def paired_bootstrap_difference(
     ``probs_a[s]`` and ``probs_b[s]`` are run ``s``'s scores of the two models on the same rows,
     whose ``labels`` every run shares. The difference is the mean over runs of metric(a_s) -
     metric(b_s); each resample draws the rows with replacement once and scores every run of
-    both models on that draw. Each run keeps its own score scale (pooling the runs' rows into
-    one ranking would compare the runs' calibrations, not the models). Returns ``{metric:
-    {"difference", "low", "high"}}``; a resample where a side is undefined (NaN) is left out of
-    that metric's interval."""
+    both models on that draw (all resamples at once, as weight rows). Each run keeps its own
+    score scale (pooling the runs' rows into one ranking would compare the runs' calibrations,
+    not the models). Returns ``{metric: {"difference", "low", "high"}}``; a resample where a
+    side is undefined (NaN) is left out of that metric's interval."""
     if len(probs_a) != len(probs_b) or not probs_a:
         raise ValueError(f"{len(probs_a)} runs of model a against {len(probs_b)} of model b")
     for probs in (*probs_a, *probs_b):
         _check_rows(probs, labels)
     _check_level(level)
+    weighted = _weighted_form(metric_fn)
 
-    def difference(idx: np.ndarray | slice) -> dict[str, float]:
+    def difference(weights: np.ndarray) -> dict[str, np.ndarray]:
         runs = [
-            (metric_fn(a[idx], labels[idx]), metric_fn(b[idx], labels[idx]))
+            (weighted(a, labels, weights), weighted(b, labels, weights))
             for a, b in zip(probs_a, probs_b, strict=True)
         ]
-        return {key: float(np.mean([a[key] - b[key] for a, b in runs])) for key in runs[0][0]}
+        return {key: np.mean([a[key] - b[key] for a, b in runs], axis=0) for key in runs[0][0]}
 
-    point = difference(slice(None))
-    draws = _resampled(difference, labels.shape[0], n, seed)
+    runs = [
+        (metric_fn(a, labels), metric_fn(b, labels)) for a, b in zip(probs_a, probs_b, strict=True)
+    ]
+    point = {key: [a[key] - b[key] for a, b in runs] for key in runs[0][0]}
+    blocks = [difference(w) for w in _resample_counts(labels.shape[0], n, seed)]
     out = {}
-    for key, value in point.items():
-        low, high = _percentiles(draws.get(key, []), level)
-        out[key] = {"difference": value, "low": low, "high": high}
+    for key, values in point.items():
+        low, high = _percentiles(np.concatenate([b[key] for b in blocks]), level)
+        out[key] = {"difference": float(np.mean(values)), "low": low, "high": high}
     return out
 
 

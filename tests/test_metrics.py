@@ -22,6 +22,8 @@ from dipro.batch import Batch
 from dipro.data.collate import IGNORE_INDEX, collate
 from dipro.data.schema import records_to_table
 from dipro.metrics import (
+    TASK_METRICS,
+    WEIGHTED_METRICS,
     Predictions,
     bootstrap_ci,
     compute_metrics,
@@ -333,3 +335,35 @@ def test_paired_bootstrap_over_runs_averages_each_runs_difference_on_shared_draw
     assert itself["auroc"]["difference"] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="2 runs of model a against 1"):
         paired_bootstrap_difference(mortality_metrics, [run1, run2], [weak1], labels)
+
+
+@pytest.mark.parametrize("task", ["disease_progression", "mortality", "length_of_stay"])
+def test_every_resample_scored_at_once_equals_the_metric_on_the_resampled_rows(task: str) -> None:
+    """The bootstrap scores all resamples at once as weight rows; each must equal the metric
+    function on the rows that resample drew, ties and classes missing from a draw included."""
+    rng = np.random.default_rng(11)
+    n = 40
+    if task == "disease_progression":
+        probs, labels = _progression_data(n, seed=2)
+        probs = np.round(probs, 1)  # ties within a finding's scores
+    elif task == "mortality":
+        labels = (rng.random(n) < 0.3).astype(np.int64)
+        labels[:3] = IGNORE_INDEX
+        probs = np.round(rng.random(n), 1)
+    else:
+        labels = rng.choice(4, n, p=[0.5, 0.3, 0.15, 0.05])
+        probs = _softmax(np.round(rng.normal(size=(n, 4)) + np.eye(4)[labels], 1))
+    metric_fn = TASK_METRICS[task]
+    draws = [rng.integers(0, n, size=n) for _ in range(25)] + [np.zeros(n, np.int64)]
+    weights = np.stack([np.bincount(idx, minlength=n) for idx in draws]).astype(float)
+    got = WEIGHTED_METRICS[metric_fn](probs, labels, weights)
+    for row, idx in enumerate(draws):
+        expected = metric_fn(probs[idx], labels[idx])
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key][row] == pytest.approx(value, abs=1e-12, nan_ok=True), (row, key)
+
+
+def test_bootstrap_of_a_metric_without_a_resampled_form_is_refused() -> None:
+    with pytest.raises(ValueError, match="no resampled form"):
+        bootstrap_ci(lambda p, y: {"x": 0.0}, np.zeros(4), np.zeros(4), n=2)

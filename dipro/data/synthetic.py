@@ -64,7 +64,7 @@ from dipro.data.shards import Manifest, format_counts, read_manifest, write_data
 
 # Bump when a code change alters the generated data for the same config, so that datasets
 # written by older code are recognised as different (dipro.data.synthetic.generator_info).
-GENERATOR_VERSION: Final[int] = 5
+GENERATOR_VERSION: Final[int] = 6
 MAX_STAY_HOURS: Final[int] = 11 * 24  # LOS < 11 days (vocab.LOS_BIN_EDGES)
 _KNOT_HOURS: Final[int] = 24
 _PROFILE_GRID: Final[int] = 24  # finding patterns are drawn on this grid in box coordinates
@@ -117,6 +117,13 @@ _EPISODE_RATE: Final[float] = 0.55  # daily chance of an episode of a finding, o
 _EPISODE_SIZE: Final[tuple[float, float]] = (0.04, 0.20)  # its change of intensity, either sign
 _EPISODE_FOLLOWS_SEVERITY: Final[float] = 5.0  # logit of worsening per unit of the day's step
 _EPISODE_TREND_SHARE: Final[float] = 0.9  # of the patient's mean daily step, taken off that step
+# The radiographic course: a pleural effusion that builds up or clears after the first CXR, which
+# no vital sign or lab follows and which the ICU outcomes depend on.
+_COURSE_FINDING: Final[int] = vocab.FINDINGS.index("pleural effusion")
+_COURSE_INTENSITY: Final[float] = 0.10  # change of intensity per unit of the course, once complete
+_COURSE_HOURS: Final[float] = 12.0  # hours after the first CXR until the change is complete
+_COURSE_MORTALITY: Final[float] = 1.5  # mortality logit per unit of the course
+_COURSE_LOS: Final[float] = 0.5  # log of the stay beyond 2 days per unit of the course
 
 
 @dataclass(frozen=True)
@@ -337,15 +344,16 @@ class Cohort:
 
 def simulate_cohort(cfg: SyntheticConfig) -> Cohort:
     """Simulate the cohort of ``cfg``; the same config gives the same arrays, byte for byte."""
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(7)]
-    rng_site, rng_demo, rng_sev, rng_stay, rng_find, rng_img, rng_ehr = streams
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(8)]
+    rng_site, rng_demo, rng_sev, rng_stay, rng_find, rng_img, rng_ehr, rng_course = streams
     N = cfg.num_patients
     site = _hospitals(cfg, rng_site)
     hospital = site["hospital"]
     demo = _demographics(hospital, site["race_probs"], rng_demo)
     severity, slope = _severity(hospital, site["severity_shift"], demo["age"], rng_sev)
+    course = rng_course.standard_normal(N)
     los_days, mortality = _outcomes(
-        severity, slope, demo["age"], site["mortality_shift"][hospital], rng_stay
+        severity, slope, course, demo["age"], site["mortality_shift"][hospital], rng_stay
     )
     num_hours = np.ceil(los_days * 24.0).astype(np.int64)
     cxr_times, cxr_offsets = _cxr_times(cfg, num_hours, rng_stay)
@@ -353,7 +361,8 @@ def simulate_cohort(cfg: SyntheticConfig) -> Cohort:
 
     intensities = _finding_intensity(
         hospital, site["finding_shift"], severity, slope, cxr_subject, cxr_times, rng_find
-    )
+    ) + _radiographic_course(course, cxr_subject, cxr_times)
+    intensities = np.where(AFFINITY, np.clip(intensities, 0.0, 1.0), 0.0)
     images, boxes, present, crops = _render(cfg, cxr_subject, hospital, site, intensities, rng_img)
     pair_first, region_labels, progression = _labels(
         cfg, cxr_offsets, intensities, present, rng_find
@@ -471,20 +480,32 @@ def _severity(
 def _outcomes(
     severity: np.ndarray,
     slope: np.ndarray,
+    course: np.ndarray,
     age: np.ndarray,
     site_shift: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """LOS in days within [2, 11) and in-hospital mortality, from severity and age."""
+    """LOS in days within [2, 11) and in-hospital mortality, from severity, the radiographic
+    course (``_radiographic_course``) and age."""
     N = severity.shape[0]
     early = severity[:, :48].mean(1)
     early_slope = slope[:, :48].mean(1)
     age_z = (age - 64.0) / 15.0
-    extra = np.exp(0.7 + 0.45 * early + 0.15 * age_z + rng.normal(0.0, 0.6, N))
+    extra = np.exp(
+        0.7 + 0.45 * early + _COURSE_LOS * course + 0.15 * age_z + rng.normal(0.0, 0.6, N)
+    )
     los_days = np.clip(2.0 + extra, 2.05, 10.95)
     stay_hours = np.ceil(los_days * 24.0).astype(int)
     peak = np.array([severity[i, : stay_hours[i]].max() for i in range(N)])
-    logit = -2.4 + 0.9 * early + 0.6 * early_slope + 0.4 * peak + 0.4 * age_z + site_shift
+    logit = (
+        -2.4
+        + 0.9 * early
+        + 0.6 * early_slope
+        + 0.4 * peak
+        + _COURSE_MORTALITY * course
+        + 0.4 * age_z
+        + site_shift
+    )
     mortality = rng.random(N) < 1.0 / (1.0 + np.exp(-logit))
     return los_days, mortality
 
@@ -517,9 +538,10 @@ def _finding_intensity(
     cxr_times: np.ndarray,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Finding intensity [M, R, K] in [0, 1] at each CXR: a static per-patient level, the
-    severity the patient arrived with, the change of severity since the patient's first CXR, and
-    the finding's own local course.
+    """Finding intensity [M, R, K] at each CXR, before the radiographic course is added and the
+    result is clipped to [0, 1] off ``AFFINITY``: a static per-patient level, the severity the
+    patient arrived with, the change of severity since the patient's first CXR, and the
+    finding's own local course.
 
     ``a[t] = level + _ARRIVAL * s(t0) + resp * (s(t) - s(t0)) + own(t) - own(t0)``, with
     ``level`` drawn wide and independently of the course (the patient's static appearance
@@ -563,8 +585,25 @@ def _finding_intensity(
     arrival = severity[cxr_subject, hour[starts]][:, None, None]
     s = severity[cxr_subject, hour][:, None, None] - arrival
     a = level[cxr_subject] + _ARRIVAL * arrival + resp[cxr_subject] * s + own - own[starts]
-    a = a + rng.normal(0.0, 0.005, a.shape)
-    return np.where(AFFINITY, np.clip(a, 0.0, 1.0), 0.0)
+    return a + rng.normal(0.0, 0.005, a.shape)
+
+
+def _radiographic_course(
+    course: np.ndarray, cxr_subject: np.ndarray, cxr_times: np.ndarray
+) -> np.ndarray:
+    """The change of intensity [M, R, K] that the radiographic course adds to each CXR.
+
+    ``course[i]`` (standard normal, independent of the severity and so of every EHR variable)
+    is how far patient ``i``'s pleural effusion builds up (> 0) or clears (< 0) after the first
+    CXR: ``_COURSE_INTENSITY * course * min(1, (t - t0) / _COURSE_HOURS)`` in every region where
+    an effusion can show. Mortality and the length of stay rise with it (``_outcomes``), so a
+    part of the outcome risk shows only in the images, and since a finding's static level is
+    drawn wide, only in the change between the first CXR and a later one."""
+    starts = np.searchsorted(cxr_subject, np.arange(course.shape[0]))[cxr_subject]
+    done = np.clip((cxr_times - cxr_times[starts]) / _COURSE_HOURS, 0.0, 1.0)
+    change = np.zeros((cxr_times.shape[0], vocab.NUM_REGIONS, vocab.NUM_FINDINGS))
+    change[:, :, _COURSE_FINDING] = (_COURSE_INTENSITY * course[cxr_subject] * done)[:, None]
+    return change
 
 
 def _anatomy(cfg: SyntheticConfig, boxes: np.ndarray, rng: np.random.Generator) -> np.ndarray:

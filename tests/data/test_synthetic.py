@@ -137,7 +137,7 @@ def test_hospitals_differ() -> None:
 
 def test_progression_labels_are_balanced(tmp_path: Path) -> None:
     write_synthetic_dataset(
-        SyntheticConfig(seed=3, num_patients=120, image_size=32, crop_size=4), tmp_path,
+        SyntheticConfig(seed=3, num_patients=200, image_size=32, crop_size=4), tmp_path,
         tasks=("disease_progression", "length_of_stay"),
     )
     counts = read_manifest(tmp_path, "disease_progression").label_counts().progression
