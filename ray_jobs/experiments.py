@@ -90,6 +90,7 @@ _STUDY_KEYS = (
     "name",
     "seeds",
     "ablations",
+    "variants",
     "out_dir",
     "reuse_finished",
     "paired_bootstrap",
@@ -359,6 +360,13 @@ def _variants(
     """The study's variants, their specs and ablation switches, and the ones to train; every
     trained variant's run config is checked (before the first one trains)."""
     variants = OmegaConf.to_container(cfg.ablations, resolve=True)
+    if cfg.variants is not None:
+        unknown = sorted(set(cfg.variants) - set(variants))
+        if unknown:
+            raise ConfigError(
+                f"variants: {unknown} are not in ablations (defined: {', '.join(variants)})"
+            )
+        variants = {name: spec for name, spec in variants.items() if name in cfg.variants}
     if FULL_MODEL not in variants:
         raise ConfigError(f"ablations must include the full model {FULL_MODEL!r}")
     specs = {name: spec or {} for name, spec in variants.items()}

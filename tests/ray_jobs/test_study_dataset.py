@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from dipro.config import ConfigError
 from dipro.data.shards import read_manifest, write_dataset
 from dipro.data.synthetic import SyntheticConfig, cohort_records, simulate_cohort
-from ray_jobs.experiments import prepare_dataset, run_experiment
+from ray_jobs.experiments import _variants, prepare_dataset, run_experiment
 
 TASK = "disease_progression"
 GENERATOR = ["data.generator.num_patients=12", "data.generator.image_size=32",
@@ -85,3 +85,12 @@ def test_a_study_on_other_data_is_not_offered_a_synthetic_overwrite(tmp_path):
     with pytest.raises(ConfigError, match="dataset.synthetic=false"):
         prepare_dataset(_study(tmp_path, "data.overwrite=true"))
     assert read_manifest(tmp_path / "cohort", TASK).generator == {"name": "mimic"}
+
+
+def test_a_study_trains_only_the_variants_it_names_and_refuses_an_unknown_one(tmp_path):
+    chosen = _study(tmp_path, "mode=ablations", "variants=[dipro,no_std,cxr_only]")
+    assert _variants(chosen)[3] == ["dipro", "no_std", "cxr_only"]
+    with pytest.raises(ConfigError, match=r"variants: \['no_such'\] are not in ablations"):
+        _variants(_study(tmp_path, "mode=ablations", "variants=[dipro,no_such]"))
+    with pytest.raises(ConfigError, match="must include the full model"):
+        _variants(_study(tmp_path, "mode=ablations", "variants=[no_std]"))
