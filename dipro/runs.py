@@ -87,13 +87,20 @@ def lock_run_directory(
 def run_lock(directory: str, note: Callable[[str], None]) -> Iterator[None]:
     """Hold the lock of the run ``directory`` (made when missing) around the body: a second
     launcher of the same run is refused (``lock_run_directory``). On remote storage, where
-    there is no lock, ``note`` says so in one line and the body runs unguarded."""
+    there is no lock, ``note`` says so in one line and the body runs unguarded. Storage that
+    refuses the lock file (read-only, full) raises ``storage.StorageUnwritable``."""
     if storage.is_remote(directory):
         note(f"run lock: {directory} is on remote storage, which has no locks; start a run once")
         yield
         return
-    os.makedirs(directory, exist_ok=True)
-    fd = lock_run_directory(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = lock_run_directory(directory)
+    except OSError as err:
+        refused = storage.unwritable(os.path.join(directory, LOCK_FILE), err)
+        if refused is None:
+            raise
+        raise refused from err
     try:
         yield
     finally:

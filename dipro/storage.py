@@ -18,16 +18,28 @@ readers (which skip hidden files and read ``*.parquet`` only) never pick them up
 
 Outputs made of several files (a directory of shards) cannot be published atomically on an
 object store at all: write every file, then write a small marker file last, and let readers
-treat a directory without its marker as incomplete.
+treat a directory without its marker as incomplete. A directory written in one piece (a
+checkpoint, ``publish_directory``) is copied under a temporary name and renamed into place
+where renames are atomic, so that a copy that fails part-way never appears under its name.
+
+Full or read-only storage. A write that storage refuses (no space left, a quota exceeded, a
+read-only file system) raises ``StorageUnwritable``: one line naming the path and, for a full
+device, the bytes the write needed and the bytes free where that is known. The temporary file
+or directory of the failed write is deleted, so the space it took is free again and the target
+keeps its previous content.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
@@ -36,6 +48,18 @@ import pyarrow.fs as pafs
 # Filesystems whose rename replaces the target atomically (pyarrow ``type_name`` values).
 _ATOMIC_RENAME = frozenset({"local", "hdfs"})
 _LOCAL_SCHEMES = frozenset({"", "file", "local"})
+# What a write failed with, when storage refused it (``StorageUnwritable``).
+_REFUSED = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+}
+_COPY_CHUNK = 64 * 1024 * 1024  # pyarrow's copy_files chunk, as Ray Train uploads checkpoints
+
+
+class StorageUnwritable(OSError):
+    """Storage refused a write: the device is full, a quota is exceeded, or the file system is
+    read-only. The message is one line naming the path (``unwritable``)."""
 
 
 def _scheme(uri: str) -> str:
@@ -137,16 +161,67 @@ def read_bytes(uri: str | os.PathLike[str], filesystem: pafs.FileSystem | None =
         return f.read()
 
 
-def has_atomic_rename(filesystem: pafs.FileSystem) -> bool:
-    """True when renaming a file on ``filesystem`` atomically replaces the target."""
+def _size(n: int) -> str:
+    return f"{n} bytes ({n / 2**20:.1f} MiB)"
+
+
+def _base(filesystem: pafs.FileSystem) -> pafs.FileSystem:
     while isinstance(filesystem, pafs.SubTreeFileSystem):
         filesystem = filesystem.base_fs
-    return filesystem.type_name in _ATOMIC_RENAME
+    return filesystem
+
+
+def free_bytes(
+    uri: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
+) -> int | None:
+    """Bytes free on the local file system that holds (or would hold) ``uri``; None on remote
+    storage, which does not say."""
+    fs, path = resolve_filesystem(uri, filesystem)
+    if _base(fs).type_name != "local" or isinstance(fs, pafs.SubTreeFileSystem):
+        return None
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def unwritable(
+    uri: str | os.PathLike[str],
+    err: OSError,
+    needed: int | None = None,
+    filesystem: pafs.FileSystem | None = None,
+) -> StorageUnwritable | None:
+    """The ``StorageUnwritable`` of a write of ``needed`` bytes (when known) to ``uri`` that
+    failed with ``err``, or None when ``err`` is not storage refusing the write::
+
+        cannot write /mnt/runs/r/checkpoint_2026-01-02_10-11-12.123456: no space left on the
+        device (the write needs 138724493 bytes (132.3 MiB); 61231104 bytes (58.4 MiB) free)
+    """
+    if isinstance(err, StorageUnwritable):
+        return err
+    reason = _REFUSED.get(err.errno) if err.errno is not None else None
+    if reason is None:
+        return None
+    sizes = []
+    if err.errno != errno.EROFS:
+        free = free_bytes(uri, filesystem)
+        if needed is not None:
+            sizes.append(f"the write needs {_size(needed)}")
+        if free is not None:
+            sizes.append(f"{_size(free)} free")
+    detail = f" ({'; '.join(sizes)})" if sizes else ""
+    return StorageUnwritable(f"cannot write {os.fspath(uri)}: {reason}{detail}")
+
+
+def has_atomic_rename(filesystem: pafs.FileSystem) -> bool:
+    """True when renaming a file on ``filesystem`` atomically replaces the target."""
+    return _base(filesystem).type_name in _ATOMIC_RENAME
 
 
 @contextmanager
 def atomic_write(
-    uri: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
+    uri: str | os.PathLike[str],
+    filesystem: pafs.FileSystem | None = None,
+    needed: int | None = None,
 ) -> Iterator[pa.NativeFile]:
     """Yield a stream whose bytes appear at ``uri`` only once the block exits without error.
 
@@ -154,6 +229,10 @@ def atomic_write(
     target where the filesystem renames atomically, or copied to it and deleted on an object
     store (module docstring). On error the temporary file is deleted and the target keeps its
     previous content. Parent directories are created on filesystems that have them.
+
+    Raises:
+        StorageUnwritable: storage refused the write (full, over quota, read-only), naming
+            ``uri`` and the ``needed`` bytes when given.
     """
     fs, path = resolve_filesystem(uri, filesystem)
     parent, name = posixpath.split(path)
@@ -170,6 +249,11 @@ def atomic_write(
             fs.move(tmp, path)
         else:
             fs.copy_file(tmp, path)
+    except OSError as err:
+        refused = unwritable(uri, err, needed)
+        if refused is None:
+            raise
+        raise refused from err
     finally:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_file(tmp)
@@ -179,5 +263,55 @@ def write_bytes_atomic(
     uri: str | os.PathLike[str], data: bytes, filesystem: pafs.FileSystem | None = None
 ) -> None:
     """Write ``data`` to ``uri`` atomically (see :func:`atomic_write`)."""
-    with atomic_write(uri, filesystem) as stream:
+    with atomic_write(uri, filesystem, needed=len(data)) as stream:
         stream.write(data)
+
+
+def publish_directory(
+    source: str | os.PathLike[str],
+    uri: str | os.PathLike[str],
+    filesystem: pafs.FileSystem | None = None,
+    keep_free: int = 0,
+) -> None:
+    """Copy the local directory ``source`` to ``uri``, whole or not at all where the filesystem
+    renames atomically: into a hidden sibling ``.{name}.{hex}.tmp``, renamed to ``uri`` once
+    every file is there. On an object store the files are copied into place one by one (each
+    object appears whole). A copy that fails is deleted, and so is one that leaves less than
+    ``keep_free`` bytes free on a local file system (room for the small files written after
+    it, which a full device would leave empty).
+
+    Raises:
+        StorageUnwritable: storage refused the copy (full, over quota, read-only), naming
+            ``uri`` and the bytes of ``source``.
+    """
+    fs, path = resolve_filesystem(uri, filesystem)
+    parent, name = posixpath.split(path.rstrip("/"))
+    atomic_rename = has_atomic_rename(fs)
+    target = posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.tmp") if atomic_rename else path
+    needed = sum(p.stat().st_size for p in Path(source).rglob("*") if p.is_file())
+    try:
+        fs.create_dir(target, recursive=True)
+        pafs.copy_files(
+            os.fspath(source),
+            target,
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=fs,
+            chunk_size=_COPY_CHUNK,
+            use_threads=atomic_rename,  # pyarrow's threaded upload to S3 is unsafe
+        )
+        left = free_bytes(path, fs)
+        if left is not None and left < keep_free:
+            raise StorageUnwritable(
+                f"cannot write {os.fspath(uri)}: no space left on the device (the write needs "
+                f"{_size(needed)}; {_size(left + needed)} free, of which {_size(keep_free)} "
+                "are kept for the files written after it)"
+            )
+        if atomic_rename:
+            fs.move(target, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            fs.delete_dir(target)
+        refused = unwritable(uri, err, needed, filesystem)
+        if refused is None:
+            raise
+        raise refused from err

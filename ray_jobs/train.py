@@ -35,6 +35,7 @@ from dipro.data.shards import (
     model_manifest,
     verify_shards,
 )
+from dipro.epoch_time import cpu_epoch_note
 from dipro.evaluation import evaluate_checkpoint
 from dipro.losses import ClassWeights
 from dipro.runs import (
@@ -127,9 +128,10 @@ def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
     say(f"[{cfg.task.name}] resume: from {uri}, after epoch {epoch}")
 
 
-def data_error(err: BaseException) -> SchemaError | ChecksumError | None:
-    """The bad-data error behind ``err``, however deep Ray wrapped it (a data task's error
-    inside a worker's inside the trainer's), or None."""
+def stopping_error(err: BaseException) -> Exception | None:
+    """The bad-data error (``SchemaError``, ``ChecksumError``) or the refused write
+    (``storage.StorageUnwritable``) behind ``err``, however deep Ray wrapped it (a data task's
+    error inside a worker's inside the trainer's), or None."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [err]
     while todo:
@@ -137,9 +139,9 @@ def data_error(err: BaseException) -> SchemaError | ChecksumError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, (SchemaError, ChecksumError)) and not isinstance(
-            current, ray.exceptions.RayError
-        ):
+        if isinstance(
+            current, (SchemaError, ChecksumError, storage.StorageUnwritable)
+        ) and not isinstance(current, ray.exceptions.RayError):
             return current
         todo.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
         todo.extend(getattr(current, "worker_failures", {}).values())
@@ -384,11 +386,27 @@ def _train(cfg: DictConfig, manifest: Manifest, tracking_parent: str | None) -> 
     tracker = tracking.open_tracker(cfg, replay=directory, say=say)
     ensure_ray(cfg)
     _note_random_backbone(cfg)
+    slow = cpu_epoch_note(
+        task=cfg.task.name,
+        backbone=cfg.model.backbone,
+        region_mode=cfg.model.region_mode,
+        use_gpu=bool(cfg.scaling.use_gpu),
+        crop_size=manifest.crop_size,
+        train_samples=manifest.num_samples("train"),
+        threads=worker_range(cfg.scaling)[1] * int(cfg.scaling.get("cpus_per_worker", 1)),
+    )
+    if slow:
+        say(f"[{cfg.task.name}] note: {slow}")
     try:
         with follow_epochs(cfg):
             result = build_trainer(cfg, manifest).fit()
     except Exception as err:
-        bad = data_error(err)
+        bad = stopping_error(err)
+        if isinstance(bad, storage.StorageUnwritable):
+            raise storage.StorageUnwritable(
+                f"{bad}; the run stopped, its earlier checkpoints are intact: make room and "
+                "start the same command again to resume from the last one"
+            ) from None
         if bad is None:
             raise
         raise bad from None
@@ -427,6 +445,7 @@ def main(cfg: DictConfig) -> None:
             (SchemaError, ChecksumError): "data",
             RunDirectoryInUse: "run directory",
             tracking.TrackingUnavailable: "tracking",
+            storage.StorageUnwritable: "storage",
         }
     )
     with errors, session(cfg, cfg.run_name, run_dir_of(cfg)):

@@ -12,6 +12,11 @@ with the next epoch: model, optimizer, scheduler, early-stopping state and epoch
 A checkpoint that does not load (truncated, corrupt) is skipped for the newest older one of the
 run that does, and rank 0 says which one was skipped and why.
 
+Full or read-only storage: a checkpoint is copied into the run directory whole or not at all
+(``_publish``); a write that storage refuses raises ``dipro.storage.StorageUnwritable`` naming
+the path (and the bytes it needed), which ends the run with that one line while the earlier
+checkpoints stay loadable for a resume.
+
 Elastic runs (``scaling.num_workers=[min, max]``): Ray Train restarts the worker group from the
 latest checkpoint whenever its size changes (a node lost, a node added). The global batch stays
 what it is with ``max`` workers: each worker accumulates ``elastic_accumulation`` micro-batches,
@@ -66,6 +71,7 @@ from dipro.seeds import TORCH, set_determinism, stream_seed
 from ray_jobs.data import iter_batches
 
 FAULT_MARKER = "fault_injected"
+KEEP_FREE = 4 * 2**20  # bytes a checkpoint leaves free on a local disk (``_publish``)
 
 
 class InjectedFault(RuntimeError):
@@ -345,7 +351,21 @@ class _WorkerRun:
                     "epoch",
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=_publish)
+
+
+def _publish(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+    """Ray Train's checkpoint upload, whole or not at all (``storage.publish_directory``): a
+    checkpoint that storage refuses part-way (full, read-only) leaves no directory behind, the
+    run's older checkpoints stay as they were, and the error names the path and the bytes. One
+    that would leave less than ``KEEP_FREE`` bytes on a local disk is refused too: the epoch
+    log and Ray Train's run state, written after it, would be left empty."""
+    run_storage = ray.train.get_context().get_storage()
+    path = run_storage.build_checkpoint_path_from_name(name)
+    storage.publish_directory(
+        checkpoint.path, path, run_storage.storage_filesystem, keep_free=KEEP_FREE
+    )
+    return ray.train.Checkpoint(path=path, filesystem=run_storage.storage_filesystem)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

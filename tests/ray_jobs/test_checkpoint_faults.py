@@ -1,11 +1,20 @@
 """Checkpoints that do not fit: a truncated latest checkpoint is skipped on resume (saying
 which and why), and a checkpoint of another task or other data is refused by resume and by
-evaluation; through ``python -m ray_jobs.train`` / ``ray_jobs.evaluate`` as a user runs them."""
+evaluation; storage that fills up or turns read-only during a checkpoint ends the run with one
+line and loses nothing (a small tmpfs of the test's own: root only); through
+``python -m ray_jobs.train`` / ``ray_jobs.evaluate`` as a user runs them."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,6 +26,7 @@ from dipro.checkpoint import read_checkpoint, save_checkpoint
 from dipro.data.normalize import NormStats
 from dipro.model import build_model
 from ray_jobs.train import run_training
+from ray_jobs.worker import KEEP_FREE
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -146,3 +156,164 @@ def test_evaluate_refuses_a_checkpoint_that_is_not_the_runs(
     ]
     assert not (tmp_path / "report").exists()
     assert tree_checksums(mortality_run) == before
+
+
+@dataclass(frozen=True)
+class SmallDisk:
+    """A tmpfs mounted at ``path``: resized or turned read-only while a run writes to it."""
+
+    path: Path
+
+    def remount(self, options: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["mount", "-o", f"remount,{options}", str(self.path)], capture_output=True, text=True
+        )
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A file system of the test's own (a 1 MiB tmpfs until resized), unmounted afterwards
+    with whatever was mounted inside it; skipped where the tests may not mount (not root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    path = tmp_path / "disk"
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield SmallDisk(path)
+    finally:
+        if subprocess.run(["umount", "--recursive", str(path)]).returncode:
+            subprocess.run(["umount", "--recursive", "--lazy", str(path)], check=True)
+
+
+def _checkpoint_bytes(run_dir: Path) -> int:
+    return sum(f.stat().st_size for f in _checkpoints(run_dir)[0].parent.iterdir())
+
+
+def _bytes_needed(line: str) -> int:
+    found = re.search(r"the write needs (\d+) bytes", line)
+    assert found, line
+    return int(found.group(1))
+
+
+def test_storage_full_during_a_checkpoint(
+    mortality_run, tiny_data_root, entrypoint, small_disk, tree_checksums
+):
+    size = _checkpoint_bytes(mortality_run)
+    assert small_disk.remount(f"size={size * 3 // 2 + KEEP_FREE}").returncode == 0
+    runs = small_disk.path / "runs"
+    args = _args(
+        tiny_data_root,
+        runs,
+        "run_name=full",
+        "train.max_epochs=3",
+        "train.checkpoints_to_keep=10",
+    )
+    run_dir = runs / "full"
+
+    code, lines = entrypoint("ray_jobs.train", *args)  # epoch 2's checkpoint does not fit
+
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"storage error: cannot write {run_dir}/checkpoint_"), lines[0]
+    assert "no space left on the device (the write needs " in lines[0]
+    assert abs(_bytes_needed(lines[0]) - size) < size // 100  # the checkpoint's size
+    (first,) = _checkpoints(run_dir)  # the half-written copy is gone, the first is whole
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".checkpoint_")]
+    assert read_checkpoint(first)["training"]["epoch"] == 1
+    epoch_1 = _epochs(run_dir)[0]
+    kept = tree_checksums(first.parent)
+
+    assert small_disk.remount(f"size={size * 5}").returncode == 0  # space is back
+    code, lines = entrypoint("ray_jobs.train", *args)
+
+    assert code == 0, lines[-10:]
+    assert f"resume: from {first}, after epoch 1" in entrypoint.stdout
+    epochs = _epochs(run_dir)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]  # each once
+    assert epochs[0] == epoch_1
+    assert tree_checksums(first.parent) == kept
+    assert json.loads((run_dir / "metrics.json").read_text())["best_epoch"] in (1, 2, 3)
+
+
+def _turn_read_only_after_first_checkpoint(
+    disk: SmallDisk, run_dir: Path, failures: list[str]
+) -> None:
+    """Once the run's first checkpoint is in place and Ray Train has recorded it, remount the
+    disk read-only (retried while a file on it is being written)."""
+    deadline = time.monotonic() + 300
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while time.monotonic() < deadline:
+        names = [p.parent.name for p in _checkpoints(run_dir)] if run_dir.exists() else []
+        if names and snapshot.exists() and names[0] in snapshot.read_text():
+            break
+        time.sleep(0.05)
+    while time.monotonic() < deadline:
+        turned = disk.remount("ro")
+        if turned.returncode == 0:
+            return
+        time.sleep(0.05)
+    failures.append(f"the disk was not turned read-only: {turned.stderr.strip()}")
+
+
+def test_storage_turning_read_only_during_a_run(
+    tiny_data_root, entrypoint, small_disk, tree_checksums, tmp_path
+):
+    assert small_disk.remount("size=1g").returncode == 0
+    runs = small_disk.path / "runs"
+    run_dir = runs / "readonly"
+    run_dir.mkdir(parents=True)
+    # The launcher holds its lock file open for writing, and Linux remounts no file system
+    # read-only while a file on it is open for writing: the lock file is bound in from
+    # another file system, so that the run's directory can turn read-only under the run.
+    lock = tmp_path / "lock"
+    lock.touch()
+    (run_dir / ".lock").touch()
+    subprocess.run(["mount", "--bind", str(lock), str(run_dir / ".lock")], check=True)
+    args = _args(
+        tiny_data_root,
+        runs,
+        "run_name=readonly",
+        "train.max_epochs=3",
+        "train.checkpoints_to_keep=10",
+    )
+    failures: list[str] = []
+    watcher = threading.Thread(
+        target=_turn_read_only_after_first_checkpoint, args=(small_disk, run_dir, failures)
+    )
+    watcher.start()
+
+    code, lines = entrypoint("ray_jobs.train", *args)
+
+    watcher.join()
+    assert not failures, failures
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"storage error: cannot write {run_dir}/"), lines[0]
+    assert "the file system is read-only" in lines[0]
+    (first,) = _checkpoints(run_dir)
+    assert read_checkpoint(first)["training"]["epoch"] == 1
+    kept = tree_checksums(first.parent)
+
+    assert small_disk.remount("rw").returncode == 0
+    code, lines = entrypoint("ray_jobs.train", *args)
+
+    assert code == 0, lines[-10:]
+    assert f"resume: from {first}, after epoch 1" in entrypoint.stdout
+    assert [e["epoch"] for e in _epochs(run_dir)] == [1, 2, 3]
+    assert tree_checksums(first.parent) == kept
+
+
+def test_read_only_storage_refuses_the_run_before_it_starts(tiny_data_root, entrypoint, small_disk):
+    runs = small_disk.path / "runs"
+    runs.mkdir()
+    assert small_disk.remount("ro").returncode == 0
+    code, lines = entrypoint("ray_jobs.train", *_args(tiny_data_root, runs, "run_name=never"))
+    assert code == 2
+    assert lines == [
+        f"storage error: cannot write {runs / 'never' / '.lock'}: the file system is read-only"
+    ]

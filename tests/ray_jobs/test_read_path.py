@@ -27,7 +27,7 @@ from federated.config import compose_config
 from federated.site import load_site
 from ray_jobs.data import iter_batches, read_split
 from ray_jobs.evaluate import evaluate_to_report
-from ray_jobs.train import check_config, data_error
+from ray_jobs.train import check_config, stopping_error
 
 
 def _first_train_shard(root: Path, task: str) -> Path:
@@ -129,7 +129,7 @@ def test_ray_data_path_names_shard_record_and_field(
         for _ in iter_batches(dataset.iterator(), batch_size=4, norm_stats=norm,
                               shuffle_buffer=None):
             pass
-    error = data_error(info.value)
+    error = stopping_error(info.value)
     assert isinstance(error, SchemaError), info.value
     assert (error.source, error.record, error.field) == (str(shard), record, field)
     assert "\n" not in str(error)
