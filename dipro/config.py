@@ -13,6 +13,11 @@ the keys of its table (an unknown ablation switch is an error, not a silent no-o
 The site-local config (configs/local/default.yaml, last in every defaults list) may only set
 keys that some entrypoint config defines: ``LocalSettingsCheck``, a Hydra callback of every
 entrypoint, refuses any other key before the job starts (``check_local_settings``).
+
+The configs' own OmegaConf resolvers (``${dipro.cwd:}``, which ``paths.root`` falls back to) are
+registered by ``register_resolvers``, which Hydra calls through the project's plugin
+(``hydra_plugins/dipro_resolvers.py``) whenever it composes a config: under ``@hydra.main``,
+``--cfg job`` and the compose API alike.
 """
 
 from __future__ import annotations
@@ -579,3 +584,18 @@ class LocalSettingsCheck(Callback):
             check_local_settings(config)
         except ConfigError as err:
             exit_with_error("configuration", err)
+
+
+RESOLVERS: Final[dict[str, Callable[[], str]]] = {
+    # The directory the process runs in, absolute: paths.root when DIPRO_ROOT is unset. Unlike
+    # ${oc.env:PWD} it needs no shell (PWD is unset under systemd or a bare exec, and stale in a
+    # child started with another cwd).
+    "dipro.cwd": os.getcwd,
+}
+
+
+def register_resolvers() -> None:
+    """Register the configs' own resolvers with OmegaConf (``RESOLVERS``); idempotent."""
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
