@@ -65,11 +65,12 @@ def run_tokens(run: Path, shards: list[str]) -> dict[str, np.ndarray]:
         for columns in iter_arrow_batches(shards, 64, model_columns(meta.model_cfg["region_mode"])):
             batch = collate(columns, meta.norm_stats)
             model(batch)
-            valid = seen["valid"][:, 0].numpy()  # [B, R]: progression samples hold one pair
+            B = batch.stay_id.shape[0]  # with PAE the reversed pairs follow the B pairs
+            valid = seen["valid"][:B, 0].numpy()  # [B, R]: progression samples hold one pair
             rows, regions = np.nonzero(valid)
             for name, values in (
-                ("static", seen["static"][:, 0].numpy()[rows, regions]),
-                ("dynamic", seen["dynamic"][:, 0].numpy()[rows, regions]),
+                ("static", seen["static"][:B, 0].numpy()[rows, regions]),
+                ("dynamic", seen["dynamic"][:B, 0].numpy()[rows, regions]),
                 ("stay", batch.stay_id.numpy()[rows]),
                 ("subject", batch.subject_id.numpy()[rows]),
                 ("time", batch.cxr_times[:, 0].numpy()[rows]),
@@ -174,7 +175,8 @@ def main() -> None:
     results = {}
     cohorts: dict[str, Cohort] = {}
     for run in args.runs:
-        data_root = json.loads((run / RUN_CONFIG_FILE).read_text())["data"]["root"]
+        best = Path(json.loads((run / SUMMARY_FILE).read_text())["best_checkpoint"])
+        data_root = json.loads((best.parent / RUN_CONFIG_FILE).read_text())["data"]["root"]
         if data_root not in cohorts:
             generator = dict(read_manifest(data_root, TASK).generator)
             generator.pop("name", None)

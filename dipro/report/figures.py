@@ -156,3 +156,36 @@ def best_epoch(epochs: Sequence[Mapping[str, Any]], monitor: str | None, mode: s
         return None
     best = best_index([float(e.get(monitor, math.nan)) for e in epochs], mode)
     return None if best is None else int(epochs[best]["epoch"])
+
+
+def plot_sample_attention(
+    samples: Sequence[tuple[str, np.ndarray, np.ndarray]], mean_map: np.ndarray, title: str
+) -> bytes:
+    """PNG of the region attention of single samples against the regions that changed in them.
+
+    ``samples``: (label, attention [R], changed [R] bool) per sample, one panel each; the bars
+    of the changed regions are red, the others grey, and the model's averaged map over all
+    scored samples (``mean_map`` [R]) is drawn as a black tick on every bar: attention that
+    follows the sample's change rises above the tick on the red bars.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(samples), 4.8))
+    axes = np.atleast_1d(fig.subplots(1, len(samples), sharey=True))
+    positions = np.arange(vocab.NUM_REGIONS)
+    top = max(float(np.max(mean_map)), *(float(np.max(a)) for _, a, _ in samples))
+    for ax, (label, attention, changed) in zip(axes, samples, strict=True):
+        colours = np.where(changed, "#c0392b", "#b0b0b0")
+        ax.barh(positions, attention, color=colours, edgecolor="black", linewidth=0.5)
+        ax.scatter(mean_map, positions, marker="|", s=220, color="black", zorder=3)
+        ax.axvline(1.0 / vocab.NUM_REGIONS, color="grey", linestyle="--", lw=1)
+        ax.set(xlim=(0, top * 1.25), title=label, xlabel="attention")
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(positions, [mark[2] for mark in _REGION_MARKS])
+    fig.suptitle(
+        f"{title}\nred: regions that changed in the pair; black tick: the model's averaged map; "
+        "dashed: uniform"
+    )
+    fig.tight_layout()
+    return _figure_bytes(fig)
