@@ -29,6 +29,7 @@ from dipro.report import (
     summary_table,
     write_evaluation_report,
 )
+from dipro.report.figures import plot_sample_attention
 
 K, C, R = vocab.NUM_FINDINGS, vocab.NUM_PROGRESSION_CLASSES, vocab.NUM_REGIONS
 
@@ -154,6 +155,18 @@ def test_learning_curves_png_opens(tmp_path):
         assert image.format == "PNG" and image.size[0] > 600
 
 
+def test_sample_attention_png_has_one_panel_per_sample(tmp_path):
+    rng = np.random.default_rng(0)
+    maps = rng.dirichlet(np.ones(vocab.NUM_REGIONS), size=3)
+    changed = np.zeros((3, vocab.NUM_REGIONS), bool)
+    changed[:, :2] = True
+    samples = [(f"pair {i}", maps[i], changed[i]) for i in range(3)]
+    (tmp_path / "three.png").write_bytes(plot_sample_attention(samples, maps.mean(0), "run"))
+    (tmp_path / "one.png").write_bytes(plot_sample_attention(samples[:1], maps.mean(0), "run"))
+    with Image.open(tmp_path / "three.png") as three, Image.open(tmp_path / "one.png") as one:
+        assert three.format == "PNG" and three.size[0] > 2 * one.size[0]
+
+
 _NUMBER = r"(-?\d+\.\d{4}|n/a)"
 
 
@@ -272,6 +285,8 @@ def test_attention_faithfulness_ratio_matches_its_formula():
         changed,
     )
     assert attention_faithfulness(uniform, resamples=50)["ratio"] == pytest.approx(1.0)
+
+
 def test_model_card_states_the_metrics_without_missing_inputs(tmp_path):
     full, degraded = _mortality(80, seed=5), _mortality(80, seed=6)
     removed = {"no EHR": compute_metrics(degraded)}
@@ -291,6 +306,4 @@ def test_model_card_states_the_metrics_without_missing_inputs(tmp_path):
     assert float(rows["all"][auroc]) == pytest.approx(round(compute_metrics(full)["auroc"], 4))
     assert float(rows["no EHR"][auroc]) == pytest.approx(round(removed["no EHR"]["auroc"], 4))
     payload = json.loads((tmp_path / "metrics.json").read_text())
-    assert payload["missing_inputs"]["no EHR"]["auroc"] == pytest.approx(
-        removed["no EHR"]["auroc"]
-    )
+    assert payload["missing_inputs"]["no EHR"]["auroc"] == pytest.approx(removed["no EHR"]["auroc"])
