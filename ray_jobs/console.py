@@ -15,6 +15,11 @@ arrives after the job's own error) lands in the log file too.
 ``follow_epochs`` prints the epoch lines of a training run while ``fit()`` runs, from the
 ``epoch_metrics.jsonl`` that rank 0 writes (the run directory is the source of truth, so the
 same line comes out for a run on one laptop or on a cluster with remote storage).
+
+``report_waits`` says on the console when the run's requests have waited for resources longer
+than ``resource_wait_s`` seconds (a minute by default): what Ray holds pending (placement
+groups, tasks and actors, as ``ray status`` lists them) and what the cluster has free, instead
+of a console that stays silent while the cluster cannot place the workers or their reads.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import ray
@@ -168,3 +174,92 @@ class Progress:
             + (f", ETA {eta:.0f} s" if self.done < self.total else "")
             + (f"  {note}" if note else "")
         )
+
+
+def _shape(bundle: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(bundle.items())) + "}"
+
+
+@dataclass(frozen=True)
+class Demand:
+    """One request that Ray holds waiting: what it is and the resources it names."""
+
+    text: str
+    resources: frozenset[str]
+
+
+def pending_demands() -> list[Demand]:
+    """What Ray holds waiting for resources, as ``ray status`` lists it: each pending placement
+    group's bundles (Ray Train's workers, a Tune trial) and the shapes of the pending tasks
+    and actors (Ray Data's reads, an evaluation task), ``{name: amount, ...}`` each."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    demands = status.resource_demands
+    out = []
+    for group in demands.placement_group_demand:
+        bundles = " + ".join(f"{r.count} x {_shape(r.bundle)}" for r in group.bundles_by_count)
+        names = frozenset(k for r in group.bundles_by_count for k in r.bundle)
+        out.append(Demand(f"a placement group of {bundles}", names))
+    for demand in demands.ray_task_actor_demand:
+        for request in demand.bundles_by_count:
+            text = f"{request.count} task(s)/actor(s) of {_shape(request.bundle)}"
+            out.append(Demand(text, frozenset(request.bundle)))
+    return out
+
+
+def cluster_offer(asked: Iterable[str] = ()) -> str:
+    """The cluster's logical resources, free of total (``CPU 0/4, GPU 0/0, ...``): CPUs, GPUs,
+    its custom resources and those ``asked`` for, which it may not have at all."""
+    total, free = ray.cluster_resources(), ray.available_resources()
+    custom = {
+        k
+        for k in [*total, *asked]
+        if k not in ("CPU", "GPU", "memory", "object_store_memory")
+        and not k.startswith(("node:", "accelerator_type:"))
+    }
+    names = ["CPU", "GPU", *sorted(custom)]
+    return ", ".join(f"{k} {free.get(k, 0):g}/{total.get(k, 0):g}" for k in names)
+
+
+@contextlib.contextmanager
+def report_waits(cfg: Mapping[str, Any], poll_s: float | None = None) -> Iterator[None]:
+    """Around a run's ``fit()``: once Ray has held requests pending for ``resource_wait_s``
+    seconds without a break (0 or null: never), say one line with what waits and what the
+    cluster offers; again while the wait goes on, after twice as long each time."""
+    wait_s = float(cfg.get("resource_wait_s") or 0)
+    if wait_s <= 0:
+        yield
+        return
+    interval = poll_s or min(5.0, wait_s / 3)
+    done = threading.Event()
+
+    def watch() -> None:
+        since, after = None, wait_s
+        while not done.wait(interval):
+            try:
+                demands = pending_demands()
+            except Exception:  # noqa: BLE001 - a status call that fails says nothing
+                continue
+            now = time.monotonic()
+            if not demands:
+                since, after = None, wait_s
+            elif since is None:
+                since = now
+            elif now - since >= after:
+                asked = {name for demand in demands for name in demand.resources}
+                say(
+                    f"waiting {now - since:.0f} s for resources: "
+                    f"{'; '.join(demand.text for demand in demands)}. "
+                    f"The cluster has (free/total) {cluster_offer(asked)}; `ray status` "
+                    "shows the pending demands, resource_wait_s when this is said"
+                )
+                after *= 2
+
+    thread = threading.Thread(target=watch, name="resource-waits", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

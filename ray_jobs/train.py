@@ -49,7 +49,7 @@ from dipro.runs import (
     run_dir_of,
     run_lock,
 )
-from ray_jobs.console import follow_epochs, say, session
+from ray_jobs.console import follow_epochs, report_waits, say, session
 from ray_jobs.data import TrainSplit, read_split
 from ray_jobs.worker import train_loop_per_worker
 
@@ -398,7 +398,7 @@ def _train(cfg: DictConfig, manifest: Manifest, tracking_parent: str | None) -> 
     if slow:
         say(f"[{cfg.task.name}] note: {slow}")
     try:
-        with follow_epochs(cfg):
+        with follow_epochs(cfg), report_waits(cfg):
             result = build_trainer(cfg, manifest).fit()
     except Exception as err:
         bad = stopping_error(err)

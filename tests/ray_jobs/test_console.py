@@ -1,5 +1,6 @@
-"""The console of the jobs: the epoch line, following a run's epochs, the log-file session and
-the logical CPUs of an in-process Ray (no Ray started here)."""
+"""The console of the jobs: the epoch line, following a run's epochs, the log-file session,
+the line of a run that waits for resources, and the logical CPUs of an in-process Ray (no Ray
+started here)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,16 @@ import ray
 from conftest import CONFIGS, compose_train
 from hydra import compose, initialize_config_dir
 
-from ray_jobs.console import Progress, follow_epochs, format_epoch, say, session
+import ray_jobs.console
+from ray_jobs.console import (
+    Demand,
+    Progress,
+    follow_epochs,
+    format_epoch,
+    report_waits,
+    say,
+    session,
+)
 from ray_jobs.predict import local_num_cpus as predict_num_cpus
 from ray_jobs.train import local_num_cpus
 
@@ -175,3 +185,28 @@ def test_predict_leaves_its_reads_a_cpu_beside_the_model_actors(
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("predict", overrides=["checkpoint=model.pt", f"actors={actors}"])
     assert predict_num_cpus(cfg) == expected
+
+
+def test_a_wait_for_resources_is_said_once_it_lasts_resource_wait_s(capsys, monkeypatch):
+    group = Demand("a placement group of 2 x {CPU: 1, GPU: 1}", frozenset({"CPU", "GPU"}))
+    demands: list[list[Demand]] = [[], [group]]
+    monkeypatch.setattr(ray_jobs.console, "pending_demands", lambda: demands[-1])
+    monkeypatch.setattr(ray_jobs.console, "cluster_offer", lambda asked: f"{sorted(asked)}")
+    with report_waits({"resource_wait_s": 0.4}, poll_s=0.05):
+        time.sleep(1.0)  # said at 0.4 s, not again before 0.8 s
+        demands.append([])  # placed: nothing more is said
+        time.sleep(0.5)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2, lines  # at 0.4 s and at 0.8 s of the same wait
+    for line in lines:
+        assert line.startswith("waiting ")
+        assert " s for resources: a placement group of 2 x {CPU: 1, GPU: 1}. " in line
+        assert "The cluster has (free/total) ['CPU', 'GPU']" in line
+
+
+def test_no_wait_line_when_resource_wait_s_is_off(capsys, monkeypatch):
+    waiting = [Demand("1 task(s)/actor(s) of {CPU: 1}", frozenset({"CPU"}))]
+    monkeypatch.setattr(ray_jobs.console, "pending_demands", lambda: waiting)
+    with report_waits({"resource_wait_s": 0}, poll_s=0.05):
+        time.sleep(0.2)
+    assert capsys.readouterr().out == ""
