@@ -134,10 +134,15 @@ class LocalCluster:
                     ) from err
                 time.sleep(2)
 
-    def submit(self, entrypoint: str, working_dir: str | None) -> str:
+    def submit(
+        self, entrypoint: str, working_dir: str | None, env_vars: dict[str, str] | None = None
+    ) -> str:
         """Submit with ``ray job submit`` (the CLI users run) and return the job id. With
-        ``working_dir=None`` the job runs the project as installed on the nodes."""
+        ``working_dir=None`` the job runs the project as installed on the nodes; ``env_vars``
+        go to the job's environment (``--runtime-env-json``)."""
         shipped = ["--working-dir", working_dir] if working_dir else []
+        if env_vars:
+            shipped += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
         proc = subprocess.run(
             [
                 RAY,
@@ -160,6 +165,11 @@ class LocalCluster:
             if "submitted successfully" in line:
                 return line.split("'")[1]
         raise AssertionError(f"no job id in:\n{proc.stdout}\n{proc.stderr}")
+
+    def working_dir_copies(self) -> list[Path]:
+        """The unpacked ``--working-dir`` copies the nodes hold now (jobs run in them)."""
+        unpacked = Path(self.temp_dir).glob("session_2*/runtime_resources/working_dir_files/*")
+        return sorted(path for path in unpacked if path.is_dir())  # (session_latest: a link)
 
     def wait(self, job_id: str, timeout: float) -> tuple[JobStatus, str]:
         client = self.client()

@@ -4,12 +4,14 @@ cluster whose training workers must land on both nodes."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_MODEL
 from local_cluster import LocalCluster
+from mlflow import MlflowClient
 from ray.job_submission import JobStatus
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -40,13 +42,47 @@ def cluster():
         local.stop()
 
 
-def test_job_submit_trains_on_a_local_head(cluster, tiny_data_root, tmp_path):
+def test_job_submit_trains_on_a_local_head(cluster, tiny_data_root, tmp_path, monkeypatch):
+    """Submitted as README shows it: ``--working-dir .`` with the submitter's directory as
+    DIPRO_ROOT and no output path on the command line. The run, its log, Hydra's record and the
+    MLflow run land below DIPRO_ROOT/outputs, nothing in the job's copy, and they are all there
+    once the copy is gone (deleted here as Ray deletes it when its cache of copies is full).
+    The cluster starts without the tests' MLFLOW_TRACKING_URI: the job uses the default store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     cluster.start_head(num_cpus=4)
-    job = cluster.submit(_train_command(tiny_data_root, tmp_path, "job"), str(REPO))
+    root = tmp_path / "submitter"
+    command = " ".join(
+        [
+            sys.executable,
+            "-m",
+            "ray_jobs.train",
+            "task=mortality",
+            f"data.root={tiny_data_root}",
+            "run_name=job",
+            "train.max_epochs=1",
+            *TINY_MODEL,
+            "tracking.enabled=true",
+        ]
+    )
+    job = cluster.submit(command, str(REPO), env_vars={"DIPRO_ROOT": str(root)})
     status, logs = cluster.wait(job, timeout=600)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    metrics = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    for copy in cluster.working_dir_copies():
+        assert not (copy / "outputs").exists(), copy
+        shutil.rmtree(copy, ignore_errors=True)  # unless Ray is deleting it already
+
+    outputs = root / "outputs"
+    metrics = json.loads((outputs / "runs" / "job" / "metrics.json").read_text())
     assert metrics["test"] is not None and "auprc" in metrics["test"]
+    assert f"outputs: {outputs / 'runs' / 'job'}" in logs  # the job's header says where
+    assert "===== job " in (outputs / "logs" / "job.log").read_text()
+    assert list((outputs / "hydra" / "train").glob("*/.hydra/config.yaml"))
+    client = MlflowClient(f"sqlite:///{outputs / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("dipro")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'job'")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test/auprc"] == pytest.approx(metrics["test"]["auprc"])
 
 
 def test_two_node_cluster_runs_workers_on_both_nodes(cluster, tiny_data_root, tmp_path):
