@@ -347,18 +347,9 @@ def run_seeds(cfg: DictConfig) -> Path:
     return _write_study(cfg, "seeds", "DiPro over seeds", rows, records, [], study=study)
 
 
-def _is_no_op(task: str, ablation: Mapping[str, bool]) -> bool:
-    """A progression sample holds exactly one CXR pair, so keeping only the last pair changes
-    nothing: last-CXR-only is the full model there."""
-    switched_off = {k for k, v in ablation.items() if not v}
-    return task == "disease_progression" and switched_off == {"longitudinal"}
-
-
-def _variants(
-    cfg: DictConfig,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[str]]:
-    """The study's variants, their specs and ablation switches, and the ones to train; every
-    trained variant's run config is checked (before the first one trains)."""
+def _variants(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The study's variants' specs and ablation switches, and their names in training order (the
+    full model first); every variant's run config is checked (before the first one trains)."""
     variants = OmegaConf.to_container(cfg.ablations, resolve=True)
     if cfg.variants is not None:
         unknown = sorted(set(cfg.variants) - set(variants))
@@ -371,25 +362,16 @@ def _variants(
         raise ConfigError(f"ablations must include the full model {FULL_MODEL!r}")
     specs = {name: spec or {} for name, spec in variants.items()}
     ablations = {name: spec.get("ablation") or {} for name, spec in specs.items()}
-    trained = [
-        name
-        for name in (FULL_MODEL, *(v for v in variants if v != FULL_MODEL))
-        if name == FULL_MODEL or not _is_no_op(cfg.task.name, ablations[name])
-    ]
+    trained = [FULL_MODEL, *(v for v in variants if v != FULL_MODEL)]
     for name in trained:
         _run_config(cfg, name, int(cfg.seeds[0]), ablations[name])
-    return variants, specs, ablations, trained
+    return specs, ablations, trained
 
 
 def run_ablations(cfg: DictConfig) -> Path:
     """DiPro and each variant of ``cfg.ablations`` over ``cfg.seeds``, as one table
-    (``ablations.md`` / ``ablations.json``); returns the markdown path.
-
-    A variant that is the full model on this task (last-CXR-only on progression, where every
-    sample has one pair) is not trained again: its row repeats DiPro's runs and says so.
-    """
-    task = cfg.task.name
-    variants, specs, ablations, trained = _variants(cfg)
+    (``ablations.md`` / ``ablations.json``); returns the markdown path."""
+    specs, ablations, trained = _variants(cfg)
     # Seeds outermost: a study stopped halfway has every variant for its first seeds.
     study = _study_run(cfg, "ablations")
     records = [
@@ -397,19 +379,12 @@ def run_ablations(cfg: DictConfig) -> Path:
         for seed in cfg.seeds
         for name in trained
     ]
-    rows, notes = [], []
+    notes = []
     results = _variant_results(cfg, trained, records)
-    for name in (FULL_MODEL, *(v for v in variants if v != FULL_MODEL)):
-        label = specs[name].get("label", name)
-        if name in trained:
-            rows.append(SummaryRow(label, [r.test for r in records if r.variant == name]))
-            continue
-        full = [r.test for r in records if r.variant == FULL_MODEL]
-        rows.append(SummaryRow(label, full, note="same model as DiPro here"))
-        notes.append(
-            f"- {label}: every {task.replace('_', ' ')} sample holds one CXR pair, so keeping "
-            "only the last pair is the full model; its row repeats DiPro's runs."
-        )
+    rows = [
+        SummaryRow(specs[name].get("label", name), [r.test for r in records if r.variant == name])
+        for name in trained
+    ]
     for name, result in results.items():
         over_seeds = result.get("vs_dipro", {}).get("mean_over_seeds", {})
         if over_seeds:

@@ -23,8 +23,10 @@ Ablations (``ModelConfig.ablation``), each a real variant:
 - local_fusion=False: Dy_fuse = Dy (no interval EHR).  global_fusion=False: H = E_global.
 - ehr=False: CXR-only; the EHR branch is not built, so the two fusions above are absent too and
   the final encoder runs over [task CLS || Dy].
-- longitudinal=False: last-CXR-only; each sample keeps only its last pair (last two CXRs). The
-  outputs keep the batch's P with zeros on the other pairs and pair_region_mask False there.
+- longitudinal=False: last-CXR-only; each sample keeps only its last CXR, given as a pair of that
+  CXR with itself (z = [F_last || F_last], a zero interval): no change between two images is
+  visible, and the EHR reaches the model through the global fusion only. The outputs keep the
+  batch's P, the token at the sample's last pair and zeros (pair_region_mask False) elsewhere.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class DiPro(nn.Module):
         B, num_pairs = pair_mask.shape
         last = (cxr_mask.sum(dim=1) - 2).clamp(min=0)  # [B], first CXR of each sample's last pair
         if not self.longitudinal:
-            index = torch.stack([last, last + 1], dim=1)  # [B, 2]
+            index = torch.stack([last + 1, last + 1], dim=1)  # [B, 2]: the last CXR twice
             cxr_times = _gather_cxrs(cxr_times, index)  # [B, 2]
             cxr_mask = torch.ones_like(cxr_mask[:, :2])  # [B, 2]
             pair_mask = torch.ones_like(pair_mask[:, :1])  # [B, 1]

@@ -89,7 +89,7 @@ def test_a_study_on_other_data_is_not_offered_a_synthetic_overwrite(tmp_path):
 
 def test_a_study_trains_only_the_variants_it_names_and_refuses_an_unknown_one(tmp_path):
     chosen = _study(tmp_path, "mode=ablations", "variants=[dipro,no_std,cxr_only]")
-    assert _variants(chosen)[3] == ["dipro", "no_std", "cxr_only"]
+    assert _variants(chosen)[2] == ["dipro", "no_std", "cxr_only"]
     with pytest.raises(ConfigError, match=r"variants: \['no_such'\] are not in ablations"):
         _variants(_study(tmp_path, "mode=ablations", "variants=[dipro,no_such]"))
     with pytest.raises(ConfigError, match="must include the full model"):
