@@ -265,6 +265,26 @@ def test_ehr_predicts_mortality(signal_dataset: Path) -> None:
     assert auroc > 0.75
 
 
+
+def test_the_earlier_cxrs_show_outcome_risk_that_the_last_one_and_the_ehr_do_not() -> None:
+    """The radiographic course: mortality from the true finding intensities of an ICU sample's
+    CXRs and its 48 h of EHR, with every CXR of the window against the last one alone (the
+    paper's "Long." against "Last"; scripts/cohort_probes.py prints the full table)."""
+    cohort = simulate_cohort(
+        SyntheticConfig(seed=1, num_patients=2000, image_size=32, crop_size=4)
+    )
+    window = cohort.config.icu_window_hours
+    first = cohort.cxr_offsets[:-1]
+    last = first + np.add.reduceat(cohort.cxr_times < window, first) - 1
+    ehr = cohort.ehr_values[:, :window].mean(axis=1)
+    last_cxr = cohort.intensities[last][:, AFFINITY]
+    every_cxr = np.concatenate([cohort.intensities[first][:, AFFINITY], last_cxr], axis=1)
+    groups = np.arange(cohort.num_patients)
+    mortality = cohort.mortality.astype(int)
+    with_last = _cv_auroc(np.concatenate([last_cxr, ehr], axis=1), mortality, groups)
+    with_all = _cv_auroc(np.concatenate([every_cxr, ehr], axis=1), mortality, groups)
+    assert with_all - with_last > 0.03, (with_last, with_all)
+
 def test_demo_data_is_reused_refused_when_stale_and_replaced_on_request(tmp_path: Path) -> None:
     generator = {"seed": 1, "num_patients": 8, "image_size": 32, "crop_size": 4}
     cfg = {"root": str(tmp_path), "generator": generator}
