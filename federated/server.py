@@ -7,7 +7,9 @@ global model on their own validation split (``server.eval_split``) and reply wit
 server takes their example-weighted aggregate (``federated.strategy.finite_weighted_mean``) as
 the round's ``val/*`` metrics, selects the best round on ``task.monitor`` of it, and appends a
 line with the aggregate and each site's own metrics and count to
-``{out_dir}/round_metrics.jsonl`` (rewritten atomically, so a resumed run never repeats a round).
+``{out_dir}/round_metrics.jsonl`` (rewritten atomically, so a resumed run never repeats a round),
+with the node ids of the sites whose updates the round's model holds (``sites.trained_nodes``)
+and of the sampled sites that sent none (``sites.dropped_nodes``).
 Only when ``server.eval_data`` names a held-out dataset the coordinator owns does it read shards:
 it then scores each round's model on that dataset's ``server.eval_split`` and selects on that
 (``val/*``), the sites' aggregate going to ``sites/val/*``; and its rounds start at 0 (the
@@ -190,7 +192,7 @@ class RoundRecorder:
         monitor = self.cfg["task"]["monitor"]
         logger.info(
             "round %d: train loss %.4f  val loss %.4f  %s %.4f (best %s at round %s; %d site(s) "
-            "evaluated)  %.1f s",
+            "evaluated)  %.1f s; trained: nodes %s, dropped: nodes %s",
             run_round,
             record.get("train/loss", math.nan),
             val.get("val/loss", math.nan),
@@ -200,6 +202,8 @@ class RoundRecorder:
             self.best_round,
             sites.evaluated,
             record["seconds"],
+            sites.trained_nodes or "none",
+            sites.summary()["dropped_nodes"] or "none",
         )
         return MetricRecord({k: v for k, v in val.items() if "/per_finding/" not in k})
 

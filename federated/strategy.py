@@ -10,6 +10,10 @@ Gaussian noise to the mean). ``SiteQuorum`` wraps the result so that:
 - a site that fails during a round is logged (node id and reason) and recorded with the round;
   the round completes with the others as long as ``min_sites`` sent an update, and is an
   error otherwise; training and evaluation failures are kept apart;
+- each round records which sites its aggregate holds: the node ids of the sites that sent an
+  update (``trained_nodes``) and of those it sampled that did not (``dropped_nodes``: a
+  failure, or a site whose process died and sent nothing). A site that comes back is sampled
+  again from the next round on and trains on that round's global model;
 - each evaluating site's own metrics are kept with the round (``RoundSites.per_site``) beside
   their aggregate (``finite_weighted_mean``), and ``evaluate_at_sites`` has every site score
   one model (the selected one, on its test split) at the end of a run;
@@ -54,11 +58,14 @@ class NotEnoughSitesError(RuntimeError):
 @dataclass
 class RoundSites:
     """What happened to the sites of one round (Flower's round number of this start): how
-    many trained, which failed to train or to evaluate, the aggregated metrics, and each
-    evaluating site's own validation metrics (``node_id``, ``num_examples`` and scalars)."""
+    many trained and which (node ids), which failed to train or to evaluate, the aggregated
+    metrics, and each evaluating site's own validation metrics (``node_id``, ``num_examples``
+    and scalars)."""
 
     sampled: int = 0
     updated: int = 0
+    sampled_nodes: list[int] = field(default_factory=list)
+    trained_nodes: list[int] = field(default_factory=list)
     train_failures: list[dict[str, Any]] = field(default_factory=list)
     evaluated: int = 0
     evaluate_failures: list[dict[str, Any]] = field(default_factory=list)
@@ -71,6 +78,8 @@ class RoundSites:
         return {
             "sampled": self.sampled,
             "updated": self.updated,
+            "trained_nodes": self.trained_nodes,
+            "dropped_nodes": sorted(set(self.sampled_nodes) - set(self.trained_nodes)),
             "train_failures": self.train_failures,
             "evaluated": self.evaluated,
             "evaluate_failures": self.evaluate_failures,
@@ -78,12 +87,20 @@ class RoundSites:
         }
 
 
-def _failures(replies: list[Message], what: str, server_round: int) -> list[dict[str, Any]]:
+def _failures(
+    replies: list[Message], what: str, server_round: int, sent: Iterable[Message] = ()
+) -> list[dict[str, Any]]:
+    """The failed ``replies``, each with the node id of the site it was ``sent`` to: an error
+    that the SuperLink wrote for a site (``Node Unavailable`` when the site stopped sending
+    heartbeats) comes from the SuperLink's own node id, not the site's."""
+    destination = {
+        m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent if m.metadata.message_id
+    }
     out = []
     for msg in replies:
         if msg.has_error():
             reason = str(msg.error.reason).strip()
-            node = int(msg.metadata.src_node_id)
+            node = destination.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
             logger.warning(
                 "round %d: site (node %d) failed to %s: %s", server_round, node, what, reason
             )
@@ -130,6 +147,7 @@ class SiteQuorum(Strategy):
         self.wait_s = wait_s
         self.seed = seed
         self.rounds: dict[int, RoundSites] = {}
+        self.sent: dict[tuple[str, int], list[Message]] = {}  # a round's messages, once sent
 
     def _sampling_seed(self, stream: int, server_round: int, config: ConfigRecord) -> int:
         """The seed of a round's sampling: the run's round (the rounds of earlier starts plus
@@ -155,7 +173,11 @@ class SiteQuorum(Strategy):
         with global_rngs_restored():  # Flower samples with Python's random (sample_nodes)
             random.seed(self._sampling_seed(TRAIN_SAMPLE, server_round, config))
             messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        self.rounds[server_round] = RoundSites(sampled=len(messages))
+        self.rounds[server_round] = RoundSites(
+            sampled=len(messages),
+            sampled_nodes=sorted(int(m.metadata.dst_node_id) for m in messages),
+        )
+        self.sent[("train", server_round)] = messages
         return messages
 
     def aggregate_train(
@@ -163,8 +185,10 @@ class SiteQuorum(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = in_node_order(replies)
         sites = self.rounds.setdefault(server_round, RoundSites(sampled=len(replies)))
-        sites.train_failures = _failures(replies, "train", server_round)
-        sites.updated = len(replies) - len(sites.train_failures)
+        sent = self.sent.pop(("train", server_round), [])
+        sites.train_failures = _failures(replies, "train", server_round, sent)
+        sites.trained_nodes = [int(m.metadata.src_node_id) for m in replies if not m.has_error()]
+        sites.updated = len(sites.trained_nodes)
         missing = sites.sampled - len(replies)
         if missing > 0:
             logger.warning(
@@ -190,20 +214,27 @@ class SiteQuorum(Strategy):
         self._await_sites(grid, server_round)
         with global_rngs_restored():
             random.seed(self._sampling_seed(EVALUATE_SAMPLE, server_round, config))
-            return list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+            messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        self.sent[("evaluate", server_round)] = messages
+        return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         sites = self.rounds.setdefault(server_round, RoundSites())
-        return self._aggregate_evaluation(sites, in_node_order(replies), server_round)
+        sent = self.sent.pop(("evaluate", server_round), [])
+        return self._aggregate_evaluation(sites, in_node_order(replies), server_round, sent)
 
     def _aggregate_evaluation(
-        self, sites: RoundSites, replies: list[Message], server_round: int
+        self,
+        sites: RoundSites,
+        replies: list[Message],
+        server_round: int,
+        sent: Iterable[Message] = (),
     ) -> MetricRecord | None:
         """Each site's metrics, each failure and the strategy's aggregate into ``sites``
-        (``replies`` in node order)."""
-        sites.evaluate_failures = _failures(replies, "evaluate", server_round)
+        (``replies`` in node order, answering the messages ``sent``)."""
+        sites.evaluate_failures = _failures(replies, "evaluate", server_round, sent)
         sites.per_site = [site_metrics(m) for m in replies if not m.has_error()]
         sites.evaluated = len(sites.per_site)
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
@@ -225,7 +256,7 @@ class SiteQuorum(Strategy):
         ]
         sites = RoundSites(sampled=len(messages))
         replies = in_node_order(grid.send_and_receive(messages, timeout=timeout))
-        self._aggregate_evaluation(sites, replies, 0)
+        self._aggregate_evaluation(sites, replies, 0, messages)
         return sites
 
     def summary(self) -> None:

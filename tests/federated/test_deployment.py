@@ -13,12 +13,14 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -150,7 +152,20 @@ class Processes:
     def _stop_detached(self) -> None:
         """Stop what the SuperLink and SuperNodes started in sessions of their own (ServerApp,
         ClientApp, SuperExec processes): they name one of this test's ports."""
-        markers = [f"127.0.0.1:{port}" for port in self.ports]
+        self.kill_naming(*self.ports)
+
+    def kill_naming(self, *ports: int) -> list[int]:
+        """SIGKILL every process whose command line names ``127.0.0.1:{port}`` of one of
+        ``ports`` (or, for a process this test started, ``--port {port}``); their ids."""
+        markers = [f"127.0.0.1:{port}" for port in ports]
+        killed = []
+        for proc in self.started:
+            command = f"{' '.join(proc.args)} "
+            if proc.poll() is None and any(f"--port {p} " in command for p in ports):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+                killed.append(proc.pid)
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
@@ -161,6 +176,8 @@ class Processes:
             if any(marker in cmdline for marker in markers):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+        return killed
 
 
 @pytest.fixture
@@ -202,12 +219,95 @@ def _until(what: str, deadline: float, check) -> object:  # noqa: ANN001
         time.sleep(2)
 
 
-def test_tls_and_node_auth_deployment_runs_secure_rounds(tiny_data_root, tmp_path, processes):
+@dataclass(frozen=True)
+class Deployment:
+    """A SuperLink with TLS and node authentication on 127.0.0.1, and its sites' keys."""
+
+    processes: Processes
+    port: int
+    certs: Path
+    keys: list[tuple[Path, Path]]  # (private, public) of sites 0, 1, 2
+    site_ports: dict[int, int] = field(default_factory=dict)
+
+    def register(self, site: int, deadline: float) -> int:
+        """Register site ``site``'s public key; its node id."""
+        public = self.keys[site][1]
+
+        def registered() -> re.Match[str] | None:
+            if self.processes.started[0].poll() is not None:
+                raise AssertionError(self.processes.log("superlink"))
+            done = _flwr(
+                self.processes, "supernode", "register", str(public), FEDERATION,
+                "--format", "json",
+            )  # fmt: skip
+            return re.search(r'"node-id": (\d+)', done.stdout) if done.returncode == 0 else None
+
+        return int(_until(f"registering {public.name}", deadline, registered).group(1))
+
+    def start_supernode(
+        self, site: int, data_root: Path, name: str = ""
+    ) -> subprocess.Popen[bytes]:
+        """Start site ``site``'s SuperNode (again: on the same ClientAppIo port)."""
+        port = self.site_ports.setdefault(site, self.processes.port())
+        return self.processes.start(
+            name or f"supernode{site}",
+            [
+                str(BIN / "flower-supernode"),
+                "--superlink", f"127.0.0.1:{self.port}",
+                "--root-certificates", str(self.certs / "ca.crt"),
+                "--auth-supernode-private-key", str(self.keys[site][0]),
+                "--node-config", f'data-path="{data_root}" hospital-id={site}',
+                "--port", str(port),
+            ],
+        )  # fmt: skip
+
+    def kill_site(self, site: int) -> None:
+        """SIGKILL site ``site``'s SuperNode and every process it started (they name its
+        ClientAppIo port), as a crash of the site's machine would."""
+        self.processes.kill_naming(self.site_ports[site])
+
+    def run(self, overrides: list[str]) -> int:
+        """Submit the project with ``flwr run``; the run id."""
+        submitted = _flwr(
+            self.processes, "run", ".", FEDERATION, "--run-config",
+            f'overrides="{" ".join(overrides)}"', "--format", "json",
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        return int(json.loads(submitted.stdout)["run-id"])
+
+    def status(self, run_id: int) -> str:
+        listed = _flwr(
+            self.processes, "ls", FEDERATION, "--run-id", str(run_id), "--format", "json"
+        )
+        return json.loads(listed.stdout)["runs"][0]["status"] if listed.returncode == 0 else ""
+
+    def server_log(self, run_id: int) -> str:
+        return _flwr(self.processes, "log", str(run_id), FEDERATION, "--show").stdout
+
+    def wait_finished(self, run_id: int, timeout_s: float) -> str:
+        """The run's final status; an AssertionError with the ServerApp's log past
+        ``timeout_s``."""
+
+        def finished() -> str | None:
+            status = self.status(run_id)
+            return status if status.startswith("finished") else None
+
+        try:
+            return _until(f"run {run_id} to finish", time.monotonic() + timeout_s, finished)
+        except TimeoutError as err:
+            log = self.server_log(run_id)[-4000:]
+            raise AssertionError(f"{err}; the ServerApp's log ends:\n{log}") from err
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, processes: Processes) -> Deployment:
+    """A running SuperLink with TLS and node authentication, the ``flwr`` CLI configured for
+    it, and three sites' key pairs (none registered yet)."""
     certs = tmp_path / "certs"
     certs.mkdir()
     _write_tls(certs)
     port = processes.port()
-    superlink = processes.start(
+    processes.start(
         "superlink",
         [
             str(BIN / "flower-superlink"),
@@ -226,34 +326,20 @@ def test_tls_and_node_auth_deployment_runs_secure_rounds(tiny_data_root, tmp_pat
         f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n'
     )
-    deadline = time.monotonic() + 180
-
     keys = [_write_node_key(certs, f"site{h}") for h in (0, 1, 2)]
-    for _, public in keys[:2]:  # site 2's key is never registered
-        _until(
-            f"registering {public.name}",
-            deadline,
-            lambda public=public: (
-                superlink.poll() is None
-                and _flwr(processes, "supernode", "register", str(public), FEDERATION).returncode
-                == 0
-            ),
-        )
-    for hospital, (private, _) in enumerate(keys):
-        processes.start(
-            f"supernode{hospital}",
-            [
-                str(BIN / "flower-supernode"),
-                "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", str(certs / "ca.crt"),
-                "--auth-supernode-private-key", str(private),
-                "--node-config", f'data-path="{tiny_data_root}" hospital-id={hospital}',
-                "--port", str(processes.port()),
-            ],
-        )  # fmt: skip
+    return Deployment(processes, port, certs, keys)
+
+
+def test_tls_and_node_auth_deployment_runs_secure_rounds(tiny_data_root, tmp_path, deployment):
+    deadline = time.monotonic() + 180
+    for site in (0, 1):  # site 2's key is never registered
+        deployment.register(site, deadline)
+    for site in (0, 1, 2):
+        deployment.start_supernode(site, tiny_data_root)
+    processes = deployment.processes
 
     out = tmp_path / "run"
-    overrides = " ".join(
+    run_id = deployment.run(
         [
             *TINY,
             f"data.root={tiny_data_root}",
@@ -264,27 +350,9 @@ def test_tls_and_node_auth_deployment_runs_secure_rounds(tiny_data_root, tmp_pat
             "federated.secure.enabled=true",
         ]
     )
-    submitted = _flwr(
-        processes, "run", ".", FEDERATION, "--run-config", f'overrides="{overrides}"',
-        "--format", "json",
-    )  # fmt: skip
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    run_id = json.loads(submitted.stdout)["run-id"]
-
-    def finished() -> str | None:
-        listed = _flwr(processes, "ls", FEDERATION, "--run-id", str(run_id), "--format", "json")
-        status = json.loads(listed.stdout)["runs"][0]["status"] if listed.returncode == 0 else ""
-        return status if status.startswith("finished") else None
-
-    def server_log() -> str:
-        return _flwr(processes, "log", str(run_id), FEDERATION, "--show").stdout
-
     # Every SecAgg+ stage and every evaluation starts a fresh ClientApp process per site (11 per
     # site for two rounds, each importing torch): about 285 s on an idle 2-core machine.
-    try:
-        status = _until(f"run {run_id} to finish", time.monotonic() + 660, finished)
-    except TimeoutError as err:
-        raise AssertionError(f"{err}; the ServerApp's log ends:\n{server_log()[-4000:]}") from err
+    status = deployment.wait_finished(run_id, 660)
     assert status == "finished:completed", processes.log("superlink")
 
     lines = [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()]
@@ -295,10 +363,97 @@ def test_tls_and_node_auth_deployment_runs_secure_rounds(tiny_data_root, tmp_pat
     report = json.loads((out / "metrics.json").read_text())
     assert report["task"] == TASK and report["rounds"] == 2
     assert report["secure_aggregation"]["enabled"]
-    shown = server_log()
+    shown = deployment.server_log(run_id)
     for rnd in (1, 2):
         assert f"round {rnd}: SecAgg+ unmasked the sum of 2 site(s)' updates" in shown
     assert load_checkpoint(report["final_checkpoint"])[1].extra["round"] == 2
     assert sorted(s["num_examples"] for s in report["site_test"]["sites"]) == sorted(
         read_manifest(tiny_data_root, TASK).counts["test"][str(h)] for h in (0, 1)
     )
+
+
+def _clientapps(port: int) -> set[int]:
+    """Ids of the ClientApp processes that the SuperNode with ClientAppIo ``port`` runs."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flwr-clientapp" in cmdline and f"127.0.0.1:{port}" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+def _rounds(out: Path) -> list[dict]:
+    log = out / "round_metrics.jsonl"
+    return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_a_site_killed_in_training_rejoins_the_next_round(tiny_data_root, tmp_path, deployment):
+    deadline = time.monotonic() + 180
+    nodes = [deployment.register(site, deadline) for site in (0, 1, 2)]
+    for site in (0, 1, 2):
+        deployment.start_supernode(site, tiny_data_root)
+    out = tmp_path / "run"
+    run_id = deployment.run(
+        [
+            *TINY,
+            f"data.root={tiny_data_root}",
+            f"out_dir={out}",
+            "federated.num_rounds=3",
+            "federated.min_sites=2",
+            "federated.wait_for_sites_s=120",
+            # a round waits this long for a site that took its task and died
+            "federated.round_timeout_s=180",
+        ]
+    )
+    site_port = deployment.site_ports[2]
+
+    # Round 2's training starts as round 1's line is written: the ClientApp that site 2 starts
+    # after that trains round 2. Kill the site while it trains, and start it again at once.
+    _until("round 1", time.monotonic() + 600, lambda: _rounds(out))
+    before = _clientapps(site_port)
+    _until("site 2's round-2 training", time.monotonic() + 300,
+           lambda: _clientapps(site_port) - before)  # fmt: skip
+    time.sleep(2)
+    assert len(_rounds(out)) == 1, "round 2 ended before site 2 was killed"
+    deployment.kill_site(2)
+    assert not _clientapps(site_port)
+    # The SuperLink refuses a node id it still counts as online (until it has missed two
+    # heartbeats, 60 s by default): the SuperNode exits with code 305. Start it again until
+    # the SuperLink activates it, as a supervisor with a restart policy would.
+    activated = f"Activated node_id={nodes[2]}"
+    restarts: list[subprocess.Popen[bytes]] = []
+
+    def rejoined() -> bool:
+        if deployment.processes.log("superlink").count(activated) == 2:
+            return True
+        if not restarts or restarts[-1].poll() is not None:
+            time.sleep(5 if restarts else 0)
+            restarts.append(
+                deployment.start_supernode(2, tiny_data_root, name=f"restart{len(restarts)}")
+            )
+        return False
+
+    _until("site 2 to rejoin", time.monotonic() + 300, rejoined)
+    assert len(_rounds(out)) < 3, "round 3 began before site 2 was back"
+
+    status = deployment.wait_finished(run_id, 900)
+    assert status == "finished:completed", deployment.server_log(run_id)[-4000:]
+    lines = _rounds(out)
+    assert [line["round"] for line in lines] == [1, 2, 3]  # each round once
+    trained = [line["sites"]["trained_nodes"] for line in lines]
+    assert trained == [sorted(nodes), sorted(nodes[:2]), sorted(nodes)], trained
+    assert lines[1]["sites"]["dropped_nodes"] == [nodes[2]]
+    # the SuperLink answered for the dead site ("Node Unavailable"), or the round timed out
+    assert all(f["node_id"] == nodes[2] for f in lines[1]["sites"]["train_failures"])
+    assert lines[0]["sites"]["dropped_nodes"] == lines[2]["sites"]["dropped_nodes"] == []
+    assert lines[1]["sites"]["updated"] == 2 and lines[2]["sites"]["updated"] == 3
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["rounds"] == 3
+    assert load_checkpoint(report["final_checkpoint"])[1].extra["round"] == 3
+    shown = deployment.server_log(run_id)
+    assert f"trained: nodes {sorted(nodes[:2])}, dropped: nodes {[nodes[2]]}" in shown
