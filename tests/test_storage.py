@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import pyarrow as pa
@@ -154,3 +155,36 @@ def test_without_rename_the_write_is_copied_then_the_temporary_deleted(tmp_path:
 
     assert (tmp_path / "metrics.json").read_bytes() == b"done"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_refused_writes_are_one_line_naming_the_path(tmp_path: Path) -> None:
+    target = str(tmp_path / "run" / "checkpoint_1")
+    full = storage.unwritable(target, OSError(errno.ENOSPC, "No space left on device"), 1048576)
+    assert isinstance(full, storage.StorageUnwritable)
+    assert str(full).startswith(
+        f"cannot write {target}: no space left on the device (the write needs 1048576 bytes "
+        "(1.0 MiB); "
+    )
+    assert str(full).endswith(" free)") and "\n" not in str(full)
+    read_only = storage.unwritable(target, OSError(errno.EROFS, "Read-only file system"))
+    assert str(read_only) == f"cannot write {target}: the file system is read-only"
+    assert storage.unwritable(target, OSError(errno.EACCES, "Permission denied")) is None
+    assert storage.free_bytes("s3://bucket/runs") is None
+
+
+def test_a_directory_is_published_whole_or_not_at_all(tmp_path: Path) -> None:
+    source = tmp_path / "local"
+    source.mkdir()
+    (source / "model.pt").write_bytes(b"w" * 1000)
+    (source / "config.json").write_text("{}")
+    runs = tmp_path / "runs"
+    storage.publish_directory(source, str(runs / "checkpoint_1"))
+    assert sorted(p.name for p in (runs / "checkpoint_1").iterdir()) == ["config.json", "model.pt"]
+
+    with pytest.raises(storage.StorageUnwritable) as refused:  # it would leave too little free
+        storage.publish_directory(source, str(runs / "checkpoint_2"), keep_free=2**62)
+    assert str(refused.value).startswith(
+        f"cannot write {runs / 'checkpoint_2'}: no space left on the device (the write needs "
+        "1002 bytes"
+    )
+    assert sorted(p.name for p in runs.iterdir()) == ["checkpoint_1"]  # no partial copy
