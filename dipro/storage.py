@@ -176,6 +176,8 @@ def free_bytes(
 ) -> int | None:
     """Bytes free on the local file system that holds (or would hold) ``uri``; None on remote
     storage, which does not say."""
+    if filesystem is None and is_remote(uri):
+        return None
     fs, path = resolve_filesystem(uri, filesystem)
     if _base(fs).type_name != "local" or isinstance(fs, pafs.SubTreeFileSystem):
         return None
