@@ -40,8 +40,9 @@ def _reader(reader: str, root: str, batch_size: int, prefetch: int) -> Callable[
     """A function that starts one epoch of ``reader`` over the training split of ``root``; its
     set-up (imports, checksums, Ray start-up) is done here, outside the timings."""
     from dipro.data.collate import collate
+    from dipro.data.layout import list_shards, read_manifest
     from dipro.data.schema import model_columns
-    from dipro.data.shards import iter_arrow_batches, list_shards, read_manifest, verify_shards
+    from dipro.data.shard_reader import iter_arrow_batches, verify_shards
 
     manifest = read_manifest(root, TASK)
     paths = list_shards(root, TASK, "train")
@@ -98,7 +99,7 @@ def measure(reader: str, root: str, epochs: int, batch_size: int, prefetch: int)
 
 def build(root: Path, patients: int, crop_size: int) -> Path:
     """The progression shards of a ``patients`` cohort at ``crop_size`` (kept for reuse)."""
-    from dipro.data.shards import read_manifest
+    from dipro.data.layout import read_manifest
     from dipro.data.synthetic import SyntheticConfig, write_synthetic_dataset
 
     out = root / f"patients{patients}-crop{crop_size}"

@@ -40,7 +40,7 @@ tree, so a seed fixes every byte):
 Public API (also for the raw-MIMIC writer): :class:`SyntheticConfig`; :func:`simulate_cohort`
 -> :class:`Cohort` (everything in memory: stays, full CXRs, boxes, times, finding intensities,
 labels, hourly EHR, demographics, outcomes); :func:`cohort_records` (the sample records of one
-task); :func:`write_synthetic_dataset` (all tasks as Parquet shards, see dipro.data.shards);
+task); :func:`write_synthetic_dataset` (all tasks as Parquet shards, see dipro.data.layout);
 :func:`ensure_synthetic_data` (the dataset of a ``data`` config node, written when absent and
 reused otherwise: what ``ray_jobs.synthetic``, the demo and the studies call).
 """
@@ -60,7 +60,8 @@ from torchvision.ops import roi_align
 
 from dipro import vocab
 from dipro.config import ConfigError
-from dipro.data.shards import Manifest, format_counts, read_manifest, write_dataset
+from dipro.data.layout import Manifest, format_counts, read_manifest
+from dipro.data.shard_writer import write_dataset
 
 # Bump when a code change alters the generated data for the same config, so that datasets
 # written by older code are recognised as different (dipro.data.synthetic.generator_info).

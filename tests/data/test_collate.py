@@ -12,7 +12,7 @@ from dipro import vocab
 from dipro.data.collate import IGNORE_INDEX, collate
 from dipro.data.normalize import NormStats
 from dipro.data.schema import model_columns, records_to_table
-from dipro.data.shards import iter_numpy_batches
+from dipro.data.shard_reader import iter_numpy_batches
 from dipro.data.synthetic import Cohort, cohort_records
 
 R, K, V, G = vocab.NUM_REGIONS, vocab.NUM_FINDINGS, vocab.NUM_EHR, vocab.NUM_DEMOGRAPHICS

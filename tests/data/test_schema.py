@@ -20,7 +20,7 @@ from dipro.data.schema import (
     records_to_table,
     validate,
 )
-from dipro.data.shards import read_table
+from dipro.data.shard_reader import read_table
 from dipro.data.synthetic import Cohort, cohort_records
 
 

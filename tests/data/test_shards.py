@@ -12,16 +12,11 @@ import pytest
 
 from dipro import vocab
 from dipro.data.collate import collate
+from dipro.data.layout import list_shards, read_manifest
 from dipro.data.normalize import fit_norm_stats
 from dipro.data.schema import model_columns
-from dipro.data.shards import (
-    iter_numpy_batches,
-    list_shards,
-    read_manifest,
-    read_table,
-    verify_checksums,
-    write_dataset,
-)
+from dipro.data.shard_reader import iter_numpy_batches, read_table, verify_checksums
+from dipro.data.shard_writer import write_dataset
 from dipro.data.synthetic import Cohort, SyntheticConfig, cohort_records, write_synthetic_dataset
 
 
@@ -183,7 +178,7 @@ def test_config_rows_per_file_reaches_the_shards(tmp_path: Path) -> None:
 
 _SLOW_WRITER = """
 import sys, time
-from dipro.data.shards import write_dataset
+from dipro.data.shard_writer import write_dataset
 from dipro.data.synthetic import SyntheticConfig, cohort_records, simulate_cohort
 
 cohort = simulate_cohort(SyntheticConfig(seed=7, num_patients=24, image_size=64, crop_size=16))

@@ -14,7 +14,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from dipro import vocab
-from dipro.data.shards import format_counts, list_shards, read_manifest, read_table
+from dipro.data.layout import format_counts, list_shards, read_manifest
+from dipro.data.shard_reader import read_table
 from dipro.data.synthetic import (
     AFFINITY,
     Cohort,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TASK, TINY
 
-from dipro.data.shards import list_shards
+from dipro.data.layout import list_shards
 from dipro.evaluation import evaluate_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dipro.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dipro.data.layout import list_shards, read_manifest
 from dipro.data.mimic.readers import image_path
 from dipro.data.schema import SCHEMA
-from dipro.data.shards import list_shards, read_manifest, read_table
+from dipro.data.shard_reader import read_table
 from dipro.evaluation import evaluate_checkpoint
 from dipro.metrics import compute_metrics
 from dipro.prediction import predictions_from_table

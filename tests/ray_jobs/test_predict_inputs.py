@@ -9,8 +9,9 @@ import pytest
 from conftest import CONFIGS
 from hydra import compose, initialize_config_dir
 
+from dipro.data.layout import list_shards
 from dipro.data.schema import PROVENANCE_COLUMNS, VERSION_KEY
-from dipro.data.shards import list_shards, read_table
+from dipro.data.shard_reader import read_table
 from ray_jobs.predict import PredictionError, dataset_version, input_paths
 
 TASK = "mortality"

@@ -20,8 +20,9 @@ import pytest
 from conftest import TINY_MODEL, compose_train
 
 from dipro.checkpoint import save_checkpoint
+from dipro.data.layout import MANIFEST_NAME, read_manifest
 from dipro.data.schema import SCHEMA, SchemaError
-from dipro.data.shards import MANIFEST_NAME, ChecksumError, read_manifest, verify_shards
+from dipro.data.shard_reader import ChecksumError, verify_shards
 from dipro.model import build_model
 from federated.config import compose_config
 from federated.site import load_site

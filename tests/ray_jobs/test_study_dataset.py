@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dipro.config import ConfigError
-from dipro.data.shards import read_manifest, write_dataset
+from dipro.data.layout import read_manifest
+from dipro.data.shard_writer import write_dataset
 from dipro.data.synthetic import SyntheticConfig, cohort_records, simulate_cohort
 from ray_jobs.experiments import _variants, prepare_dataset, run_experiment
 
