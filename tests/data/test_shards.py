@@ -47,8 +47,9 @@ def test_layout_manifest_and_counts(tiny_dataset: Path, tiny_cohort: Cohort) -> 
 def test_hospital_filter(tiny_dataset: Path) -> None:
     manifest = read_manifest(tiny_dataset, "mortality")
     for h in manifest.hospitals:
-        table = read_table(list_shards(tiny_dataset, "mortality", "train", hospitals=[h]),
-                           columns=["hospital"])
+        table = read_table(
+            list_shards(tiny_dataset, "mortality", "train", hospitals=[h]), columns=["hospital"]
+        )
         assert table.num_rows == manifest.counts["train"][str(h)]
         assert set(table.column("hospital").to_pylist()) == {h}
 
@@ -146,8 +147,9 @@ def test_numpy_batches_feed_the_collate(tiny_dataset: Path) -> None:
     assert batch.crops is not None and batch.crops.shape[1:] == (2, vocab.NUM_REGIONS, 16, 16)
 
     def order(seed: int | None) -> list[str]:
-        return [s for b in iter_numpy_batches(paths, 7, ["sample_id"], seed) for s in
-                b["sample_id"]]
+        return [
+            s for b in iter_numpy_batches(paths, 7, ["sample_id"], seed) for s in b["sample_id"]
+        ]
 
     assert order(3) == order(3)
     assert order(3) != order(None) and sorted(order(3)) == sorted(order(None))
