@@ -1,6 +1,6 @@
 """Evaluation of a checkpoint alone on shards: the model, its normalisation statistics and its
 task all come from the checkpoint; the shards are read (every record validated) with the one
-pyarrow reader of ``dipro.data.shards`` and the one collate."""
+pyarrow reader of ``dipro.data.shard_reader`` and the one collate."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dipro.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from dipro.data.collate import collate
 from dipro.data.normalize import NormStats
 from dipro.data.schema import model_columns
-from dipro.data.shards import iter_arrow_batches, iter_numpy_batches
+from dipro.data.shard_reader import iter_arrow_batches, iter_numpy_batches
 from dipro.engine import evaluate
 from dipro.metrics import Predictions
 from dipro.prediction import remove_inputs

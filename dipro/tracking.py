@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from dipro import storage
-from dipro.data.shards import files_digest
+from dipro.data.layout import files_digest
 from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, epoch_log, read_log, run_dir_of
 
 if TYPE_CHECKING:

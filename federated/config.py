@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dipro.config import FEDERATED_SCHEMA, ConfigError, validate
-from dipro.data.shards import Manifest, model_manifest
+from dipro.data.layout import Manifest, model_manifest
 from dipro.model import build_model
 from federated.local_state import keeps_layers, local_keys
 from federated.privacy import PrivacyBudget

@@ -62,7 +62,7 @@ from flwr.serverapp import Grid
 
 from dipro import checkpoint as ckpt_io
 from dipro import storage, tracking
-from dipro.data.shards import Manifest, list_shards
+from dipro.data.layout import Manifest, list_shards
 from dipro.engine import evaluate
 from dipro.evaluation import evaluate_checkpoint
 from dipro.model import DiPro, build_model

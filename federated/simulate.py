@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dipro import storage
 from dipro.config import ConfigError, exit_on
-from dipro.data.shards import model_manifest
+from dipro.data.layout import model_manifest
 from dipro.runs import RUN_CONFIG_FILE, RunDirectoryInUse, lock_run_directory
 from federated.config import check_config
 from federated.server import FederatedResult, read_result

@@ -29,15 +29,10 @@ from dipro.checkpoint import load_weights
 from dipro.config import ConfigError
 from dipro.data.collate import collate
 from dipro.data.labels import LABEL_COLUMNS
+from dipro.data.layout import list_shards, read_manifest
 from dipro.data.normalize import NORM_COLUMNS, NormStats, fit_norm_stats
 from dipro.data.schema import model_columns
-from dipro.data.shards import (
-    iter_arrow_batches,
-    list_shards,
-    read_manifest,
-    read_table,
-    verify_shards,
-)
+from dipro.data.shard_reader import iter_arrow_batches, read_table, verify_shards
 from dipro.engine import build_optimizer, evaluate, train_epoch
 from dipro.losses import ClassWeights, LabelCounts, build_loss
 from dipro.model import build_model

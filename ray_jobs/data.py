@@ -1,11 +1,11 @@
 """Ray Data pipelines that stream the Parquet shards of one task to Ray Train workers.
 
 The shards' footers (and, once per run, their checksums) are checked by the driver before the
-pipeline is built (``dipro.data.shards.verify_shards``). Each read block is then validated where
-it is read, in the map that follows the Parquet read (``dipro.data.schema.first_fault`` over
-the whole block), and cut to the columns the model needs; a bad record fails its read task with
-a ``SchemaError`` naming its shard file, subject/stay id and field. Blocks stay Arrow tables all
-the way to the worker, where the project's one collate (``dipro.data.collate``) decodes each
+pipeline is built (``dipro.data.shard_reader.verify_shards``). Each read block is then validated
+where it is read, in the map that follows the Parquet read (``dipro.data.schema.first_fault``
+over the whole block), and cut to the columns the model needs; a bad record fails its read task
+with a ``SchemaError`` naming its shard file, subject/stay id and field. Blocks stay Arrow tables
+all the way to the worker, where the project's one collate (``dipro.data.collate``) decodes each
 batch at once inside ``iter_torch_batches``. Nothing is materialised in the driver.
 
 Deterministic order (``train.deterministic``, the default): Ray Data keeps the order of its
@@ -31,9 +31,9 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from dipro.batch import Batch
 from dipro.data.collate import collate
+from dipro.data.layout import list_shards
 from dipro.data.normalize import NormStats
 from dipro.data.schema import COLUMNS, first_fault, model_columns
-from dipro.data.shards import list_shards
 from dipro.seeds import FILE_ORDER, stream_seed
 
 PATH_COLUMN = "path"  # the shard file of each row (``read_parquet(include_paths=True)``)

@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dipro import storage, tracking
-from dipro.data.shards import Manifest
+from dipro.data.layout import Manifest
 from dipro.data.synthetic import ensure_synthetic_data
 from ray_jobs.console import say, session
 from ray_jobs.evaluate import write_run_report

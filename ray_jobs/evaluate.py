@@ -32,8 +32,9 @@ from dipro.checkpoint import (
     read_checkpoint,
 )
 from dipro.config import EVALUATE_SCHEMA, exit_on, validate
+from dipro.data.layout import Manifest, list_shards, read_manifest
 from dipro.data.schema import SchemaError
-from dipro.data.shards import ChecksumError, Manifest, list_shards, read_manifest, verify_shards
+from dipro.data.shard_reader import ChecksumError, verify_shards
 from dipro.evaluation import evaluate_checkpoint
 from dipro.report import ReportSettings, write_evaluation_report
 from dipro.runs import (

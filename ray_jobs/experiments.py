@@ -49,7 +49,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dipro import storage, tracking
 from dipro.config import TRAIN_SCHEMA, ConfigError, exit_on, validate
 from dipro.data.features import ensure_features
-from dipro.data.shards import list_shards, read_manifest
+from dipro.data.layout import list_shards, read_manifest
 from dipro.data.synthetic import ensure_synthetic_data
 from dipro.evaluation import evaluate_checkpoint
 from dipro.metrics import (

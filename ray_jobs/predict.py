@@ -50,9 +50,10 @@ from dipro.checkpoint import (
 )
 from dipro.config import exit_on
 from dipro.data.collate import collate
+from dipro.data.layout import list_shards, read_manifest
 from dipro.data.normalize import NormStats
 from dipro.data.schema import VERSION_KEY, SchemaError, schema_version_of, upgrade, validate
-from dipro.data.shards import list_shards, read_manifest, read_table
+from dipro.data.shard_reader import read_table
 from dipro.engine import predict
 from dipro.explain import write_explanation
 from dipro.prediction import checkpoint_identity, prediction_table

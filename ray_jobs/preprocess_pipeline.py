@@ -8,7 +8,7 @@ Passes, each shown with progress:
    pool); in "features" mode a frozen backbone then runs in a ``map_batches`` stage over an
    actor pool (GPUs from config). The result is cached under ``{output_root}/_cache/`` as .npy
    arrays indexed by dicom id and reused by later runs with the same settings;
-3. shards: records sorted by sample id, written by ``dipro.data.shards.write_dataset`` under
+3. shards: records sorted by sample id, written by ``dipro.data.shard_writer.write_dataset`` under
    ``{output_root}/{task}/split=S/hospital=H/part-*.parquet`` with a manifest (counts per split
    and hospital, checksums, normalisation statistics fitted on the training split only). The
    manifest's ``generator`` entry carries the cohort counts at every filter stage and the ids
@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from dipro import vocab
 from dipro.config import PREPROCESS_SCHEMA, validate
 from dipro.data.features import RegionFeatureExtractor
+from dipro.data.layout import Manifest
 from dipro.data.mimic.build import (
     PreparedCohort,
     RawPaths,
@@ -45,7 +46,7 @@ from dipro.data.mimic.build import (
 from dipro.data.mimic.cohort import CohortRules
 from dipro.data.mimic.images import crop_regions
 from dipro.data.mimic.readers import RawDataError
-from dipro.data.shards import Manifest, write_dataset
+from dipro.data.shard_writer import write_dataset
 from ray_jobs.console import Progress
 from ray_jobs.ray_startup import set_dashboard_timeouts
 

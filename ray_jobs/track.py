@@ -25,7 +25,7 @@ from typing import Any
 
 from dipro import storage, tracking
 from dipro.config import exit_on
-from dipro.data.shards import read_manifest
+from dipro.data.layout import read_manifest
 from dipro.runs import RUN_CONFIG_FILE, checkpoint_files, run_dir_of
 
 

@@ -27,14 +27,9 @@ from ray.train.torch import TorchTrainer
 from dipro import checkpoint as ckpt_io
 from dipro import storage, tracking
 from dipro.config import TRAIN_SCHEMA, ConfigError, exit_on, validate
+from dipro.data.layout import Manifest, list_shards, model_manifest
 from dipro.data.schema import SchemaError
-from dipro.data.shards import (
-    ChecksumError,
-    Manifest,
-    list_shards,
-    model_manifest,
-    verify_shards,
-)
+from dipro.data.shard_reader import ChecksumError, verify_shards
 from dipro.epoch_time import cpu_epoch_note
 from dipro.evaluation import evaluate_checkpoint
 from dipro.losses import ClassWeights

@@ -41,7 +41,7 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from dipro import storage, tracking
 from dipro.config import ConfigError, exit_on
-from dipro.data.shards import read_manifest
+from dipro.data.layout import read_manifest
 from dipro.runs import (
     RunDirectoryInUse,
     best_index,

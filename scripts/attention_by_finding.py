@@ -28,8 +28,9 @@ import torch
 from dipro import vocab
 from dipro.checkpoint import load_checkpoint
 from dipro.data.collate import collate
+from dipro.data.layout import list_shards
 from dipro.data.schema import model_columns
-from dipro.data.shards import iter_arrow_batches, list_shards
+from dipro.data.shard_reader import iter_arrow_batches
 from dipro.runs import SUMMARY_FILE
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dipro.data.shards import list_shards
+from dipro.data.layout import list_shards
 from dipro.evaluation import evaluate_checkpoint
 from dipro.report import attention_faithfulness
 from dipro.report.figures import plot_sample_attention

@@ -40,8 +40,9 @@ def _reader(reader: str, root: str, batch_size: int, prefetch: int) -> Callable[
     """A function that starts one epoch of ``reader`` over the training split of ``root``; its
     set-up (imports, checksums, Ray start-up) is done here, outside the timings."""
     from dipro.data.collate import collate
+    from dipro.data.layout import list_shards, read_manifest
     from dipro.data.schema import model_columns
-    from dipro.data.shards import iter_arrow_batches, list_shards, read_manifest, verify_shards
+    from dipro.data.shard_reader import iter_arrow_batches, verify_shards
 
     manifest = read_manifest(root, TASK)
     paths = list_shards(root, TASK, "train")
@@ -63,7 +64,10 @@ def _reader(reader: str, root: str, batch_size: int, prefetch: int) -> Callable[
     dataset.context.execution_options.preserve_order = deterministic
     iterator = dataset.iterator()
     return lambda: iter_batches(
-        iterator, batch_size=batch_size, norm_stats=manifest.norm_stats, shuffle_buffer=None,
+        iterator,
+        batch_size=batch_size,
+        norm_stats=manifest.norm_stats,
+        shuffle_buffer=None,
         prefetch_batches=prefetch,
     )
 
@@ -98,15 +102,18 @@ def measure(reader: str, root: str, epochs: int, batch_size: int, prefetch: int)
 
 def build(root: Path, patients: int, crop_size: int) -> Path:
     """The progression shards of a ``patients`` cohort at ``crop_size`` (kept for reuse)."""
-    from dipro.data.shards import read_manifest
+    from dipro.data.layout import read_manifest
     from dipro.data.synthetic import SyntheticConfig, write_synthetic_dataset
 
     out = root / f"patients{patients}-crop{crop_size}"
     if not (out / TASK / "manifest.json").exists():
         write_synthetic_dataset(
             SyntheticConfig(
-                seed=0, num_patients=patients, crop_size=crop_size,
-                image_size=max(128, crop_size), rows_per_file=64,
+                seed=0,
+                num_patients=patients,
+                crop_size=crop_size,
+                image_size=max(128, crop_size),
+                rows_per_file=64,
             ),
             out,
             tasks=(TASK,),
@@ -133,8 +140,11 @@ def main() -> None:
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.data, args.epochs, args.batch_size,
-                                 args.prefetch)))
+        print(
+            json.dumps(
+                measure(args.measure, args.data, args.epochs, args.batch_size, args.prefetch)
+            )
+        )
         return
 
     root = args.root or Path(tempfile.mkdtemp(prefix="bench_data-"))
@@ -143,10 +153,23 @@ def main() -> None:
         data = build(root, args.patients * scale, args.crop_size)
         for reader in READERS:
             proc = subprocess.run(
-                [sys.executable, __file__, "--measure", reader, "--data", str(data),
-                 "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                 "--prefetch", str(args.prefetch)],
-                capture_output=True, text=True, check=False,
+                [
+                    sys.executable,
+                    __file__,
+                    "--measure",
+                    reader,
+                    "--data",
+                    str(data),
+                    "--epochs",
+                    str(args.epochs),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--prefetch",
+                    str(args.prefetch),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if proc.returncode:
                 sys.exit(f"{reader} reader failed:\n{proc.stderr[-4000:]}")

@@ -22,7 +22,7 @@ import ray
 from hydra import compose, initialize_config_dir
 
 from dipro.data.features import featurize_dataset
-from dipro.data.shards import read_manifest
+from dipro.data.layout import read_manifest
 from dipro.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from dipro.runs import EPOCH_METRICS_FILE
 from ray_jobs.data import iter_batches, read_split

@@ -40,8 +40,9 @@ from sklearn.preprocessing import StandardScaler
 from dipro import vocab
 from dipro.checkpoint import load_checkpoint
 from dipro.data.collate import collate
+from dipro.data.layout import list_shards, read_manifest
 from dipro.data.schema import model_columns
-from dipro.data.shards import iter_arrow_batches, list_shards, read_manifest
+from dipro.data.shard_reader import iter_arrow_batches
 from dipro.data.synthetic import AFFINITY, Cohort, SyntheticConfig, simulate_cohort
 from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE
 

@@ -64,7 +64,7 @@ def ensure_cohort(root: Path) -> None:
 def central(root: Path, out: Path, rounds: int, seed: int) -> dict[str, Any]:
     """``ray_jobs.train`` in a process of its own; each hospital's test metrics of its best
     checkpoint (normalised with the statistics the checkpoint carries)."""
-    from dipro.data.shards import list_shards, read_manifest
+    from dipro.data.layout import list_shards, read_manifest
     from dipro.evaluation import evaluate_checkpoint
     from dipro.runs import SUMMARY_FILE
 

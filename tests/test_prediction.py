@@ -15,7 +15,8 @@ from tiny_model import tiny_model_cfg
 
 from dipro import vocab
 from dipro.data.collate import collate
-from dipro.data.shards import iter_numpy_batches, list_shards, read_manifest
+from dipro.data.layout import list_shards, read_manifest
+from dipro.data.shard_reader import iter_numpy_batches
 from dipro.engine import predict
 from dipro.explain import explanation_png
 from dipro.metrics import compute_metrics

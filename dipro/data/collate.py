@@ -1,9 +1,9 @@
 """The one collate of the project: a batch of sample records -> a padded ``Batch`` of tensors.
 
 Input is an Arrow table, the form both Ray Data (``iter_torch_batches`` with an Arrow collate)
-and the pyarrow reader (``dipro.data.shards.iter_arrow_batches``) hand over, or a dict of numpy
-columns, where a list or binary column is an object array of per-row values (or a 2-D array when
-every row has the same length). Either way each column is decoded once for the whole batch.
+and the pyarrow reader (``dipro.data.shard_reader.iter_arrow_batches``) hand over, or a dict of
+numpy columns, where a list or binary column is an object array of per-row values (or a 2-D array
+when every row has the same length). Either way each column is decoded once for the whole batch.
 
 Padding: CXRs are padded at the end to the batch's longest T (at least 2, so that a record
 with a single CXR, valid for prediction only, has one pair slot with ``pair_mask`` False), EHR

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from dipro import vocab
-from dipro.data.shards import Manifest, list_shards, read_manifest, read_table, write_dataset
+from dipro.data.layout import Manifest, list_shards, read_manifest
+from dipro.data.shard_reader import read_table
+from dipro.data.shard_writer import write_dataset
 from dipro.model.regions import BACKBONES, CropBackbone, build_backbone
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from dipro import vocab
 from dipro.checkpoint import CheckpointMeta
-from dipro.data.shards import Manifest
+from dipro.data.layout import Manifest
 from dipro.metrics import TASK_METRICS, Predictions
 from dipro.report.figures import best_epoch, plot_learning_curves, plot_region_attention
 from dipro.report.model_card import model_card

@@ -8,7 +8,7 @@ from typing import Any
 
 from dipro import vocab
 from dipro.checkpoint import CheckpointMeta
-from dipro.data.shards import Manifest
+from dipro.data.layout import Manifest
 from dipro.report.tables import (
     METRIC_LABELS,
     TABLE_METRICS,

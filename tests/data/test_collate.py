@@ -12,7 +12,7 @@ from dipro import vocab
 from dipro.data.collate import IGNORE_INDEX, collate
 from dipro.data.normalize import NormStats
 from dipro.data.schema import model_columns, records_to_table
-from dipro.data.shards import iter_numpy_batches
+from dipro.data.shard_reader import iter_numpy_batches
 from dipro.data.synthetic import Cohort, cohort_records
 
 R, K, V, G = vocab.NUM_REGIONS, vocab.NUM_FINDINGS, vocab.NUM_EHR, vocab.NUM_DEMOGRAPHICS
@@ -58,9 +58,8 @@ def test_shapes_and_masks_with_mixed_t_and_l(tiny_cohort: Cohort, tmp_path: Path
         np.testing.assert_array_equal(batch.region_present[b, :t].numpy(), rec["region_present"])
         np.testing.assert_allclose(batch.ehr_values[b, :n].numpy(), rec["ehr_values"])
         assert not batch.ehr_values[b, n:].any() and not batch.ehr_observed[b, n:].any()
-        np.testing.assert_array_equal(batch.region_labels[b, : t - 1].numpy(),
-                                      rec["region_labels"])
-        assert (batch.region_labels[b, t - 1:] == vocab.NOT_MENTIONED).all()
+        np.testing.assert_array_equal(batch.region_labels[b, : t - 1].numpy(), rec["region_labels"])
+        assert (batch.region_labels[b, t - 1 :] == vocab.NOT_MENTIONED).all()
         if rec["task"] == "disease_progression":
             np.testing.assert_array_equal(batch.progression[b].numpy(), rec["progression"])
             assert batch.mortality[b] == IGNORE_INDEX and batch.los_class[b] == IGNORE_INDEX
@@ -75,8 +74,10 @@ def test_normalisation_applies_to_valid_steps_only(tiny_cohort: Cohort, tmp_path
     columns = _batch_from_shard(records, tmp_path)
     rng = np.random.default_rng(0)
     stats = NormStats(
-        rng.normal(size=V).astype(np.float32), rng.uniform(1, 2, V).astype(np.float32),
-        np.array([60, 170, 80], np.float32), np.array([10, 10, 20], np.float32),
+        rng.normal(size=V).astype(np.float32),
+        rng.uniform(1, 2, V).astype(np.float32),
+        np.array([60, 170, 80], np.float32),
+        np.array([10, 10, 20], np.float32),
     )
     batch = collate(columns, stats)
     for b, rec in enumerate(records):
@@ -85,8 +86,9 @@ def test_normalisation_applies_to_valid_steps_only(tiny_cohort: Cohort, tmp_path
         np.testing.assert_allclose(batch.ehr_values[b, :n].numpy(), expected, rtol=1e-5)
         assert not batch.ehr_values[b, n:].any()
         demo = batch.demographics[b].numpy()
-        np.testing.assert_allclose(demo[:3], (rec["demographics"][:3] - stats.demo_mean)
-                                   / stats.demo_std, rtol=1e-5)
+        np.testing.assert_allclose(
+            demo[:3], (rec["demographics"][:3] - stats.demo_mean) / stats.demo_std, rtol=1e-5
+        )
         np.testing.assert_array_equal(demo[3:], rec["demographics"][3:])
 
 
@@ -94,8 +96,9 @@ def test_features_mode(tiny_cohort: Cohort, tmp_path: Path) -> None:
     records = _mixed_records(tiny_cohort)
     F = 6
     for rec in records:
-        rec["features"] = np.random.default_rng(1).normal(
-            size=(rec["cxr_times"].size, R, F)).astype(np.float32)
+        rec["features"] = (
+            np.random.default_rng(1).normal(size=(rec["cxr_times"].size, R, F)).astype(np.float32)
+        )
         rec["feature_dim"], rec["crops"], rec["crop_size"] = F, None, None
     path = tmp_path / "part-00000.parquet"
     pq.write_table(records_to_table(records), path)

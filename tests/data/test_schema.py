@@ -20,7 +20,7 @@ from dipro.data.schema import (
     records_to_table,
     validate,
 )
-from dipro.data.shards import read_table
+from dipro.data.shard_reader import read_table
 from dipro.data.synthetic import Cohort, cohort_records
 
 
@@ -42,10 +42,12 @@ def test_round_trip_through_parquet(tiny_cohort: Cohort, task: str, tmp_path: Pa
     S = rec["crop_size"]
     crops = np.frombuffer(row["crops"], np.uint8).reshape(-1, 10, S, S)
     np.testing.assert_array_equal(crops, rec["crops"])
-    np.testing.assert_array_equal(np.reshape(row["ehr_values"], rec["ehr_values"].shape),
-                                  rec["ehr_values"])
-    np.testing.assert_array_equal(np.reshape(row["region_labels"], rec["region_labels"].shape),
-                                  rec["region_labels"])
+    np.testing.assert_array_equal(
+        np.reshape(row["ehr_values"], rec["ehr_values"].shape), rec["ehr_values"]
+    )
+    np.testing.assert_array_equal(
+        np.reshape(row["region_labels"], rec["region_labels"].shape), rec["region_labels"]
+    )
 
 
 def _shorter_ehr(rec: dict[str, Any]) -> None:
@@ -111,10 +113,14 @@ BAD_RECORDS: list[tuple[str, str, Callable[[dict[str, Any]], None]]] = [
 ]
 
 
-@pytest.mark.parametrize(("task", "field", "spoil"), BAD_RECORDS,
-                         ids=[f"{t}-{f}" for t, f, _ in BAD_RECORDS])
+@pytest.mark.parametrize(
+    ("task", "field", "spoil"), BAD_RECORDS, ids=[f"{t}-{f}" for t, f, _ in BAD_RECORDS]
+)
 def test_bad_record_names_shard_record_and_field(
-    tiny_cohort: Cohort, tmp_path: Path, task: str, field: str,
+    tiny_cohort: Cohort,
+    tmp_path: Path,
+    task: str,
+    field: str,
     spoil: Callable[[dict[str, Any]], None],
 ) -> None:
     records = _records(tiny_cohort, task)
@@ -157,8 +163,10 @@ def _write_table(tmp_path: Path, table: pa.Table) -> Path:
 
 def test_wrong_dtype_names_shard_and_field(tiny_cohort: Cohort, tmp_path: Path) -> None:
     table = records_to_table(_records(tiny_cohort, "mortality"))
-    schema = SCHEMA.set(SCHEMA.get_field_index("ehr_values"),
-                        pa.field("ehr_values", pa.list_(pa.float64()), nullable=False))
+    schema = SCHEMA.set(
+        SCHEMA.get_field_index("ehr_values"),
+        pa.field("ehr_values", pa.list_(pa.float64()), nullable=False),
+    )
     path = _write_table(tmp_path, table.cast(schema))
     with pytest.raises(SchemaError, match="ehr_values") as info:
         read_table([str(path)])

@@ -19,7 +19,7 @@ from dipro.data.schema import (
     records_to_table,
     validate,
 )
-from dipro.data.shards import read_table
+from dipro.data.shard_reader import read_table
 from dipro.data.synthetic import GENERATOR_VERSION, Cohort, cohort_records, cxr_identifiers
 
 
@@ -46,9 +46,7 @@ def test_synthetic_records_name_their_cxrs(tiny_cohort: Cohort) -> None:
 
 def test_version_1_shard_reads_with_empty_provenance(tiny_cohort: Cohort, tmp_path: Path) -> None:
     table = records_to_table(_records(tiny_cohort, "mortality"))
-    old = table.drop_columns(list(PROVENANCE_COLUMNS)).replace_schema_metadata(
-        {VERSION_KEY: b"1"}
-    )
+    old = table.drop_columns(list(PROVENANCE_COLUMNS)).replace_schema_metadata({VERSION_KEY: b"1"})
     path = tmp_path / "part-00000.parquet"
     pq.write_table(old, path)
     back = read_table([str(path)])

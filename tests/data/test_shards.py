@@ -12,16 +12,11 @@ import pytest
 
 from dipro import vocab
 from dipro.data.collate import collate
+from dipro.data.layout import list_shards, read_manifest
 from dipro.data.normalize import fit_norm_stats
 from dipro.data.schema import model_columns
-from dipro.data.shards import (
-    iter_numpy_batches,
-    list_shards,
-    read_manifest,
-    read_table,
-    verify_checksums,
-    write_dataset,
-)
+from dipro.data.shard_reader import iter_numpy_batches, read_table, verify_checksums
+from dipro.data.shard_writer import write_dataset
 from dipro.data.synthetic import Cohort, SyntheticConfig, cohort_records, write_synthetic_dataset
 
 
@@ -52,8 +47,9 @@ def test_layout_manifest_and_counts(tiny_dataset: Path, tiny_cohort: Cohort) -> 
 def test_hospital_filter(tiny_dataset: Path) -> None:
     manifest = read_manifest(tiny_dataset, "mortality")
     for h in manifest.hospitals:
-        table = read_table(list_shards(tiny_dataset, "mortality", "train", hospitals=[h]),
-                           columns=["hospital"])
+        table = read_table(
+            list_shards(tiny_dataset, "mortality", "train", hospitals=[h]), columns=["hospital"]
+        )
         assert table.num_rows == manifest.counts["train"][str(h)]
         assert set(table.column("hospital").to_pylist()) == {h}
 
@@ -151,8 +147,9 @@ def test_numpy_batches_feed_the_collate(tiny_dataset: Path) -> None:
     assert batch.crops is not None and batch.crops.shape[1:] == (2, vocab.NUM_REGIONS, 16, 16)
 
     def order(seed: int | None) -> list[str]:
-        return [s for b in iter_numpy_batches(paths, 7, ["sample_id"], seed) for s in
-                b["sample_id"]]
+        return [
+            s for b in iter_numpy_batches(paths, 7, ["sample_id"], seed) for s in b["sample_id"]
+        ]
 
     assert order(3) == order(3)
     assert order(3) != order(None) and sorted(order(3)) == sorted(order(None))
@@ -183,7 +180,7 @@ def test_config_rows_per_file_reaches_the_shards(tmp_path: Path) -> None:
 
 _SLOW_WRITER = """
 import sys, time
-from dipro.data.shards import write_dataset
+from dipro.data.shard_writer import write_dataset
 from dipro.data.synthetic import SyntheticConfig, cohort_records, simulate_cohort
 
 cohort = simulate_cohort(SyntheticConfig(seed=7, num_patients=24, image_size=64, crop_size=16))

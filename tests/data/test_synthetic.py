@@ -14,7 +14,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from dipro import vocab
-from dipro.data.shards import format_counts, list_shards, read_manifest, read_table
+from dipro.data.layout import format_counts, list_shards, read_manifest
+from dipro.data.shard_reader import read_table
 from dipro.data.synthetic import (
     AFFINITY,
     Cohort,
@@ -66,8 +67,7 @@ def test_no_subject_in_two_splits(tiny_dataset: Path) -> None:
 
 
 def test_split_fractions_hold_per_hospital() -> None:
-    cohort = simulate_cohort(SyntheticConfig(seed=1, num_patients=200, image_size=32,
-                                             crop_size=4))
+    cohort = simulate_cohort(SyntheticConfig(seed=1, num_patients=200, image_size=32, crop_size=4))
     for h in range(cohort.config.num_hospitals):
         splits = cohort.split[cohort.hospital == h]
         assert abs(np.mean(splits == "train") - 0.7) < 0.03
@@ -127,8 +127,7 @@ def test_ehr_missingness_is_realistic(tiny_cohort: Cohort) -> None:
 
 
 def test_hospitals_differ() -> None:
-    cohort = simulate_cohort(SyntheticConfig(seed=2, num_patients=150, image_size=48,
-                                             crop_size=8))
+    cohort = simulate_cohort(SyntheticConfig(seed=2, num_patients=150, image_size=48, crop_size=8))
     brightness = [cohort.images[cohort.hospital[cohort.cxr_subject] == h].mean() for h in range(3)]
     severity = [cohort.severity[cohort.hospital == h, :48].mean() for h in range(3)]
     assert np.ptp(brightness) > 5.0
@@ -137,7 +136,8 @@ def test_hospitals_differ() -> None:
 
 def test_progression_labels_are_balanced(tmp_path: Path) -> None:
     write_synthetic_dataset(
-        SyntheticConfig(seed=3, num_patients=200, image_size=32, crop_size=4), tmp_path,
+        SyntheticConfig(seed=3, num_patients=200, image_size=32, crop_size=4),
+        tmp_path,
         tasks=("disease_progression", "length_of_stay"),
     )
     counts = read_manifest(tmp_path, "disease_progression").label_counts().progression
@@ -151,7 +151,8 @@ def test_progression_labels_are_balanced(tmp_path: Path) -> None:
 def signal_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("signal")
     write_synthetic_dataset(
-        SyntheticConfig(seed=0, num_patients=240, image_size=64, crop_size=16), root,
+        SyntheticConfig(seed=0, num_patients=240, image_size=64, crop_size=16),
+        root,
         tasks=("disease_progression", "mortality"),
     )
     return root
@@ -209,7 +210,11 @@ def _region_change_auroc(box_jitter: float) -> float:
     of the difference, less what all regions share) separates changed from unchanged regions."""
     cohort = simulate_cohort(
         SyntheticConfig(
-            seed=0, num_patients=120, image_size=64, crop_size=16, box_jitter=box_jitter,
+            seed=0,
+            num_patients=120,
+            image_size=64,
+            crop_size=16,
+            box_jitter=box_jitter,
             missing_box_rate=0.0,
         )
     )
@@ -254,8 +259,9 @@ def test_one_cxr_shows_how_sick_the_patient_is(signal_dataset: Path) -> None:
 def test_ehr_predicts_mortality(signal_dataset: Path) -> None:
     cols = _read_task(signal_dataset, "mortality")
     values = np.stack([np.asarray(v).reshape(-1, vocab.NUM_EHR) for v in cols["ehr_values"]])
-    features = np.concatenate([values.mean(1), values[:, -12:].mean(1) - values[:, :12].mean(1)],
-                              axis=1)
+    features = np.concatenate(
+        [values.mean(1), values[:, -12:].mean(1) - values[:, :12].mean(1)], axis=1
+    )
     labels = np.array(cols["mortality"])
     train = np.array(cols["split"]) != "test"
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000))

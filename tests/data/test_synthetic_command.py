@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from dipro import vocab
-from dipro.data.shards import format_counts, read_manifest
+from dipro.data.layout import format_counts, read_manifest
 
 # A tiny cohort: 12 patients, 32-pixel CXRs, 8-pixel crops.
 TINY = (

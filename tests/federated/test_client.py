@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from dipro.config import ConfigError
-from dipro.data.shards import read_manifest
+from dipro.data.layout import read_manifest
 from dipro.model import build_model
 from federated.client_app import app
 from federated.config import site_config, train_config_record

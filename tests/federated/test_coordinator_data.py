@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TASK, TINY
 
-from dipro.data.shards import list_shards
+from dipro.data.layout import list_shards
 from dipro.evaluation import evaluate_checkpoint
 
 pytestmark = pytest.mark.slow
 
-CALL = re.compile(r'^(?P<call>\w+)\((?P<args>.*)\)\s+=\s+(?P<ret>-?\d+)')
+CALL = re.compile(r"^(?P<call>\w+)\((?P<args>.*)\)\s+=\s+(?P<ret>-?\d+)")
 OPENED = re.compile(r'^openat\([^,]+, "(?P<path>[^"]+)"')
 
 
@@ -76,9 +76,7 @@ def _rounds(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_coordinator_reads_no_data_and_the_sites_score_every_round(
-    tiny_data_root, tmp_path
-):
+def test_the_coordinator_reads_no_data_and_the_sites_score_every_round(tiny_data_root, tmp_path):
     out, opened = _simulate_traced(tiny_data_root, tmp_path)
 
     assert opened == [], f"the server process opened the sites' data: {opened}"

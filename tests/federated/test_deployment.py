@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dipro.checkpoint import load_checkpoint
-from dipro.data.shards import read_manifest
+from dipro.data.layout import read_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 

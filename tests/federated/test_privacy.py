@@ -50,8 +50,11 @@ def test_a_target_allows_the_last_round_within_it():
 
 def test_a_target_below_one_round_is_a_configuration_error(tiny_data_root, tmp_path):
     cfg = compose(
-        tiny_data_root, tmp_path / "run", "federated.dp.enabled=true",
-        "federated.dp.noise_multiplier=1.0", "federated.dp.target_epsilon=1.0",
+        tiny_data_root,
+        tmp_path / "run",
+        "federated.dp.enabled=true",
+        "federated.dp.noise_multiplier=1.0",
+        "federated.dp.target_epsilon=1.0",
     )
     with pytest.raises(ConfigError, match="below the epsilon of one round"):
         check_config(cfg)
@@ -63,9 +66,14 @@ def test_a_run_reports_epsilon_each_round_and_stops_at_the_target(tiny_data_root
     budget = PrivacyBudget(noise_multiplier=1.0, delta=1e-5)
     target = (budget.epsilon(1) + budget.epsilon(2)) / 2  # one round fits, two do not
     cfg = compose(
-        tiny_data_root, out, "federated.num_rounds=3", "federated.dp.enabled=true",
-        "federated.dp.noise_multiplier=1.0", "federated.dp.clipping_norm=0.1",
-        f"federated.dp.target_epsilon={target}", "simulation.timeout_s=900",
+        tiny_data_root,
+        out,
+        "federated.num_rounds=3",
+        "federated.dp.enabled=true",
+        "federated.dp.noise_multiplier=1.0",
+        "federated.dp.clipping_norm=0.1",
+        f"federated.dp.target_epsilon={target}",
+        "simulation.timeout_s=900",
     )
     result = run_federated(cfg)
 

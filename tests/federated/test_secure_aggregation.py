@@ -14,7 +14,7 @@ from conftest import TASK, compose
 
 from dipro import checkpoint as ckpt_io
 from dipro.config import ConfigError
-from dipro.data.shards import read_manifest
+from dipro.data.layout import read_manifest
 from federated.secure import quantisation_error
 from federated.simulate import run_federated
 

@@ -13,8 +13,9 @@ import pytest
 from conftest import TASK, compose
 
 from dipro.checkpoint import load_checkpoint
+from dipro.data.layout import list_shards, read_manifest
 from dipro.data.normalize import NORM_COLUMNS, fit_norm_stats
-from dipro.data.shards import list_shards, read_manifest, read_table
+from dipro.data.shard_reader import read_table
 from dipro.evaluation import evaluate_checkpoint
 from federated.server import FederatedResult
 from federated.simulate import FederatedRunError, run_federated

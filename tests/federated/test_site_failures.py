@@ -22,8 +22,8 @@ from conftest import REPO, TINY, compose
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from dipro.data.layout import MANIFEST_NAME, list_shards, read_manifest
 from dipro.data.schema import SCHEMA
-from dipro.data.shards import MANIFEST_NAME, list_shards, read_manifest
 from dipro.model import build_model
 from federated.client_app import FAILURE_CATEGORIES, app
 from federated.config import site_config, train_config_record

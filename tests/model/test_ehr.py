@@ -111,6 +111,11 @@ def test_ehr_encoder_observed_flags_are_an_input() -> None:
     a, _ = enc(values, torch.zeros(1, 3, 5, dtype=torch.bool), times, mask)
     b, _ = enc(values, torch.ones(1, 3, 5, dtype=torch.bool), times, mask)
     assert not torch.allclose(a, b)
-    assert EHREncoder(
-        num_variables=5, d_model=8, num_heads=2, num_layers=1, dropout=0.0, use_observed=False
-    ).embed[0].in_features == 5
+    assert (
+        EHREncoder(
+            num_variables=5, d_model=8, num_heads=2, num_layers=1, dropout=0.0, use_observed=False
+        )
+        .embed[0]
+        .in_features
+        == 5
+    )

@@ -45,4 +45,3 @@ def progression_run(tiny_data_root: Path, tmp_path_factory: pytest.TempPathFacto
             ]
         )
     )
-

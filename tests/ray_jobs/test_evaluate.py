@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from dipro import vocab
-from dipro.data.shards import read_manifest
+from dipro.data.layout import read_manifest
 from dipro.report import ReportSettings
 from ray_jobs.evaluate import EvaluationError, evaluate_to_report, write_run_report
 from ray_jobs.experiments import run_ablations, run_seeds

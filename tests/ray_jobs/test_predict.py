@@ -14,9 +14,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dipro.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dipro.data.layout import list_shards, read_manifest
 from dipro.data.mimic.readers import image_path
 from dipro.data.schema import SCHEMA
-from dipro.data.shards import list_shards, read_manifest, read_table
+from dipro.data.shard_reader import read_table
 from dipro.evaluation import evaluate_checkpoint
 from dipro.metrics import compute_metrics
 from dipro.prediction import predictions_from_table
@@ -43,7 +44,9 @@ def test_predictions_reproduce_the_evaluation(tiny_checkpoint, tiny_data_root, t
     out = tmp_path / "predictions"
     target = run_prediction(
         _predict_cfg(
-            f"checkpoint={tiny_checkpoint}", f"data.root={tiny_data_root}", f"out_dir={out}",
+            f"checkpoint={tiny_checkpoint}",
+            f"data.root={tiny_data_root}",
+            f"out_dir={out}",
             "actors=2",
         )
     )
@@ -66,12 +69,18 @@ def test_predictions_reproduce_the_evaluation(tiny_checkpoint, tiny_data_root, t
 
     with pytest.raises(PredictionError, match="exists; pass overwrite=true"):
         run_prediction(
-            _predict_cfg(f"checkpoint={tiny_checkpoint}", f"data.root={tiny_data_root}",
-                         f"out_dir={out}")
+            _predict_cfg(
+                f"checkpoint={tiny_checkpoint}", f"data.root={tiny_data_root}", f"out_dir={out}"
+            )
         )
     replaced = run_prediction(
-        _predict_cfg(f"checkpoint={tiny_checkpoint}", f"data.root={tiny_data_root}",
-                     f"out_dir={out}", "split=val", "overwrite=true")
+        _predict_cfg(
+            f"checkpoint={tiny_checkpoint}",
+            f"data.root={tiny_data_root}",
+            f"out_dir={out}",
+            "split=val",
+            "overwrite=true",
+        )
     )
     n_val = read_manifest(tiny_data_root, TASK).num_samples("val")
     assert pq.read_table(replaced).num_rows == n_val
@@ -121,8 +130,12 @@ def test_raw_mimic_tree_predictions_name_its_images(tiny_checkpoint, tmp_path):
     manifest = run_preprocess(prep)[TASK]
     split = max(("train", "val", "test"), key=manifest.num_samples)
     target = run_prediction(
-        _predict_cfg(f"checkpoint={tiny_checkpoint}", f"data.root={shards}", f"split={split}",
-                     f"out_dir={tmp_path}/o")
+        _predict_cfg(
+            f"checkpoint={tiny_checkpoint}",
+            f"data.root={shards}",
+            f"split={split}",
+            f"out_dir={tmp_path}/o",
+        )
     )
     table = pq.read_table(target)
     assert table.num_rows == manifest.num_samples(split) > 0

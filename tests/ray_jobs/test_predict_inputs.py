@@ -9,8 +9,9 @@ import pytest
 from conftest import CONFIGS
 from hydra import compose, initialize_config_dir
 
+from dipro.data.layout import list_shards
 from dipro.data.schema import PROVENANCE_COLUMNS, VERSION_KEY
-from dipro.data.shards import list_shards, read_table
+from dipro.data.shard_reader import read_table
 from ray_jobs.predict import PredictionError, dataset_version, input_paths
 
 TASK = "mortality"
@@ -37,9 +38,7 @@ def test_a_split_or_every_parquet_file_of_a_folder(tiny_dataset: Path, tmp_path:
     assert found == [str(folder / "a" / "x.parquet"), str(folder / "y.parquet")]
     assert name == "tonight" and dataset_version(found) == 2
 
-    old = table.drop_columns(list(PROVENANCE_COLUMNS)).replace_schema_metadata(
-        {VERSION_KEY: b"1"}
-    )
+    old = table.drop_columns(list(PROVENANCE_COLUMNS)).replace_schema_metadata({VERSION_KEY: b"1"})
     pq.write_table(old, folder / "a" / "x.parquet")
     assert dataset_version([str(folder / "a" / "x.parquet")]) == 1
     with pytest.raises(PredictionError, match="mix schema versions: version 1 .*version 2"):

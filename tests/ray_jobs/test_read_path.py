@@ -20,8 +20,9 @@ import pytest
 from conftest import TINY_MODEL, compose_train
 
 from dipro.checkpoint import save_checkpoint
+from dipro.data.layout import MANIFEST_NAME, read_manifest
 from dipro.data.schema import SCHEMA, SchemaError
-from dipro.data.shards import MANIFEST_NAME, ChecksumError, read_manifest, verify_shards
+from dipro.data.shard_reader import ChecksumError, verify_shards
 from dipro.model import build_model
 from federated.config import compose_config
 from federated.site import load_site
@@ -51,7 +52,10 @@ def _write_shard(
 
 
 def _bad_copy(
-    src: Path, dst: Path, task: str, spoil: Callable[[dict[str, Any]], None] | None = None,
+    src: Path,
+    dst: Path,
+    task: str,
+    spoil: Callable[[dict[str, Any]], None] | None = None,
     drop: str | None = None,
 ) -> tuple[Path, str]:
     """``{src}/{task}`` copied to ``dst`` with the first record of its first training shard
@@ -75,8 +79,9 @@ def _tampered_copy(src: Path, dst: Path, task: str = "mortality") -> Path:
     table = pq.read_table(shard, partitioning=None)
     flipped = pc.subtract(pa.scalar(1, pa.int8()), table.column("mortality"))
     index = table.schema.get_field_index("mortality")
-    _write_shard(dst, task, shard, table.set_column(index, SCHEMA.field("mortality"), flipped),
-                 False)
+    _write_shard(
+        dst, task, shard, table.set_column(index, SCHEMA.field("mortality"), flipped), False
+    )
     return shard
 
 
@@ -109,14 +114,22 @@ BAD_RECORDS = [
 
 
 def _train_overrides(root: Path, runs: Path, task: str, *extra: str) -> list[str]:
-    return [f"task={task}", f"data.root={root}", f"storage_path={runs}", "run_name=bad",
-            *TINY_MODEL, "train.max_epochs=1", *extra]
+    return [
+        f"task={task}",
+        f"data.root={root}",
+        f"storage_path={runs}",
+        "run_name=bad",
+        *TINY_MODEL,
+        "train.max_epochs=1",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize(("task", "field", "spoil"), BAD_RECORDS,
-                         ids=[f"{t}-{f}" for t, f, _ in BAD_RECORDS])
+@pytest.mark.parametrize(
+    ("task", "field", "spoil"), BAD_RECORDS, ids=[f"{t}-{f}" for t, f, _ in BAD_RECORDS]
+)
 def test_ray_data_path_names_shard_record_and_field(
     tiny_data_root, ray_session, tmp_path, task, field, spoil
 ):
@@ -126,8 +139,9 @@ def test_ray_data_path_names_shard_record_and_field(
     dataset = read_split(str(tmp_path), task, "train", "crops")
     norm = read_manifest(tmp_path, task).norm_stats
     with pytest.raises(Exception) as info:  # noqa: PT011 - Ray's wrapper, unwrapped below
-        for _ in iter_batches(dataset.iterator(), batch_size=4, norm_stats=norm,
-                              shuffle_buffer=None):
+        for _ in iter_batches(
+            dataset.iterator(), batch_size=4, norm_stats=norm, shuffle_buffer=None
+        ):
             pass
     error = stopping_error(info.value)
     assert isinstance(error, SchemaError), info.value
@@ -137,8 +151,9 @@ def test_ray_data_path_names_shard_record_and_field(
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize(("task", "field", "spoil"), BAD_RECORDS,
-                         ids=[f"{t}-{f}" for t, f, _ in BAD_RECORDS])
+@pytest.mark.parametrize(
+    ("task", "field", "spoil"), BAD_RECORDS, ids=[f"{t}-{f}" for t, f, _ in BAD_RECORDS]
+)
 def test_bad_record_stops_the_train_job_before_any_step(
     tiny_data_root, ray_session, entrypoint, tree_checksums, tmp_path, task, field, spoil
 ):
@@ -146,7 +161,9 @@ def test_bad_record_stops_the_train_job_before_any_step(
     shard, record = _bad_copy(tiny_data_root, data, task, spoil)
     before = tree_checksums(data)
     code, lines = entrypoint(
-        "ray_jobs.train", *_train_overrides(data, runs, task), f"log_dir={tmp_path / 'logs'}",
+        "ray_jobs.train",
+        *_train_overrides(data, runs, task),
+        f"log_dir={tmp_path / 'logs'}",
         "tracking.enabled=false",
     )
     assert code == 2, lines
@@ -176,10 +193,16 @@ def test_tampered_shard_is_refused_by_training_unless_skipped(tiny_data_root, tm
 
 def test_tampered_shard_is_refused_by_evaluation(tiny_data_root, tmp_path):
     shutil.copytree(tiny_data_root / "mortality", tmp_path / "data" / "mortality")
-    victim = tmp_path / "data" / "mortality" / sorted(
-        rel for rel in read_manifest(tmp_path / "data", "mortality").files
-        if rel.startswith("split=test/")
-    )[0]
+    victim = (
+        tmp_path
+        / "data"
+        / "mortality"
+        / sorted(
+            rel
+            for rel in read_manifest(tmp_path / "data", "mortality").files
+            if rel.startswith("split=test/")
+        )[0]
+    )
     victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
     model_cfg = compose_train(_train_overrides(tmp_path, tmp_path, "mortality")).model
     model_cfg = {**dict(model_cfg), "ablation": dict(model_cfg.ablation)}

@@ -13,13 +13,17 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from dipro.config import ConfigError
-from dipro.data.shards import read_manifest, write_dataset
+from dipro.data.layout import read_manifest
+from dipro.data.shard_writer import write_dataset
 from dipro.data.synthetic import SyntheticConfig, cohort_records, simulate_cohort
 from ray_jobs.experiments import _variants, prepare_dataset, run_experiment
 
 TASK = "disease_progression"
-GENERATOR = ["data.generator.num_patients=12", "data.generator.image_size=32",
-             "data.generator.crop_size=8"]
+GENERATOR = [
+    "data.generator.num_patients=12",
+    "data.generator.image_size=32",
+    "data.generator.crop_size=8",
+]
 
 
 def _study(tmp_path: Path, *extra: str) -> DictConfig:
@@ -61,9 +65,9 @@ def test_the_cohort_and_its_features_are_made_once_and_follow_the_generator(tmp_
     other = prepare_dataset(_study(tmp_path, "data.generator.seed=1", "data.overwrite=true"))
     redone = read_manifest(other.data.root, TASK)
     assert redone.generator["seed"] == 1
-    assert redone.generator["features"]["source_sha256"] != made.generator["features"][
-        "source_sha256"
-    ]
+    assert (
+        redone.generator["features"]["source_sha256"] != made.generator["features"]["source_sha256"]
+    )
 
 
 def test_a_features_study_trains_its_runs_on_the_features(tmp_path, ray_session):

@@ -15,7 +15,7 @@ from local_mlflow import running_server
 from mlflow import MlflowClient
 from test_tune import compose_tune
 
-from dipro.data.shards import read_manifest
+from dipro.data.layout import read_manifest
 from dipro.tracking import PARENT_TAG, RUN_DIR_TAG, dataset_identity, numeric_metrics
 from ray_jobs.train import run_training
 from ray_jobs.tune import run_sweep

@@ -285,7 +285,13 @@ def event_row(
     """The key columns of a ``chartevents`` / ``outputevents`` row (``caregiver``: ``[id]`` for
     the 2.2/3.x tables, ``[]`` before); the value columns follow."""
     return [
-        stay.subject_id, stay.hadm_id, stay.stay_id, *caregiver, stamp(start), stamp(stored), itemid
+        stay.subject_id,
+        stay.hadm_id,
+        stay.stay_id,
+        *caregiver,
+        stamp(start),
+        stamp(stored),
+        itemid,
     ]
 
 

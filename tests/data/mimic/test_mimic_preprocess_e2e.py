@@ -12,9 +12,10 @@ from local_ray import ensure_ray
 from omegaconf import DictConfig
 
 from dipro import vocab
-from dipro.data import shards
+from dipro.data.layout import list_shards, read_manifest
 from dipro.data.mimic.fixture_tree import EXPECTED_COUNTS
 from dipro.data.mimic.raw_tree import RawTree
+from dipro.data.shard_reader import iter_numpy_batches, read_table, verify_checksums
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -66,14 +67,9 @@ def test_shards_validate_with_expected_counts(first_run, raw_tree) -> None:
     for task, manifest in manifests.items():
         total = sum(manifest.num_samples(s) for s in vocab.SPLITS)
         assert total == EXPECTED_COUNTS[f"samples_{task}"]
-        shards.verify_checksums(out, task)
-        table = shards.read_table(  # validates every record
-            [
-                p
-                for s in vocab.SPLITS
-                if manifest.num_samples(s)
-                for p in shards.list_shards(out, task, s)
-            ]
+        verify_checksums(out, task)
+        table = read_table(  # validates every record
+            [p for s in vocab.SPLITS if manifest.num_samples(s) for p in list_shards(out, task, s)]
         )
         assert table.num_rows == total
         assert set(table.column("crop_size").to_pylist()) == {32}
@@ -90,9 +86,9 @@ def test_real_radiograph_crops_are_not_blank(first_run, raw_tree) -> None:
         p
         for s in vocab.SPLITS
         if manifest["mortality"].num_samples(s)
-        for p in shards.list_shards(out, "mortality", s)
+        for p in list_shards(out, "mortality", s)
     ]
-    table = shards.read_table(paths)
+    table = read_table(paths)
     crops = [np.frombuffer(c, np.uint8) for c in table.column("crops").to_pylist()]
     assert all(c.std() > 5 for c in crops)
 
@@ -124,7 +120,7 @@ def test_features_mode_with_a_frozen_backbone(raw_tree, tmp_path: Path) -> None:
     )
     manifest = manifests["mortality"]
     assert (manifest.region_mode, manifest.feature_dim) == ("features", 512)
-    table = shards.read_table(shards.list_shards(tmp_path, "mortality", "train"))
+    table = read_table(list_shards(tmp_path, "mortality", "train"))
     assert table.column("crops").null_count == table.num_rows
 
 
@@ -134,7 +130,7 @@ def test_existing_shards_are_kept_without_overwrite(first_run, raw_tree) -> None
     out, manifests, _ = first_run
     with pytest.raises(FileExistsError, match="overwrite=true"):
         run_preprocess(_cfg(raw_tree, out))
-    assert shards.read_manifest(out, "mortality").files == manifests["mortality"].files
+    assert read_manifest(out, "mortality").files == manifests["mortality"].files
 
 
 def test_shards_collate_into_a_batch(first_run) -> None:
@@ -143,8 +139,8 @@ def test_shards_collate_into_a_batch(first_run) -> None:
 
     out, manifests, _ = first_run
     for task, manifest in manifests.items():
-        paths = shards.list_shards(out, task, "train")
-        columns = next(shards.iter_numpy_batches(paths, 4, columns=model_columns("crops")))
+        paths = list_shards(out, task, "train")
+        columns = next(iter_numpy_batches(paths, 4, columns=model_columns("crops")))
         batch = collate(columns, manifest.norm_statistics())
         T = batch.cxr_times.shape[1]
         assert batch.crops is not None
