@@ -97,7 +97,8 @@ def test_three_sites_two_rounds_then_resume(tiny_data_root, two_rounds):
     assert [n for n, _ in reported] == [n for n, _ in rescored]
     assert [a for _, a in reported] == pytest.approx([a for _, a in rescored], nan_ok=True)
     assert report["test"] == site_test["aggregate"]
-    assert sum(math.isfinite(a) for _, a in reported) >= 2  # two sites' test splits: both classes
+    # a site whose test split holds one class has no AUROC, and the aggregate leaves it out
+    assert any(math.isfinite(a) for _, a in reported)
     assert report["test"]["auroc"] == pytest.approx(_weighted(site_test["sites"], "auroc"))
 
     # started again with one round more, it plays only round 3
