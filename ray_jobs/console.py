@@ -32,7 +32,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -128,7 +128,6 @@ def follow_epochs(cfg: Mapping[str, Any], interval_s: float = 1.0) -> Iterator[N
     task, monitor = str(cfg["task"]["name"]), str(cfg["task"]["monitor"])
     max_epochs = int(cfg["train"]["max_epochs"])
     seen = {json.dumps(record, sort_keys=True) for record in read_log(uri)}
-    done = threading.Event()
 
     def show_new() -> None:
         for record in read_log(uri):
@@ -138,18 +137,31 @@ def follow_epochs(cfg: Mapping[str, Any], interval_s: float = 1.0) -> Iterator[N
                 say(format_epoch(task, record, max_epochs, monitor))
 
     def poll() -> None:
-        while not done.wait(interval_s):
-            with contextlib.suppress(OSError, ValueError):  # a file being replaced
-                show_new()
+        with contextlib.suppress(OSError, ValueError):  # a file being replaced
+            show_new()
 
-    thread = threading.Thread(target=poll, name="epoch-lines", daemon=True)
+    with _every(interval_s, poll, "epoch-lines"):
+        yield
+    show_new()
+
+
+@contextlib.contextmanager
+def _every(interval_s: float, step: Callable[[], None], name: str) -> Iterator[None]:
+    """Call ``step`` every ``interval_s`` seconds in a daemon thread while the body runs; the
+    thread is stopped and joined when the body ends."""
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(interval_s):
+            step()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
         yield
     finally:
         done.set()
         thread.join()
-        show_new()
 
 
 class Progress:
@@ -232,34 +244,29 @@ def report_waits(cfg: Mapping[str, Any], poll_s: float | None = None) -> Iterato
         yield
         return
     interval = poll_s or min(5.0, wait_s / 3)
-    done = threading.Event()
+    since: float | None = None
+    after = wait_s
 
     def watch() -> None:
-        since, after = None, wait_s
-        while not done.wait(interval):
-            try:
-                demands = pending_demands()
-            except Exception:  # noqa: BLE001 - a status call that fails says nothing
-                continue
-            now = time.monotonic()
-            if not demands:
-                since, after = None, wait_s
-            elif since is None:
-                since = now
-            elif now - since >= after:
-                asked = {name for demand in demands for name in demand.resources}
-                say(
-                    f"waiting {now - since:.0f} s for resources: "
-                    f"{'; '.join(demand.text for demand in demands)}. "
-                    f"The cluster has (free/total) {cluster_offer(asked)}; `ray status` "
-                    "shows the pending demands, resource_wait_s when this is said"
-                )
-                after *= 2
+        nonlocal since, after
+        try:
+            demands = pending_demands()
+        except Exception:  # noqa: BLE001 - a status call that fails says nothing
+            return
+        now = time.monotonic()
+        if not demands:
+            since, after = None, wait_s
+        elif since is None:
+            since = now
+        elif now - since >= after:
+            asked = {name for demand in demands for name in demand.resources}
+            say(
+                f"waiting {now - since:.0f} s for resources: "
+                f"{'; '.join(demand.text for demand in demands)}. "
+                f"The cluster has (free/total) {cluster_offer(asked)}; `ray status` "
+                "shows the pending demands, resource_wait_s when this is said"
+            )
+            after *= 2
 
-    thread = threading.Thread(target=watch, name="resource-waits", daemon=True)
-    thread.start()
-    try:
+    with _every(interval, watch, "resource-waits"):
         yield
-    finally:
-        done.set()
-        thread.join()
