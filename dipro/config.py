@@ -32,6 +32,7 @@ from typing import Any, Final, NoReturn
 
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.object_type import ObjectType
 from hydra.errors import ConfigCompositionException
 from hydra.experimental.callback import Callback
@@ -586,11 +587,26 @@ class LocalSettingsCheck(Callback):
             exit_with_error("configuration", err)
 
 
+def start_dir() -> str:
+    """The directory the process runs in, absolute; when that directory is gone, the one the
+    Hydra job started in (``runtime.cwd``, recorded when its config was composed).
+
+    A job may outlive its working directory: Ray can delete a ``ray job submit --working-dir``
+    copy while the driver still runs, and ``os.getcwd()`` then raises. Unlike
+    ``${oc.env:PWD}`` it needs no shell (PWD is unset under systemd or a bare exec, and stale in
+    a child started with another cwd).
+    """
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        if not HydraConfig.initialized():
+            raise
+        return str(HydraConfig.get().runtime.cwd)
+
+
 RESOLVERS: Final[dict[str, Callable[[], str]]] = {
-    # The directory the process runs in, absolute: paths.root when DIPRO_ROOT is unset. Unlike
-    # ${oc.env:PWD} it needs no shell (PWD is unset under systemd or a bare exec, and stale in a
-    # child started with another cwd).
-    "dipro.cwd": os.getcwd,
+    # paths.root when DIPRO_ROOT is unset.
+    "dipro.cwd": start_dir,
 }
 
 

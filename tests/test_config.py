@@ -3,6 +3,8 @@ naming the key, exit status 2, before Ray starts and before anything is written.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,27 @@ def test_every_entrypoint_ends_an_error_the_same_way(capsys, error, code, line):
 def test_an_unlisted_error_is_not_swallowed():
     with pytest.raises(KeyError), exit_on({ValueError: "data"}):
         raise KeyError("a bug, with its traceback")
+
+
+def test_paths_root_outlives_a_deleted_working_directory(tmp_path):
+    """A ``ray job submit --working-dir`` copy can be deleted while its driver still runs:
+    ``paths.root`` then stays the directory the job started in instead of failing to resolve."""
+    started = tmp_path / "job_copy"
+    started.mkdir()
+    script = (
+        "import os, shutil, sys\n"
+        "import hydra\n"
+        "from omegaconf import OmegaConf\n"
+        "@hydra.main(version_base=None, config_path=sys.argv[1], config_name='train')\n"
+        "def main(cfg):\n"
+        "    shutil.rmtree(os.getcwd())\n"
+        "    print(OmegaConf.select(cfg, 'paths.outputs'))\n"
+        "sys.argv = sys.argv[:1] + ['hydra.run.dir=" + str(tmp_path / "hydra") + "']\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(CONFIGS)],
+        cwd=started, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"{started}/outputs"
