@@ -199,7 +199,10 @@ def test_paths_root_outlives_a_deleted_working_directory(tmp_path):
     )
     done = subprocess.run(
         [sys.executable, "-c", script, str(CONFIGS)],
-        cwd=started, capture_output=True, text=True, timeout=120,
+        cwd=started,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == f"{started}/outputs"
