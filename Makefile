@@ -1,7 +1,10 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-# `make test` runs in one process tree with an in-process Ray; `make test-cluster` starts
-# multi-process clusters (Ray heads and nodes, the autoscaler, a Flower deployment, an MLflow
-# server); `make test-all` runs both (what CI runs: .ci/run).
+# `make test` runs in one process tree with an in-process Ray: every unit, one run of each path
+# (Ray Data, Train, Tune, evaluation, prediction, a federated simulation) and the entrypoints'
+# error paths. `make test-slow` holds the long in-process runs (resumes, injected faults, every
+# federated failure mode); `make test-cluster` starts multi-process clusters (Ray heads and
+# nodes, the autoscaler, a Flower deployment, an MLflow server). `make test-all` runs the three
+# (what CI runs: .ci/run).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +18,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION ?= 1
 export RAY_DASHBOARD_STARTUP_TIMEOUT_S ?= 300
 export RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT ?= 240
 
-.PHONY: install demo test test-cluster test-all lint clean
+.PHONY: install demo test test-slow test-cluster test-all lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,12 +33,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not cluster" --durations=25
+	$(BIN)/python -m pytest -m "not slow and not cluster" --durations=25
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m "slow and not cluster" --durations=25
 
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -m cluster --durations=25
 
-test-all: test test-cluster
+test-all: test test-slow test-cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -168,7 +168,6 @@ def _cv_auroc(features: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> f
     return roc_auc_score(labels, scores)
 
 
-@pytest.mark.slow
 def test_progression_is_in_the_change_between_crops_and_the_interval_ehr_not_in_one_crop(
     signal_dataset: Path,
 ) -> None:
@@ -244,7 +243,6 @@ def test_where_a_change_happened_shows_in_that_region_when_the_crops_are_registe
     assert _region_change_auroc(SyntheticConfig().box_jitter) < 0.6
 
 
-@pytest.mark.slow
 def test_one_cxr_shows_how_sick_the_patient_is(signal_dataset: Path) -> None:
     """The ICU samples' last CXR alone predicts mortality above chance (every image carries a
     little of the severity the patient arrived with), though it says nothing about a change."""
@@ -271,14 +269,11 @@ def test_ehr_predicts_mortality(signal_dataset: Path) -> None:
     assert auroc > 0.75
 
 
-
 def test_the_earlier_cxrs_show_outcome_risk_that_the_last_one_and_the_ehr_do_not() -> None:
     """The radiographic course: mortality from the true finding intensities of an ICU sample's
     CXRs and its 48 h of EHR, with every CXR of the window against the last one alone (the
     paper's "Long." against "Last"; scripts/cohort_probes.py prints the full table)."""
-    cohort = simulate_cohort(
-        SyntheticConfig(seed=1, num_patients=2000, image_size=32, crop_size=4)
-    )
+    cohort = simulate_cohort(SyntheticConfig(seed=1, num_patients=2000, image_size=32, crop_size=4))
     window = cohort.config.icu_window_hours
     first = cohort.cxr_offsets[:-1]
     last = first + np.add.reduceat(cohort.cxr_times < window, first) - 1
@@ -290,6 +285,7 @@ def test_the_earlier_cxrs_show_outcome_risk_that_the_last_one_and_the_ehr_do_not
     with_last = _cv_auroc(np.concatenate([last_cxr, ehr], axis=1), mortality, groups)
     with_all = _cv_auroc(np.concatenate([every_cxr, ehr], axis=1), mortality, groups)
     assert with_all - with_last > 0.03, (with_last, with_all)
+
 
 def test_demo_data_is_reused_refused_when_stale_and_replaced_on_request(tmp_path: Path) -> None:
     generator = {"seed": 1, "num_patients": 8, "image_size": 32, "crop_size": 4}

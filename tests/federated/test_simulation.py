@@ -20,8 +20,6 @@ from dipro.evaluation import evaluate_checkpoint
 from federated.server import FederatedResult
 from federated.simulate import FederatedRunError, run_federated
 
-pytestmark = pytest.mark.slow
-
 TWO_ROUNDS = ("federated.num_rounds=2", "simulation.timeout_s=900")
 # The round log's wall-clock fields: the only ones a rerun may change.
 WALL_CLOCK = ("seconds",)
@@ -123,6 +121,7 @@ def test_a_two_round_run_repeated_writes_the_same_round_metrics(
     assert _digits(again.test_metrics) == _digits(first.test_metrics)
 
 
+@pytest.mark.slow
 def test_a_failing_site_is_logged_and_the_round_completes(tiny_data_root, tmp_path):
     out = tmp_path / "run"
     cfg = compose(
@@ -147,6 +146,7 @@ def test_a_failing_site_is_logged_and_the_round_completes(tiny_data_root, tmp_pa
     assert result.rounds == 1 and Path(result.final_checkpoint).exists()
 
 
+@pytest.mark.slow
 def test_too_few_sites_is_a_clear_error_not_a_hang(tiny_data_root, tmp_path):
     cfg = compose(
         tiny_data_root,

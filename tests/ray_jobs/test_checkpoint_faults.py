@@ -28,7 +28,7 @@ from dipro.model import build_model
 from ray_jobs.train import run_training
 from ray_jobs.worker import KEEP_FREE
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = pytest.mark.ray
 
 
 def _args(data_root: Path, runs: Path, *extra: str) -> list[str]:
@@ -60,6 +60,7 @@ def _epochs(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "epoch_metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_resume_skips_a_truncated_latest_checkpoint(
     mortality_run, tiny_data_root, entrypoint, tree_checksums, tmp_path
 ):
@@ -88,6 +89,7 @@ def test_resume_skips_a_truncated_latest_checkpoint(
     assert tree_checksums(first.parent) == kept
 
 
+@pytest.mark.slow
 def test_resume_with_another_task_or_other_data_is_refused(
     mortality_run, tiny_dataset, tiny_data_root, entrypoint, tree_checksums
 ):
@@ -116,6 +118,7 @@ def _progression_checkpoint(path: Path, *, norm_stats) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_checkpoint_that_is_not_the_runs(
     mortality_run, tiny_data_root, entrypoint, tree_checksums, tmp_path
 ):
@@ -202,6 +205,7 @@ def _bytes_needed(line: str) -> int:
     return int(found.group(1))
 
 
+@pytest.mark.slow
 def test_storage_full_during_a_checkpoint(
     mortality_run, tiny_data_root, entrypoint, small_disk, tree_checksums
 ):
@@ -261,6 +265,7 @@ def _turn_read_only_after_first_checkpoint(
     failures.append(f"the disk was not turned read-only: {turned.stderr.strip()}")
 
 
+@pytest.mark.slow
 def test_storage_turning_read_only_during_a_run(
     tiny_data_root, entrypoint, small_disk, tree_checksums, tmp_path
 ):

@@ -22,7 +22,7 @@ from ray_jobs.evaluate import EvaluationError, evaluate_to_report, write_run_rep
 from ray_jobs.experiments import run_ablations, run_seeds
 from ray_jobs.train import ConfigError
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = pytest.mark.ray
 
 TASK = "disease_progression"
 SECTIONS = (
@@ -181,6 +181,7 @@ def _experiments(data_root: Path, storage: Path, *extra: str):
         )
 
 
+@pytest.mark.slow
 def test_ablation_table_and_seed_table_over_real_runs(tiny_data_root, ray_session, tmp_path):
     path = run_ablations(
         _experiments(tiny_data_root, tmp_path, "mode=ablations", "variants=[dipro,cxr_only]")

@@ -24,7 +24,7 @@ from dipro.prediction import predictions_from_table
 from ray_jobs.evaluate import evaluate_to_report
 from ray_jobs.predict import PredictionError, run_prediction
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = pytest.mark.ray
 
 TASK = "disease_progression"
 
@@ -106,6 +106,7 @@ def test_unlabelled_shard_folder(tiny_checkpoint, tiny_data_root, tmp_path):
         run_prediction(_predict_cfg(f"checkpoint={tiny_checkpoint}", f"shards={tmp_path}/none"))
 
 
+@pytest.mark.slow
 def test_raw_mimic_tree_predictions_name_its_images(tiny_checkpoint, tmp_path):
     from dipro.data.mimic.cohort_tree import write_cohort_raw_tree
     from dipro.data.synthetic import SyntheticConfig, simulate_cohort

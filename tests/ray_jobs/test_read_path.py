@@ -125,7 +125,6 @@ def _train_overrides(root: Path, runs: Path, task: str, *extra: str) -> list[str
     ]
 
 
-@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize(
     ("task", "field", "spoil"), BAD_RECORDS, ids=[f"{t}-{f}" for t, f, _ in BAD_RECORDS]
@@ -149,14 +148,15 @@ def test_ray_data_path_names_shard_record_and_field(
     assert "\n" not in str(error)
 
 
-@pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize(
-    ("task", "field", "spoil"), BAD_RECORDS, ids=[f"{t}-{f}" for t, f, _ in BAD_RECORDS]
-)
 def test_bad_record_stops_the_train_job_before_any_step(
-    tiny_data_root, ray_session, entrypoint, tree_checksums, tmp_path, task, field, spoil
+    tiny_data_root, ray_session, entrypoint, tree_checksums, tmp_path
 ):
+    """The whole job on one bad record (a progression code out of range): exit status 2, one
+    line, nothing written. Every other bad field of ``BAD_RECORDS`` reaches the job through the
+    same Ray Data read and the same unwrapping (``stopping_error``), which the test above checks
+    field by field."""
+    task, field, spoil = BAD_RECORDS[3]
     data, runs = tmp_path / "data", tmp_path / "runs"
     shard, record = _bad_copy(tiny_data_root, data, task, spoil)
     before = tree_checksums(data)

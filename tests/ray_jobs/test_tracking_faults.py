@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 
 from dipro.tracking import RUN_DIR_TAG, numeric_metrics
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = pytest.mark.ray
 
 
 def _args(data_root: Path, tmp_path: Path, uri: str, *extra: str) -> list[str]:
@@ -75,6 +75,7 @@ def _histories(client: MlflowClient, run_id: str) -> dict[str, int]:
     return {key: len(client.get_metric_history(run_id, key)) for key in keys}
 
 
+@pytest.mark.slow
 def test_unreachable_store_warns_once_and_the_run_is_replayed_later(
     tiny_data_root, tmp_path, entrypoint, ray_session
 ):

@@ -22,7 +22,7 @@ from dipro.checkpoint import load_checkpoint
 from ray_jobs.train import ConfigError, run_training
 from ray_jobs.tune import SweepInterrupted, check_sweep, run_sweep
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = pytest.mark.ray
 
 SPACE = {
     "optim.lr": {"type": "loguniform", "lower": 1e-4, "upper": 1e-2},
@@ -72,6 +72,7 @@ def sweep(tiny_data_root, tmp_path_factory):
     return run_sweep(compose_tune(tiny_data_root, runs, "sweep")), runs
 
 
+@pytest.mark.slow
 def test_sweep_best_config_trains_unchanged(sweep):
     result, tmp_path = sweep
     sweep_dir = tmp_path / "sweep"
@@ -115,6 +116,7 @@ class _InterruptAfterFirstTrial(tune.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     sweep, tiny_data_root, ray_session, tmp_path
 ):

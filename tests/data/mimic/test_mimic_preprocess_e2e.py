@@ -17,7 +17,7 @@ from dipro.data.mimic.fixture_tree import EXPECTED_COUNTS
 from dipro.data.mimic.raw_tree import RawTree
 from dipro.data.shard_reader import iter_numpy_batches, read_table, verify_checksums
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = pytest.mark.ray
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
 

@@ -151,7 +151,6 @@ def test_bad_setting_is_refused_before_any_raw_file_is_read(
     assert tree_checksums(out) == before
 
 
-@pytest.mark.slow
 @pytest.mark.ray
 def test_empty_jpeg_fails_in_the_ray_data_stage_with_one_line(
     damaged, entrypoint, tree_checksums, ray_session, tmp_path
