@@ -17,6 +17,10 @@ from federated.client_app import app
 from federated.config import site_config, train_config_record
 from federated.site import InjectedSiteFault, load_site
 
+# The tiny model's backbone is random on purpose (no weights file in a test): build_model's
+# warning that says so to a user is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:model config. no pretrained_weights:UserWarning")
+
 
 @pytest.fixture(autouse=True)
 def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:

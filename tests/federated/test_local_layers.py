@@ -22,6 +22,10 @@ from federated.config import site_config, train_config_record
 from federated.local_state import global_part, local_keys
 from federated.simulate import run_federated
 
+# The tiny model's backbone is random on purpose (no weights file in a test): build_model's
+# warning that says so to a user is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:model config. no pretrained_weights:UserWarning")
+
 FEDBN = "federated.local.batch_norm=true"
 
 

@@ -29,6 +29,10 @@ from federated.client_app import FAILURE_CATEGORIES, app
 from federated.config import site_config, train_config_record
 from federated.simulate import lock_run_directory, run_federated
 
+# The tiny model's backbone is random on purpose (no weights file in a test): build_model's
+# warning that says so to a user is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:model config. no pretrained_weights:UserWarning")
+
 LEAKS = re.compile(r"subject_id|stay_id|/split=")
 DOCS = REPO / "docs" / "federated.md"
 

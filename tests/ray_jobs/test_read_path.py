@@ -191,6 +191,8 @@ def test_tampered_shard_is_refused_by_training_unless_skipped(tiny_data_root, tm
     check_config(compose_train([*overrides, "data.verify_checksums=false"]))
 
 
+# A checkpoint of the tiny model, random on purpose: build_model's warning about it is expected.
+@pytest.mark.filterwarnings("ignore:model config. no pretrained_weights:UserWarning")
 def test_tampered_shard_is_refused_by_evaluation(tiny_data_root, tmp_path):
     shutil.copytree(tiny_data_root / "mortality", tmp_path / "data" / "mortality")
     victim = (

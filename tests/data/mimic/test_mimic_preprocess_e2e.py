@@ -17,7 +17,12 @@ from dipro.data.mimic.fixture_tree import EXPECTED_COUNTS
 from dipro.data.mimic.raw_tree import RawTree
 from dipro.data.shard_reader import iter_numpy_batches, read_table, verify_checksums
 
-pytestmark = pytest.mark.ray
+pytestmark = [
+    pytest.mark.ray,
+    # Ray Data sets its own deprecated DataContext fields when it copies the context to a task
+    # (ray/data/context.py): nothing in this project sets them.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),
+]
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
 
