@@ -6,9 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# The tiny model's backbone is random on purpose (a test has no weights file): build_model's
+# warning that says so to a user is expected where a test builds it.
+RANDOM_BACKBONE_EXPECTED = pytest.mark.filterwarnings(
+    "ignore:model config. no pretrained_weights:UserWarning"
+)
 
 
 def tiny_model_cfg(**changes: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import torch
 from conftest import compose
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from tiny_model import RANDOM_BACKBONE_EXPECTED
 
 from dipro.config import ConfigError
 from dipro.data.layout import read_manifest
@@ -17,9 +18,7 @@ from federated.client_app import app
 from federated.config import site_config, train_config_record
 from federated.site import InjectedSiteFault, load_site
 
-# The tiny model's backbone is random on purpose (no weights file in a test): build_model's
-# warning that says so to a user is expected here.
-pytestmark = pytest.mark.filterwarnings("ignore:model config. no pretrained_weights:UserWarning")
+pytestmark = RANDOM_BACKBONE_EXPECTED
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import torch
 from conftest import compose
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from tiny_model import RANDOM_BACKBONE_EXPECTED
 from torch import nn
 
 from dipro import checkpoint as ckpt_io
@@ -22,9 +23,7 @@ from federated.config import site_config, train_config_record
 from federated.local_state import global_part, local_keys
 from federated.simulate import run_federated
 
-# The tiny model's backbone is random on purpose (no weights file in a test): build_model's
-# warning that says so to a user is expected here.
-pytestmark = pytest.mark.filterwarnings("ignore:model config. no pretrained_weights:UserWarning")
+pytestmark = RANDOM_BACKBONE_EXPECTED
 
 FEDBN = "federated.local.batch_norm=true"
 

@@ -21,6 +21,7 @@ import torch
 from conftest import REPO, TINY, compose
 from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from tiny_model import RANDOM_BACKBONE_EXPECTED
 
 from dipro.data.layout import MANIFEST_NAME, list_shards, read_manifest
 from dipro.data.schema import SCHEMA
@@ -29,9 +30,7 @@ from federated.client_app import FAILURE_CATEGORIES, app
 from federated.config import site_config, train_config_record
 from federated.simulate import lock_run_directory, run_federated
 
-# The tiny model's backbone is random on purpose (no weights file in a test): build_model's
-# warning that says so to a user is expected here.
-pytestmark = pytest.mark.filterwarnings("ignore:model config. no pretrained_weights:UserWarning")
+pytestmark = RANDOM_BACKBONE_EXPECTED
 
 LEAKS = re.compile(r"subject_id|stay_id|/split=")
 DOCS = REPO / "docs" / "federated.md"

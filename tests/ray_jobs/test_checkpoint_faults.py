@@ -21,6 +21,7 @@ import pytest
 from conftest import TINY_MODEL, compose_train
 from local_ray import ensure_ray
 from omegaconf import OmegaConf
+from tiny_model import RANDOM_BACKBONE_EXPECTED
 
 from dipro.checkpoint import read_checkpoint, save_checkpoint
 from dipro.data.normalize import NormStats
@@ -119,6 +120,7 @@ def _progression_checkpoint(path: Path, *, norm_stats) -> Path:
 
 
 @pytest.mark.slow
+@RANDOM_BACKBONE_EXPECTED
 def test_evaluate_refuses_a_checkpoint_that_is_not_the_runs(
     mortality_run, tiny_data_root, entrypoint, tree_checksums, tmp_path
 ):

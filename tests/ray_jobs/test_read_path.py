@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import TINY_MODEL, compose_train
+from tiny_model import RANDOM_BACKBONE_EXPECTED
 
 from dipro.checkpoint import save_checkpoint
 from dipro.data.layout import MANIFEST_NAME, read_manifest
@@ -191,8 +192,7 @@ def test_tampered_shard_is_refused_by_training_unless_skipped(tiny_data_root, tm
     check_config(compose_train([*overrides, "data.verify_checksums=false"]))
 
 
-# A checkpoint of the tiny model, random on purpose: build_model's warning about it is expected.
-@pytest.mark.filterwarnings("ignore:model config. no pretrained_weights:UserWarning")
+@RANDOM_BACKBONE_EXPECTED
 def test_tampered_shard_is_refused_by_evaluation(tiny_data_root, tmp_path):
     shutil.copytree(tiny_data_root / "mortality", tmp_path / "data" / "mortality")
     victim = (
