@@ -1,4 +1,5 @@
-"""The environment of a Ray that a job starts in-process, whoever started the job.
+"""The environment of a Ray that a job starts in-process, whoever started the job, and what a
+job's driver sets up once it is connected.
 
 Ray gives its dashboard 60 s to come up and each of the dashboard's module processes 30 s. On a
 machine with few cores and a high load, starting those processes takes longer, Ray runs on
@@ -24,3 +25,21 @@ def set_dashboard_timeouts() -> None:
     or by ``make``) is kept. Call it before ``ray.init`` starts Ray."""
     for name, seconds in DASHBOARD_TIMEOUTS.items():
         os.environ.setdefault(name, seconds)
+
+
+def pin_cluster_actors_to_driver() -> None:
+    """Create the cluster's detached Ray Data and Ray Train singletons on this driver's node,
+    unless they exist: Ray Data's statistics actor and the autoscaling coordinator of Ray Data
+    and Ray Train.
+
+    Each is created on the node of the process that first needs it, and lives as long as the
+    cluster. A sweep first needs them in a trial, on a worker node the autoscaler launched:
+    pinned there, they keep that node from ever being idle, and the autoscaler never
+    terminates it (the fault of ray-project/ray#42253, for these actors, in Ray 2.55.1). Created by
+    the job's driver, they live on the node the driver runs on (the head node under ``ray job
+    submit``). Call it once connected."""
+    from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+    from ray.data._internal.stats import get_or_create_stats_actor
+
+    get_or_create_stats_actor()
+    get_or_create_autoscaling_coordinator()

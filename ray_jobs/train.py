@@ -278,9 +278,10 @@ def local_num_cpus(cfg: DictConfig) -> int:
 
 def ensure_ray(cfg: DictConfig, num_cpus: int | None = None) -> None:
     """Connect to the configured cluster (or RAY_ADDRESS), or start Ray in-process with
-    ``num_cpus`` logical CPUs (default: a training job's, ``local_num_cpus``); say where Ray's
-    dashboard and logs are."""
-    from ray_jobs.ray_startup import set_dashboard_timeouts
+    ``num_cpus`` logical CPUs (default: a training job's, ``local_num_cpus``); keep the cluster's
+    detached Ray Data and Train actors on this node (``pin_cluster_actors_to_driver``); say
+    where Ray's dashboard and logs are."""
+    from ray_jobs.ray_startup import pin_cluster_actors_to_driver, set_dashboard_timeouts
 
     set_dashboard_timeouts()
     if ray.is_initialized():
@@ -290,6 +291,7 @@ def ensure_ray(cfg: DictConfig, num_cpus: int | None = None) -> None:
         context = ray.init(address=address)
     else:
         context = ray.init(num_cpus=num_cpus or local_num_cpus(cfg))
+    pin_cluster_actors_to_driver()
     where = f"connected to {address}" if address else "started in-process"
     say(
         f"Ray:     {where}, {int(ray.cluster_resources().get('CPU', 0))} CPUs; its logs in "

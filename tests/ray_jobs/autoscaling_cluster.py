@@ -41,7 +41,7 @@ from ray.autoscaler._private.fake_multi_node.node_provider import (
     FAKE_HEAD_NODE_ID,
     FakeMultiNodeProvider,
 )
-from ray.util.state import list_nodes
+from ray.util.state import list_actors, list_nodes, list_tasks
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_FILE = REPO / "ray_jobs" / "cluster" / "cluster.yaml"
@@ -245,9 +245,24 @@ class AutoscalingCluster(LocalCluster):
                 return time.monotonic() - started
             time.sleep(1)
         raise AssertionError(
-            f"{len(self.worker_nodes())} worker nodes after {timeout:.0f} s, expected {count}:\n"
-            + self.monitor_log()[-4000:]
+            f"{len(self.worker_nodes())} worker nodes after {timeout:.0f} s, expected {count}; "
+            f"what runs on them: {self.work_on_workers()}\n" + self.monitor_log()[-4000:]
         )
+
+    def work_on_workers(self) -> list[str]:
+        """The live actors and tasks on worker nodes (what keeps a node from being idle)."""
+        workers = set(self.worker_nodes())
+        actors = list_actors(
+            address=self.dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False
+        )
+        tasks = list_tasks(
+            address=self.dashboard,
+            filters=[("state", "=", "RUNNING")],
+            raise_on_missing_output=False,
+        )
+        return [f"actor {a.class_name} on {a.node_id}" for a in actors if a.node_id in workers] + [
+            f"task {t.name} on {t.node_id}" for t in tasks if t.node_id in workers
+        ]
 
     def preempt(self, node_id: str) -> None:
         """Kill every process of one launched node at once, as a spot reclaim would."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from autoscaling_cluster import (
+    FAKE_HEAD_NODE_ID,
     LOGICAL_GPU,
     AutoscalingCluster,
     ClusterFileError,
@@ -138,30 +139,6 @@ def _wait_job(cluster: AutoscalingCluster, job: str, timeout: float) -> tuple[Jo
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_training_job_scales_gpu_nodes_up_and_down(autoscaling, tiny_data_root, tmp_path):
-    assert autoscaling.worker_nodes() == {}
-    job = autoscaling.submit(
-        _command(
-            "ray_jobs.train",
-            tiny_data_root,
-            tmp_path,
-            "run_name=scale",
-            "train.max_epochs=2",
-            "scaling.num_workers=2",
-        ),
-        None,
-    )
-    status, logs, launched = _wait_job(autoscaling, job, timeout=900)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:] + autoscaling.monitor_log()[-3000:]
-    epochs = _epochs(tmp_path / "scale")
-    assert [e["epoch"] for e in epochs] == [1, 2]
-    assert len(launched) == 2 and set(epochs[-1]["worker_nodes"]) == launched
-    scale_down = autoscaling.wait_for_workers(0, timeout=180)
-    print(f"scale-down after the job: {scale_down:.0f} s")
-
-
-@pytest.mark.slow
-@pytest.mark.cluster
 def test_sweep_trials_run_on_separate_launched_nodes(autoscaling, tiny_data_root, tmp_path):
     autoscaling.wait_for_workers(0, timeout=180)
     space = tmp_path / "configs" / "tune"
@@ -201,6 +178,7 @@ def test_elastic_run_survives_a_preempted_node_and_grows_back(
     autoscaling, tiny_data_root, tmp_path
 ):
     autoscaling.wait_for_workers(0, timeout=180)
+    assert autoscaling.worker_nodes() == {}
     run = tmp_path / "elastic"
     job = autoscaling.submit(
         _command(
@@ -239,10 +217,15 @@ def test_elastic_run_survives_a_preempted_node_and_grows_back(
         time.sleep(1)
     resume_s = time.monotonic() - preempted
 
-    status, logs, launched = _wait_job(autoscaling, job, timeout=900)
+    status, logs, _ = _wait_job(autoscaling, job, timeout=900)
     assert status == JobStatus.SUCCEEDED, logs[-3000:] + autoscaling.monitor_log()[-3000:]
     epochs = _epochs(run)
     assert [e["epoch"] for e in epochs] == list(range(1, 15))  # none lost, none repeated
+    # The cluster had no worker node, and the head offers no GPU: every epoch's two workers ran
+    # on two nodes the autoscaler launched.
+    for epoch in epochs:
+        nodes = set(epoch["worker_nodes"])
+        assert len(nodes) == epoch["world_size"] and FAKE_HEAD_NODE_ID not in nodes, epoch
     worlds = [e["world_size"] for e in epochs]
     after_loss = _first_epoch_without(epochs, victim)
     assert after_loss, worlds
@@ -259,8 +242,10 @@ def test_elastic_run_survives_a_preempted_node_and_grows_back(
         assert epochs[i]["restored_from_epoch"] == epochs[i - 1]["epoch"], epochs[i]
     # The global batch is held: each worker accumulates in proportion to the missing workers.
     assert {e["world_size"] * e["accumulation_steps"] for e in epochs} == {2}
+    scale_down = autoscaling.wait_for_workers(0, timeout=180)  # idle nodes are terminated
     print(
         f"elastic: 2 workers after {scale_up:.0f} s; node lost after epoch "
         f"{preempted_after_epoch}; training again {resume_s:.0f} s later, at epoch "
-        f"{epochs[after_loss]['epoch']} on {worlds[after_loss]} worker(s); world sizes {worlds}"
+        f"{epochs[after_loss]['epoch']} on {worlds[after_loss]} worker(s); world sizes {worlds}; "
+        f"no worker node {scale_down:.0f} s after the job"
     )
