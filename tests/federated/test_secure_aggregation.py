@@ -1,7 +1,7 @@
 """Secure aggregation (SecAgg+, ``federated.secure``): the secure round's global model is plain
-FedAvg's up to quantisation, a site that drops out after the keys were shared leaves the round
-complete, site-local layers stay local, and settings the protocol cannot run are refused before
-any site is contacted."""
+FedAvg's up to quantisation, a site that fails while training (after the keys were shared)
+leaves the round complete and its details in its own log, site-local layers stay local, and
+settings the protocol cannot run are refused before any site is contacted."""
 
 from __future__ import annotations
 
@@ -37,8 +37,16 @@ def test_a_secure_round_with_a_dropout_is_fedavg_up_to_quantisation(tiny_data_ro
 
     for out in (tmp_path / "plain", tmp_path / "secure"):
         sites = _round(out)["sites"]
+        # the fault is in training only: the failing site still scores the round
         assert (sites["sampled"], sites["updated"], sites["evaluated"]) == (3, 2, 3)
         assert [f["reason"] for f in sites["train_failures"]] == ["site failed: injected-fault"]
+        # the server logs the failure's category; its details stay in the site's own log
+        log = (out / "simulation.log").read_text()
+        assert "failed to train: site failed: injected-fault" in log
+        assert "injected failure of hospital 1" not in log
+        site_log = (tmp_path / f"{out.name}-site-logs" / "site-1.log").read_text()
+        assert "InjectedSiteFault: injected failure of hospital 1" in site_log
+    assert plain.rounds == 1 and Path(plain.final_checkpoint).exists()
     log = (tmp_path / "secure" / "simulation.log").read_text()
     assert "Secure aggregation completed." in log
     assert json.loads((tmp_path / "secure" / "metrics.json").read_text())["secure_aggregation"]

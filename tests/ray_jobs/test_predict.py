@@ -1,6 +1,7 @@
 """The predict job on Ray Data with a tiny trained checkpoint: one row per test sample whose
 metrics equal ray_jobs.evaluate's, reruns refused or replaced, an unlabelled shard folder, and
-the synthetic cohort's raw MIMIC tree, whose predictions name images that exist there."""
+the synthetic cohort's raw MIMIC tree, preprocessed and trained on, whose predictions name
+images that exist there."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, TINY_MODEL, compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -107,12 +108,16 @@ def test_unlabelled_shard_folder(tiny_checkpoint, tiny_data_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_raw_mimic_tree_predictions_name_its_images(tiny_checkpoint, tmp_path):
+def test_raw_mimic_tree_trains_and_its_predictions_name_its_images(ray_session, tmp_path):
+    """The path a credentialed user runs: raw MIMIC files -> ray_jobs.preprocess -> shards ->
+    ray_jobs.train -> ray_jobs.predict, on the synthetic cohort written in the MIMIC formats;
+    every prediction names the images it was made from, and they exist in the raw tree."""
     from dipro.data.mimic.cohort_tree import write_cohort_raw_tree
     from dipro.data.synthetic import SyntheticConfig, simulate_cohort
     from ray_jobs.preprocess import run_preprocess
+    from ray_jobs.train import run_training
 
-    cohort = simulate_cohort(SyntheticConfig(seed=11, num_patients=16, image_size=64))
+    cohort = simulate_cohort(SyntheticConfig(seed=11, num_patients=40, image_size=64))
     tree = write_cohort_raw_tree(cohort, tmp_path / "raw")
     shards = tmp_path / "shards"
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -129,10 +134,29 @@ def test_raw_mimic_tree_predictions_name_its_images(tiny_checkpoint, tmp_path):
             ],
         )
     manifest = run_preprocess(prep)[TASK]
+    assert manifest.num_samples("train") > 0
+
+    trained = run_training(
+        compose_train(
+            [
+                f"task={TASK}",
+                f"data.root={shards}",
+                f"storage_path={tmp_path / 'runs'}",
+                "run_name=from_raw",
+                *TINY_MODEL,
+                "scaling.num_workers=1",
+                "train.max_epochs=1",
+            ]
+        )
+    )
+    epochs = (tmp_path / "runs" / "from_raw" / "epoch_metrics.jsonl").read_text().splitlines()
+    assert [json.loads(e)["epoch"] for e in epochs] == [1]
+    assert trained.test_metrics is None or "f1" in trained.test_metrics
+
     split = max(("train", "val", "test"), key=manifest.num_samples)
     target = run_prediction(
         _predict_cfg(
-            f"checkpoint={tiny_checkpoint}",
+            f"checkpoint={trained.best_checkpoint}",
             f"data.root={shards}",
             f"split={split}",
             f"out_dir={tmp_path}/o",
