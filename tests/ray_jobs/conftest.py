@@ -45,3 +45,26 @@ def progression_run(tiny_data_root: Path, tmp_path_factory: pytest.TempPathFacto
             ]
         )
     )
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(tiny_data_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A finished two-epoch mortality run of two workers named ``smoke``, shared read-only by the
+    tests of training faults and checkpoint faults (copy its directory to resume or change it):
+    its ``TrainingResult``."""
+    from ray_jobs.train import run_training
+
+    ensure_ray()
+    storage = tmp_path_factory.mktemp("runs")
+    return run_training(
+        compose_train(
+            [
+                "task=mortality",
+                f"data.root={tiny_data_root}",
+                f"storage_path={storage}",
+                "run_name=smoke",
+                *TINY_MODEL,
+                "train.max_epochs=2",
+            ]
+        )
+    )

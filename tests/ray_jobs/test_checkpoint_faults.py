@@ -19,14 +19,12 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_MODEL, compose_train
-from local_ray import ensure_ray
 from omegaconf import OmegaConf
 from tiny_model import RANDOM_BACKBONE_EXPECTED
 
 from dipro.checkpoint import read_checkpoint, save_checkpoint
 from dipro.data.normalize import NormStats
 from dipro.model import build_model
-from ray_jobs.train import run_training
 from ray_jobs.worker import KEEP_FREE
 
 pytestmark = pytest.mark.ray
@@ -45,12 +43,12 @@ def _args(data_root: Path, runs: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def mortality_run(tiny_data_root, tmp_path_factory) -> Path:
-    """A two-epoch mortality run; its directory."""
-    ensure_ray()
-    runs = tmp_path_factory.mktemp("runs")
-    result = run_training(compose_train(_args(tiny_data_root, runs, "train.max_epochs=2")))
-    return Path(result.run_dir)
+def mortality_run(two_worker_run, tmp_path_factory) -> Path:
+    """A copy of the suite's two-epoch mortality run, named ``faults`` (these tests resume and
+    change it); its directory."""
+    run_dir = tmp_path_factory.mktemp("runs") / "faults"
+    shutil.copytree(two_worker_run.run_dir, run_dir)
+    return run_dir
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -207,10 +205,34 @@ def _bytes_needed(line: str) -> int:
     return int(found.group(1))
 
 
+def _turn_read_only_after_checkpoint(
+    disk: SmallDisk, run_dir: Path, number: int, failures: list[str]
+) -> None:
+    """Once the run's ``number``-th checkpoint is in place and Ray Train has recorded it,
+    remount the disk read-only (retried while a file on it is being written)."""
+    deadline = time.monotonic() + 300
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while time.monotonic() < deadline:
+        names = [p.parent.name for p in _checkpoints(run_dir)]
+        if len(names) >= number and snapshot.exists() and names[number - 1] in snapshot.read_text():
+            break
+        time.sleep(0.05)
+    while time.monotonic() < deadline:
+        turned = disk.remount("ro")
+        if turned.returncode == 0:
+            return
+        time.sleep(0.05)
+    failures.append(f"the disk was not turned read-only: {turned.stderr.strip()}")
+
+
 @pytest.mark.slow
-def test_storage_full_during_a_checkpoint(
-    mortality_run, tiny_data_root, entrypoint, small_disk, tree_checksums
+def test_storage_filling_up_then_turning_read_only_loses_nothing(
+    mortality_run, tiny_data_root, entrypoint, small_disk, tree_checksums, tmp_path
 ):
+    """One three-epoch run on a disk of its own, launched three times: epoch 2's checkpoint does
+    not fit; with space back, the run resumes, and the disk turns read-only once epoch 2's
+    checkpoint is recorded; writable again, the run resumes and ends. Each failure is one line
+    naming what could not be written and why, and no checkpoint written before it changes."""
     size = _checkpoint_bytes(mortality_run)
     assert small_disk.remount(f"size={size * 3 // 2 + KEEP_FREE}").returncode == 0
     runs = small_disk.path / "runs"
@@ -236,45 +258,6 @@ def test_storage_full_during_a_checkpoint(
     kept = tree_checksums(first.parent)
 
     assert small_disk.remount(f"size={size * 5}").returncode == 0  # space is back
-    code, lines = entrypoint("ray_jobs.train", *args)
-
-    assert code == 0, lines[-10:]
-    assert f"resume: from {first}, after epoch 1" in entrypoint.stdout
-    epochs = _epochs(run_dir)
-    assert [e["epoch"] for e in epochs] == [1, 2, 3]  # each once
-    assert epochs[0] == epoch_1
-    assert tree_checksums(first.parent) == kept
-    assert json.loads((run_dir / "metrics.json").read_text())["best_epoch"] in (1, 2, 3)
-
-
-def _turn_read_only_after_first_checkpoint(
-    disk: SmallDisk, run_dir: Path, failures: list[str]
-) -> None:
-    """Once the run's first checkpoint is in place and Ray Train has recorded it, remount the
-    disk read-only (retried while a file on it is being written)."""
-    deadline = time.monotonic() + 300
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    while time.monotonic() < deadline:
-        names = [p.parent.name for p in _checkpoints(run_dir)] if run_dir.exists() else []
-        if names and snapshot.exists() and names[0] in snapshot.read_text():
-            break
-        time.sleep(0.05)
-    while time.monotonic() < deadline:
-        turned = disk.remount("ro")
-        if turned.returncode == 0:
-            return
-        time.sleep(0.05)
-    failures.append(f"the disk was not turned read-only: {turned.stderr.strip()}")
-
-
-@pytest.mark.slow
-def test_storage_turning_read_only_during_a_run(
-    tiny_data_root, entrypoint, small_disk, tree_checksums, tmp_path
-):
-    assert small_disk.remount("size=1g").returncode == 0
-    runs = small_disk.path / "runs"
-    run_dir = runs / "readonly"
-    run_dir.mkdir(parents=True)
     # The launcher holds its lock file open for writing, and Linux remounts no file system
     # read-only while a file on it is open for writing: the lock file is bound in from
     # another file system, so that the run's directory can turn read-only under the run.
@@ -282,16 +265,9 @@ def test_storage_turning_read_only_during_a_run(
     lock.touch()
     (run_dir / ".lock").touch()
     subprocess.run(["mount", "--bind", str(lock), str(run_dir / ".lock")], check=True)
-    args = _args(
-        tiny_data_root,
-        runs,
-        "run_name=readonly",
-        "train.max_epochs=3",
-        "train.checkpoints_to_keep=10",
-    )
     failures: list[str] = []
     watcher = threading.Thread(
-        target=_turn_read_only_after_first_checkpoint, args=(small_disk, run_dir, failures)
+        target=_turn_read_only_after_checkpoint, args=(small_disk, run_dir, 2, failures)
     )
     watcher.start()
 
@@ -302,17 +278,22 @@ def test_storage_turning_read_only_during_a_run(
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"storage error: cannot write {run_dir}/"), lines[0]
     assert "the file system is read-only" in lines[0]
-    (first,) = _checkpoints(run_dir)
-    assert read_checkpoint(first)["training"]["epoch"] == 1
-    kept = tree_checksums(first.parent)
+    assert f"resume: from {first}, after epoch 1" in entrypoint.stdout
+    second = _checkpoints(run_dir)[1]
+    assert len(_checkpoints(run_dir)) == 2 and read_checkpoint(second)["training"]["epoch"] == 2
+    kept_second = tree_checksums(second.parent)
 
     assert small_disk.remount("rw").returncode == 0
     code, lines = entrypoint("ray_jobs.train", *args)
 
     assert code == 0, lines[-10:]
-    assert f"resume: from {first}, after epoch 1" in entrypoint.stdout
-    assert [e["epoch"] for e in _epochs(run_dir)] == [1, 2, 3]
+    assert f"resume: from {second}, after epoch 2" in entrypoint.stdout
+    epochs = _epochs(run_dir)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]  # each once
+    assert epochs[0] == epoch_1
     assert tree_checksums(first.parent) == kept
+    assert tree_checksums(second.parent) == kept_second
+    assert json.loads((run_dir / "metrics.json").read_text())["best_epoch"] in (1, 2, 3)
 
 
 def test_read_only_storage_refuses_the_run_before_it_starts(tiny_data_root, entrypoint, small_disk):

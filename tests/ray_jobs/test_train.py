@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_MODEL, compose_train
-from local_ray import ensure_ray
 
 from dipro.checkpoint import load_checkpoint
 from ray_jobs.train import ConfigError, check_config, run_training
@@ -46,19 +45,9 @@ def _numbers(run_dir: Path) -> dict:
     return {"epochs": epochs, "test": summary["test"], "best_epoch": summary["best_epoch"]}
 
 
-@pytest.fixture(scope="module")
-def two_epoch_run(tiny_data_root, tmp_path_factory):
-    """One uninterrupted two-epoch run of two workers (the reference of the tests below)."""
-    ensure_ray()
-    runs = tmp_path_factory.mktemp("runs")
-    return run_training(
-        compose_train(_overrides(tiny_data_root, runs, "smoke", "train.max_epochs=2"))
-    )
-
-
 @pytest.mark.slow
-def test_two_workers_train_to_completion(two_epoch_run):
-    result = two_epoch_run
+def test_two_workers_train_to_completion(two_worker_run):
+    result = two_worker_run
     epochs = _epochs(Path(result.run_dir))
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert all(len(set(e["worker_nodes"])) >= 1 and len(e["worker_nodes"]) == 2 for e in epochs)
@@ -71,7 +60,7 @@ def test_two_workers_train_to_completion(two_epoch_run):
 
 
 @pytest.mark.slow
-def test_killed_worker_restarts_from_last_checkpoint(two_epoch_run, tiny_data_root, tmp_path):
+def test_killed_worker_restarts_from_last_checkpoint(two_worker_run, tiny_data_root, tmp_path):
     """Ray Train restarts the worker group after the failure; the restarted group continues
     epoch 2 with the same data order and random streams, so the run ends where the
     uninterrupted one ends. Its epoch 1 is a fresh start of the reference's command, so the
@@ -94,11 +83,11 @@ def test_killed_worker_restarts_from_last_checkpoint(two_epoch_run, tiny_data_ro
     assert (run_dir / "fault_injected").exists(), "the injected failure did not happen"
     assert [e["epoch"] for e in _epochs(run_dir)] == [1, 2]
     assert _epochs(run_dir)[1]["restored_from_epoch"] == 1
-    assert _numbers(run_dir) == _numbers(Path(two_epoch_run.run_dir))
+    assert _numbers(run_dir) == _numbers(Path(two_worker_run.run_dir))
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_an_uninterrupted_one(two_epoch_run, tiny_data_root, tmp_path):
+def test_resumed_run_equals_an_uninterrupted_one(two_worker_run, tiny_data_root, tmp_path):
     base = _overrides(tiny_data_root, tmp_path, "smoke", "train.max_epochs=2")
     # The first start dies during epoch 2 with no restarts allowed: only epoch 1 is done.
     with pytest.raises(Exception, match="injected failure"):
@@ -112,7 +101,7 @@ def test_resumed_run_equals_an_uninterrupted_one(two_epoch_run, tiny_data_root, 
     assert [e["epoch"] for e in second] == [1, 2]
     assert second[0] == first[0], "epoch 1 was trained again instead of resumed"
     assert second[1]["restored_from_epoch"] == 1
-    assert _numbers(run_dir) == _numbers(Path(two_epoch_run.run_dir))
+    assert _numbers(run_dir) == _numbers(Path(two_worker_run.run_dir))
 
 
 @pytest.mark.parametrize(
@@ -147,39 +136,3 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("configuration error:") and "/nonexistent/shards" in lines[-1]
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
-
-
-@pytest.mark.slow
-def test_raw_mimic_tree_to_one_training_epoch(ray_session, tmp_path):
-    """The path a credentialed user runs: raw MIMIC files -> ray_jobs.preprocess -> shards ->
-    ray_jobs.train, on the synthetic cohort written in the MIMIC formats."""
-    from hydra import compose, initialize_config_dir
-
-    from dipro.data.mimic.cohort_tree import write_cohort_raw_tree
-    from dipro.data.synthetic import SyntheticConfig, simulate_cohort
-    from ray_jobs.preprocess import run_preprocess
-
-    cohort = simulate_cohort(SyntheticConfig(seed=11, num_patients=40, image_size=64))
-    tree = write_cohort_raw_tree(cohort, tmp_path / "raw")
-    shards = tmp_path / "shards"
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        prep = compose(
-            "preprocess",
-            overrides=[
-                f"raw.mimic_iv={tree.mimic_iv}",
-                f"raw.mimic_cxr={tree.mimic_cxr}",
-                f"raw.scene_graph_dir={tree.scene_graph_dir}",
-                f"raw.gold_file={tree.gold_file}",
-                f"output_root={shards}",
-                "regions.crop_size=16",
-                "tasks=[mortality]",
-            ],
-        )
-    manifests = run_preprocess(prep)
-    assert manifests["mortality"].num_samples("train") > 0
-
-    result = run_training(
-        compose_train(_overrides(shards, tmp_path / "runs", "from_raw", "train.max_epochs=1"))
-    )
-    assert [e["epoch"] for e in _epochs(Path(result.run_dir))] == [1]
-    assert result.test_metrics is None or "auroc" in result.test_metrics
