@@ -1,7 +1,8 @@
 """The coordinator holds no patients: with the defaults the server process opens no file of the
-sites' dataset (watched with ``strace`` on the real simulation), the sites score every round and
-the selected model; a coordinator that owns a held-out set (``server.eval_data``) reads exactly
-that set's evaluation shards and selects on it."""
+sites' dataset (watched with ``strace`` on the real simulation, which also runs DP to its
+epsilon target), the sites score every round and the selected model; a coordinator that owns a
+held-out set (``server.eval_data``) reads exactly that set's evaluation shards and selects on
+it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from conftest import REPO, TASK, TINY
 
 from dipro.data.layout import list_shards
 from dipro.evaluation import evaluate_checkpoint
+from federated.privacy import PrivacyBudget
 
 pytestmark = pytest.mark.slow
 
@@ -76,14 +78,31 @@ def _rounds(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_coordinator_reads_no_data_and_the_sites_score_every_round(tiny_data_root, tmp_path):
-    out, opened = _simulate_traced(tiny_data_root, tmp_path)
+def test_the_coordinator_reads_no_data_and_a_dp_run_stops_at_its_target(tiny_data_root, tmp_path):
+    """With the defaults (and DP whose epsilon target allows one of three rounds): the server
+    opens no file of the sites' data, the sites score the round and the selected model, and the
+    run reports its epsilon and stops at the target."""
+    budget = PrivacyBudget(noise_multiplier=1.0, delta=1e-5)
+    target = (budget.epsilon(1) + budget.epsilon(2)) / 2  # one round fits, two do not
+    out, opened = _simulate_traced(
+        tiny_data_root,
+        tmp_path,
+        "federated.num_rounds=3",
+        "federated.dp.enabled=true",
+        "federated.dp.noise_multiplier=1.0",
+        "federated.dp.clipping_norm=0.1",
+        f"federated.dp.target_epsilon={target}",
+    )
 
     assert opened == [], f"the server process opened the sites' data: {opened}"
     (line,) = _rounds(out)
+    assert line["round"] == 1 and line["dp/epsilon"] == pytest.approx(budget.epsilon(1))
     assert line["sites"]["evaluated"] == 3 and len(line["sites"]["val"]) == 3
     assert "val/auroc" in line and not any(k.startswith("sites/val/") for k in line)
     report = json.loads((out / "metrics.json").read_text())
+    assert report["rounds"] == 1
+    assert report["privacy"]["epsilon"] == pytest.approx(budget.epsilon(1))
+    assert report["privacy"]["delta"] == 1e-5
     assert report["selected_on"] == "sites" and len(report["site_test"]["sites"]) == 3
     assert str(REPO) not in json.dumps(report["site_test"])  # counts and scores, no paths
 

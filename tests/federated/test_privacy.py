@@ -1,9 +1,9 @@
 """The privacy accountant of federated DP: epsilon per round, against the Gaussian mechanism's
-Rényi-DP formula; a target epsilon caps the rounds; a run reports its epsilon."""
+Rényi-DP formula; a target epsilon caps the rounds (a run that reports its epsilon and stops at
+the target: ``test_coordinator_data.py``)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -12,7 +12,6 @@ from conftest import compose
 from dipro.config import ConfigError
 from federated.config import check_config
 from federated.privacy import PrivacyBudget
-from federated.simulate import run_federated
 
 
 def _classic_bound(rounds: int, z: float, delta: float) -> float:
@@ -58,28 +57,3 @@ def test_a_target_below_one_round_is_a_configuration_error(tiny_data_root, tmp_p
     )
     with pytest.raises(ConfigError, match="below the epsilon of one round"):
         check_config(cfg)
-
-
-@pytest.mark.slow
-def test_a_run_reports_epsilon_each_round_and_stops_at_the_target(tiny_data_root, tmp_path):
-    out = tmp_path / "run"
-    budget = PrivacyBudget(noise_multiplier=1.0, delta=1e-5)
-    target = (budget.epsilon(1) + budget.epsilon(2)) / 2  # one round fits, two do not
-    cfg = compose(
-        tiny_data_root,
-        out,
-        "federated.num_rounds=3",
-        "federated.dp.enabled=true",
-        "federated.dp.noise_multiplier=1.0",
-        "federated.dp.clipping_norm=0.1",
-        f"federated.dp.target_epsilon={target}",
-        "simulation.timeout_s=900",
-    )
-    result = run_federated(cfg)
-
-    assert result.rounds == 1
-    rounds = [json.loads(x) for x in (out / "round_metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1]
-    assert rounds[0]["dp/epsilon"] == pytest.approx(budget.epsilon(1))
-    privacy = json.loads((out / "metrics.json").read_text())["privacy"]
-    assert privacy["epsilon"] == pytest.approx(budget.epsilon(1)) and privacy["delta"] == 1e-5
