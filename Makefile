@@ -4,6 +4,7 @@
 # error paths. `make test-slow` holds the long in-process runs (resumes, injected faults, every
 # federated failure mode); `make test-cluster` starts multi-process clusters (Ray heads and
 # nodes, the autoscaler, a Flower deployment, an MLflow server). `make test-all` runs the three
+# in one pytest session, so that the cohort, the in-process Ray and the shared runs are made once
 # (what CI runs: .ci/run).
 PY ?= python3.11
 VENV := .venv
@@ -41,7 +42,9 @@ test-slow: $(STAMP)
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -m cluster --durations=25
 
-test-all: test test-slow test-cluster
+test-all: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
