@@ -374,14 +374,18 @@ def test_a_site_killed_in_training_rejoins_the_next_round(tiny_data_root, tmp_pa
     )
     site_port = deployment.site_ports[2]
 
-    # Round 2's training starts as round 1's line is written: the ClientApp that site 2 starts
-    # after that trains round 2. Kill the site while it trains, and start it again at once.
-    _until("round 1", time.monotonic() + 600, lambda: _rounds(out))
-    before = _clientapps(site_port)
-    _until("site 2's round-2 training", time.monotonic() + 300,
-           lambda: _clientapps(site_port) - before)  # fmt: skip
+    # Kill site 2 while it trains round 2: its SuperNode has received its second train message
+    # (round 1's, then round 2's) and not yet sent the second reply.
+    def training_round_2() -> bool:
+        log = deployment.processes.log("supernode2")
+        received, sent = log.count("Receiving: train message"), log.count("Sending: train message")
+        return received == 2 and sent == 1 and bool(_clientapps(site_port))
+
+    _until("site 2's round-2 training", time.monotonic() + 900, training_round_2)
     time.sleep(2)
-    assert len(_rounds(out)) == 1, "round 2 ended before site 2 was killed"
+    assert deployment.processes.log("supernode2").count("Sending: train message") == 1, (
+        "site 2 finished round 2's training before it was killed"
+    )
     deployment.kill_site(2)
     assert not _clientapps(site_port)
     # The SuperLink refuses a node id it still counts as online (until it has missed two
@@ -401,7 +405,8 @@ def test_a_site_killed_in_training_rejoins_the_next_round(tiny_data_root, tmp_pa
         return False
 
     _until("site 2 to rejoin", time.monotonic() + 300, rejoined)
-    assert len(_rounds(out)) < 3, "round 3 began before site 2 was back"
+    round_3_sent = deployment.processes.log("supernode0").count("Receiving: train message") > 2
+    assert not round_3_sent, "round 3 began before site 2 was back"
 
     status = deployment.wait_finished(run_id, 900)
     assert status == "finished:completed", deployment.server_log(run_id)[-4000:]
