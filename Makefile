@@ -4,8 +4,8 @@
 # error paths. `make test-slow` holds the long in-process runs (resumes, injected faults, every
 # federated failure mode); `make test-cluster` starts multi-process clusters (Ray heads and
 # nodes, the autoscaler, a Flower deployment, an MLflow server). `make test-all` runs the three
-# in one pytest session, so that the cohort, the in-process Ray and the shared runs are made once
-# (what CI runs: .ci/run).
+# in one pytest session, so that one summary lists every failure of every tier (what CI runs:
+# .ci/run).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
