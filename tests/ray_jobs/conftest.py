@@ -24,26 +24,29 @@ def compose_train(overrides: list[str]) -> DictConfig:
         return compose("train", overrides=overrides)
 
 
+def _finished_run(factory: pytest.TempPathFactory, overrides: list[str]):
+    """Train the tiny model with ``overrides`` into a new storage directory: its
+    ``TrainingResult``."""
+    from ray_jobs.train import run_training
+
+    ensure_ray()
+    storage = factory.mktemp("runs")
+    return run_training(compose_train([f"storage_path={storage}", *TINY_MODEL, *overrides]))
+
+
 @pytest.fixture(scope="session")
 def progression_run(tiny_data_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """A finished two-epoch disease-progression run of the tiny model (one worker), shared
     read-only by the evaluation, report and prediction tests: its ``TrainingResult``."""
-    from ray_jobs.train import run_training
-
-    ensure_ray()
-    storage = tmp_path_factory.mktemp("runs")
-    return run_training(
-        compose_train(
-            [
-                "task=disease_progression",
-                f"data.root={tiny_data_root}",
-                f"storage_path={storage}",
-                *TINY_MODEL,
-                "scaling.num_workers=1",
-                "run_name=tiny",
-                "train.max_epochs=2",
-            ]
-        )
+    return _finished_run(
+        tmp_path_factory,
+        [
+            "task=disease_progression",
+            f"data.root={tiny_data_root}",
+            "scaling.num_workers=1",
+            "run_name=tiny",
+            "train.max_epochs=2",
+        ],
     )
 
 
@@ -52,19 +55,7 @@ def two_worker_run(tiny_data_root: Path, tmp_path_factory: pytest.TempPathFactor
     """A finished two-epoch mortality run of two workers named ``smoke``, shared read-only by the
     tests of training faults and checkpoint faults (copy its directory to resume or change it):
     its ``TrainingResult``."""
-    from ray_jobs.train import run_training
-
-    ensure_ray()
-    storage = tmp_path_factory.mktemp("runs")
-    return run_training(
-        compose_train(
-            [
-                "task=mortality",
-                f"data.root={tiny_data_root}",
-                f"storage_path={storage}",
-                "run_name=smoke",
-                *TINY_MODEL,
-                "train.max_epochs=2",
-            ]
-        )
+    return _finished_run(
+        tmp_path_factory,
+        ["task=mortality", f"data.root={tiny_data_root}", "run_name=smoke", "train.max_epochs=2"],
     )
