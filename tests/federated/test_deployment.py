@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -351,10 +352,17 @@ def _rounds(out: Path) -> list[dict]:
     return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_a_site_killed_in_training_rejoins_the_next_round(tiny_data_root, tmp_path, deployment):
+def test_a_site_killed_in_training_rejoins_a_later_round(tiny_data_root, tmp_path, deployment):
     """Sites 0-2 are registered; site 3's key never is, so its SuperNode is never admitted.
-    Site 2 is killed while it trains round 2 and started again: round 2 completes without it,
-    round 3 with it, and the final model is scored at the three registered sites."""
+    Site 2 is killed while it trains round 1 and started again: round 1 completes without it,
+    round 3 with it (round 2 starts as soon as round 1 ends, with or without it), and the final
+    model is scored at the three registered sites.
+
+    The coordinator selects the best round on a held-out set of its own (``server.eval_data``)
+    and asks the sites for no evaluation during the rounds: a deployed SuperNode starts a
+    ClientApp process for every message, about 30 s on two cores for three sites at once."""
+    held_out = tmp_path / "held-out"
+    shutil.copytree(tiny_data_root, held_out)
     deadline = time.monotonic() + 180
     nodes = [deployment.register(site, deadline) for site in (0, 1, 2)]
     for site in (0, 1, 2, 3):
@@ -367,6 +375,8 @@ def test_a_site_killed_in_training_rejoins_the_next_round(tiny_data_root, tmp_pa
             f"out_dir={out}",
             "federated.num_rounds=3",
             "federated.min_sites=2",
+            "federated.fraction_evaluate=0",
+            f"server.eval_data={held_out}",
             "federated.wait_for_sites_s=120",
             # a round waits this long for a site that took its task and died
             "federated.round_timeout_s=180",
@@ -374,17 +384,17 @@ def test_a_site_killed_in_training_rejoins_the_next_round(tiny_data_root, tmp_pa
     )
     site_port = deployment.site_ports[2]
 
-    # Kill site 2 while it trains round 2: its SuperNode has received its second train message
-    # (round 1's, then round 2's) and not yet sent the second reply.
-    def training_round_2() -> bool:
+    # Kill site 2 while it trains round 1: its SuperNode has received round 1's train message
+    # and not yet sent the reply.
+    def training_round_1() -> bool:
         log = deployment.processes.log("supernode2")
         received, sent = log.count("Receiving: train message"), log.count("Sending: train message")
-        return received == 2 and sent == 1 and bool(_clientapps(site_port))
+        return received == 1 and sent == 0 and bool(_clientapps(site_port))
 
-    _until("site 2's round-2 training", time.monotonic() + 900, training_round_2)
+    _until("site 2's round-1 training", time.monotonic() + 900, training_round_1)
     time.sleep(2)
-    assert deployment.processes.log("supernode2").count("Sending: train message") == 1, (
-        "site 2 finished round 2's training before it was killed"
+    assert deployment.processes.log("supernode2").count("Sending: train message") == 0, (
+        "site 2 finished round 1's training before it was killed"
     )
     deployment.kill_site(2)
     assert not _clientapps(site_port)
@@ -406,22 +416,27 @@ def test_a_site_killed_in_training_rejoins_the_next_round(tiny_data_root, tmp_pa
 
     _until("site 2 to rejoin", time.monotonic() + 300, rejoined)
     round_3_sent = deployment.processes.log("supernode0").count("Receiving: train message") > 2
-    assert not round_3_sent, "round 3 began before site 2 was back"
+    assert not round_3_sent, "round 3 began before site 2 was back"  # round 2 takes ~30 s
 
     status = deployment.wait_finished(run_id, 900)
     assert status == "finished:completed", deployment.server_log(run_id)[-4000:]
-    lines = _rounds(out)
+    scored, *lines = _rounds(out)
+    assert scored["round"] == 0  # the initial model, scored on the held-out set
     assert [line["round"] for line in lines] == [1, 2, 3]  # each round once
+    assert all("val/auroc" in line and line["sites"]["evaluated"] == 0 for line in lines)
     trained = [line["sites"]["trained_nodes"] for line in lines]
-    assert trained == [sorted(nodes), sorted(nodes[:2]), sorted(nodes)], trained
-    assert lines[1]["sites"]["dropped_nodes"] == [nodes[2]]
+    assert trained[0] == sorted(nodes[:2]) and trained[2] == sorted(nodes), trained
+    assert trained[1] in (sorted(nodes[:2]), sorted(nodes)), trained
+    assert lines[0]["sites"]["dropped_nodes"] == [nodes[2]]
     # the SuperLink answered for the dead site ("Node Unavailable"), or the round timed out
-    assert all(f["node_id"] == nodes[2] for f in lines[1]["sites"]["train_failures"])
-    assert lines[0]["sites"]["dropped_nodes"] == lines[2]["sites"]["dropped_nodes"] == []
-    assert lines[1]["sites"]["updated"] == 2 and lines[2]["sites"]["updated"] == 3
-    assert [line["sites"]["sampled"] for line in lines] == [3, 3, 3], "site 3 was admitted"
+    assert all(f["node_id"] == nodes[2] for f in lines[0]["sites"]["train_failures"])
+    assert lines[1]["sites"]["dropped_nodes"] == lines[2]["sites"]["dropped_nodes"] == []
+    assert lines[0]["sites"]["updated"] == 2 and lines[2]["sites"]["updated"] == 3
+    sampled = [line["sites"]["sampled"] for line in lines]
+    assert sampled[0] == sampled[2] == 3 and sampled[1] in (2, 3), f"site 3 was admitted: {sampled}"
     report = json.loads((out / "metrics.json").read_text())
     assert report["task"] == TASK and report["rounds"] == 3
+    assert report["selected_on"] == "server.eval_data"
     assert load_checkpoint(report["final_checkpoint"])[1].extra["round"] == 3
     assert sorted(s["num_examples"] for s in report["site_test"]["sites"]) == sorted(
         read_manifest(tiny_data_root, TASK).counts["test"][str(h)] for h in (0, 1, 2)

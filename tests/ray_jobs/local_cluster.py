@@ -176,7 +176,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         status = client.get_job_status(job_id)
         while not status.is_terminal() and time.monotonic() < deadline:
-            time.sleep(3)
+            time.sleep(1)
             status = client.get_job_status(job_id)
         if not status.is_terminal():
             client.stop_job(job_id)

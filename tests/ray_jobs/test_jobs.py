@@ -1,11 +1,14 @@
-"""``ray job submit`` of the real entrypoint to a two-node Ray cluster on loopback, whose
-training workers must land on both nodes."""
+"""``ray job submit`` of the real entrypoint to a two-node Ray cluster on loopback: a run that
+asks for a resource no node has says on the job's console what it waits for, and a run whose
+training workers must land on both nodes trains there."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_MODEL
@@ -54,6 +57,7 @@ def test_job_submit_trains_on_both_nodes_of_a_two_node_cluster(
             "+scaling.placement_strategy=STRICT_SPREAD",
         ]
     )
+    _a_run_waiting_for_a_resource_says_so(cluster, tiny_data_root, root)
     job = cluster.submit(command, str(REPO), env_vars={"DIPRO_ROOT": str(root)})
     status, logs = cluster.wait(job, timeout=600)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
@@ -76,3 +80,44 @@ def test_job_submit_trains_on_both_nodes_of_a_two_node_cluster(
     (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'job'")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test/auprc"] == pytest.approx(metrics["test"]["auprc"])
+
+
+def _a_run_waiting_for_a_resource_says_so(
+    cluster: LocalCluster, data_root: Path, root: Path
+) -> None:
+    """No silent wait: a run asking for a resource the cluster does not have (a custom one
+    here, as a GPU or a node type would be) waits, and once it has waited ``resource_wait_s``
+    seconds says on the console what it waits for and what the cluster offers; then it is
+    stopped, having trained nothing."""
+    command = [
+        sys.executable,
+        "-m",
+        "ray_jobs.train",
+        "task=mortality",
+        f"data.root={data_root}",
+        "run_name=waits",
+        *TINY_MODEL,
+        "scaling.num_workers=1",
+        "+scaling.resources_per_worker.accelerator_slot=1",  # no node has one
+        "resource_wait_s=5",
+    ]
+    job = cluster.submit(" ".join(command), None, env_vars={"DIPRO_ROOT": str(root)})
+    client = cluster.client()
+
+    def said() -> list[str]:
+        return [x for x in client.get_job_logs(job).splitlines() if x.startswith("waiting ")]
+
+    deadline = time.monotonic() + 300
+    while not said():
+        status = client.get_job_status(job)
+        assert not status.is_terminal(), client.get_job_logs(job)[-3000:]  # waiting, not failed
+        assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
+        time.sleep(1)
+    (line, *_) = said()
+    client.stop_job(job)
+    status, _ = cluster.wait(job, timeout=120)
+    assert status == JobStatus.STOPPED
+    assert "s for resources: a placement group of 1 x {CPU: 1, accelerator_slot: 1}" in line
+    offer = "CPU 4/4, GPU 0/0, accelerator_slot 0/0, head_node 1/1, second_node 1/1;"
+    assert f"The cluster has (free/total) {offer}" in line
+    assert not list((root / "outputs" / "runs" / "waits").glob("checkpoint_*"))  # nothing trained

@@ -110,7 +110,9 @@ def test_training_and_sweep_tracked_on_an_mlflow_server(
     assert float(version.tags["val/auprc"]) == summary["val"]["val/auprc"]
     assert version.tags["checkpoint"] == summary["best_checkpoint"]
 
-    sweep_cfg = compose_tune(tiny_data_root, tmp_path, "tracked-sweep", *tracking)
+    sweep_cfg = compose_tune(
+        tiny_data_root, tmp_path, "tracked-sweep", "tune.num_samples=1", *tracking
+    )
     sweep = run_sweep(sweep_cfg)
 
     parent = _run_of(client, Path(sweep.sweep_dir))
@@ -124,7 +126,7 @@ def test_training_and_sweep_tracked_on_an_mlflow_server(
         filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
     )
     trial_dirs = sorted(p.parent for p in tmp_path.glob("tracked-sweep-*/epoch_metrics.jsonl"))
-    assert len(trial_dirs) == 2
+    assert len(trial_dirs) == 1
     assert sorted(c.data.tags[RUN_DIR_TAG] for c in children) == [str(d) for d in trial_dirs]
     for child in children:
         trial_dir = Path(child.data.tags[RUN_DIR_TAG])

@@ -12,6 +12,7 @@ from conftest import REPO, TINY_MODEL, compose_train
 
 from dipro.checkpoint import load_checkpoint
 from ray_jobs.train import ConfigError, check_config, run_training
+from ray_jobs.worker import FAULT_MARKER
 
 pytestmark = pytest.mark.ray
 
@@ -60,43 +61,29 @@ def test_two_workers_train_to_completion(two_worker_run):
 
 
 @pytest.mark.slow
-def test_killed_worker_restarts_from_last_checkpoint(two_worker_run, tiny_data_root, tmp_path):
-    """Ray Train restarts the worker group after the failure; the restarted group continues
-    epoch 2 with the same data order and random streams, so the run ends where the
-    uninterrupted one ends. Its epoch 1 is a fresh start of the reference's command, so the
-    same command gives the same numbers (deterministic by default: the data order per epoch,
-    its split between the two workers, the local shuffles and dropout all come from the
-    seed)."""
-    cfg = compose_train(
-        _overrides(
-            tiny_data_root,
-            tmp_path,
-            "smoke",
-            "train.max_epochs=2",
-            "scaling.max_failures=1",
-            "+train.fail_at={epoch: 2, step: 1}",
-        )
-    )
-    result = run_training(cfg)
-
-    run_dir = Path(result.run_dir)
-    assert (run_dir / "fault_injected").exists(), "the injected failure did not happen"
-    assert [e["epoch"] for e in _epochs(run_dir)] == [1, 2]
-    assert _epochs(run_dir)[1]["restored_from_epoch"] == 1
-    assert _numbers(run_dir) == _numbers(Path(two_worker_run.run_dir))
-
-
-@pytest.mark.slow
-def test_resumed_run_equals_an_uninterrupted_one(two_worker_run, tiny_data_root, tmp_path):
+def test_a_resumed_run_whose_worker_is_killed_ends_as_the_uninterrupted_one(
+    two_worker_run, tiny_data_root, tmp_path
+):
+    """Two launches of the reference's command. The first dies during epoch 2 with no restarts
+    allowed, so only epoch 1 is done: a fresh start of the reference's command, whose numbers
+    must repeat to the digit (deterministic by default: the data order per epoch, its split
+    between the two workers, the local shuffles and dropout all come from the seed). The
+    second launch resumes from epoch 1's checkpoint; a worker of it is killed in epoch 2, and
+    Ray Train restarts the worker group from that checkpoint with the same data order and
+    random streams. The run ends where the uninterrupted one ends."""
     base = _overrides(tiny_data_root, tmp_path, "smoke", "train.max_epochs=2")
-    # The first start dies during epoch 2 with no restarts allowed: only epoch 1 is done.
+    fail = "+train.fail_at={epoch: 2, step: 1}"
     with pytest.raises(Exception, match="injected failure"):
-        run_training(compose_train([*base, "+train.fail_at={epoch: 2, step: 1}"]))
+        run_training(compose_train([*base, fail]))
     run_dir = tmp_path / "smoke"
     first = _epochs(run_dir)
     assert [e["epoch"] for e in first] == [1]
+    marker = run_dir / FAULT_MARKER
+    marker.unlink()  # the failure is injected once per run directory: once more, then
 
-    run_training(compose_train(base))
+    run_training(compose_train([*base, fail, "scaling.max_failures=1"]))
+
+    assert marker.exists(), "the injected failure did not happen in the resumed run"
     second = _epochs(run_dir)
     assert [e["epoch"] for e in second] == [1, 2]
     assert second[0] == first[0], "epoch 1 was trained again instead of resumed"
