@@ -10,7 +10,7 @@ and seed studies, the report, the console, tracking) reads it through this modul
 | ``checkpoint_*/model.pt``| the Ray Train worker              | ``dipro.checkpoint`` payload      |
 | ``checkpoint_*/config.json`` | the Ray Train worker          | the run's resolved configuration  |
 | ``best.pt``, ``last.pt`` | the federated server              | ``dipro.checkpoint`` payload      |
-| ``metrics.json``         | the trainer's driver, the server  | the run's summary (best, test)    |
+| ``metrics.json``         | ``write_summary`` (both trainers) | the run's summary (best, test)    |
 | ``.lock``                | the launcher (``run_lock``)       | its pid; locked while it runs     |
 
 A metrics log is rewritten whole (temp file + rename) with each new line; the lines of this and
@@ -120,6 +120,24 @@ def run_dir_of(cfg: Mapping[str, Any]) -> str:
 def epoch_log(directory: str) -> str:
     """The ``epoch_metrics.jsonl`` of the run ``directory``."""
     return storage.join(directory, EPOCH_METRICS_FILE)
+
+
+# What every trainer's ``metrics.json`` holds first, whatever it adds after: the readers (the
+# report, the studies, tracking, the console) rely on these keys.
+SUMMARY_KEYS = ("task", "run_name", "seed", "best_checkpoint", "val", "test")
+
+
+def write_summary(directory: str, summary: Mapping[str, Any]) -> str:
+    """Write a finished run's ``metrics.json`` in ``directory`` (temp file + rename); its URI.
+    A Ray Train run and a federated run both write it here. ``summary`` starts with
+    ``SUMMARY_KEYS`` (``test`` None when the run scored no test split); a summary without one
+    of them is a ValueError, and nothing is written."""
+    missing = [key for key in SUMMARY_KEYS if key not in summary]
+    if missing:
+        raise ValueError(f"a run summary needs {', '.join(missing)}")
+    uri = storage.join(directory, SUMMARY_FILE)
+    storage.write_bytes_atomic(uri, json.dumps(dict(summary), indent=2).encode())
+    return uri
 
 
 def checkpoint_files(directory: str) -> list[str]:

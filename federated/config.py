@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from dipro.config import FEDERATED_SCHEMA, ConfigError, validate
-from dipro.data.layout import Manifest, model_manifest
+from dipro.data.layout import Manifest, model_dataset
 from dipro.model import build_model
 from federated.local_state import keeps_layers, local_keys
 from federated.privacy import PrivacyBudget
@@ -73,13 +73,13 @@ def check_config(cfg: Mapping[str, Any]) -> Manifest | None:
                 "the rounds to select the best one"
             )
         return None
-    return model_manifest(
+    return model_dataset(
         root,
         cfg["task"]["name"],
         cfg["model"]["region_mode"],
         "server.eval_data",
         splits=(cfg["server"]["eval_split"],),
-    )
+    ).manifest
 
 
 def _check_local_layers(cfg: Mapping[str, Any]) -> None:

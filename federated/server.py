@@ -66,7 +66,14 @@ from dipro.data.layout import Manifest, list_shards
 from dipro.engine import evaluate
 from dipro.evaluation import evaluate_checkpoint
 from dipro.model import DiPro, build_model
-from dipro.runs import ROUND_METRICS_FILE, SUMMARY_FILE, BestMetric, append_log, read_log
+from dipro.runs import (
+    ROUND_METRICS_FILE,
+    SUMMARY_FILE,
+    BestMetric,
+    append_log,
+    read_log,
+    write_summary,
+)
 from federated.config import check_config, site_config, train_config_record
 from federated.local_state import global_part, local_keys, with_local
 from federated.privacy import PrivacyBudget
@@ -240,11 +247,6 @@ class RoundRecorder:
             )
 
 
-def _initial_model(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> DiPro:
-    torch.manual_seed(int(cfg["seed"]))
-    return build_model(model_cfg, cfg["task"]["name"])
-
-
 def load_global_part(
     model: DiPro, weights: Mapping[str, torch.Tensor], local: frozenset[str], where: str
 ) -> None:
@@ -281,7 +283,7 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     sites_cfg = site_config(cfg)
     fed = cfg["federated"]
     num_rounds = _rounds_within_budget(cfg)
-    model = _initial_model(cfg, sites_cfg["model"])
+    model = build_model(sites_cfg["model"], cfg["task"]["name"], seed=int(cfg["seed"]))
     local = local_keys(model, fed.get("local"))
     base, quorum = build_strategy(cfg)
     server_state = ServerOptimizerState(base)
@@ -435,9 +437,7 @@ def write_report(cfg: Mapping[str, Any], site_test: RoundSites | None) -> Federa
             "target_epsilon": budget.target_epsilon,
             "accountant": "opacus RDPAccountant, sample rate 1 (no sampling amplification)",
         }
-    storage.write_bytes_atomic(
-        storage.join(out_dir, SUMMARY_FILE), json.dumps(report, indent=2).encode()
-    )
+    write_summary(out_dir, report)
     return FederatedResult(
         out_dir=out_dir,
         best_checkpoint=best,

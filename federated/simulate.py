@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dipro import storage
 from dipro.config import ConfigError, exit_on
-from dipro.data.layout import model_manifest
+from dipro.data.layout import model_dataset
 from dipro.runs import RUN_CONFIG_FILE, RunDirectoryInUse, lock_run_directory
 from federated.config import check_config
 from federated.server import FederatedResult, read_result
@@ -81,12 +81,12 @@ def run_federated(cfg: DictConfig | dict[str, Any]) -> FederatedResult:
         OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     )
     check_config(resolved)
-    sites = model_manifest(
+    sites = model_dataset(
         resolved["data"]["root"],
         resolved["task"]["name"],
         resolved["model"]["region_mode"],
         "data.root",
-    )
+    ).manifest
     if sites.feature_dim is not None:
         resolved["model"]["feature_dim"] = sites.feature_dim
     simulation = resolved["simulation"]

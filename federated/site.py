@@ -29,7 +29,7 @@ from dipro.checkpoint import load_weights
 from dipro.config import ConfigError
 from dipro.data.collate import collate
 from dipro.data.labels import LABEL_COLUMNS
-from dipro.data.layout import list_shards, read_manifest
+from dipro.data.layout import Dataset
 from dipro.data.normalize import NORM_COLUMNS, NormStats, fit_norm_stats
 from dipro.data.schema import model_columns
 from dipro.data.shard_reader import iter_arrow_batches, read_table, verify_shards
@@ -72,40 +72,42 @@ def load_site(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Site:
     task = cfg["task"]["name"]
     if "data-path" in node_config:
         root = str(node_config["data-path"])
-        manifest = read_manifest(root, task)
+        dataset = Dataset.open(root, task)
         hospitals = (
             (int(node_config["hospital-id"]),)
             if "hospital-id" in node_config
-            else tuple(manifest.hospitals)
+            else tuple(dataset.manifest.hospitals)
         )
     elif "partition-id" in node_config:
         root = str(cfg["data"]["root"])
-        manifest = read_manifest(root, task)
+        dataset = Dataset.open(root, task)
         partition = int(node_config["partition-id"])
-        if partition >= len(manifest.hospitals):
+        known = dataset.manifest.hospitals
+        if partition >= len(known):
             raise ConfigError(
                 f"simulated site {partition} has no hospital: the {task} dataset under {root} "
-                f"has hospitals {manifest.hospitals}"
+                f"has hospitals {known}"
             )
-        hospitals = (manifest.hospitals[partition],)
+        hospitals = (known[partition],)
     else:
         raise ConfigError(
             "the SuperNode's node config names no data-path (start it with "
             "--node-config 'data-path=\"/path/to/shards\"')"
         )
+    manifest = dataset.manifest
     missing = sorted(set(hospitals) - set(manifest.hospitals))
     if missing:
         raise ConfigError(
             f"hospital-id {missing} is not in the {task} dataset under {root} "
             f"(it has {manifest.hospitals})"
         )
-    train = tuple(list_shards(root, task, "train", hospitals=hospitals))
+    train = tuple(dataset.shards("train", hospitals))
     if not train:
         raise ConfigError(f"no training shards for hospital {hospitals} under {root}")
-    val = tuple(list_shards(root, task, "val", hospitals=hospitals))
-    test = tuple(list_shards(root, task, "test", hospitals=hospitals))
+    val = tuple(dataset.shards("val", hospitals))
+    test = tuple(dataset.shards("test", hospitals))
     verify_shards(
-        root, task, train + val + test, checksums=bool(cfg["data"].get("verify_checksums", True))
+        dataset, train + val + test, checksums=bool(cfg["data"].get("verify_checksums", True))
     )
     norm_stats, class_weights = _fit(train, tuple(sorted(manifest.files.items())))
     return Site(
@@ -166,8 +168,7 @@ def model_from_state(
     With site-local layers (``federated.local``) the server's ``state`` holds only the global
     keys: the site adds its own ``local_part``, or before its first round the model's initial
     values of them (the same at every site: the model is built from the run's seed)."""
-    torch.manual_seed(int(cfg["seed"]))
-    model = build_model(cfg["model"], cfg["task"]["name"])
+    model = build_model(cfg["model"], cfg["task"]["name"], seed=int(cfg["seed"]))
     local = local_keys(model, cfg["federated"].get("local"))
     own = model.state_dict() if local_part is None else local_part
     load_weights(model, with_local(state, own, local), where)

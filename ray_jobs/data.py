@@ -31,7 +31,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from dipro.batch import Batch
 from dipro.data.collate import collate
-from dipro.data.layout import list_shards
+from dipro.data.layout import Dataset
 from dipro.data.normalize import NormStats
 from dipro.data.schema import COLUMNS, first_fault, model_columns
 from dipro.seeds import FILE_ORDER, stream_seed
@@ -65,16 +65,15 @@ def validate_block(block: pa.Table, columns: list[str]) -> pa.Table:
 
 
 def read_split(
-    root: str,
-    task: str,
+    dataset: Dataset,
     split: str,
     region_mode: str,
     num_blocks: int | None = None,
     *,
     seed: int | None = None,
 ) -> ray.data.Dataset:
-    """Lazily read and validate the shards of ``{root}/{task}/split={split}`` listed in the
-    manifest; rows keep the model's columns only.
+    """Lazily read and validate the shards of ``dataset``'s ``split`` (as its manifest lists
+    them); rows keep the model's columns only.
 
     File order is shuffled per epoch for the training split: from ``seed`` (the same orders in
     every run with that seed), or without one when ``seed`` is None. The hive partition columns
@@ -82,9 +81,9 @@ def read_split(
     sets the read parallelism (None: one read task per shard file, so that a block is not a
     handful of rows).
     """
-    paths = list_shards(root, task, split)
+    paths = dataset.shards(split)
     if not paths:
-        raise FileNotFoundError(f"no {split!r} shards for {task!r} under {root!r}")
+        raise FileNotFoundError(f"no {split!r} shards for {dataset.task!r} under {dataset.root!r}")
     shuffle: str | ray.data.FileShuffleConfig | None = None
     if split == "train":
         shuffle = "files" if seed is None else ray.data.FileShuffleConfig(seed=seed)
@@ -125,16 +124,15 @@ class TrainSplit:
     ``seed`` None: the free order (an unseeded file shuffle, blocks to workers as they finish).
     """
 
-    root: str
-    task: str
+    dataset: Dataset
     region_mode: str
     seed: int | None
     next_epoch: Any  # Callable[[], int]; a picklable callable, run where Ray Train runs it
 
     def __call__(self) -> ray.data.Dataset:
         file_seed = None if self.seed is None else stream_seed(self.seed, FILE_ORDER)
-        dataset = read_split(self.root, self.task, "train", self.region_mode, seed=file_seed)
-        return dataset if self.seed is None else start_at_epoch(dataset, self.next_epoch())
+        train = read_split(self.dataset, "train", self.region_mode, seed=file_seed)
+        return train if self.seed is None else start_at_epoch(train, self.next_epoch())
 
 
 def iter_batches(

@@ -30,9 +30,9 @@ from omegaconf import DictConfig
 from dipro import storage, tracking
 from dipro.data.layout import Manifest
 from dipro.data.synthetic import ensure_synthetic_data
+from dipro.run_report import write_run_report
 from ray_jobs.console import say, session
-from ray_jobs.evaluate import write_run_report
-from ray_jobs.train import ensure_ray, run_training
+from ray_jobs.training import ensure_ray, run_training
 
 
 def prepare_data(data_cfg: Mapping[str, Any]) -> dict[str, Manifest]:

@@ -68,7 +68,7 @@ from dipro.report import (
 )
 from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, RunDirectoryInUse, run_dir_of, run_lock
 from ray_jobs.console import say, session
-from ray_jobs.train import run_training
+from ray_jobs.training import run_training
 
 FULL_MODEL = "dipro"
 

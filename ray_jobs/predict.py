@@ -57,9 +57,9 @@ from dipro.data.shard_reader import read_table
 from dipro.engine import predict
 from dipro.explain import write_explanation
 from dipro.prediction import checkpoint_identity, prediction_table
+from dipro.run_report import resolve_checkpoint, run_context
 from ray_jobs.console import session
-from ray_jobs.evaluate import resolve_checkpoint, run_context
-from ray_jobs.train import ensure_ray
+from ray_jobs.training import ensure_ray
 
 PREDICTIONS_FILE = "predictions.parquet"
 SUMMARY_FILE = "predictions.json"

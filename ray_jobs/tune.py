@@ -52,7 +52,7 @@ from dipro.runs import (
     run_lock,
 )
 from ray_jobs.console import Progress, format_epoch, say, session
-from ray_jobs.train import build_trainer, check_config, checkpoint_uri, ensure_ray
+from ray_jobs.training import build_trainer, check_config, checkpoint_uri, ensure_ray
 
 SEARCHES = ("random", "optuna")
 SCHEDULERS = ("asha", "fifo")
@@ -228,9 +228,9 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: str) -> None:
     completes with them."""
     cfg = apply_overrides(OmegaConf.create(base), config)
     cfg.run_name = f"{sweep}-{tune.get_context().get_trial_id()}"
-    manifest = check_config(cfg)
+    dataset = check_config(cfg)
     done_before = _last_epoch(cfg)
-    result = build_trainer(cfg, manifest, callbacks=[TuneReportCallback()]).fit()
+    result = build_trainer(cfg, dataset, callbacks=[TuneReportCallback()]).fit()
     if done_before and result.metrics and int(result.metrics["epoch"]) <= done_before:
         tune.report({**result.metrics, CHECKPOINT_PATH_KEY: result.checkpoint.path})
 

@@ -171,11 +171,10 @@ class _WorkerRun:
         self.device = ray.train.torch.get_device()
         self.deterministic = bool(self.train_cfg.get("deterministic", True))
         set_determinism(self.deterministic, self.device.type)
-        torch.manual_seed(int(cfg["seed"]))
         self.accel = AccelOptions.from_config(self.scaling)
         self.model = ray.train.torch.prepare_model(
             prepare_for_device(
-                build_model(cfg["model"], self.task),
+                build_model(cfg["model"], self.task, seed=int(cfg["seed"])),
                 self.device,
                 self.accel,
                 deterministic=self.deterministic,

@@ -40,13 +40,14 @@ def _reader(reader: str, root: str, batch_size: int, prefetch: int) -> Callable[
     """A function that starts one epoch of ``reader`` over the training split of ``root``; its
     set-up (imports, checksums, Ray start-up) is done here, outside the timings."""
     from dipro.data.collate import collate
-    from dipro.data.layout import list_shards, read_manifest
+    from dipro.data.layout import Dataset
     from dipro.data.schema import model_columns
     from dipro.data.shard_reader import iter_arrow_batches, verify_shards
 
-    manifest = read_manifest(root, TASK)
-    paths = list_shards(root, TASK, "train")
-    verify_shards(root, TASK, paths)  # once per run, as training does
+    data = Dataset.open(root, TASK)
+    manifest = data.manifest
+    paths = data.shards("train")
+    verify_shards(data, paths)  # once per run, as training does
     if reader == "plain":
         stats = manifest.norm_statistics()
         columns = model_columns("crops")
@@ -60,7 +61,7 @@ def _reader(reader: str, root: str, batch_size: int, prefetch: int) -> Callable[
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     deterministic = reader == "ray"
-    dataset = read_split(root, TASK, "train", "crops", seed=0 if deterministic else None)
+    dataset = read_split(data, "train", "crops", seed=0 if deterministic else None)
     dataset.context.execution_options.preserve_order = deterministic
     iterator = dataset.iterator()
     return lambda: iter_batches(

@@ -22,11 +22,11 @@ import ray
 from hydra import compose, initialize_config_dir
 
 from dipro.data.features import featurize_dataset
-from dipro.data.layout import read_manifest
+from dipro.data.layout import Dataset, read_manifest
 from dipro.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from dipro.runs import EPOCH_METRICS_FILE
 from ray_jobs.data import iter_batches, read_split
-from ray_jobs.train import run_training
+from ray_jobs.training import run_training
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TASK = "disease_progression"
@@ -38,8 +38,9 @@ def _rss_mb() -> float:
 
 def data_pipeline(root: Path, mode: str, batch_size: int) -> float:
     """Samples per second of Ray Data reading the training split through the collate."""
-    norm = read_manifest(root, TASK).norm_stats
-    dataset = read_split(str(root), TASK, "train", mode)
+    data = Dataset.open(root, TASK)
+    norm = data.manifest.norm_stats
+    dataset = read_split(data, "train", mode)
     start, rows = time.perf_counter(), 0
     for batch in iter_batches(
         dataset.iterator(), batch_size=batch_size, norm_stats=norm, shuffle_buffer=None

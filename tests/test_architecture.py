@@ -66,3 +66,24 @@ def test_no_data_module_exceeds_the_line_limit():
         if lines > OVERSIZED_DATA_MODULES.get(name, MAX_DATA_MODULE_LINES):
             too_long.append(f"{name}: {lines} lines")
     assert too_long == []
+
+
+def _entrypoints(package: str) -> set[str]:
+    """The modules of ``package`` that are commands: a function decorated with ``hydra.main``."""
+    found = set()
+    for path in (REPO / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            decorators = getattr(node, "decorator_list", [])
+            if any(ast.unparse(d).startswith("hydra.main(") for d in decorators):
+                found.add(".".join(path.relative_to(REPO).with_suffix("").parts))
+    return found
+
+
+@pytest.mark.parametrize("package", ["ray_jobs", "federated"])
+def test_no_module_imports_an_entrypoint(package):
+    """Entrypoints are thin: what two commands share lives in a library module, so that no
+    module imports a command (``ray_jobs.train`` runs ``ray_jobs.training``, which Tune, the
+    studies and the demo import too)."""
+    commands = _entrypoints(package)
+    assert commands, f"no hydra.main found under {package}"
+    assert _violations(package, tuple(commands)) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from dipro.runs import (
     read_epoch_log,
     read_log,
     run_dir,
+    write_summary,
 )
 
 
@@ -105,3 +107,23 @@ def test_checkpoints_are_listed_newest_first_and_the_first_loadable_is_taken(tmp
     found = first_loadable(files, load, lambda err: skipped.append(str(err)), error=CheckpointError)
     assert found == (files[1], "payload") and skipped == [f"{files[0]}: truncated"]
     assert first_loadable([], load, skipped.append, error=CheckpointError) is None
+
+
+def test_a_run_summary_has_the_keys_readers_rely_on_or_is_not_written(tmp_path):
+    summary = {"task": "mortality", "run_name": "r", "seed": 7, "best_checkpoint": "c/model.pt"}
+    with pytest.raises(ValueError, match="val, test"):
+        write_summary(str(tmp_path), summary)
+    assert list(tmp_path.iterdir()) == []
+    uri = write_summary(
+        str(tmp_path), {**summary, "val": {"val/auprc": 0.5}, "test": None, "rounds": 3}
+    )
+    assert uri == str(tmp_path / "metrics.json")
+    assert list(json.loads((tmp_path / "metrics.json").read_text())) == [
+        "task",
+        "run_name",
+        "seed",
+        "best_checkpoint",
+        "val",
+        "test",
+        "rounds",
+    ]

@@ -9,7 +9,7 @@ The manifest holds the schema version, the region mode and crop size / feature s
 subject counts per split and hospital, training-split label counts, the EHR/demographic
 normalisation statistics fitted on the training split only, the generator config and a sha256
 checksum per file. It is written last (``dipro.data.shard_writer``) and is what readers list
-shards from (:func:`list_shards`).
+shards from (:class:`Dataset`: the manifest read once, the shard paths of a split).
 
 The files carry ``split`` and ``hospital`` as columns: Ray Data readers should pass
 ``partitioning=None`` so the hive-style directory names are not added a second time.
@@ -160,46 +160,73 @@ def read_manifest(root: str | os.PathLike[str], task: str) -> Manifest:
     return Manifest.from_dict(data, source=uri)
 
 
+@dataclass(frozen=True)
+class Dataset:
+    """One task's dataset under ``root`` with its manifest, read once (``Dataset.open``): the
+    shard paths of a split, their checksums, counts, normalisation statistics and label counts
+    all come from it. Small and picklable: a run hands it to Ray Data's readers as it is."""
+
+    root: str
+    task: str
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str], task: str) -> Dataset:
+        """Read ``{root}/{task}/manifest.json`` (errors as ``read_manifest``)."""
+        return cls(os.fspath(root), task, read_manifest(root, task))
+
+    def shards(self, split: str, hospitals: Iterable[int] | None = None) -> list[str]:
+        """Shard files of one split (optionally only some hospitals), sorted.
+
+        Paths are absolute local paths, or URIs when ``root`` is a URI: strings, the form
+        pyarrow and ``ray.data.read_parquet`` accept.
+        """
+        _check_split(split)
+        wanted = None if hospitals is None else {int(h) for h in hospitals}
+        out = []
+        for rel in sorted(self.manifest.files):
+            parts = rel.split("/")
+            if parts[0] != f"split={split}":
+                continue
+            if wanted is not None and int(parts[1].removeprefix("hospital=")) not in wanted:
+                continue
+            out.append(dataset_path(self.root, self.task, rel))
+        return out
+
+    def checksums(self) -> dict[str, str]:
+        """Every shard's path (as ``shards`` gives it) -> its sha256 in the manifest."""
+        return {
+            dataset_path(self.root, self.task, rel): digest
+            for rel, digest in self.manifest.files.items()
+        }
+
+
 def list_shards(
     root: str | os.PathLike[str],
     task: str,
     split: str,
     hospitals: Iterable[int] | None = None,
 ) -> list[str]:
-    """Shard files of one split (optionally only some hospitals), from the manifest, sorted.
-
-    Paths are absolute local paths, or URIs when ``root`` is a URI: strings, the form pyarrow
-    and ``ray.data.read_parquet`` accept.
-    """
-    _check_split(split)
-    manifest = read_manifest(root, task)
-    wanted = None if hospitals is None else {int(h) for h in hospitals}
-    out = []
-    for rel in sorted(manifest.files):
-        parts = rel.split("/")
-        if parts[0] != f"split={split}":
-            continue
-        if wanted is not None and int(parts[1].removeprefix("hospital=")) not in wanted:
-            continue
-        out.append(dataset_path(root, task, rel))
-    return out
+    """``Dataset.open(root, task).shards(split, hospitals)``: for a reader that lists once."""
+    return Dataset.open(root, task).shards(split, hospitals)
 
 
-def model_manifest(
+def model_dataset(
     root: str | os.PathLike[str],
     task: str,
     region_mode: str,
     key: str,
     *,
     splits: Sequence[str] = (),
-) -> Manifest:
-    """The task's manifest under ``root`` (set by the config key ``key``), for a model of
+) -> Dataset:
+    """The task's dataset under ``root`` (set by the config key ``key``), for a model of
     ``region_mode`` that reads ``splits``: a missing dataset, one of another region mode or an
     empty split is a ConfigError naming ``key``. Every entrypoint checks its data here."""
     try:
-        manifest = read_manifest(root, task)
+        dataset = Dataset.open(root, task)
     except FileNotFoundError as err:
         raise ConfigError(f"{key}: {err}") from err
+    manifest = dataset.manifest
     if manifest.region_mode != region_mode:
         raise ConfigError(
             f"the {task} dataset under {root} ({key}) stores {manifest.region_mode}, but "
@@ -208,7 +235,7 @@ def model_manifest(
     for split in splits:
         if manifest.num_samples(split) == 0:
             raise ConfigError(f"the {task} dataset under {root} ({key}) has no {split} samples")
-    return manifest
+    return dataset
 
 
 def format_counts(manifests: Mapping[str, Manifest]) -> str:

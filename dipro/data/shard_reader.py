@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dipro import storage
-from dipro.data.layout import dataset_path, file_sha256, read_manifest
+from dipro.data.layout import Dataset, dataset_path, file_sha256
 from dipro.data.schema import SCHEMA, SchemaError, upgrade, validate, validate_schema
 
 
@@ -105,28 +105,25 @@ class ChecksumError(ValueError):
 
 
 def verify_shards(
-    root: str | os.PathLike[str],
-    task: str,
+    dataset: Dataset,
     paths: Sequence[str] | None = None,
     *,
     checksums: bool = True,
     threads: int = 8,
 ) -> None:
-    """Check shards of ``{root}/{task}`` before a run reads them: each file's footer against the
+    """Check shards of ``dataset`` before a run reads them: each file's footer against the
     schema (version, columns, types) and, with ``checksums``, its sha256 against the manifest.
 
-    ``paths`` are shards as ``dipro.data.layout.list_shards`` returns them (all of the
-    manifest's when None). Files are hashed streamed (1 MiB at a time) in ``threads`` parallel
-    threads. A file this process verified before and whose size and modification time are
-    unchanged is not hashed again, so every reader may call this at its first use of a file and a
-    run pays one pass.
+    ``paths`` are shards as ``Dataset.shards`` returns them (all of the manifest's when None).
+    Files are hashed streamed (1 MiB at a time) in ``threads`` parallel threads. A file this
+    process verified before and whose size and modification time are unchanged is not hashed
+    again, so every reader may call this at its first use of a file and a run pays one pass.
 
     Raises:
         SchemaError: a footer breaks the schema (naming the file and the field).
         ChecksumError: naming every file that is missing, unknown to the manifest or altered.
     """
-    manifest = read_manifest(root, task)
-    by_path = {dataset_path(root, task, rel): digest for rel, digest in manifest.files.items()}
+    by_path = dataset.checksums()
     wanted = sorted(by_path) if paths is None else [os.fspath(p) for p in paths]
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(wanted)))) as pool:
         faults = list(
@@ -135,7 +132,8 @@ def verify_shards(
     bad = [fault for fault in faults if fault]
     if bad:
         raise ChecksumError(
-            f"{len(bad)} shard(s) of {dataset_path(root, task)} do not match its manifest: "
+            f"{len(bad)} shard(s) of {dataset_path(dataset.root, dataset.task)} do not match "
+            "its manifest: "
             + "; ".join(bad)
             + " (to read them anyway, knowingly: data.verify_checksums=false)"
         )
@@ -143,7 +141,7 @@ def verify_shards(
 
 def verify_checksums(root: str | os.PathLike[str], task: str) -> None:
     """Raise ChecksumError naming every shard whose sha256 differs from the manifest's."""
-    verify_shards(root, task)
+    verify_shards(Dataset.open(root, task))
 
 
 _VERIFIED: dict[str, tuple[str, int | None, Any]] = {}  # path -> (sha256, size, mtime) seen

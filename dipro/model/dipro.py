@@ -190,12 +190,20 @@ class DiPro(nn.Module):
         )
 
 
-def build_model(model_cfg: Mapping[str, Any] | ModelConfig, task: str) -> DiPro:
+def build_model(
+    model_cfg: Mapping[str, Any] | ModelConfig, task: str, *, seed: int | None = None
+) -> DiPro:
     """Build DiPro for ``task`` from the model config (``ModelConfig``, or the mapping of
     configs/model/dipro.yaml after the task's overrides). In crops mode the backbone weights come
     from the local file ``pretrained_weights``; without one a warning says that the backbone
-    starts random."""
+    starts random.
+
+    ``seed``: torch's generator is seeded with it first, so every process that builds the run's
+    model (each Ray Train worker, the federated server, each site) holds the same initial
+    weights; the site-local layers of federated learning rely on it."""
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
+    if seed is not None:
+        torch.manual_seed(seed)
     ablation = cfg.ablation
     D, heads, dropout = cfg.d_model, cfg.num_heads, cfg.dropout
     R, K = vocab.NUM_REGIONS, vocab.NUM_FINDINGS

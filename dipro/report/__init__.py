@@ -1,8 +1,8 @@
 """Evaluation reports: the paper's tables, intervals, confusion matrices, figures and a model card.
 
 Everything here is framework-free (numpy, scikit-learn, matplotlib): it turns predictions and
-metrics into files a reader can open. Ray and Hydra live in ``ray_jobs.evaluate`` and
-``ray_jobs.experiments``, which call these functions.
+metrics into files a reader can open. ``dipro.run_report`` scores a checkpoint and calls
+these functions; the commands ``ray_jobs.evaluate`` and ``ray_jobs.experiments`` call it.
 
 One evaluation directory holds:
 

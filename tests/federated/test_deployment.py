@@ -379,7 +379,7 @@ def test_a_site_killed_in_training_rejoins_a_later_round(tiny_data_root, tmp_pat
             f"server.eval_data={held_out}",
             "federated.wait_for_sites_s=120",
             # a round waits this long for a site that took its task and died
-            "federated.round_timeout_s=180",
+            "federated.round_timeout_s=120",
         ]
     )
     site_port = deployment.site_ports[2]
@@ -398,9 +398,14 @@ def test_a_site_killed_in_training_rejoins_a_later_round(tiny_data_root, tmp_pat
     )
     deployment.kill_site(2)
     assert not _clientapps(site_port)
-    # The SuperLink refuses a node id it still counts as online (until it has missed two
-    # heartbeats, 60 s by default): the SuperNode exits with code 305. Start it again until
-    # the SuperLink activates it, as a supervisor with a restart policy would.
+    # Once site 2 has missed two heartbeats (60 s by default) the SuperLink counts its node
+    # offline and answers for its lost task ("Node Unavailable"), and round 1 ends without it.
+    # Site 2 is started again after that: a SuperNode that the SuperLink activates before it has
+    # answered for the lost task leaves that task pending, and round 1 waits out
+    # federated.round_timeout_s instead.
+    _until("round 1 to end", time.monotonic() + 300, lambda: _rounds(out)[1:])
+    # A node id still counted online is refused (the SuperNode exits with code 305): start it
+    # again until the SuperLink activates it, as a supervisor with a restart policy would.
     activated = f"Activated node_id={nodes[2]}"
     restarts: list[subprocess.Popen[bytes]] = []
 

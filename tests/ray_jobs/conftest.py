@@ -24,14 +24,30 @@ def compose_train(overrides: list[str]) -> DictConfig:
         return compose("train", overrides=overrides)
 
 
+# run_name -> how many times its run_training (the driver) read its dataset's manifest.json
+MANIFEST_READS: dict[str, int] = {}
+
+
 def _finished_run(factory: pytest.TempPathFactory, overrides: list[str]):
     """Train the tiny model with ``overrides`` into a new storage directory: its
-    ``TrainingResult``."""
-    from ray_jobs.train import run_training
+    ``TrainingResult``. The reads of the dataset's manifest are counted (``MANIFEST_READS``)."""
+    from dipro import storage
+    from dipro.data.layout import MANIFEST_NAME
+    from ray_jobs.training import run_training
 
     ensure_ray()
-    storage = factory.mktemp("runs")
-    return run_training(compose_train([f"storage_path={storage}", *TINY_MODEL, *overrides]))
+    cfg = compose_train([f"storage_path={factory.mktemp('runs')}", *TINY_MODEL, *overrides])
+    read_bytes, reads = storage.read_bytes, []
+
+    def counted(uri: str) -> bytes:
+        reads.extend([uri] if str(uri).endswith(f"/{MANIFEST_NAME}") else [])
+        return read_bytes(uri)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(storage, "read_bytes", counted)
+        result = run_training(cfg)
+    MANIFEST_READS[cfg.run_name] = len(reads)
+    return result
 
 
 @pytest.fixture(scope="session")

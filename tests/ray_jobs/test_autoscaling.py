@@ -157,6 +157,10 @@ def test_sweep_trials_run_on_separate_launched_nodes(autoscaling, tiny_data_root
             "tune.num_samples=1",
             "tune.max_concurrent_trials=2",
             "tune.scheduler=fifo",
+            # A trial on a node that has only just joined has once failed to place its Train
+            # controller there (Ray: "the node ... doesn't exist any more or is infeasible");
+            # the sweep restarts a failed trial once, as a sweep on an autoscaler should.
+            "tune.max_failures=1",
             "train.max_epochs=1",
             "scaling.num_workers=1",
             flags=f"--config-dir={tmp_path / 'configs'}",

@@ -27,7 +27,7 @@ from ray_jobs.console import (
     session,
 )
 from ray_jobs.predict import local_num_cpus as predict_num_cpus
-from ray_jobs.train import local_num_cpus
+from ray_jobs.training import local_num_cpus
 
 RECORD = {
     "epoch": 3,

@@ -16,11 +16,11 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from dipro import vocab
+from dipro.config import ConfigError
 from dipro.data.layout import read_manifest
 from dipro.report import ReportSettings
-from ray_jobs.evaluate import EvaluationError, evaluate_to_report, write_run_report
+from dipro.run_report import EvaluationError, evaluate_to_report, write_run_report
 from ray_jobs.experiments import run_ablations, run_seeds
-from ray_jobs.train import ConfigError
 
 pytestmark = pytest.mark.ray
 

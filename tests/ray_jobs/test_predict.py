@@ -22,7 +22,7 @@ from dipro.data.shard_reader import read_table
 from dipro.evaluation import evaluate_checkpoint
 from dipro.metrics import compute_metrics
 from dipro.prediction import predictions_from_table
-from ray_jobs.evaluate import evaluate_to_report
+from dipro.run_report import evaluate_to_report
 from ray_jobs.predict import PredictionError, run_prediction
 
 pytestmark = pytest.mark.ray
@@ -115,7 +115,7 @@ def test_raw_mimic_tree_trains_and_its_predictions_name_its_images(ray_session, 
     from dipro.data.mimic.cohort_tree import write_cohort_raw_tree
     from dipro.data.synthetic import SyntheticConfig, simulate_cohort
     from ray_jobs.preprocess import run_preprocess
-    from ray_jobs.train import run_training
+    from ray_jobs.training import run_training
 
     cohort = simulate_cohort(SyntheticConfig(seed=11, num_patients=40, image_size=64))
     tree = write_cohort_raw_tree(cohort, tmp_path / "raw")

@@ -21,15 +21,15 @@ from conftest import TINY_MODEL, compose_train
 from tiny_model import RANDOM_BACKBONE_EXPECTED
 
 from dipro.checkpoint import save_checkpoint
-from dipro.data.layout import MANIFEST_NAME, read_manifest
+from dipro.data.layout import MANIFEST_NAME, Dataset, read_manifest
 from dipro.data.schema import SCHEMA, SchemaError
 from dipro.data.shard_reader import ChecksumError, verify_shards
 from dipro.model import build_model
+from dipro.run_report import evaluate_to_report
 from federated.config import compose_config
 from federated.site import load_site
 from ray_jobs.data import iter_batches, read_split
-from ray_jobs.evaluate import evaluate_to_report
-from ray_jobs.train import check_config, stopping_error
+from ray_jobs.training import check_config, stopping_error
 
 
 def _first_train_shard(root: Path, task: str) -> Path:
@@ -136,7 +136,7 @@ def test_ray_data_path_names_shard_record_and_field(
     """Validation runs in Ray Data's map over the blocks it reads (in a Ray task); the error
     that reaches the consumer, unwrapped, is the one-line SchemaError."""
     shard, record = _bad_copy(tiny_data_root, tmp_path, task, spoil)
-    dataset = read_split(str(tmp_path), task, "train", "crops")
+    dataset = read_split(Dataset.open(tmp_path, task), "train", "crops")
     norm = read_manifest(tmp_path, task).norm_stats
     with pytest.raises(Exception) as info:  # noqa: PT011 - Ray's wrapper, unwrapped below
         for _ in iter_batches(
@@ -231,9 +231,9 @@ def test_tampered_shard_is_refused_by_the_federated_site(tiny_data_root, tmp_pat
 def test_a_shard_changed_after_its_check_is_checked_again(tiny_data_root, tmp_path):
     """Checks are remembered per process (one pass per run), but not across a change."""
     shutil.copytree(tiny_data_root / "mortality", tmp_path / "mortality")
-    verify_shards(tmp_path, "mortality")
+    verify_shards(Dataset.open(tmp_path, "mortality"))
     shard = _first_train_shard(tmp_path, "mortality")
     shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     with pytest.raises(ChecksumError, match=re.escape(str(shard))):
-        verify_shards(tmp_path, "mortality")
+        verify_shards(Dataset.open(tmp_path, "mortality"))

@@ -17,7 +17,7 @@ from test_tune import compose_tune
 
 from dipro.data.layout import read_manifest
 from dipro.tracking import PARENT_TAG, RUN_DIR_TAG, dataset_identity, numeric_metrics
-from ray_jobs.train import run_training
+from ray_jobs.training import run_training
 from ray_jobs.tune import run_sweep
 
 # A training run, a two-trial sweep and a server start: ~3 min idle, 15+ min on a busy 2-core box.

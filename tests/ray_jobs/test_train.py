@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_MODEL, compose_train
+from conftest import MANIFEST_READS, REPO, TINY_MODEL, compose_train
 
 from dipro.checkpoint import load_checkpoint
-from ray_jobs.train import ConfigError, check_config, run_training
+from dipro.config import ConfigError
+from ray_jobs.training import check_config, run_training
 from ray_jobs.worker import FAULT_MARKER
 
 pytestmark = pytest.mark.ray
@@ -58,6 +59,12 @@ def test_two_workers_train_to_completion(two_worker_run):
     model, meta = load_checkpoint(result.best_checkpoint)
     assert meta.task == "mortality" and meta.norm_stats is not None
     assert meta.epoch == metrics["best_epoch"]
+
+
+def test_a_training_run_reads_its_dataset_manifest_once(progression_run):
+    """``check_config`` reads the manifest into a ``Dataset``; the shard check, the Ray Data
+    pipelines and the test split's scoring ask it, and never read the file again."""
+    assert MANIFEST_READS[Path(progression_run.run_dir).name] == 1
 
 
 @pytest.mark.slow

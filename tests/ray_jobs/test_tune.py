@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ray import tune
 
 from dipro.checkpoint import load_checkpoint
-from ray_jobs.train import ConfigError, run_training
+from dipro.config import ConfigError
+from ray_jobs.training import run_training
 from ray_jobs.tune import SweepInterrupted, check_sweep, run_sweep
 
 pytestmark = pytest.mark.ray
