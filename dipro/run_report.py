@@ -150,7 +150,12 @@ def evaluate_to_report(
     own_data = manifest is not None and os.fspath(data_root) == os.fspath(train_root)
     site_normalised = normalised_at_sites(payload)
     try:
-        eval_data = Dataset.open(data_root, task)
+        # the training data's manifest, read above, serves when it is the data scored
+        eval_data = (
+            Dataset(os.fspath(data_root), task, manifest)
+            if own_data
+            else Dataset.open(data_root, task)
+        )
         eval_manifest = eval_data.manifest
         paths = eval_data.shards(split)
         check_matches(
