@@ -37,18 +37,14 @@ only present crops reach the backbone) stays eager: its row count depends on the
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from dipro.model.dipro import DiPro
+from dipro.settings import COMPILE_BACKENDS, COMPILE_MODES, ScalingSettings
 
 logger = logging.getLogger(__name__)
-
-COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
-COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 
 
 @dataclass(frozen=True)
@@ -75,14 +71,14 @@ class AccelOptions:
             )
 
     @classmethod
-    def from_config(cls, scaling: Mapping[str, Any]) -> AccelOptions:
-        """The options of a ``scaling`` config section; a key it lacks is off."""
+    def of(cls, scaling: ScalingSettings) -> AccelOptions:
+        """The options of the ``scaling`` settings."""
         return cls(
-            channels_last=bool(scaling.get("channels_last", False)),
-            compile=scaling.get("compile"),
-            compile_backend=str(scaling.get("compile_backend", "inductor")),
-            cudnn_benchmark=bool(scaling.get("cudnn_benchmark", False)),
-            fused_optimizer=bool(scaling.get("fused_optimizer", False)),
+            channels_last=scaling.channels_last,
+            compile=scaling.compile,
+            compile_backend=scaling.compile_backend,
+            cudnn_benchmark=scaling.cudnn_benchmark,
+            fused_optimizer=scaling.fused_optimizer,
         )
 
     def describe(self) -> str:

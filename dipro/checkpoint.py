@@ -37,7 +37,7 @@ from dipro.data.normalize import NormStats
 from dipro.data.schema import KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION
 from dipro.engine import unwrap
 from dipro.losses import ClassWeights
-from dipro.model import DiPro, build_model
+from dipro.model import DiPro, ModelConfig, build_model
 
 FORMAT: Final[str] = "dipro-checkpoint"
 FORMAT_VERSION: Final[int] = 1
@@ -84,7 +84,7 @@ def save_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module,
     *,
-    model_cfg: Mapping[str, Any],
+    model_cfg: ModelConfig | Mapping[str, Any],
     task: str,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
@@ -121,7 +121,9 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "data_schema_version": SCHEMA_VERSION,
         "task": task,
-        "model_cfg": _plain(model_cfg, "model_cfg"),
+        "model_cfg": _plain(
+            model_cfg.to_dict() if isinstance(model_cfg, ModelConfig) else model_cfg, "model_cfg"
+        ),
         "weights": weights,
         "training": training,
     }
@@ -213,10 +215,17 @@ def load_checkpoint(
         )
     load_weights(model, payload["weights"], where)
     model.eval()
-    meta = CheckpointMeta(
+    return model, meta_of(payload, where)
+
+
+def meta_of(payload: Mapping[str, Any], where: str) -> CheckpointMeta:
+    """Everything but the weights of a checkpoint (``read_checkpoint``'s dict) read from
+    ``where``, typed."""
+    training = payload["training"]
+    return CheckpointMeta(
         path=where,
-        task=task,
-        model_cfg=model_cfg,
+        task=payload["task"],
+        model_cfg=payload["model_cfg"],
         format_version=payload["format_version"],
         data_schema_version=payload["data_schema_version"],
         epoch=training.get("epoch"),
@@ -231,7 +240,6 @@ def load_checkpoint(
         scheduler_state=training.get("scheduler"),
         extra=training.get("extra") or {},
     )
-    return model, meta
 
 
 def normalised_at_sites(payload: Mapping[str, Any]) -> bool:

@@ -6,9 +6,12 @@ float. ``validate(cfg, schema)`` checks every key of ``schema`` by type and rang
 work starts, and raises ``ConfigError`` with one line naming the key, its value and what it
 should be. A key absent from the composed config is not checked (entrypoints share tables).
 
-Adding a config key = one line in the table of its section, e.g.
-``"data.verify_checksums": Bool(),`` in ``DATA``. A section listed in ``CLOSED`` accepts only
-the keys of its table (an unknown ablation switch is an error, not a silent no-op).
+The tables of the typed sections come from their dataclasses (``dipro.settings``): adding a
+key there is one field, e.g. ``verify_checksums: bool = setting(Bool(), True)`` in
+``DataSettings``, and code reads it from the parsed section. The sections not typed yet
+(scaling, evaluate, preprocess) keep a table of their own here. A section listed in ``CLOSED``
+accepts only the keys of its table (an unknown ablation switch is an error, not a silent
+no-op).
 
 The site-local config (configs/local/default.yaml, last in every defaults list) may only set
 keys that some entrypoint config defines: ``LocalSettingsCheck``, a Hydra callback of every
@@ -22,13 +25,12 @@ registered by ``register_resolvers``, which Hydra calls through the project's pl
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
@@ -40,215 +42,29 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dipro import vocab
+from dipro.settings import (
+    Bool,
+    Choice,
+    ConfigError,
+    DataSettings,
+    Float,
+    Int,
+    ListOf,
+    ModelConfig,
+    Spec,
+    Str,
+    TrainingRun,
+    parse,
+    specs_of,
+)
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; raised before any work (and before Ray starts)."""
-
-
+Rule = Callable[[Mapping[str, Any]], None]
+T = TypeVar("T")
 _MISSING: Final = object()
 
 
-def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
-
-
-@dataclass(frozen=True)
-class Bool:
-    """true or false (not a string such as "off" or "yes")."""
-
-    nullable: bool = False
-
-    def check(self, key: str, value: Any) -> None:
-        if value is None and self.nullable:
-            return
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={_show(value)} is not a boolean (true or false)")
-
-
-@dataclass(frozen=True)
-class Int:
-    """An integer in [min, max]; a float or string is refused."""
-
-    min: int | None = None
-    max: int | None = None
-    nullable: bool = False
-
-    def check(self, key: str, value: Any) -> None:
-        if value is None and self.nullable:
-            return
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={_show(value)} is not an integer")
-        if self.min is not None and value < self.min:
-            raise ConfigError(f"{key}={value} must be at least {self.min}")
-        if self.max is not None and value > self.max:
-            raise ConfigError(f"{key}={value} must be at most {self.max}")
-
-
-@dataclass(frozen=True)
-class Float:
-    """A finite number (an integer is accepted) above ``gt`` / at least ``ge`` / at most ``le``."""
-
-    gt: float | None = None
-    ge: float | None = None
-    le: float | None = None
-    nullable: bool = False
-
-    def check(self, key: str, value: Any) -> None:
-        if value is None and self.nullable:
-            return
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}={_show(value)} is not a number")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}={value} is not a finite number")
-        if self.gt is not None and not value > self.gt:
-            raise ConfigError(f"{key}={value} must be greater than {self.gt}")
-        if self.ge is not None and not value >= self.ge:
-            raise ConfigError(f"{key}={value} must be at least {self.ge}")
-        if self.le is not None and not value <= self.le:
-            raise ConfigError(f"{key}={value} must be at most {self.le}")
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One of ``options`` (compared by value and type: "1" is not 1)."""
-
-    options: tuple[Any, ...]
-    nullable: bool = False
-
-    def check(self, key: str, value: Any) -> None:
-        if value is None and self.nullable:
-            return
-        if not any(type(value) is type(o) and value == o for o in self.options):
-            shown = " | ".join(_show(o) for o in self.options)
-            raise ConfigError(f"{key}={_show(value)} is not one of {shown}")
-
-
-@dataclass(frozen=True)
-class Str:
-    """A non-empty string."""
-
-    nullable: bool = False
-
-    def check(self, key: str, value: Any) -> None:
-        if value is None and self.nullable:
-            return
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{key}={_show(value)} is not a non-empty string")
-
-
-@dataclass(frozen=True)
-class MappingOf:
-    """A mapping (e.g. ``scaling.resources_per_worker``), optionally with numbers as values."""
-
-    values: Float | Int | None = None
-    nullable: bool = False
-
-    def check(self, key: str, value: Any) -> None:
-        if value is None and self.nullable:
-            return
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}={_show(value)} is not a mapping")
-        if self.values is not None:
-            for name, item in value.items():
-                self.values.check(f"{key}.{name}", item)
-
-
-@dataclass(frozen=True)
-class ListOf:
-    """A list whose items all pass ``items``; at least ``min_len`` of them."""
-
-    items: Bool | Int | Float | Choice | Str
-    min_len: int = 0
-
-    def check(self, key: str, value: Any) -> None:
-        if isinstance(value, str) or not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}={_show(value)} is not a list")
-        if len(value) < self.min_len:
-            raise ConfigError(f"{key} needs at least {self.min_len} item(s)")
-        for i, item in enumerate(value):
-            self.items.check(f"{key}[{i}]", item)
-
-
-Spec = Bool | Int | Float | Choice | Str | MappingOf | ListOf
-Rule = Callable[[Mapping[str, Any]], None]
-
 # --- the tables, one per config section ---------------------------------------------------------
 
-TASK: dict[str, Spec] = {
-    "task.name": Choice(vocab.TASKS),
-    "task.monitor": Str(),
-    "task.monitor_mode": Choice(("max", "min")),
-}
-MODEL: dict[str, Spec] = {
-    "model.region_mode": Choice(("crops", "features")),
-    "model.backbone": Choice(("resnet50", "resnet18")),
-    "model.pretrained_weights": Str(nullable=True),
-    "model.feature_dim": Int(min=1),
-    "model.d_model": Int(min=1),
-    "model.num_heads": Int(min=1),
-    "model.ehr_layers": Int(min=1),
-    "model.local_fusion_layers": Int(min=1),
-    "model.fusion_layers": Int(min=1),
-    "model.num_groups": Int(min=1),
-    "model.dropout": Float(ge=0.0, le=1.0),
-    "model.ehr_use_observed": Bool(),
-    "model.ablation.std": Bool(),
-    "model.ablation.pae": Bool(),
-    "model.ablation.local_fusion": Bool(),
-    "model.ablation.global_fusion": Bool(),
-    "model.ablation.ehr": Bool(),
-    "model.ablation.longitudinal": Bool(),
-}
-LOSS: dict[str, Spec] = {
-    f"loss.{name}": Float(ge=0.0) for name in ("ce", "temp", "static", "dyn", "orth")
-}
-OPTIM: dict[str, Spec] = {
-    "optim.lr": Float(gt=0.0),
-    "optim.batch_size": Int(min=1),
-    "optim.weight_decay": Float(ge=0.0),
-    "optim.min_lr": Float(ge=0.0),
-    "optim.lr_scaling": Choice(("none", "linear")),
-}
-TRAIN: dict[str, Spec] = {
-    "seed": Int(),
-    "run_name": Str(),
-    "train.max_epochs": Int(min=1),
-    "train.patience": Int(min=1, nullable=True),
-    "train.accumulation_steps": Int(min=1),
-    "train.max_grad_norm": Float(gt=0.0, nullable=True),
-    "train.eval_batch_size": Int(min=1),
-    "train.checkpoints_to_keep": Int(min=1),
-    "train.evaluate_test": Bool(),
-    "train.max_steps_per_epoch": Int(min=1, nullable=True),
-    "train.data_progress_bars": Bool(),
-    "train.deterministic": Bool(),
-    "verbose": Bool(),
-    "tracking.enabled": Bool(),
-    "tracking.required": Bool(),
-}
-DATA: dict[str, Spec] = {
-    "data.root": Str(),
-    "data.overwrite": Bool(),
-    "data.verify_checksums": Bool(),
-}
-SCALING: dict[str, Spec] = {
-    "scaling.use_gpu": Bool(),
-    "scaling.resources_per_worker": MappingOf(Float(ge=0.0)),
-    "scaling.cpus_per_worker": Int(min=1),
-    "scaling.amp": Choice(("bf16", "bfloat16", "fp16", "float16"), nullable=True),
-    "scaling.prefetch_batches": Int(min=0),
-    "scaling.local_shuffle_buffer_size": Int(min=1, nullable=True),
-    "scaling.max_failures": Int(min=-1),
-    "scaling.require_remote_storage": Bool(),
-    "scaling.pin_memory": Bool(),
-    "scaling.elastic_resize_monitor_interval_s": Float(ge=0.0),
-    "scaling.channels_last": Bool(),
-    "scaling.compile": Choice(("default", "reduce-overhead", "max-autotune"), nullable=True),
-    "scaling.compile_backend": Choice(("inductor", "aot_eager", "eager")),
-    "scaling.cudnn_benchmark": Bool(),
-    "scaling.fused_optimizer": Bool(),
-}
 EVALUATE: dict[str, Spec] = {
     "checkpoint": Str(),
     "split": Choice(("train", "val", "test")),
@@ -293,53 +109,12 @@ PREPROCESS: dict[str, Spec] = {
     "regions.num_gpus": Float(ge=0.0),
     "regions.feature_batch_size": Int(min=1),
 }
-FEDERATED: dict[str, Spec] = {
-    "federated.num_rounds": Int(min=1),
-    "federated.local_epochs": Int(min=1),
-    "federated.fraction_train": Float(gt=0.0, le=1.0),
-    "federated.fraction_evaluate": Float(ge=0.0, le=1.0),
-    "federated.min_sites": Int(min=1),
-    "federated.min_report_count": Int(min=1),
-    "federated.site_log_dir": Str(nullable=True),
-    "federated.site_state_dir": Str(nullable=True),
-    "federated.local.batch_norm": Bool(),
-    "federated.local.layers": ListOf(Str()),
-    "federated.wait_for_sites_s": Float(gt=0.0),
-    "federated.round_timeout_s": Float(gt=0.0),
-    "federated.device": Choice(("cpu", "cuda")),
-    "federated.threads": Int(min=1),
-    "federated.dp.enabled": Bool(),
-    "federated.dp.clipping_norm": Float(gt=0.0),
-    "federated.dp.noise_multiplier": Float(ge=0.0),
-    "federated.dp.delta": Float(gt=0.0, le=0.1),
-    "federated.dp.target_epsilon": Float(gt=0.0, nullable=True),
-    "federated.secure.enabled": Bool(),
-    "federated.secure.num_shares": Float(gt=0.0),
-    "federated.secure.reconstruction_threshold": Float(gt=0.0),
-    "federated.secure.clipping_range": Float(gt=0.0),
-    "federated.secure.quantization_range": Int(min=2),
-    "federated.secure.modulus_range": Int(min=2),
-    "federated.secure.max_weight": Float(gt=0.0),
-    "server.eval_data": Str(nullable=True),
-    "server.eval_split": Choice(("train", "val", "test")),
-    "server.test_split": Choice(("train", "val", "test"), nullable=True),
-    "simulation.num_sites": Int(min=1, nullable=True),
-    "simulation.client_cpus": Float(gt=0.0),
-    "simulation.ray_num_cpus": Int(min=1),
-    "simulation.timeout_s": Float(gt=0.0),
-}
-
 # Sections whose keys are exactly those of the tables.
 CLOSED: Final[tuple[str, ...]] = ("model.ablation",)
 
 
-def _heads_divide_width(cfg: Mapping[str, Any]) -> None:
-    d_model, heads = cfg["model"]["d_model"], cfg["model"]["num_heads"]
-    if d_model % heads:
-        raise ConfigError(
-            f"model.d_model={d_model} is not a multiple of model.num_heads={heads} "
-            "(each attention head takes d_model / num_heads features)"
-        )
+def _model_builds(cfg: Mapping[str, Any]) -> None:
+    ModelConfig.from_dict(cfg["model"])
 
 
 def _compile_mode_of_backend(cfg: Mapping[str, Any]) -> None:
@@ -381,17 +156,10 @@ class Schema:
     rules: tuple[Rule, ...] = ()
 
 
-TRAIN_SCHEMA: Final = Schema(
-    {**TASK, **MODEL, **LOSS, **OPTIM, **TRAIN, **DATA, **SCALING},
-    (_heads_divide_width, _compile_mode_of_backend),
-)
+TRAIN_SCHEMA: Final = Schema(specs_of(TrainingRun), (_model_builds, _compile_mode_of_backend))
 EVALUATE_SCHEMA: Final = Schema(EVALUATE, (_cuda_when_asked,))
 PREPROCESS_SCHEMA: Final = Schema(PREPROCESS, (_gap_order,))
-FEDERATED_SCHEMA: Final = Schema(
-    {**TASK, **MODEL, **LOSS, **OPTIM, **TRAIN, **DATA, **FEDERATED}, (_heads_divide_width,)
-)
-
-SYNTHETIC_SCHEMA: Final = Schema(DATA)
+SYNTHETIC_SCHEMA: Final = Schema(specs_of(DataSettings, "data"))
 
 
 def _select(cfg: DictConfig, key: str) -> Any:
@@ -437,24 +205,20 @@ def validate(cfg: DictConfig | Mapping[str, Any], schema: Schema) -> dict[str, A
     return plain
 
 
+def settings_of(cls: type[T], cfg: DictConfig | Mapping[str, Any]) -> T:
+    """The typed settings ``cls`` (``dipro.settings``) of a whole config, its interpolations
+    resolved; ConfigError names the first key that is missing or wrong."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    assert isinstance(plain, Mapping)
+    return parse(cls, plain)
+
+
 def exit_with_error(kind: str, err: BaseException) -> NoReturn:
     """End an entrypoint with one line ``{kind} error: {err}`` on stderr and exit status 2
     (a usage or input error, as opposed to 1 for a crash)."""
     message = " ".join(str(err).split())
     print(f"{kind} error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
-
-
-def check_exact_keys(section: str, data: Mapping[str, Any], names: Sequence[str]) -> None:
-    """ValueError naming the missing and the unknown keys unless ``data`` has exactly
-    ``names`` (a typed section read without Hydra: a checkpoint's model, a loss mapping)."""
-    missing = [name for name in names if name not in data]
-    unknown = sorted(set(data) - set(names))
-    if missing or unknown:
-        raise ValueError(
-            f"{section} config: missing keys {missing}, unknown keys {unknown}; "
-            f"expected exactly {list(names)}"
-        )
 
 
 @contextmanager

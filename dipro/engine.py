@@ -39,6 +39,7 @@ from torch import nn
 from dipro.batch import Batch
 from dipro.losses import DiProLoss
 from dipro.metrics import Predictions, compute_metrics
+from dipro.settings import OptimSettings
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ _AMP_DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
-LR_SCALINGS: tuple[str, ...] = ("none", "linear")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -59,50 +59,34 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def learning_rate(
-    optim_cfg: Mapping[str, Any], world_size: int = 1, accumulation_steps: int = 1
-) -> float:
+def learning_rate(optim: OptimSettings, world_size: int = 1, accumulation_steps: int = 1) -> float:
     """The lr to use: ``optim.lr`` as configured, or, with ``lr_scaling: linear``, scaled by the
     effective batch relative to the training the lr belongs to (``optim.reference``):
 
         lr_used = lr * (batch_size * accumulation_steps * world_size)
                      / (reference.batch_size * reference.accumulation_steps * reference.num_workers)
 
-    The default ``none`` never rescales; ``linear`` needs ``optim.batch_size`` and
-    ``optim.reference`` with the three keys above.
+    The default ``none`` never rescales; ``linear`` needs ``optim.reference`` (``OptimSettings``
+    refuses it without one).
     """
-    lr = float(optim_cfg["lr"])
-    scaling = optim_cfg.get("lr_scaling", "none")
-    if scaling not in LR_SCALINGS:
-        raise ValueError(f"optim.lr_scaling {scaling!r} is not one of {LR_SCALINGS}")
-    if scaling == "none":
-        return lr
-    reference = optim_cfg.get("reference")
-    keys = ("batch_size", "accumulation_steps", "num_workers")
-    if reference is None or "batch_size" not in optim_cfg or any(k not in reference for k in keys):
-        raise ValueError(
-            "optim.lr_scaling linear needs optim.batch_size and optim.reference with "
-            f"{list(keys)} (the training the configured lr belongs to)"
-        )
-    used = int(optim_cfg["batch_size"]) * accumulation_steps * world_size
-    ref = 1
-    for key in keys:
-        if int(reference[key]) < 1:
-            raise ValueError(f"optim.reference.{key} must be at least 1, got {reference[key]}")
-        ref *= int(reference[key])
-    return lr * used / ref
+    reference = optim.reference
+    if optim.lr_scaling == "none" or reference is None:
+        return optim.lr
+    used = optim.batch_size * accumulation_steps * world_size
+    ref = reference.batch_size * reference.accumulation_steps * reference.num_workers
+    return optim.lr * used / ref
 
 
 def build_optimizer(
     model: nn.Module,
-    optim_cfg: Mapping[str, Any],
+    optim: OptimSettings,
     *,
     world_size: int = 1,
     accumulation_steps: int = 1,
     fused: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW over all parameters with ``optim.lr`` (see ``learning_rate``) and
-    ``optim.weight_decay`` (default 0.01, torch's).
+    ``optim.weight_decay``.
 
     ``fused`` (``scaling.fused_optimizer``): the update of the parameters and their moments in
     one fused pass, instead of torch's default (on CUDA about ten multi-tensor passes, on the
@@ -111,21 +95,21 @@ def build_optimizer(
     """
     return torch.optim.AdamW(
         unwrap(model).parameters(),
-        lr=learning_rate(optim_cfg, world_size, accumulation_steps),
-        weight_decay=float(optim_cfg.get("weight_decay", 0.01)),
+        lr=learning_rate(optim, world_size, accumulation_steps),
+        weight_decay=optim.weight_decay,
         fused=True if fused else None,
     )
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, optim_cfg: Mapping[str, Any], total_steps: int
+    optimizer: torch.optim.Optimizer, optim: OptimSettings, total_steps: int
 ) -> torch.optim.lr_scheduler.CosineAnnealingLR:
-    """Cosine decay from the optimizer's lr to ``optim.min_lr`` (default 1e-7) over
+    """Cosine decay from the optimizer's lr to ``optim.min_lr`` over
     ``total_steps`` optimizer steps (max_epochs x optimizer steps per epoch)."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     return torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=total_steps, eta_min=float(optim_cfg.get("min_lr", 1e-7))
+        optimizer, T_max=total_steps, eta_min=optim.min_lr
     )
 
 

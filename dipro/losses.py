@@ -25,7 +25,7 @@ checkpoint; ``DiProLoss`` is built once from them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,32 +35,14 @@ from torch import nn
 
 from dipro import vocab
 from dipro.batch import Batch
-from dipro.config import check_exact_keys
 from dipro.data.collate import IGNORE_INDEX
 from dipro.data.labels import LabelCounts
 from dipro.model.output import DiProOutput
 from dipro.model.pae import dynamic_loss, region_cross_entropy, static_consistency_loss
 from dipro.model.std import masked_mean, orthogonality_loss, temporal_consistency_loss
+from dipro.settings import LossWeights
 
 K, C = vocab.NUM_FINDINGS, vocab.NUM_PROGRESSION_CLASSES
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """The lambdas of the total loss, from the config's ``loss`` mapping."""
-
-    ce: float
-    orth: float
-    temp: float
-    static: float
-    dyn: float
-
-    @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> LossWeights:
-        """Exactly the keys ce, orth, temp, static, dyn; a missing or unknown key is an error."""
-        names = [f.name for f in fields(cls)]
-        check_exact_keys("loss", cfg, names)
-        return cls(**{n: float(cfg[n]) for n in names})
 
 
 def count_labels(batches: Iterable[Batch]) -> LabelCounts:
@@ -208,9 +190,12 @@ class DiProLoss(nn.Module):
         return total, dict(zip(terms, values, strict=True))
 
 
-def build_loss(task: str, loss_cfg: Mapping[str, Any], class_weights: ClassWeights) -> DiProLoss:
-    """The loss of ``task``: lambdas from the ``loss`` config, class weights from the training
-    split (``ClassWeights.from_counts``). Every training path builds its loss here."""
-    return DiProLoss(
-        task=task, weights=LossWeights.from_dict(loss_cfg), class_weights=class_weights
-    )
+def build_loss(
+    task: str, weights: LossWeights | Mapping[str, Any], class_weights: ClassWeights
+) -> DiProLoss:
+    """The loss of ``task``: its lambdas (``LossWeights``, or the ``loss`` config's mapping),
+    class weights from the training split (``ClassWeights.from_counts``). Every training path
+    builds its loss here."""
+    if not isinstance(weights, LossWeights):
+        weights = LossWeights.from_dict(weights)
+    return DiProLoss(task=task, weights=weights, class_weights=class_weights)

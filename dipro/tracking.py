@@ -38,13 +38,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from dipro import storage
 from dipro.data.layout import files_digest
-from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, epoch_log, read_log, run_dir_of
+from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, epoch_log, read_log, run_dir
+from dipro.settings import TrackingSettings, TrainingRun, parse
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -52,8 +52,6 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
-STORE_FILE = "mlflow.db"
-ARTIFACTS_DIR = "artifacts"
 RUN_DIR_TAG = "dipro.run_dir"
 KIND_TAG = "dipro.kind"
 PARENT_TAG = "mlflow.parentRunId"
@@ -73,57 +71,6 @@ HTTP_BOUNDS = {
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store did not answer and ``tracking.required`` is true."""
-
-
-@dataclass(frozen=True)
-class TrackingSettings:
-    """The ``tracking`` config node."""
-
-    enabled: bool
-    uri: str
-    experiment: str
-    model_name: str | None = None
-    required: bool = False  # a store that does not answer stops the run instead of a warning
-
-    @classmethod
-    def from_dict(cls, node: Mapping[str, Any]) -> TrackingSettings:
-        """From the config's ``tracking`` section (an empty one means tracking is off)."""
-        return cls(
-            enabled=bool(node.get("enabled", False)),
-            uri=str(node.get("uri") or ""),
-            experiment=str(node.get("experiment") or "dipro"),
-            model_name=node.get("model_name"),
-            required=bool(node.get("required", False)),
-        )
-
-    @property
-    def tracking_uri(self) -> str:
-        """The MLflow tracking URI: a directory becomes its SQLite store."""
-        if "://" in self.uri or self.uri == "databricks":
-            return self.uri
-        return f"sqlite:///{Path(self.uri).resolve() / STORE_FILE}"
-
-    @property
-    def artifact_location(self) -> str | None:
-        """Where a new experiment keeps its artifacts: beside a SQLite store (MLflow's default
-        would be ``./mlruns`` under the current directory); a server's own root otherwise."""
-        uri = self.tracking_uri
-        if not uri.startswith("sqlite:///"):
-            return None
-        database = Path(uri.removeprefix("sqlite:///"))
-        return (database.parent / ARTIFACTS_DIR / self.experiment).as_uri()
-
-    def describe(self) -> str:
-        """One line for a console header."""
-        if not self.enabled:
-            return "off (tracking.enabled=false)"
-        required = ", required" if self.required else ""
-        if self.artifact_location is None:
-            return f"{self.tracking_uri}, experiment {self.experiment}{required}"
-        return (
-            f"{self.tracking_uri}, experiment {self.experiment}{required} "
-            f"(browse: mlflow ui --backend-store-uri {self.tracking_uri})"
-        )
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -395,19 +342,18 @@ class Tracker:
 
 
 def open_tracker(
-    cfg: Mapping[str, Any],
+    settings: TrackingSettings,
     *,
     replay: str | None = None,
     say: Callable[[str], None] | None = None,
 ) -> Tracker | None:
-    """The tracker of a config's ``tracking`` node, its store reached once; None when tracking
-    is off, or when the store did not answer (one warning through ``say``, naming ``replay``,
-    the run directory to log later with ``python -m ray_jobs.track``).
+    """The tracker of the ``tracking`` settings, its store reached once; None when tracking is
+    off, or when the store did not answer (one warning through ``say``, naming ``replay``, the
+    run directory to log later with ``python -m ray_jobs.track``).
 
     Raises:
         TrackingUnavailable: the store did not answer and ``tracking.required`` is true.
     """
-    settings = TrackingSettings.from_dict(cfg.get("tracking") or {})
     if not settings.enabled:
         return None
     tracker = Tracker(settings, replay=replay, say=say)
@@ -435,11 +381,12 @@ def track_training(
     ``config.json``) is logged under ``checkpoint/`` and registered as a version of
     ``tracking.model_name``, tagged with the task, best epoch, monitor and test metrics.
     """
-    directory = run_dir_of(cfg)
-    run_id = tracker.run(directory, str(cfg["run_name"]), kind, parent)
+    run = parse(TrainingRun, cfg)
+    directory = run_dir(run.storage_path, run.run_name)
+    run_id = tracker.run(directory, run.run_name, kind, parent)
     if run_id is None:
         return None
-    dataset = dataset_identity(str(cfg["data"]["root"]), manifest)
+    dataset = dataset_identity(run.data.root, manifest)
     tracker.log_params(run_id, {**flatten(cfg), **dataset})
     tracker.log_history(run_id, read_log(epoch_log(directory)), "epoch")
     summary_uri = storage.join(directory, SUMMARY_FILE)
@@ -451,7 +398,7 @@ def track_training(
             checkpoint = str(summary["best_checkpoint"])
             files = [checkpoint, storage.join(posixpath.dirname(checkpoint), RUN_CONFIG_FILE)]
             tracker.log_files(run_id, files, "checkpoint")
-            monitor = str(cfg["task"]["monitor"])
+            monitor = run.task.monitor
             test = numeric_metrics(summary.get("test") or {})
             tags = {
                 "task": summary["task"],
@@ -465,7 +412,7 @@ def track_training(
                 run_id,
                 "checkpoint",
                 tags,
-                f"best checkpoint of {cfg['run_name']} (epoch {summary['best_epoch']}), trained "
+                f"best checkpoint of {run.run_name} (epoch {summary['best_epoch']}), trained "
                 f"on {dataset['dataset.root']}",
             )
     tracker.finish(run_id)

@@ -50,8 +50,8 @@ from dipro.checkpoint import CheckpointError
 from dipro.config import ConfigError
 from dipro.data.schema import SchemaError
 from dipro.engine import NonFiniteOutputError
-from federated.config import EVAL_SPLIT_KEY, read_site_config
-from federated.local_state import keeps_layers, load_local, save_local, state_dir
+from federated.config import EVAL_SPLIT_KEY, SiteSettings, read_site_config
+from federated.local_state import load_local, save_local, state_dir
 from federated.secure import SecureAggregationError, secure_when_asked
 from federated.site import (
     InjectedSiteFault,
@@ -97,25 +97,25 @@ def failure_category(err: BaseException) -> str:
     return "site-error"
 
 
-def site_log_path(node_config: Mapping[str, Any], cfg: Mapping[str, Any] | None) -> Path | None:
+def site_log_path(node_config: Mapping[str, Any], run: SiteSettings | None) -> Path | None:
     """The site's own log: the node config's ``log-path`` (a deployment), else
     ``{federated.site_log_dir}/site-{partition-id}.log`` (a simulation), else None (the
     SuperNode's own stderr)."""
     if "log-path" in node_config:
         return Path(str(node_config["log-path"]))
-    log_dir = (cfg or {}).get("federated", {}).get("site_log_dir")
+    log_dir = None if run is None else run.federated.site_log_dir
     if log_dir and "partition-id" in node_config:
         return Path(log_dir) / f"site-{int(node_config['partition-id'])}.log"
     return None
 
 
 def _failed(
-    msg: Message, context: Context, cfg: Mapping[str, Any] | None, what: str, err: Exception
+    msg: Message, context: Context, run: SiteSettings | None, what: str, err: Exception
 ) -> Message:
     """Log ``err`` (being handled) in full at the site; reply with its category only."""
     category = failure_category(err)
     text = traceback.format_exc()
-    path = site_log_path(context.node_config, cfg)
+    path = site_log_path(context.node_config, run)
     if path is None:
         logger.error("site failed to %s (%s):\n%s", what, category, text)
     else:
@@ -128,17 +128,16 @@ def _failed(
 
 
 def _contained(msg: Message, context: Context, what: str, work: Callable[..., Message]) -> Message:
-    cfg = None
+    run = None
     try:
-        cfg, server_round = read_site_config(msg.content["config"])
-        return work(cfg, server_round)
+        run, server_round = read_site_config(msg.content["config"])
+        return work(run, server_round)
     except Exception as err:
-        return _failed(msg, context, cfg, what, err)
+        return _failed(msg, context, run, what, err)
 
 
-def _enough(cfg: Mapping[str, Any], samples: float) -> None:
-    minimum = int(cfg["federated"].get("min_report_count", 1))
-    if samples < minimum:
+def _enough(run: SiteSettings, samples: float) -> None:
+    if samples < run.federated.min_report_count:
         raise TooFewExamples(f"{int(samples)} examples, below federated.min_report_count")
 
 
@@ -182,13 +181,13 @@ def _trained_state(
 
 
 def _local_layers(
-    context: Context, cfg: Mapping[str, Any], run_round: int
+    context: Context, run: SiteSettings, run_round: int
 ) -> tuple[Path | None, dict[str, torch.Tensor] | None]:
     """Where this site keeps its local layers and their state as of ``run_round`` (None, None
     when the run keeps nothing local)."""
-    if not keeps_layers(cfg["federated"].get("local")):
+    if not run.federated.local.any:
         return None, None
-    directory = state_dir(context.node_config, cfg)
+    directory = state_dir(context.node_config, run.federated)
     return directory, load_local(directory, run_round)
 
 
@@ -196,21 +195,21 @@ def _local_layers(
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's shards; reply with its weights and scalars."""
 
-    def work(cfg: Mapping[str, Any], server_round: int) -> Message:
+    def work(run: SiteSettings, server_round: int) -> Message:
         config = msg.content["config"]
-        torch.set_num_threads(int(cfg["federated"]["threads"]))
-        site = load_site(context.node_config, cfg)
+        torch.set_num_threads(run.federated.threads)
+        site = load_site(context.node_config, run)
         state = msg.content["arrays"].to_torch_state_dict()
-        directory, own = _local_layers(context, cfg, server_round - 1)
-        model = model_from_state(cfg, state, f"the global model of round {server_round}", own)
+        directory, own = _local_layers(context, run, server_round - 1)
+        model = model_from_state(run, state, f"the global model of round {server_round}", own)
         stats = train_site(
             model,
             site,
-            cfg,
+            run,
             server_round=server_round,
             prox_mu=float(config.get("proximal-mu", 0.0)),
         )
-        _enough(cfg, stats["samples"])
+        _enough(run, stats["samples"])
         if directory is not None:
             trained = model.state_dict()
             save_local(directory, server_round, {k: trained[k] for k in trained if k not in state})
@@ -231,17 +230,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this site's shards of the split the server asks for
     (``eval-split``: ``val`` every round, ``test`` for the selected model); scalars only."""
 
-    def work(cfg: Mapping[str, Any], server_round: int) -> Message:
-        torch.set_num_threads(int(cfg["federated"]["threads"]))
+    def work(run: SiteSettings, server_round: int) -> Message:
+        torch.set_num_threads(run.federated.threads)
         split = str(msg.content["config"].get(EVAL_SPLIT_KEY, "val"))
-        site = load_site(context.node_config, cfg)
+        site = load_site(context.node_config, run)
         if not site.split_paths(split):
             raise TooFewExamples(f"no {split} shards at this site")
         state = msg.content["arrays"].to_torch_state_dict()
-        _, own = _local_layers(context, cfg, server_round)
-        model = model_from_state(cfg, state, f"the global model of round {server_round}", own)
-        values = evaluate_site(model, site, cfg, split)
-        _enough(cfg, values["samples"])
+        _, own = _local_layers(context, run, server_round)
+        model = model_from_state(run, state, f"the global model of round {server_round}", own)
+        values = evaluate_site(model, site, run, split)
+        _enough(run, values["samples"])
         metrics = {"num-examples": int(values["samples"]), **_scalars(values, "val-")}
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

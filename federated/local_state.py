@@ -28,27 +28,22 @@ from torch import nn
 
 from dipro import storage
 from dipro.config import ConfigError
+from dipro.settings import FederatedSettings, LocalLayers
 
 STATE_FILE = "round-{round}.pt"
 
 
-def keeps_layers(spec: Mapping[str, Any] | None) -> bool:
-    """Whether ``federated.local`` keeps any layer at the sites."""
-    return bool(spec and (spec.get("batch_norm") or spec.get("layers")))
-
-
-def local_keys(model: nn.Module, spec: Mapping[str, Any] | None) -> frozenset[str]:
+def local_keys(model: nn.Module, spec: LocalLayers) -> frozenset[str]:
     """The state-dict keys of ``model`` that stay at the sites under ``federated.local``
     (``batch_norm``, ``layers``); empty when nothing is local. A layer prefix that names no
     key of the model is a ConfigError."""
-    spec = spec or {}
     keys = list(model.state_dict())
     local: set[str] = set()
-    if spec.get("batch_norm"):
+    if spec.batch_norm:
         for name, module in model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 local.update(f"{name}.{key}" for key in module.state_dict())
-    for prefix in spec.get("layers") or []:
+    for prefix in spec.layers:
         matched = [k for k in keys if k == prefix or k.startswith(f"{prefix}.")]
         if not matched:
             raise ConfigError(
@@ -74,11 +69,11 @@ def with_local(
     return {**weights, **{k: own[k] for k in local if k in own}}
 
 
-def state_dir(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Path:
+def state_dir(node_config: Mapping[str, Any], fed: FederatedSettings) -> Path:
     """Where this site keeps its local layers (module docstring)."""
     if "state-path" in node_config:
         return Path(str(node_config["state-path"]))
-    base = cfg["federated"].get("site_state_dir")
+    base = fed.site_state_dir
     if base and "partition-id" in node_config:
         return Path(base) / f"site-{int(node_config['partition-id'])}"
     raise ConfigError(

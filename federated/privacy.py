@@ -18,11 +18,11 @@ accountant does not cover exactly), so the reported epsilon is an upper bound.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from opacus.accountants import RDPAccountant
+
+from dipro.settings import DPSettings
 
 
 @dataclass(frozen=True)
@@ -35,20 +35,14 @@ class PrivacyBudget:
     target_epsilon: float | None = None
 
     @classmethod
-    def of_run(cls, cfg: Mapping[str, Any]) -> PrivacyBudget | None:
-        """The budget of a resolved federated config (``federated.dp``); None when DP is off."""
-        return cls.from_dict(cfg["federated"].get("dp") or {})
-
-    @classmethod
-    def from_dict(cls, dp: Mapping[str, Any]) -> PrivacyBudget | None:
-        """From ``federated.dp``; None when DP is off."""
-        if not dp.get("enabled"):
+    def of(cls, dp: DPSettings) -> PrivacyBudget | None:
+        """The budget of ``federated.dp``; None when DP is off."""
+        if not dp.enabled:
             return None
-        target = dp.get("target_epsilon")
         return cls(
-            noise_multiplier=float(dp["noise_multiplier"]),
-            delta=float(dp["delta"]),
-            target_epsilon=None if target is None else float(target),
+            noise_multiplier=dp.noise_multiplier,
+            delta=dp.delta,
+            target_epsilon=dp.target_epsilon,
         )
 
     def epsilon(self, rounds: int) -> float:

@@ -81,6 +81,7 @@ from flwr.serverapp import Grid
 
 from dipro.config import ConfigError
 from dipro.seeds import stream_seed
+from dipro.settings import FederatedSettings, SecureSettings
 from federated.streams import NEIGHBOURS, ROUNDING, global_rngs_restored
 
 logger = logging.getLogger("flwr")
@@ -88,54 +89,51 @@ STATE_KEYS: Final = "state-keys"  # the arrays' names, in order, in the fit inst
 ROUNDING_SEED: Final = "rounding-seed"  # the seed of the site's stochastic rounding
 
 
-def secure_enabled(cfg: Mapping[str, Any]) -> bool:
-    """Whether the run aggregates with SecAgg+ (``federated.secure.enabled``)."""
-    return bool((cfg["federated"].get("secure") or {}).get("enabled"))
-
-
-def build_workflow(cfg: Mapping[str, Any]) -> SecAggPlusWorkflow:
-    """Flower's SecAgg+ workflow with ``federated.secure``'s parameters (a ConfigError names
-    the setting Flower refuses)."""
-    spec = cfg["federated"]["secure"]
+def build_workflow(secure: SecureSettings, round_timeout_s: float) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ workflow with ``federated.secure``'s parameters, waiting at most
+    ``federated.round_timeout_s`` for a stage (a ConfigError names the setting Flower refuses).
+    A share count or threshold above 1 is a count, at most 1 a fraction (Flower's rule)."""
     try:
         return SecAggPlusWorkflow(
-            num_shares=spec["num_shares"],
-            reconstruction_threshold=spec["reconstruction_threshold"],
-            max_weight=float(spec["max_weight"]),
-            clipping_range=float(spec["clipping_range"]),
-            quantization_range=int(spec["quantization_range"]),
-            modulus_range=int(spec["modulus_range"]),
-            timeout=float(cfg["federated"]["round_timeout_s"]),
+            num_shares=_count_or_fraction(secure.num_shares),
+            reconstruction_threshold=_count_or_fraction(secure.reconstruction_threshold),
+            max_weight=secure.max_weight,
+            clipping_range=secure.clipping_range,
+            quantization_range=secure.quantization_range,
+            modulus_range=secure.modulus_range,
+            timeout=round_timeout_s,
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"federated.secure: {err}") from err
 
 
-def quantisation_error(cfg: Mapping[str, Any], sites: int, examples: int) -> float:
+def _count_or_fraction(value: float) -> int | float:
+    return int(value) if value > 1 and float(value).is_integer() else value
+
+
+def quantisation_error(secure: SecureSettings, sites: int, examples: int) -> float:
     """The largest error SecAgg+'s quantisation adds to a value of the aggregate of ``sites``
     updates over ``examples`` training examples: each site's weighted value
     (``num_examples / max_weight`` times the update) is rounded stochastically, by less than one
     step of ``2 clipping_range / quantization_range``, and the sum is divided by the weights'
     total (``examples / max_weight``)."""
-    spec = cfg["federated"]["secure"]
-    step = 2.0 * float(spec["clipping_range"]) / int(spec["quantization_range"])
-    return sites * step * float(spec["max_weight"]) / examples
+    step = 2.0 * secure.clipping_range / secure.quantization_range
+    return sites * step * secure.max_weight / examples
 
 
-def check_secure(cfg: Mapping[str, Any]) -> None:
+def check_secure(fed: FederatedSettings) -> None:
     """The SecAgg+ settings fit the run: Flower accepts them, at least two sites train together
     (the protocol masks one site with the others' keys), and DP is off (its server-side noise
     on a secure aggregate is not supported here)."""
-    if not secure_enabled(cfg):
+    if not fed.secure.enabled:
         return
-    build_workflow(cfg)
-    fed = cfg["federated"]
-    if int(fed["min_sites"]) < 2:
+    build_workflow(fed.secure, fed.round_timeout_s)
+    if fed.min_sites < 2:
         raise ConfigError(
             "federated.secure needs federated.min_sites >= 2: SecAgg+ masks a site's update "
             "with keys it shares with the other sites of the round"
         )
-    if (fed.get("dp") or {}).get("enabled"):
+    if fed.dp.enabled:
         raise ConfigError(
             "federated.secure and federated.dp together are not supported: turn one of them off"
         )

@@ -74,10 +74,11 @@ from dipro.runs import (
     read_log,
     write_summary,
 )
-from federated.config import check_config, site_config, train_config_record
+from dipro.settings import FederatedSettings, to_dict
+from federated.config import FederatedRun, check_config, site_config, train_config_record
 from federated.local_state import global_part, local_keys, with_local
 from federated.privacy import PrivacyBudget
-from federated.secure import SecureGrid, build_workflow, secure_enabled
+from federated.secure import SecureGrid, build_workflow
 from federated.site import iter_collated_batches
 from federated.strategy import (
     RoundSites,
@@ -111,7 +112,7 @@ class RoundRecorder:
 
     def __init__(
         self,
-        cfg: Mapping[str, Any],
+        run: FederatedRun,
         central: Manifest | None,
         model: DiPro,
         quorum: SiteQuorum,
@@ -123,7 +124,7 @@ class RoundRecorder:
         local: frozenset[str] = frozenset(),
         tracked: tuple[tracking.Tracker, str] | None = None,
     ) -> None:
-        self.cfg = cfg
+        self.run = run
         self.tracked = tracked
         self.model = model
         self.local = local
@@ -131,17 +132,15 @@ class RoundRecorder:
         self.server_state = server_state
         self.round_offset = round_offset
         self.best_round = best_round
-        self.best = BestMetric(cfg["task"]["monitor_mode"], best_metric)
-        self.privacy = PrivacyBudget.of_run(cfg)
+        self.best = BestMetric(run.task.monitor_mode, best_metric)
+        self.privacy = PrivacyBudget.of(run.federated.dp)
         self.norm_stats = None if central is None else central.norm_statistics()
         self.eval_paths = (
             []
-            if central is None
-            else list_shards(
-                cfg["server"]["eval_data"], cfg["task"]["name"], cfg["server"]["eval_split"]
-            )
+            if central is None or run.server.eval_data is None
+            else list_shards(run.server.eval_data, run.task.name, run.server.eval_split)
         )
-        self.out_dir = str(cfg["out_dir"])
+        self.out_dir = run.out_dir
         self.started = time.monotonic()
 
     def _path(self, name: str) -> str:
@@ -152,8 +151,8 @@ class RoundRecorder:
             self.model,
             iter_collated_batches(
                 self.eval_paths,
-                int(self.cfg["train"]["eval_batch_size"]),
-                self.cfg["model"]["region_mode"],
+                self.run.train.eval_batch_size,
+                self.run.model.region_mode,
                 self.norm_stats,
             ),
             device="cpu",
@@ -196,7 +195,7 @@ class RoundRecorder:
         append_log(self._path(ROUND_METRICS_FILE), record, "round")
         if self.tracked is not None:
             self.tracked[0].log_history(self.tracked[1], [record], "round")
-        monitor = self.cfg["task"]["monitor"]
+        monitor = self.run.task.monitor
         logger.info(
             "round %d: train loss %.4f  val loss %.4f  %s %.4f (best %s at round %s; %d site(s) "
             "evaluated)  %.1f s; trained: nodes %s, dropped: nodes %s",
@@ -215,17 +214,16 @@ class RoundRecorder:
         return MetricRecord({k: v for k, v in val.items() if "/per_finding/" not in k})
 
     def _checkpoint(self, run_round: int, val: dict[str, float]) -> None:
-        task = self.cfg["task"]
-        improved = self.best.update(float(val.get(task["monitor"], math.nan)))
+        run = self.run
+        improved = self.best.update(float(val.get(run.task.monitor, math.nan)))
         if improved:
             self.best_round = run_round
-        fed = self.cfg["federated"]
         extra = {
             "round": run_round,
             "best_round": self.best_round,
-            "strategy": self.cfg["strategy"]["name"],
-            "local_epochs": int(fed["local_epochs"]),
-            "run_name": self.cfg["run_name"],
+            "strategy": run.strategy.name,
+            "local_epochs": run.federated.local_epochs,
+            "run_name": run.run_name,
             "metrics": val,
             "site_normalisation": self.norm_stats is None,
         }
@@ -236,8 +234,8 @@ class RoundRecorder:
             ckpt_io.save_checkpoint(
                 self._path(name),
                 self.model,
-                model_cfg=self.cfg["model"],
-                task=task["name"],
+                model_cfg=run.model,
+                task=run.task.name,
                 optimizer=self.server_state,  # FedAdam's moments (duck-typed state_dict)
                 epoch=run_round,
                 best_metric=self.best.best,
@@ -255,10 +253,10 @@ def load_global_part(
     ckpt_io.load_weights(model, with_local(weights, model.state_dict(), local), where)
 
 
-def _rounds_within_budget(cfg: Mapping[str, Any]) -> int:
+def _rounds_within_budget(fed: FederatedSettings) -> int:
     """``federated.num_rounds``, or fewer when ``federated.dp.target_epsilon`` allows fewer."""
-    planned = int(cfg["federated"]["num_rounds"])
-    budget = PrivacyBudget.of_run(cfg)
+    planned = fed.num_rounds
+    budget = PrivacyBudget.of(fed.dp)
     if budget is None:
         return planned
     allowed = budget.rounds_within(planned)
@@ -279,40 +277,40 @@ def _rounds_within_budget(cfg: Mapping[str, Any]) -> int:
 def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     """Run (or resume) the federated run ``cfg`` (resolved ``configs/federated.yaml``) over the
     sites reachable through ``grid``; return where its results are."""
-    central = check_config(cfg)
-    sites_cfg = site_config(cfg)
-    fed = cfg["federated"]
-    num_rounds = _rounds_within_budget(cfg)
-    model = build_model(sites_cfg["model"], cfg["task"]["name"], seed=int(cfg["seed"]))
-    local = local_keys(model, fed.get("local"))
-    base, quorum = build_strategy(cfg)
+    run, central = check_config(cfg)
+    sites_cfg = site_config(run)
+    fed = run.federated
+    num_rounds = _rounds_within_budget(fed)
+    model = build_model(run.model, run.task.name, seed=run.seed)
+    local = local_keys(model, fed.local)
+    base, quorum = build_strategy(run.strategy, fed, site_lr=run.optim.lr, seed=run.seed)
     server_state = ServerOptimizerState(base)
 
-    last = storage.join(str(cfg["out_dir"]), LAST_CHECKPOINT)
+    last = storage.join(run.out_dir, LAST_CHECKPOINT)
     done, best_round, best_metric = 0, None, None
     if storage.exists(last):
         payload = ckpt_io.read_checkpoint(last)
         load_global_part(model, payload["weights"], local, last)
-        training = payload["training"]
-        done = int(training["extra"]["round"])
-        best_round, best_metric = training["extra"]["best_round"], training["best_metric"]
-        if training["optimizer"] is not None:
-            server_state.load_state_dict(training["optimizer"])
-        logger.info("resuming %s after round %d of %d", cfg["run_name"], done, num_rounds)
+        state = ckpt_io.meta_of(payload, last)
+        done = int(state.extra["round"])
+        best_round, best_metric = state.extra["best_round"], state.best_metric
+        if state.optimizer_state is not None:
+            server_state.load_state_dict(state.optimizer_state)
+        logger.info("resuming %s after round %d of %d", run.run_name, done, num_rounds)
 
     tracked = None
-    tracker = tracking.open_tracker(cfg)
+    tracker = tracking.open_tracker(run.tracking)
     if tracker is not None:
-        run_id = tracker.run(str(cfg["out_dir"]), str(cfg["run_name"]), "federated")
+        run_id = tracker.run(run.out_dir, run.run_name, "federated")
         dataset = (
             {}
-            if central is None
-            else tracking.dataset_identity(str(cfg["server"]["eval_data"]), central.to_dict())
+            if central is None or run.server.eval_data is None
+            else tracking.dataset_identity(run.server.eval_data, central.to_dict())
         )
         tracker.log_params(run_id, {**tracking.flatten(cfg), **dataset})
         tracked = (tracker, run_id)
     recorder = RoundRecorder(
-        cfg,
+        run,
         central,
         model,
         quorum,
@@ -324,17 +322,19 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
         tracked=tracked,
     )
     if done < num_rounds:
-        secure = secure_enabled(cfg)
+        secure = fed.secure
         quorum.start(
-            grid=SecureGrid(grid, build_workflow(cfg), int(cfg["seed"]), done) if secure else grid,
+            grid=SecureGrid(grid, build_workflow(secure, fed.round_timeout_s), run.seed, done)
+            if secure.enabled
+            else grid,
             initial_arrays=ArrayRecord(global_part(model.state_dict(), local)),
             num_rounds=num_rounds - done,
-            timeout=float(fed["round_timeout_s"]),
+            timeout=fed.round_timeout_s,
             train_config=train_config_record(sites_cfg, done),
-            evaluate_config=train_config_record(sites_cfg, done, cfg["server"]["eval_split"]),
+            evaluate_config=train_config_record(sites_cfg, done, run.server.eval_split),
             evaluate_fn=recorder,
         )
-    result = write_report(cfg, score_at_sites(grid, cfg, quorum, sites_cfg))
+    result = write_report(run, score_at_sites(grid, run, quorum, sites_cfg))
     if tracked is not None:
         tracker, run_id = tracked
         rounds = read_log(storage.join(result.out_dir, ROUND_METRICS_FILE))
@@ -352,20 +352,21 @@ def selected_checkpoint(out_dir: str) -> str:
 
 
 def score_at_sites(
-    grid: Grid, cfg: Mapping[str, Any], quorum: SiteQuorum, sites_cfg: Mapping[str, Any]
+    grid: Grid, run: FederatedRun, quorum: SiteQuorum, sites_cfg: Mapping[str, Any]
 ) -> RoundSites | None:
     """Every connected site scores the selected model on its own ``server.test_split``
     (None when the run has no test split)."""
-    split = cfg["server"]["test_split"]
+    split = run.server.test_split
     if split is None:
         return None
-    payload = ckpt_io.read_checkpoint(selected_checkpoint(str(cfg["out_dir"])))
-    best_round = int(payload["training"]["extra"]["round"])
+    selected = selected_checkpoint(run.out_dir)
+    payload = ckpt_io.read_checkpoint(selected)
+    best_round = int(ckpt_io.meta_of(payload, selected).extra["round"])
     sites = quorum.evaluate_at_sites(
         grid,
         ArrayRecord(payload["weights"]),
         train_config_record(sites_cfg, best_round, split),
-        float(cfg["federated"]["round_timeout_s"]),
+        run.federated.round_timeout_s,
     )
     logger.info(
         "test of round %d's model at %d of %d site(s): %s",
@@ -377,40 +378,40 @@ def score_at_sites(
     return sites
 
 
-def write_report(cfg: Mapping[str, Any], site_test: RoundSites | None) -> FederatedResult:
+def write_report(run: FederatedRun, site_test: RoundSites | None) -> FederatedResult:
     """``metrics.json`` of the run: the selected round, its validation metrics and its test
     metrics (the sites' aggregate, or the central ``server.eval_data`` test split when set),
     each site's test metrics and count, the privacy spent."""
-    out_dir = str(cfg["out_dir"])
+    out_dir = run.out_dir
     last = storage.join(out_dir, LAST_CHECKPOINT)
     best = selected_checkpoint(out_dir)
-    best_extra = ckpt_io.read_checkpoint(best)["training"]["extra"]
-    rounds = int(ckpt_io.read_checkpoint(last)["training"]["extra"]["round"])
-    server = cfg["server"]
+    best_extra = ckpt_io.meta_of(ckpt_io.read_checkpoint(best), best).extra
+    rounds = int(ckpt_io.meta_of(ckpt_io.read_checkpoint(last), last).extra["round"])
+    server = run.server
     at_sites = (
         None
         if site_test is None or not site_test.per_site
         else {metric_name(k): v for k, v in site_test.evaluate_metrics.items()}
     )
     test = at_sites
-    if server["eval_data"] is not None and server["test_split"] is not None:
-        paths = list_shards(server["eval_data"], cfg["task"]["name"], server["test_split"])
-        batch_size = int(cfg["train"]["eval_batch_size"])
+    if server.eval_data is not None and server.test_split is not None:
+        paths = list_shards(server.eval_data, run.task.name, server.test_split)
+        batch_size = run.train.eval_batch_size
         test = evaluate_checkpoint(best, paths, batch_size=batch_size).metrics if paths else None
     val = {k: float(v) for k, v in best_extra["metrics"].items()}
     report: dict[str, Any] = {
-        "task": cfg["task"]["name"],
-        "run_name": cfg["run_name"],
-        "seed": int(cfg["seed"]),
+        "task": run.task.name,
+        "run_name": run.run_name,
+        "seed": run.seed,
         "best_checkpoint": best,
         "best_round": int(best_extra["round"]),
-        "selected_on": "server.eval_data" if server["eval_data"] is not None else "sites",
+        "selected_on": "server.eval_data" if server.eval_data is not None else "sites",
         "val": val,
         "test": test,
         "site_test": None
         if site_test is None
         else {
-            "split": server["test_split"],
+            "split": server.test_split,
             "aggregate": at_sites,
             "sites": site_test.per_site,
             "failures": site_test.evaluate_failures,
@@ -418,22 +419,22 @@ def write_report(cfg: Mapping[str, Any], site_test: RoundSites | None) -> Federa
         "round_metrics": storage.join(out_dir, ROUND_METRICS_FILE),
         "final_checkpoint": last,
         "rounds": rounds,
-        "strategy": cfg["strategy"]["name"],
-        "local_epochs": int(cfg["federated"]["local_epochs"]),
+        "strategy": run.strategy.name,
+        "local_epochs": run.federated.local_epochs,
     }
-    if secure_enabled(cfg):
+    if run.federated.secure.enabled:
         report["secure_aggregation"] = {
             "protocol": "SecAgg+ (flwr.server.workflow.SecAggPlusWorkflow)",
-            **cfg["federated"]["secure"],
+            **to_dict(run.federated.secure),
         }
-    budget = PrivacyBudget.of_run(cfg)
+    budget = PrivacyBudget.of(run.federated.dp)
     if budget is not None:
         report["privacy"] = {
             "unit": "one site's update per round (site-level DP)",
             "epsilon": budget.spent(rounds),
             "delta": budget.delta,
             "noise_multiplier": budget.noise_multiplier,
-            "clipping_norm": float(cfg["federated"]["dp"]["clipping_norm"]),
+            "clipping_norm": run.federated.dp.clipping_norm,
             "target_epsilon": budget.target_epsilon,
             "accountant": "opacus RDPAccountant, sample rate 1 (no sampling amplification)",
         }

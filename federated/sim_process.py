@@ -38,9 +38,11 @@ from flwr.server.superlink.linkstate import in_memory_linkstate
 from flwr.simulation import run_simulation
 
 from dipro import storage
+from dipro.config import ConfigError
 from dipro.runs import SUMMARY_FILE
 from dipro.seeds import stream_seed
 from federated.client_app import app as client_app
+from federated.config import parse_run
 from federated.server_app import server_app_for
 from federated.streams import NODE_IDS
 
@@ -146,16 +148,20 @@ def seed_node_ids(seed: int) -> None:
 
 
 def simulate(cfg: dict[str, Any]) -> None:
-    """Run ``cfg`` on Flower's Ray simulation backend, in this process."""
-    sim = cfg["simulation"]
-    seed_node_ids(int(cfg["seed"]))
+    """Run ``cfg`` (resolved, with ``simulation.num_sites`` set) on Flower's Ray simulation
+    backend, in this process."""
+    run = parse_run(cfg)
+    sim = run.simulation
+    if sim.num_sites is None:
+        raise ConfigError("simulation.num_sites is unset: the launcher sets it")
+    seed_node_ids(run.seed)
     run_simulation(
         server_app=server_app_for(cfg),
         client_app=client_app,
-        num_supernodes=int(sim["num_sites"]),
+        num_supernodes=sim.num_sites,
         backend_config={
-            "client_resources": {"num_cpus": float(sim["client_cpus"]), "num_gpus": 0.0},
-            "init_args": {"num_cpus": int(sim["ray_num_cpus"])},
+            "client_resources": {"num_cpus": sim.client_cpus, "num_gpus": 0.0},
+            "init_args": {"num_cpus": sim.ray_num_cpus},
         },
     )
 
@@ -178,7 +184,7 @@ def main(argv: list[str]) -> int:
         print(f"{FAILED} {type(cause).__name__}: {cause}", file=sys.stderr, flush=True)
         return 1
     _await_stop()
-    if not storage.exists(storage.join(cfg["out_dir"], SUMMARY_FILE)):
+    if not storage.exists(storage.join(parse_run(cfg).out_dir, SUMMARY_FILE)):
         print(
             f"{FAILED} the simulation ended without {SUMMARY_FILE} (see the log above)",
             file=sys.stderr,

@@ -33,7 +33,7 @@ from dipro import storage
 from dipro.config import ConfigError, exit_on
 from dipro.data.layout import model_dataset
 from dipro.runs import RUN_CONFIG_FILE, RunDirectoryInUse, lock_run_directory
-from federated.config import check_config
+from federated.config import FederatedRun, check_config
 from federated.server import FederatedResult, read_result
 from federated.sim_process import FAILED, LAUNCHER_PID_ENV
 
@@ -80,36 +80,35 @@ def run_federated(cfg: DictConfig | dict[str, Any]) -> FederatedResult:
     resolved = (
         OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     )
-    check_config(resolved)
-    sites = model_dataset(
-        resolved["data"]["root"],
-        resolved["task"]["name"],
-        resolved["model"]["region_mode"],
-        "data.root",
-    ).manifest
+    run, _ = check_config(resolved)
+    sites = model_dataset(run.data.root, run.task.name, run.model.region_mode, "data.root").manifest
+    settled = OmegaConf.create(resolved)
     if sites.feature_dim is not None:
-        resolved["model"]["feature_dim"] = sites.feature_dim
-    simulation = resolved["simulation"]
-    if simulation["num_sites"] is None:
-        simulation["num_sites"] = len(sites.hospitals)
-    if storage.is_remote(resolved["out_dir"]):
+        OmegaConf.update(settled, "model.feature_dim", sites.feature_dim)
+    if run.simulation.num_sites is None:
+        OmegaConf.update(settled, "simulation.num_sites", len(sites.hospitals))
+    resolved = OmegaConf.to_container(settled)
+    if storage.is_remote(run.out_dir):
         raise ConfigError("a simulation writes to a local out_dir")
-    out_dir = Path(resolved["out_dir"])
+    out_dir = Path(run.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_run_directory(out_dir, holder="a simulation of this run")
     try:
-        return _simulate(resolved, out_dir, lock)
+        return _simulate(resolved, run, out_dir, lock)
     finally:
         os.close(lock)
 
 
-def _simulate(resolved: dict[str, Any], out_dir: Path, lock: int) -> FederatedResult:
+def _simulate(
+    resolved: dict[str, Any], run: FederatedRun, out_dir: Path, lock: int
+) -> FederatedResult:
+    """Run the simulation of ``resolved`` (its typed ``run``) in a child process."""
     config_path = out_dir / RUN_CONFIG_FILE
     storage.write_bytes_atomic(
         str(config_path), json.dumps(resolved, indent=2, sort_keys=True).encode()
     )
     log = out_dir / LOG_FILE
-    timeout = float(resolved["simulation"]["timeout_s"])
+    timeout = run.simulation.timeout_s
     offset = log.stat().st_size if log.exists() else 0
     with log.open("ab") as sink:
         proc = subprocess.Popen(
@@ -125,7 +124,7 @@ def _simulate(resolved: dict[str, Any], out_dir: Path, lock: int) -> FederatedRe
         except subprocess.TimeoutExpired:
             _stop(proc)
             raise FederatedRunError(
-                f"the federated simulation {resolved['run_name']} did not finish within "
+                f"the federated simulation {run.run_name} did not finish within "
                 f"{timeout:.0f} s (simulation.timeout_s); stopped. Log: {log}"
             ) from None
         except BaseException:

@@ -37,6 +37,7 @@ from dipro.engine import build_optimizer, evaluate, train_epoch
 from dipro.losses import ClassWeights, LabelCounts, build_loss
 from dipro.model import build_model
 from dipro.seeds import stream_seed
+from federated.config import SiteSettings
 from federated.local_state import local_keys, with_local
 
 
@@ -67,9 +68,9 @@ class Site:
         return f"hospital {','.join(map(str, self.hospitals))} of {self.root}"
 
 
-def load_site(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Site:
+def load_site(node_config: Mapping[str, Any], run: SiteSettings) -> Site:
     """The site a SuperNode serves (module docstring), with its statistics fitted."""
-    task = cfg["task"]["name"]
+    task = run.task.name
     if "data-path" in node_config:
         root = str(node_config["data-path"])
         dataset = Dataset.open(root, task)
@@ -79,7 +80,7 @@ def load_site(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Site:
             else tuple(dataset.manifest.hospitals)
         )
     elif "partition-id" in node_config:
-        root = str(cfg["data"]["root"])
+        root = run.data.root
         dataset = Dataset.open(root, task)
         partition = int(node_config["partition-id"])
         known = dataset.manifest.hospitals
@@ -106,9 +107,7 @@ def load_site(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> Site:
         raise ConfigError(f"no training shards for hospital {hospitals} under {root}")
     val = tuple(dataset.shards("val", hospitals))
     test = tuple(dataset.shards("test", hospitals))
-    verify_shards(
-        dataset, train + val + test, checksums=bool(cfg["data"].get("verify_checksums", True))
-    )
+    verify_shards(dataset, train + val + test, checksums=run.data.verify_checksums)
     norm_stats, class_weights = _fit(train, tuple(sorted(manifest.files.items())))
     return Site(
         root=root,
@@ -158,7 +157,7 @@ def iter_collated_batches(
 
 
 def model_from_state(
-    cfg: Mapping[str, Any],
+    run: SiteSettings,
     state: Mapping[str, torch.Tensor],
     where: str,
     local_part: Mapping[str, torch.Tensor] | None = None,
@@ -168,8 +167,8 @@ def model_from_state(
     With site-local layers (``federated.local``) the server's ``state`` holds only the global
     keys: the site adds its own ``local_part``, or before its first round the model's initial
     values of them (the same at every site: the model is built from the run's seed)."""
-    model = build_model(cfg["model"], cfg["task"]["name"], seed=int(cfg["seed"]))
-    local = local_keys(model, cfg["federated"].get("local"))
+    model = build_model(run.model, run.task.name, seed=run.seed)
+    local = local_keys(model, run.federated.local)
     own = model.state_dict() if local_part is None else local_part
     load_weights(model, with_local(state, own, local), where)
     return model
@@ -178,7 +177,7 @@ def model_from_state(
 def train_site(
     model: nn.Module,
     site: Site,
-    cfg: Mapping[str, Any],
+    run: SiteSettings,
     *,
     server_round: int,
     prox_mu: float = 0.0,
@@ -189,41 +188,41 @@ def train_site(
     model holds on entry (the global model). Returns the last epoch's row-weighted means
     (``loss``, ``loss/<component>``) and the totals ``samples`` and ``steps``.
     """
-    fed, train_cfg = cfg["federated"], cfg["train"]
-    fail_at = fed.get("fail_at")
+    fed, train = run.federated, run.train
+    fail_at = fed.fail_at
     if (
         fail_at
         and int(fail_at["round"]) == server_round
         and int(fail_at["hospital"]) in site.hospitals
     ):
         raise InjectedSiteFault(f"injected failure of {site.name} in round {server_round}")
-    device = fed.get("device", "cpu")
+    device = fed.device
     model.to(device)
     global_params = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
-    loss_fn = build_loss(site.task, cfg["loss"], site.class_weights)
-    optimizer = build_optimizer(model, cfg["optim"])
+    loss_fn = build_loss(site.task, run.loss, site.class_weights)
+    optimizer = build_optimizer(model, run.optim)
     samples = steps = 0.0
     stats: dict[str, float] = {}
-    for epoch in range(int(fed["local_epochs"])):
-        seed = stream_seed(cfg["seed"], server_round, epoch, site.hospitals[0])
+    for epoch in range(fed.local_epochs):
+        seed = stream_seed(run.seed, server_round, epoch, site.hospitals[0])
         torch.manual_seed(seed)
         stats = train_epoch(
             model,
             iter_collated_batches(
                 site.train_paths,
-                int(cfg["optim"]["batch_size"]),
-                cfg["model"]["region_mode"],
+                run.optim.batch_size,
+                run.model.region_mode,
                 site.norm_stats,
                 shuffle_seed=seed,
             ),
             optimizer,
             loss_fn,
             device=device,
-            accumulation_steps=int(train_cfg["accumulation_steps"]),
-            max_grad_norm=train_cfg.get("max_grad_norm"),
+            accumulation_steps=train.accumulation_steps,
+            max_grad_norm=train.max_grad_norm,
             prox_mu=prox_mu,
             global_params=global_params,
-            max_steps=train_cfg.get("max_steps_per_epoch"),
+            max_steps=train.max_steps_per_epoch,
         )
         samples += stats["samples"]
         steps += stats["steps"]
@@ -232,18 +231,18 @@ def train_site(
 
 
 def evaluate_site(
-    model: nn.Module, site: Site, cfg: Mapping[str, Any], split: str = "val"
+    model: nn.Module, site: Site, run: SiteSettings, split: str = "val"
 ) -> dict[str, float]:
     """The task's metrics of ``model`` on the site's ``split`` shards (its own statistics)."""
-    device = cfg["federated"].get("device", "cpu")
+    device = run.federated.device
     model.to(device)
-    loss_fn = build_loss(site.task, cfg["loss"], site.class_weights)
+    loss_fn = build_loss(site.task, run.loss, site.class_weights)
     metrics, predictions = evaluate(
         model,
         iter_collated_batches(
             site.split_paths(split),
-            int(cfg["train"]["eval_batch_size"]),
-            cfg["model"]["region_mode"],
+            run.train.eval_batch_size,
+            run.model.region_mode,
             site.norm_stats,
         ),
         loss_fn,

@@ -44,7 +44,9 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from dipro.config import ConfigError
 from dipro.seeds import stream_seed
+from dipro.settings import FederatedSettings, StrategySettings
 from federated.config import ROUND_OFFSET_KEY
 from federated.streams import EVALUATE_SAMPLE, TRAIN_SAMPLE, global_rngs_restored
 
@@ -293,44 +295,51 @@ def weighted_finite_mean(pairs: Iterable[tuple[float, float]]) -> float:
     return sum(weight * value for weight, value in finite) / total if total > 0 else math.nan
 
 
-def build_strategy(cfg: Mapping[str, Any]) -> tuple[FedAvg, SiteQuorum]:
-    """The configured strategy (returned too, for its server state) and the quorum around it."""
-    fed, spec = cfg["federated"], cfg["strategy"]
-    min_sites = int(fed["min_sites"])
+def build_strategy(
+    spec: StrategySettings, fed: FederatedSettings, *, site_lr: float, seed: int
+) -> tuple[FedAvg, SiteQuorum]:
+    """The configured strategy (returned too, for its server state) and the quorum around it.
+    ``site_lr`` is the sites' ``optim.lr`` (FedAdam's eta_l); ``seed`` the run's."""
+    min_sites = fed.min_sites
     common = {
-        "fraction_train": float(fed["fraction_train"]),
-        "fraction_evaluate": float(fed["fraction_evaluate"]),
+        "fraction_train": fed.fraction_train,
+        "fraction_evaluate": fed.fraction_evaluate,
         "min_train_nodes": min_sites,
         "min_evaluate_nodes": min_sites,
         "min_available_nodes": min_sites,
         "evaluate_metrics_aggr_fn": finite_weighted_mean,
     }
-    name = spec["name"]
+    name = spec.name
     if name == "fedavg":
         base: FedAvg = FedAvg(**common)
     elif name == "fedprox":
-        base = FedProx(**common, proximal_mu=float(spec["proximal_mu"]))
+        base = FedProx(**common, proximal_mu=_needed(spec.proximal_mu, "strategy.proximal_mu"))
     elif name == "fedadam":
         base = FedAdam(
             **common,
-            eta=float(spec["eta"]),
-            eta_l=float(cfg["optim"]["lr"]),
-            beta_1=float(spec["beta_1"]),
-            beta_2=float(spec["beta_2"]),
-            tau=float(spec["tau"]),
+            eta=_needed(spec.eta, "strategy.eta"),
+            eta_l=site_lr,
+            beta_1=_needed(spec.beta_1, "strategy.beta_1"),
+            beta_2=_needed(spec.beta_2, "strategy.beta_2"),
+            tau=_needed(spec.tau, "strategy.tau"),
         )
     else:
         raise ValueError(f"unknown strategy {name!r}")
     outer: Strategy = base
-    dp = fed.get("dp") or {}
-    if dp.get("enabled"):
+    if fed.dp.enabled:
         outer = DifferentialPrivacyClientSideFixedClipping(
             base,
-            noise_multiplier=float(dp["noise_multiplier"]),
-            clipping_norm=float(dp["clipping_norm"]),
-            num_sampled_clients=int(dp.get("num_sampled_sites") or min_sites),
+            noise_multiplier=fed.dp.noise_multiplier,
+            clipping_norm=fed.dp.clipping_norm,
+            num_sampled_clients=min_sites,
         )
-    return base, SiteQuorum(outer, min_sites, float(fed["wait_for_sites_s"]), int(cfg["seed"]))
+    return base, SiteQuorum(outer, min_sites, fed.wait_for_sites_s, seed)
+
+
+def _needed(value: float | None, key: str) -> float:
+    if value is None:
+        raise ConfigError(f"{key} is missing: the strategy needs it (configs/strategy/)")
+    return value
 
 
 class ServerOptimizerState:

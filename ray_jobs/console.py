@@ -37,10 +37,12 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import ray
+from omegaconf import DictConfig
 
+from dipro.config import settings_of
 from dipro.report.tables import format_number
-from dipro.runs import epoch_log, read_log, run_dir_of
-from dipro.tracking import TrackingSettings
+from dipro.runs import epoch_log, read_log
+from dipro.settings import JobSettings, TaskSettings
 
 _console: TextIO | None = None  # the terminal while a session sends stdout to its log file
 
@@ -52,20 +54,21 @@ def say(line: str) -> None:
     stream.flush()
 
 
-def log_file(cfg: Mapping[str, Any], name: str) -> str:
-    """``{log_dir}/{name}.log`` (``outputs/logs`` for a config from before ``log_dir``)."""
-    return os.path.join(str(cfg.get("log_dir") or os.path.join("outputs", "logs")), f"{name}.log")
+def log_file(job: JobSettings, name: str) -> str:
+    """``{log_dir}/{name}.log`` (``outputs/logs`` for a config without ``log_dir``)."""
+    return os.path.join(job.log_dir or os.path.join("outputs", "logs"), f"{name}.log")
 
 
 @contextlib.contextmanager
-def session(cfg: Mapping[str, Any], name: str, outputs: str) -> Iterator[None]:
-    """The console of one job: a header naming ``outputs``, the log file and the MLflow store;
-    stdout and stderr go to the log file unless ``cfg.verbose`` (then everything shows)."""
+def session(cfg: DictConfig | Mapping[str, Any], name: str, outputs: str) -> Iterator[None]:
+    """The console of one job (``cfg``, an entrypoint's config): a header naming ``outputs``,
+    the log file and the MLflow store; stdout and stderr go to the log file unless ``verbose``
+    (then everything shows)."""
     global _console
-    verbose = bool(cfg.get("verbose", False))
-    path = log_file(cfg, name)
-    tracking = TrackingSettings.from_dict(cfg.get("tracking") or {})
-    if _console is not None or verbose:  # a session inside a session (the demo) shares it
+    job = settings_of(JobSettings, cfg)
+    path = log_file(job, name)
+    tracking = job.tracking
+    if _console is not None or job.verbose:  # a session inside a session (the demo) shares it
         say(f"outputs: {outputs}")
         yield
         return
@@ -121,12 +124,13 @@ def format_epoch(task: str, record: Mapping[str, Any], max_epochs: int, monitor:
 
 
 @contextlib.contextmanager
-def follow_epochs(cfg: Mapping[str, Any], interval_s: float = 1.0) -> Iterator[None]:
-    """Print each new epoch of the run ``cfg`` while the body runs (and the last ones after);
-    an epoch trained again (a resume from an older checkpoint) is printed again."""
-    uri = epoch_log(run_dir_of(cfg))
-    task, monitor = str(cfg["task"]["name"]), str(cfg["task"]["monitor"])
-    max_epochs = int(cfg["train"]["max_epochs"])
+def follow_epochs(
+    directory: str, task_settings: TaskSettings, max_epochs: int, interval_s: float = 1.0
+) -> Iterator[None]:
+    """Print each new epoch of the run in ``directory`` while the body runs (and the last ones
+    after); an epoch trained again (a resume from an older checkpoint) is printed again."""
+    uri = epoch_log(directory)
+    task, monitor = task_settings.name, task_settings.monitor
     seen = {json.dumps(record, sort_keys=True) for record in read_log(uri)}
 
     def show_new() -> None:
@@ -235,11 +239,11 @@ def cluster_offer(asked: Iterable[str] = ()) -> str:
 
 
 @contextlib.contextmanager
-def report_waits(cfg: Mapping[str, Any], poll_s: float | None = None) -> Iterator[None]:
-    """Around a run's ``fit()``: once Ray has held requests pending for ``resource_wait_s``
-    seconds without a break (0 or null: never), say one line with what waits and what the
-    cluster offers; again while the wait goes on, after twice as long each time."""
-    wait_s = float(cfg.get("resource_wait_s") or 0)
+def report_waits(wait_s: float | None, poll_s: float | None = None) -> Iterator[None]:
+    """Around a run's ``fit()``: once Ray has held requests pending for ``wait_s`` seconds
+    (``resource_wait_s``) without a break (0 or None: never), say one line with what waits and
+    what the cluster offers; again while the wait goes on, after twice as long each time."""
+    wait_s = wait_s or 0.0
     if wait_s <= 0:
         yield
         return

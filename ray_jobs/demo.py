@@ -28,11 +28,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dipro import storage, tracking
+from dipro.config import settings_of
 from dipro.data.layout import Manifest
 from dipro.data.synthetic import ensure_synthetic_data
 from dipro.run_report import write_run_report
+from dipro.settings import JobSettings, TrainingRun
 from ray_jobs.console import say, session
-from ray_jobs.training import ensure_ray, run_training
+from ray_jobs.training import ensure_ray, local_num_cpus, run_training
 
 
 def prepare_data(data_cfg: Mapping[str, Any]) -> dict[str, Manifest]:
@@ -63,7 +65,8 @@ def run_demo(cfg: DictConfig, overrides: list[str]) -> dict[str, dict[str, float
     """Generate the data if needed, then train, test and report every task of ``demo.tasks``
     with the demo experiment and the user's ``overrides``; returns test metrics per task."""
     prepare_data(cfg.data)
-    ensure_ray(cfg)
+    run = settings_of(TrainingRun, cfg)
+    ensure_ray(run, local_num_cpus(run))
     results: dict[str, dict[str, float]] = {}
     for task in cfg.demo.tasks:
         say(f"\n=== {task}: training on Ray ===")
@@ -75,7 +78,8 @@ def run_demo(cfg: DictConfig, overrides: list[str]) -> dict[str, dict[str, float
         started = time.perf_counter()
         result = run_training(task_cfg)
         report = write_run_report(result.run_dir)
-        tracker = tracking.open_tracker(task_cfg, say=say) if result.mlflow_run else None
+        settings = settings_of(JobSettings, task_cfg).tracking
+        tracker = tracking.open_tracker(settings, say=say) if result.mlflow_run else None
         if tracker is not None and result.mlflow_run is not None:
             tracker.log_dir(result.mlflow_run, report.parent, "report")
         results[task] = dict(result.test_metrics or {})

@@ -47,7 +47,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dipro import storage, tracking
-from dipro.config import TRAIN_SCHEMA, ConfigError, exit_on, validate
+from dipro.config import TRAIN_SCHEMA, ConfigError, exit_on, settings_of, validate
 from dipro.data.features import ensure_features
 from dipro.data.layout import list_shards, read_manifest
 from dipro.data.synthetic import ensure_synthetic_data
@@ -67,6 +67,7 @@ from dipro.report import (
     write_text,
 )
 from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, RunDirectoryInUse, run_dir_of, run_lock
+from dipro.settings import JobSettings
 from ray_jobs.console import say, session
 from ray_jobs.training import run_training
 
@@ -162,7 +163,7 @@ def _study_run(cfg: DictConfig, mode: str) -> tuple[tracking.Tracker, str] | Non
     """The MLflow run that groups a study's runs (None when tracking is off or the store did
     not answer: one warning, and each training run reaches it again on its own)."""
     runs = storage.join(str(cfg.storage_path), f"{cfg.name}-<variant>-seed<seed>")
-    tracker = tracking.open_tracker(cfg, replay=runs, say=say)
+    tracker = tracking.open_tracker(settings_of(JobSettings, cfg).tracking, replay=runs, say=say)
     if tracker is None:
         return None
     study_dir = storage.join(os.fspath(cfg.out_dir), mode)

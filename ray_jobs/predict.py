@@ -48,7 +48,7 @@ from dipro.checkpoint import (
     normalised_at_sites,
     read_checkpoint,
 )
-from dipro.config import exit_on
+from dipro.config import exit_on, settings_of
 from dipro.data.collate import collate
 from dipro.data.layout import list_shards, read_manifest
 from dipro.data.normalize import NormStats
@@ -58,6 +58,7 @@ from dipro.engine import predict
 from dipro.explain import write_explanation
 from dipro.prediction import checkpoint_identity, prediction_table
 from dipro.run_report import resolve_checkpoint, run_context
+from dipro.settings import JobSettings
 from ray_jobs.console import session
 from ray_jobs.training import ensure_ray
 
@@ -224,7 +225,8 @@ def run_prediction(cfg: DictConfig) -> str:
         raise PredictionError(f"{target} exists; pass overwrite=true to replace it")
     version = dataset_version(paths)
     identity = checkpoint_identity(checkpoint)
-    ensure_ray(cfg, local_num_cpus(cfg))
+    job = settings_of(JobSettings, cfg)
+    ensure_ray(job, local_num_cpus(cfg, job))
     table, seconds = score(cfg, checkpoint, paths, version, identity, stats)
     _write_parquet(target, table)
     summary = {
@@ -247,12 +249,12 @@ def run_prediction(cfg: DictConfig) -> str:
     return target
 
 
-def local_num_cpus(cfg: DictConfig) -> int:
+def local_num_cpus(cfg: DictConfig, job: JobSettings) -> int:
     """Logical CPUs of an in-process Ray for predict: ``ray_num_cpus``, else all cores but at
     least the model actors' CPUs plus one for the read tasks (two one-CPU actors on a two-CPU
     Ray would leave the reads none, and the job would wait forever)."""
-    if cfg.get("ray_num_cpus"):
-        return int(cfg.ray_num_cpus)
+    if job.ray_num_cpus:
+        return job.ray_num_cpus
     actors = math.ceil(int(cfg.actors) * float(cfg.num_cpus_per_actor))
     return max(os.cpu_count() or 1, actors + 1)
 

@@ -21,12 +21,14 @@ import json
 import os
 import posixpath
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from dipro import storage, tracking
 from dipro.config import exit_on
 from dipro.data.layout import read_manifest
 from dipro.runs import RUN_CONFIG_FILE, checkpoint_files, run_dir_of
+from dipro.settings import TrainingRun, parse
 
 
 class ReplayError(ValueError):
@@ -79,12 +81,16 @@ def replay(
         TrackingUnavailable: the store does not answer.
     """
     cfg = run_config(run_dir)
-    node = {**(cfg.get("tracking") or {}), "enabled": True, "required": True}
-    for key, value in (("uri", uri), ("experiment", experiment), ("model_name", model_name)):
-        if value is not None:
-            node[key] = value
-    manifest = read_manifest(cfg["data"]["root"], cfg["task"]["name"]).to_dict()
-    tracker = tracking.Tracker(tracking.TrackingSettings.from_dict(node))
+    run = parse(TrainingRun, cfg)
+    given = {"uri": uri, "experiment": experiment, "model_name": model_name}
+    settings = replace(
+        run.tracking,
+        enabled=True,
+        required=True,
+        **{key: value for key, value in given.items() if value is not None},
+    )
+    manifest = read_manifest(run.data.root, run.task.name).to_dict()
+    tracker = tracking.Tracker(settings)
     return tracking.track_training(tracker, cfg, manifest), tracker.settings
 
 

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from dipro import checkpoint as ckpt_io
 from dipro import storage, tracking
-from dipro.config import TRAIN_SCHEMA, ConfigError, validate
+from dipro.config import TRAIN_SCHEMA, ConfigError, settings_of, validate
 from dipro.data.layout import Dataset, Manifest, model_dataset
 from dipro.data.schema import SchemaError
 from dipro.data.shard_reader import ChecksumError, verify_shards
@@ -37,10 +37,12 @@ from dipro.runs import (
     checkpoint_files,
     epoch_log,
     first_loadable,
+    run_dir,
     run_dir_of,
     run_lock,
     write_summary,
 )
+from dipro.settings import JobSettings, TrainingRun
 from ray_jobs.console import follow_epochs, report_waits, say
 from ray_jobs.data import TrainSplit, read_split
 from ray_jobs.worker import train_loop_per_worker
@@ -68,9 +70,9 @@ def check_config(cfg: DictConfig) -> Dataset:
     against the manifest, raising SchemaError or ChecksumError naming the file.
     """
     validate(cfg, TRAIN_SCHEMA)
-    task = cfg.task.name
-    worker_range(cfg.scaling)
-    if cfg.scaling.get("require_remote_storage"):
+    run = settings_of(TrainingRun, cfg)
+    task = run.task.name
+    if run.scaling.require_remote_storage:
         for key, value in (("storage_path", cfg.storage_path), ("data.root", cfg.data.root)):
             try:
                 storage.require_remote(value, key)
@@ -83,11 +85,11 @@ def check_config(cfg: DictConfig) -> Dataset:
     verify_shards(
         dataset,
         [path for split in splits for path in dataset.shards(split)],
-        checksums=bool(cfg.data.get("verify_checksums", True)),
+        checksums=run.data.verify_checksums,
     )
     _check_resumable(cfg, dataset.manifest)
-    if not (cfg.get("ray_address") or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
-        local_num_cpus(cfg)  # an in-process Ray too small for the run is refused here
+    if not (run.ray_address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        local_num_cpus(run)  # an in-process Ray too small for the run is refused here
     return dataset
 
 
@@ -116,7 +118,7 @@ def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
         raise ConfigError(
             f"run_name={cfg.run_name} exists and cannot be resumed with this config: {err}"
         ) from err
-    epoch = int(payload["training"]["epoch"])
+    epoch = ckpt_io.meta_of(payload, uri).epoch
     say(f"[{cfg.task.name}] resume: from {uri}, after epoch {epoch}")
 
 
@@ -140,30 +142,15 @@ def stopping_error(err: BaseException) -> Exception | None:
     return None
 
 
-def worker_range(scaling: DictConfig) -> tuple[int, int]:
-    """``(min, max)`` Ray Train workers of ``scaling.num_workers``: a count (fixed) or a
-    ``[min, max]`` range (elastic: start with what the cluster has, grow to ``max``)."""
-    value = scaling.num_workers
-    bounds = list(value) if OmegaConf.is_list(value) or isinstance(value, list | tuple) else [value]
-    whole = all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
-    low, high = (bounds[0], bounds[-1]) if whole and len(bounds) in (1, 2) else (0, 0)
-    if not 1 <= low <= high:
-        raise ConfigError(
-            f"scaling.num_workers={value} must be a count >= 1 or a range [min, max] "
-            "with 1 <= min <= max"
-        )
-    return low, high
-
-
-def _steps_per_epoch(cfg: DictConfig, manifest: Manifest) -> int:
+def _steps_per_epoch(run: TrainingRun, manifest: Manifest) -> int:
     """Optimizer steps each worker takes per epoch (for the cosine schedule's length). The same
     at every world size of an elastic run: the global batch is held at its size with the most
     workers (``ray_jobs.worker.elastic_accumulation``)."""
-    rows = manifest.num_samples("train") // worker_range(cfg.scaling)[1]
-    micro = math.ceil(rows / int(cfg.optim.batch_size))
-    steps = math.ceil(micro / int(cfg.train.accumulation_steps))
-    cap = cfg.train.get("max_steps_per_epoch")
-    return max(1, min(steps, int(cap)) if cap else steps)
+    rows = manifest.num_samples("train") // run.scaling.worker_range[1]
+    micro = math.ceil(rows / run.optim.batch_size)
+    steps = math.ceil(micro / run.train.accumulation_steps)
+    cap = run.train.max_steps_per_epoch
+    return max(1, min(steps, cap) if cap else steps)
 
 
 @dataclass(frozen=True)
@@ -180,7 +167,10 @@ class NextEpoch:
             lambda _: None,
             error=ckpt_io.CheckpointError,
         )
-        return 1 if found is None else int(found[1]["training"]["epoch"]) + 1
+        if found is None:
+            return 1
+        uri, payload = found
+        return int(ckpt_io.meta_of(payload, uri).epoch or 0) + 1
 
 
 def build_trainer(
@@ -190,24 +180,24 @@ def build_trainer(
     storage, checkpoints and failures. ``callbacks`` go to the run's ``RunConfig`` (a Tune
     trial passes ``TuneReportCallback``)."""
     manifest = dataset.manifest
-    scaling = cfg.scaling
-    low, high = worker_range(scaling)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run = settings_of(TrainingRun, cfg)
+    scaling = run.scaling
+    low, high = scaling.worker_range
+    settled = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     if manifest.feature_dim is not None:
-        resolved["model"]["feature_dim"] = manifest.feature_dim
+        OmegaConf.update(settled, "model.feature_dim", manifest.feature_dim)
+    resolved = OmegaConf.to_container(settled, resolve=True)
     # Each epoch re-runs the read pipeline; its progress bars would bury the epoch lines.
-    ray.data.DataContext.get_current().enable_progress_bars = bool(
-        cfg.train.get("data_progress_bars", False)
-    )
-    deterministic = bool(cfg.train.deterministic)
+    ray.data.DataContext.get_current().enable_progress_bars = run.train.data_progress_bars
+    deterministic = run.train.deterministic
     datasets = {
         "train": TrainSplit(
             dataset=dataset,
-            region_mode=cfg.model.region_mode,
-            seed=int(cfg.seed) if deterministic else None,
-            next_epoch=NextEpoch(run_dir_of(cfg)),
+            region_mode=run.model.region_mode,
+            seed=run.seed if deterministic else None,
+            next_epoch=NextEpoch(run_dir(run.storage_path, run.run_name)),
         ),
-        "val": read_split(dataset, "val", cfg.model.region_mode),
+        "val": read_split(dataset, "val", run.model.region_mode),
     }
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = deterministic
@@ -217,27 +207,25 @@ def build_trainer(
             "cfg": resolved,
             "norm_stats": manifest.norm_stats,
             "class_weights": ClassWeights.from_counts(manifest.label_counts()).to_dict(),
-            "steps_per_epoch": _steps_per_epoch(cfg, manifest),
+            "steps_per_epoch": _steps_per_epoch(run, manifest),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=low if low == high else (low, high),
-            elastic_resize_monitor_interval_s=float(
-                scaling.get("elastic_resize_monitor_interval_s", 60.0)
-            ),
-            use_gpu=bool(scaling.use_gpu),
-            resources_per_worker=dict(scaling.resources_per_worker),
-            placement_strategy=scaling.get("placement_strategy", "PACK"),
+            elastic_resize_monitor_interval_s=scaling.elastic_resize_monitor_interval_s,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=dict(scaling.resources_per_worker or {}),
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.run_name,
-            storage_path=cfg.storage_path,
+            name=run.run_name,
+            storage_path=run.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=int(cfg.train.get("checkpoints_to_keep", 2)),
-                checkpoint_score_attribute=cfg.task.monitor,
-                checkpoint_score_order=cfg.task.monitor_mode,
+                num_to_keep=run.train.checkpoints_to_keep,
+                checkpoint_score_attribute=run.task.monitor,
+                checkpoint_score_order=run.task.monitor_mode,
             ),
             failure_config=ray.train.FailureConfig(
-                max_failures=int(scaling.max_failures), controller_failure_limit=3
+                max_failures=scaling.max_failures, controller_failure_limit=3
             ),
             callbacks=callbacks,
         ),
@@ -248,7 +236,7 @@ def build_trainer(
     )
 
 
-def local_num_cpus(cfg: DictConfig) -> int:
+def local_num_cpus(run: TrainingRun) -> int:
     """Logical CPUs of an in-process Ray: ``ray_num_cpus``, else all cores but at least the
     Train workers' CPUs (each rounded up to a whole CPU) plus one for Ray Data's read tasks and
     one for drivers and evaluation tasks.
@@ -260,34 +248,31 @@ def local_num_cpus(cfg: DictConfig) -> int:
     ``ray_num_cpus`` below the workers' CPUs plus one is a ConfigError (the run would wait for
     a CPU that never comes).
     """
-    per_worker = math.ceil(float(cfg.scaling.resources_per_worker.get("CPU", 1)))
-    workers = worker_range(cfg.scaling)[1]
-    if cfg.get("ray_num_cpus"):
-        if int(cfg.ray_num_cpus) < workers * per_worker + 1:
+    per_worker = math.ceil(float((run.scaling.resources_per_worker or {}).get("CPU", 1)))
+    workers = run.scaling.worker_range[1]
+    if run.ray_num_cpus:
+        if run.ray_num_cpus < workers * per_worker + 1:
             raise ConfigError(
-                f"ray_num_cpus={cfg.ray_num_cpus} leaves Ray Data no CPU to read with: "
+                f"ray_num_cpus={run.ray_num_cpus} leaves Ray Data no CPU to read with: "
                 f"{workers} worker(s) x {per_worker} CPU + 1 for the reads needs at least "
                 f"{workers * per_worker + 1} (or leave ray_num_cpus unset)"
             )
-        return int(cfg.ray_num_cpus)
+        return run.ray_num_cpus
     return max(os.cpu_count() or 1, workers * per_worker + 2)
 
 
-def ensure_ray(cfg: DictConfig, num_cpus: int | None = None) -> None:
-    """Connect to the configured cluster (or RAY_ADDRESS), or start Ray in-process with
-    ``num_cpus`` logical CPUs (default: a training job's, ``local_num_cpus``); keep the cluster's
-    detached Ray Data and Train actors on this node (``pin_cluster_actors_to_driver``); say
-    where Ray's dashboard and logs are."""
+def ensure_ray(job: JobSettings, num_cpus: int) -> None:
+    """Connect to the job's cluster (``ray_address``, else RAY_ADDRESS), or start Ray
+    in-process with ``num_cpus`` logical CPUs (a training job's: ``local_num_cpus``); keep the
+    cluster's detached Ray Data and Train actors on this node (``pin_cluster_actors_to_driver``);
+    say where Ray's dashboard and logs are."""
     from ray_jobs.ray_startup import pin_cluster_actors_to_driver, set_dashboard_timeouts
 
     set_dashboard_timeouts()
     if ray.is_initialized():
         return
-    address = cfg.get("ray_address") or os.environ.get("RAY_ADDRESS")
-    if address:
-        context = ray.init(address=address)
-    else:
-        context = ray.init(num_cpus=num_cpus or local_num_cpus(cfg))
+    address = job.ray_address or os.environ.get("RAY_ADDRESS")
+    context = ray.init(address=address) if address else ray.init(num_cpus=num_cpus)
     pin_cluster_actors_to_driver()
     where = f"connected to {address}" if address else "started in-process"
     say(
@@ -352,11 +337,12 @@ def _best_loadable(
     return by_uri[found[0]]
 
 
-def _note_random_backbone(cfg: DictConfig) -> None:
-    if cfg.model.region_mode == "crops" and cfg.model.get("pretrained_weights") is None:
+def _note_random_backbone(run: TrainingRun) -> None:
+    model = run.model
+    if model.region_mode == "crops" and model.pretrained_weights is None:
         say(
-            f"[{cfg.task.name}] note: the {cfg.model.backbone} backbone starts from random "
-            f"weights; pass model.pretrained_weights=/path/to/{cfg.model.backbone}.pth (a "
+            f"[{run.task.name}] note: the {model.backbone} backbone starts from random "
+            f"weights; pass model.pretrained_weights=/path/to/{model.backbone}.pth (a "
             "torchvision state dict) to start from pretrained ones"
         )
 
@@ -376,24 +362,28 @@ def run_training(cfg: DictConfig, tracking_parent: str | None = None) -> Trainin
 def _train(cfg: DictConfig, dataset: Dataset, tracking_parent: str | None) -> TrainingResult:
     """``run_training``'s work, once the run directory is locked: the tracking store is reached
     before Ray starts, so that a required store that is down stops the run before it trains."""
-    directory = run_dir_of(cfg)
+    run = settings_of(TrainingRun, cfg)
+    directory = run_dir(run.storage_path, run.run_name)
     manifest = dataset.manifest
-    tracker = tracking.open_tracker(cfg, replay=directory, say=say)
-    ensure_ray(cfg)
-    _note_random_backbone(cfg)
+    tracker = tracking.open_tracker(run.tracking, replay=directory, say=say)
+    ensure_ray(run, local_num_cpus(run))
+    _note_random_backbone(run)
     slow = cpu_epoch_note(
-        task=cfg.task.name,
-        backbone=cfg.model.backbone,
-        region_mode=cfg.model.region_mode,
-        use_gpu=bool(cfg.scaling.use_gpu),
+        task=run.task.name,
+        backbone=run.model.backbone,
+        region_mode=run.model.region_mode,
+        use_gpu=run.scaling.use_gpu,
         crop_size=manifest.crop_size,
         train_samples=manifest.num_samples("train"),
-        threads=worker_range(cfg.scaling)[1] * int(cfg.scaling.get("cpus_per_worker", 1)),
+        threads=run.scaling.worker_range[1] * run.scaling.cpus_per_worker,
     )
     if slow:
-        say(f"[{cfg.task.name}] note: {slow}")
+        say(f"[{run.task.name}] note: {slow}")
     try:
-        with follow_epochs(cfg), report_waits(cfg):
+        with (
+            follow_epochs(directory, run.task, run.train.max_epochs),
+            report_waits(run.resource_wait_s),
+        ):
             result = build_trainer(cfg, dataset).fit()
     except Exception as err:
         bad = stopping_error(err)

@@ -40,7 +40,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from dipro import storage, tracking
-from dipro.config import ConfigError, exit_on
+from dipro.config import ConfigError, exit_on, settings_of
 from dipro.data.layout import read_manifest
 from dipro.runs import (
     RunDirectoryInUse,
@@ -51,8 +51,15 @@ from dipro.runs import (
     run_dir_of,
     run_lock,
 )
+from dipro.settings import TrainingRun
 from ray_jobs.console import Progress, format_epoch, say, session
-from ray_jobs.training import build_trainer, check_config, checkpoint_uri, ensure_ray
+from ray_jobs.training import (
+    build_trainer,
+    check_config,
+    checkpoint_uri,
+    ensure_ray,
+    local_num_cpus,
+)
 
 SEARCHES = ("random", "optuna")
 SCHEDULERS = ("asha", "fifo")
@@ -409,8 +416,9 @@ def _sweep(
     name = str(cfg.tune.name)
     sweep_dir = storage.join(cfg.storage_path, name)
     trial_runs = storage.join(str(cfg.storage_path), f"{name}-<trial id>")
-    tracker = tracking.open_tracker(cfg, replay=trial_runs, say=say)
-    ensure_ray(cfg)
+    run = settings_of(TrainingRun, cfg)
+    tracker = tracking.open_tracker(run.tracking, replay=trial_runs, say=say)
+    ensure_ray(run, local_num_cpus(run))
     base = OmegaConf.to_container(cfg, resolve=True)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, sweep=name), {"CPU": _TRIAL_CPU}

@@ -65,9 +65,10 @@ from dipro.runs import (
     checkpoint_files,
     epoch_log,
     first_loadable,
-    run_dir_of,
+    run_dir,
 )
 from dipro.seeds import TORCH, set_determinism, stream_seed
+from dipro.settings import TrainingRun, parse
 from ray_jobs.data import iter_batches
 
 FAULT_MARKER = "fault_injected"
@@ -79,14 +80,14 @@ class InjectedFault(RuntimeError):
 
 
 def _restore(
-    cfg: dict[str, Any], model: torch.nn.Module, latest: ray.train.Checkpoint, rank: int
+    run: TrainingRun, model: torch.nn.Module, latest: ray.train.Checkpoint, rank: int
 ) -> dict[str, Any]:
     """The payload of the newest checkpoint that loads into ``model``, not newer than Ray's
     ``latest``; the ones skipped are named with their error (rank 0)."""
     latest_name = posixpath.basename(latest.path.rstrip("/"))
     candidates = [
         uri
-        for uri in checkpoint_files(run_dir_of(cfg))
+        for uri in checkpoint_files(run_dir(run.storage_path, run.run_name))
         if posixpath.basename(posixpath.dirname(uri)) <= latest_name
     ]
     errors: list[str] = []
@@ -99,16 +100,16 @@ def _restore(
     def skipped(err: ckpt_io.CheckpointError) -> None:
         errors.append(str(err))
         if rank == 0:
-            print(f"[{cfg['task']['name']}] resume: skipped {err}", flush=True)
+            print(f"[{run.task.name}] resume: skipped {err}", flush=True)
 
     found = first_loadable(candidates, load, skipped, error=ckpt_io.CheckpointError)
     if found is None:
         raise ckpt_io.CheckpointError(
-            f"run {cfg['run_name']}: no checkpoint loads ({'; '.join(errors) or 'none found'})"
+            f"run {run.run_name}: no checkpoint loads ({'; '.join(errors) or 'none found'})"
         )
     uri, payload = found
     if rank == 0 and errors:
-        print(f"[{cfg['task']['name']}] resume: from {uri}", flush=True)
+        print(f"[{run.task.name}] resume: from {uri}", flush=True)
     return payload
 
 
@@ -121,12 +122,12 @@ def _gather(value: Any) -> list[Any]:
     return out
 
 
-def _fault_hook(cfg: dict[str, Any], epoch: int, rank: int, world: int):  # noqa: ANN202
+def _fault_hook(run: TrainingRun, epoch: int, rank: int, world: int):  # noqa: ANN202
     """An ``on_step`` callback that raises once at ``train.fail_at`` (tests of recovery)."""
-    fail_at = cfg["train"].get("fail_at")
+    fail_at = run.train.fail_at
     if not fail_at or int(fail_at["epoch"]) != epoch or rank != min(1, world - 1):
         return None
-    marker = storage.join(run_dir_of(cfg), FAULT_MARKER)
+    marker = storage.join(run_dir(run.storage_path, run.run_name), FAULT_MARKER)
 
     def hook(step: int, _: dict[str, float]) -> None:
         if step == int(fail_at["step"]) and not storage.exists(marker):
@@ -141,11 +142,6 @@ def elastic_accumulation(accumulation: int, max_workers: int, world_size: int) -
     global batch is (at least) the one of ``max_workers`` workers accumulating ``accumulation``:
     ``ceil(accumulation * max_workers / world_size)``."""
     return math.ceil(accumulation * max_workers / world_size)
-
-
-def _max_workers(scaling: dict[str, Any]) -> int:
-    value = scaling["num_workers"]
-    return int(value[1]) if isinstance(value, list | tuple) else int(value)
 
 
 @dataclass
@@ -163,18 +159,20 @@ class _WorkerRun:
     """One worker's part of a run: what it builds once, and the steps of each epoch."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        cfg = self.cfg = config["cfg"]
-        self.task, self.scaling, self.train_cfg = cfg["task"]["name"], cfg["scaling"], cfg["train"]
+        self.resolved = config["cfg"]
+        run = self.run = parse(TrainingRun, self.resolved)
+        self.task, self.scaling, self.train = run.task.name, run.scaling, run.train
+        self.directory = run_dir(run.storage_path, run.run_name)
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        torch.set_num_threads(int(self.scaling["cpus_per_worker"]))
+        torch.set_num_threads(self.scaling.cpus_per_worker)
         self.device = ray.train.torch.get_device()
-        self.deterministic = bool(self.train_cfg.get("deterministic", True))
+        self.deterministic = self.train.deterministic
         set_determinism(self.deterministic, self.device.type)
-        self.accel = AccelOptions.from_config(self.scaling)
+        self.accel = AccelOptions.of(self.scaling)
         self.model = ray.train.torch.prepare_model(
             prepare_for_device(
-                build_model(cfg["model"], self.task, seed=int(cfg["seed"])),
+                build_model(run.model, self.task, seed=run.seed),
                 self.device,
                 self.accel,
                 deterministic=self.deterministic,
@@ -183,28 +181,26 @@ class _WorkerRun:
         self.norm_stats_dict = config["norm_stats"]
         self.norm_stats = NormStats.from_dict(self.norm_stats_dict)
         self.class_weights = ClassWeights.from_dict(config["class_weights"])
-        self.loss_fn = build_loss(self.task, cfg["loss"], self.class_weights)
+        self.loss_fn = build_loss(self.task, run.loss, self.class_weights)
         self.accumulation = elastic_accumulation(
-            int(self.train_cfg["accumulation_steps"]), _max_workers(self.scaling), self.world
+            self.train.accumulation_steps, self.scaling.worker_range[1], self.world
         )
         self.optimizer = build_optimizer(
             self.model,
-            cfg["optim"],
+            run.optim,
             world_size=self.world,
             accumulation_steps=self.accumulation,
             fused=self.accel.fused_optimizer,
         )
-        self.max_epochs = int(self.train_cfg["max_epochs"])
+        self.max_epochs = self.train.max_epochs
         self.scheduler = build_scheduler(
-            self.optimizer,
-            cfg["optim"],
-            max(1, self.max_epochs * int(config["steps_per_epoch"])),
+            self.optimizer, run.optim, max(1, self.max_epochs * int(config["steps_per_epoch"]))
         )
-        self.amp = self.scaling.get("amp")
+        self.amp = self.scaling.amp
         use_fp16 = self.amp in ("fp16", "float16") and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_fp16 else None  # kept across epochs
-        self.pin_memory = bool(self.scaling.get("pin_memory", False)) and self.device.type == "cuda"
-        self.monitored = BestMetric(cfg["task"]["monitor_mode"])
+        self.pin_memory = self.scaling.pin_memory and self.device.type == "cuda"
+        self.monitored = BestMetric(run.task.monitor_mode)
         self.start_epoch, self.restored_from = 1, None
 
     def restore(self) -> None:
@@ -213,15 +209,15 @@ class _WorkerRun:
         restored = ray.train.get_checkpoint()
         if restored is None:
             return
-        state = _restore(self.cfg, self.model, restored, self.rank)["training"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.restored_from = int(state["epoch"])
+        state = ckpt_io.meta_of(_restore(self.run, self.model, restored, self.rank), restored.path)
+        self.optimizer.load_state_dict(state.optimizer_state)
+        self.scheduler.load_state_dict(state.scheduler_state)
+        self.restored_from = int(state.epoch or 0)
         self.start_epoch = self.restored_from + 1
         self.monitored = BestMetric(
-            self.monitored.mode, state["best_metric"], int(state["extra"]["bad_epochs"])
+            self.monitored.mode, state.best_metric, int(state.extra["bad_epochs"])
         )
-        if state["extra"]["stopped"]:
+        if state.extra["stopped"]:
             self.start_epoch = self.max_epochs + 1
 
     def _batches(self, split: str, batch_size: int, **shuffle: Any) -> Any:
@@ -237,15 +233,15 @@ class _WorkerRun:
         """One pass over this worker's shard of the training split (``engine.train_epoch``).
         Dropout and the local shuffle draw from streams of (seed, epoch, rank), so a resumed
         epoch draws what it would have drawn in an uninterrupted run."""
-        seed = int(self.cfg["seed"])
+        seed = self.run.seed
         torch.manual_seed(stream_seed(seed, TORCH, epoch, self.rank))
         return train_epoch(
             self.model,
             self._batches(
                 "train",
-                int(self.cfg["optim"]["batch_size"]),
-                shuffle_buffer=self.scaling.get("local_shuffle_buffer_size"),
-                prefetch_batches=int(self.scaling.get("prefetch_batches", 1)),
+                self.run.optim.batch_size,
+                shuffle_buffer=self.scaling.local_shuffle_buffer_size,
+                prefetch_batches=self.scaling.prefetch_batches,
                 seed=stream_seed(seed, epoch, self.rank) if self.deterministic else None,
             ),
             self.optimizer,
@@ -253,11 +249,11 @@ class _WorkerRun:
             device=self.device,
             scheduler=self.scheduler,
             accumulation_steps=self.accumulation,
-            max_grad_norm=self.train_cfg.get("max_grad_norm"),
+            max_grad_norm=self.train.max_grad_norm,
             amp_dtype=self.amp,
             scaler=self.scaler,
-            max_steps=self.train_cfg.get("max_steps_per_epoch"),
-            on_step=_fault_hook(self.cfg, epoch, self.rank, self.world),
+            max_steps=self.train.max_steps_per_epoch,
+            on_step=_fault_hook(self.run, epoch, self.rank, self.world),
         )
 
     def validate(self, train_samples: float) -> _Gathered:
@@ -265,7 +261,7 @@ class _WorkerRun:
         losses and resource use, gathered."""
         predictions, losses = predict_with_loss(
             self.model,
-            self._batches("val", int(self.train_cfg["eval_batch_size"]), shuffle_buffer=None),
+            self._batches("val", self.train.eval_batch_size, shuffle_buffer=None),
             self.loss_fn,
             device=self.device,
             amp_dtype=self.amp,
@@ -296,7 +292,7 @@ class _WorkerRun:
         throughput, and the monitored metric's best so far (early stopping's state). Outputs
         that are not finite are a ``NonFiniteOutputError`` (``engine.check_finite``)."""
         check_finite(val.predictions)
-        monitor = self.cfg["task"]["monitor"]
+        monitor = self.run.task.monitor
         metrics = {f"val/{k}": v for k, v in compute_metrics(val.predictions).items()}
         metrics["val/loss"] = val.val_loss
         metrics.update({f"train/{k}": v for k, v in stats.items()})
@@ -319,7 +315,7 @@ class _WorkerRun:
                 ckpt_io.save_checkpoint(
                     Path(tmp) / CHECKPOINT_FILE,
                     self.model,
-                    model_cfg=self.cfg["model"],
+                    model_cfg=self.run.model,
                     task=self.task,
                     optimizer=self.optimizer,
                     scheduler=self.scheduler,
@@ -333,11 +329,11 @@ class _WorkerRun:
                         "metrics": metrics,
                     },
                 )
-                config_json = json.dumps(self.cfg, indent=2, sort_keys=True)
+                config_json = json.dumps(self.resolved, indent=2, sort_keys=True)
                 (Path(tmp) / RUN_CONFIG_FILE).write_text(config_json)
                 restored = self.restored_from if epoch == self.start_epoch else None
                 append_log(
-                    epoch_log(run_dir_of(self.cfg)),
+                    epoch_log(self.directory),
                     {
                         **metrics,
                         "task": self.task,
@@ -372,7 +368,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     config as a dict), ``norm_stats``, ``class_weights`` and ``steps_per_epoch``."""
     run = _WorkerRun(config)
     run.restore()
-    patience = run.train_cfg.get("patience")
+    patience = run.train.patience
     for epoch in range(run.start_epoch, run.max_epochs + 1):
         started = time.monotonic()
         stats = run.train_one_epoch(epoch)

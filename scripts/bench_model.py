@@ -54,9 +54,10 @@ from dipro.accel import COMPILE_BACKENDS, COMPILE_MODES, AccelOptions, prepare_f
 from dipro.batch import Batch
 from dipro.data.samples import collate_records, random_record
 from dipro.engine import build_optimizer, train_epoch
-from dipro.losses import ClassWeights, DiProLoss, LossWeights
+from dipro.losses import ClassWeights, DiProLoss
 from dipro.model import build_model
 from dipro.seeds import set_determinism
+from dipro.settings import LossWeights, OptimSettings, ScalingSettings, parse
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CPU_CROP = 64
@@ -137,7 +138,7 @@ def accel_options(args: argparse.Namespace) -> AccelOptions:
     preset = AccelOptions()
     if args.preset:
         scaling = yaml.safe_load((CONFIGS / "scaling" / f"{args.preset}.yaml").read_text())
-        preset = AccelOptions.from_config(scaling)
+        preset = AccelOptions.of(parse(ScalingSettings, scaling, "scaling"))
     return AccelOptions(
         channels_last=preset.channels_last or args.channels_last,
         compile=args.compile or preset.compile,
@@ -172,7 +173,7 @@ class _Setup:
         )
         self.optimizer = build_optimizer(
             self.model,
-            optim_cfg,
+            parse(OptimSettings, optim_cfg, "optim"),
             accumulation_steps=self.accumulation,
             fused=self.options.fused_optimizer,
         )

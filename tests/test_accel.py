@@ -17,16 +17,17 @@ from dipro.accel import AccelOptions, prepare_for_device
 from dipro.config import TRAIN_SCHEMA, ConfigError, validate
 from dipro.data.samples import collate_records, random_record
 from dipro.engine import build_optimizer, train_epoch
-from dipro.losses import ClassWeights, DiProLoss, LossWeights
+from dipro.losses import ClassWeights, DiProLoss
 from dipro.model import build_model
 from dipro.model.dipro import DiPro
+from dipro.settings import LossWeights, OptimSettings, ScalingSettings, parse
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = sorted(p.stem for p in (CONFIGS / "scaling").glob("*.yaml"))
 TASK = "disease_progression"
 CROP = 16
 DEVICE = torch.device("cpu")
-OPTIM = {"lr": 1e-3, "weight_decay": 0.01}
+OPTIM = OptimSettings(lr=1e-3, batch_size=2, weight_decay=0.01)
 LOSS = {"ce": 2.0, "temp": 0.1, "static": 0.5, "dyn": 2.0, "orth": 1.0}
 # aot_eager traces forward and backward as inductor does, then runs them with eager kernels:
 # the compiled path without a C++ toolchain or minutes of code generation.
@@ -70,7 +71,7 @@ def compose_train(overrides: list[str]) -> dict:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_scaling_preset_validates_and_builds_its_options(preset):
     cfg = compose_train([f"scaling={preset}"])
-    options = AccelOptions.from_config(cfg["scaling"])
+    options = AccelOptions.of(parse(ScalingSettings, cfg["scaling"], "scaling"))
     if preset == "cpu-laptop":
         assert options == AccelOptions()
     else:
@@ -140,11 +141,14 @@ def plain() -> tuple[list, DiPro]:
 def test_each_switch_trains_like_the_plain_step(plain, case):
     """The same losses within float tolerance, step after step. Weights are not compared
     value by value: AdamW's first steps move a weight by about lr x sign(gradient), so a
-    gradient of rounding size (a bias before BatchNorm) flips with the summation order."""
+    gradient of rounding size (a bias before BatchNorm) flips with the summation order, and the
+    losses after those updates drift apart by up to about 2e-4 relative on some CPUs (an AMD
+    EPYC's channels-last convolutions sum in another order); a layout or dtype bug moves them
+    by far more than 1e-3."""
     plain_losses, plain_model = plain
     losses, model = three_steps(CASES[case])
     assert len(losses) == 3
-    torch.testing.assert_close(losses, plain_losses, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses, plain_losses, rtol=1e-3, atol=1e-5)
     assert list(model.state_dict()) == list(plain_model.state_dict())  # checkpoint keys kept
 
 

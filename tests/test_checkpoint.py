@@ -28,10 +28,12 @@ from dipro.data.schema import records_to_table
 from dipro.engine import build_optimizer, build_scheduler, train_epoch
 from dipro.losses import ClassWeights, build_loss, count_labels
 from dipro.model import build_model
+from dipro.settings import OptimSettings
 
 R, K, V, G = vocab.NUM_REGIONS, vocab.NUM_FINDINGS, vocab.NUM_EHR, vocab.NUM_DEMOGRAPHICS
 FEATURE_DIM, CROP = 8, 32
 LOSS_CFG = {"ce": 2.0, "orth": 1.0, "temp": 0.0, "static": 0.5, "dyn": 2.0}
+OPTIM = OptimSettings(lr=1e-3, batch_size=2, min_lr=1e-7)
 
 
 def model_cfg(mode: str = "features", pretrained: str | None = None) -> dict:
@@ -91,8 +93,8 @@ def trained(task: str, b: Batch, cfg: dict):
     torch.manual_seed(0)
     model = build_model(cfg, task)
     loss_fn = build_loss(task, LOSS_CFG, ClassWeights.from_counts(count_labels([b])))
-    opt = build_optimizer(model, {"lr": 1e-3})
-    sched = build_scheduler(opt, {"min_lr": 1e-7}, total_steps=10)
+    opt = build_optimizer(model, OPTIM)
+    sched = build_scheduler(opt, OPTIM, total_steps=10)
     train_epoch(model, [b, b], opt, loss_fn, device="cpu", scheduler=sched)
     return model, opt, sched, loss_fn
 
@@ -137,9 +139,9 @@ def test_round_trip_reproduces_outputs_and_training_state(task, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temporary file left
 
     # Resuming from the checkpoint continues exactly like the run that never stopped.
-    opt2 = build_optimizer(loaded, {"lr": 1e-3})
+    opt2 = build_optimizer(loaded, OPTIM)
     opt2.load_state_dict(meta.optimizer_state)
-    sched2 = build_scheduler(opt2, {"min_lr": 1e-7}, total_steps=10)
+    sched2 = build_scheduler(opt2, OPTIM, total_steps=10)
     sched2.load_state_dict(meta.scheduler_state)
     train_epoch(model, [b], opt, loss_fn, device="cpu", scheduler=sched)
     train_epoch(loaded, [b], opt2, loss_fn, device="cpu", scheduler=sched2)

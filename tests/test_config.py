@@ -11,17 +11,20 @@ import pytest
 import ray
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from dipro.config import (
     EVALUATE_SCHEMA,
-    FEDERATED_SCHEMA,
     PREPROCESS_SCHEMA,
     TRAIN_SCHEMA,
     ConfigError,
     exit_on,
+    settings_of,
     validate,
 )
 from dipro.runs import CHECKPOINT_FILE
+from dipro.settings import TrainingRun
+from federated.config import parse_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -32,7 +35,6 @@ _SCHEMAS = {
     "demo": TRAIN_SCHEMA,
     "evaluate": EVALUATE_SCHEMA,
     "preprocess": PREPROCESS_SCHEMA,
-    "federated": FEDERATED_SCHEMA,
 }
 
 
@@ -48,7 +50,14 @@ _SCHEMAS = {
 def test_every_shipped_config_passes_its_schema(name, overrides):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(name, overrides=overrides)
+    if name == "federated":
+        run = parse_run(OmegaConf.to_container(cfg, resolve=True))
+        assert run.federated.dp.delta > 0 and run.strategy.name == "fedavg"
+        return
     validate(cfg, _SCHEMAS[name])
+    if _SCHEMAS[name] is TRAIN_SCHEMA:
+        run = settings_of(TrainingRun, cfg)
+        assert run.model.d_model % run.model.num_heads == 0 and run.scaling.worker_range[0] >= 1
 
 
 # The authors' per-task settings (docs/model.md, "The authors' settings"): the lr the published
@@ -81,7 +90,7 @@ def test_a_task_preset_sets_the_authors_model_and_lr(config, task):
         ("model.ablation.ehr=off", "model.ablation.ehr='off' is not a boolean"),
         ("optim.lr=abc", "optim.lr='abc' is not a number"),
         ("optim.lr=nan", "optim.lr=nan is not a finite number"),
-        ("model.d_model=65", "model.d_model=65 is not a multiple of model.num_heads=8"),
+        ("model.d_model=65", "model.d_model=65 must be even and a multiple of model.num_heads=8"),
         ("train.max_epochs=two", "train.max_epochs='two' is not an integer"),
         ("+model.ablation.no_such_switch=false", "model.ablation.no_such_switch is not a known"),
     ],

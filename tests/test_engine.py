@@ -26,9 +26,10 @@ from dipro.engine import (
     proximal_term,
     train_epoch,
 )
-from dipro.losses import ClassWeights, DiProLoss, LossWeights, build_loss, count_labels
+from dipro.losses import ClassWeights, DiProLoss, build_loss, count_labels
 from dipro.metrics import Predictions
 from dipro.model import build_model
+from dipro.settings import ConfigError, LossWeights, OptimSettings, parse
 
 R, K, V, G = vocab.NUM_REGIONS, vocab.NUM_FINDINGS, vocab.NUM_EHR, vocab.NUM_DEMOGRAPHICS
 FEATURE_DIM = 8
@@ -173,7 +174,7 @@ def test_scheduler_and_callback_step_once_per_optimizer_step_and_max_steps_stops
         "disease_progression", LOSS_CFG, ClassWeights.from_counts(count_labels(batches))
     )
     model = frozen_model("disease_progression")
-    cfg = {"lr": 1e-3, "weight_decay": 0.0, "min_lr": 1e-7}
+    cfg = OptimSettings(lr=1e-3, batch_size=2, weight_decay=0.0, min_lr=1e-7)
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg, total_steps=3)
     seen = []
@@ -201,20 +202,23 @@ def test_scheduler_and_callback_step_once_per_optimizer_step_and_max_steps_stops
 
 def test_optimizer_uses_the_configured_lr_unless_scaling_is_explicit():
     model = frozen_model("mortality")
-    assert build_optimizer(model, {"lr": 1e-5}, world_size=4, accumulation_steps=4).param_groups[0][
-        "lr"
-    ] == pytest.approx(1e-5)
+    plain = OptimSettings(lr=1e-5, batch_size=4)
+    optimizer = build_optimizer(model, plain, world_size=4, accumulation_steps=4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
     reference = {"batch_size": 4, "accumulation_steps": 4, "num_workers": 1}
     linear = {"lr": 1.6e-4, "lr_scaling": "linear", "batch_size": 4, "reference": reference}
     # lr x (4 x 4 x 1) / (4 x 4 x 1): the reference training itself keeps its lr
-    assert learning_rate(linear, world_size=1, accumulation_steps=4) == pytest.approx(1.6e-4)
+    optim = parse(OptimSettings, linear, "optim")
+    assert learning_rate(optim, world_size=1, accumulation_steps=4) == pytest.approx(1.6e-4)
     # 8 workers, accumulation 1, batch 8: lr x (8 x 1 x 8) / (4 x 4 x 1) = 4 x lr
-    wider = {**linear, "batch_size": 8}
+    wider = parse(OptimSettings, {**linear, "batch_size": 8}, "optim")
     assert learning_rate(wider, world_size=8, accumulation_steps=1) == pytest.approx(6.4e-4)
-    with pytest.raises(ValueError, match="optim.reference"):
-        learning_rate({"lr": 1e-5, "lr_scaling": "linear", "batch_size": 4})
-    with pytest.raises(ValueError, match="lr_scaling"):
-        learning_rate({"lr": 1e-5, "lr_scaling": "sqrt"})
+    with pytest.raises(ConfigError, match="optim.reference"):
+        parse(OptimSettings, {"lr": 1e-5, "lr_scaling": "linear", "batch_size": 4}, "optim")
+    with pytest.raises(ConfigError, match="optim.lr_scaling='sqrt' is not one of"):
+        parse(OptimSettings, {"lr": 1e-5, "lr_scaling": "sqrt", "batch_size": 4}, "optim")
+    with pytest.raises(ConfigError, match="optim.reference.num_workers=0 must be at least 1"):
+        parse(OptimSettings, {**linear, "reference": {**reference, "num_workers": 0}}, "optim")
 
 
 def test_fedprox_term_is_zero_at_the_global_weights_and_pulls_toward_them():
@@ -277,7 +281,7 @@ def test_training_lowers_the_loss_of_a_tiny_batch():
     )
     torch.manual_seed(0)
     model = build_model(MODEL_CFG, "disease_progression")
-    opt = build_optimizer(model, {"lr": 3e-3, "weight_decay": 0.0})
+    opt = build_optimizer(model, OptimSettings(lr=3e-3, batch_size=2, weight_decay=0.0))
     first = train_epoch(model, [batch], opt, loss_fn, device=DEVICE)["loss"]
     for _ in range(24):
         last = train_epoch(model, [batch], opt, loss_fn, device=DEVICE)["loss"]

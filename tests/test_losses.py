@@ -175,7 +175,9 @@ def test_progression_task_loss_is_class_weighted_ce_over_labelled_rows():
     counts = count_labels([make_batch("disease_progression", 50, seed=4)[0]])
     weights = ClassWeights.from_counts(counts)
     loss_fn = DiProLoss(
-        task="disease_progression", weights=LossWeights(2.0, 0, 0, 0, 0), class_weights=weights
+        task="disease_progression",
+        weights=LossWeights(ce=2.0, orth=0, temp=0, static=0, dyn=0),
+        class_weights=weights,
     )
     out = make_output(batch, "disease_progression", full=False)
     total, parts = loss_fn(out, batch)
@@ -212,7 +214,7 @@ def test_length_of_stay_loss_is_ce_and_masks_absent_labels():
     batch = Batch(**{**batch.__dict__, "los_class": los})
     loss_fn = DiProLoss(
         task="length_of_stay",
-        weights=LossWeights(10.0, 0, 0, 0, 0),
+        weights=LossWeights(ce=10.0, orth=0, temp=0, static=0, dyn=0),
         class_weights=ClassWeights.uniform(),
     )
     out = make_output(batch, "length_of_stay", full=False)
@@ -274,7 +276,7 @@ def test_finite_when_nothing_is_labelled():
     )
     loss_fn = DiProLoss(
         task="disease_progression",
-        weights=LossWeights(2, 1, 0, 0.5, 2),
+        weights=LossWeights(ce=2, orth=1, temp=0, static=0.5, dyn=2),
         class_weights=ClassWeights.uniform(),
     )
     out = make_output(batch, "disease_progression")

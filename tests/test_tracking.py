@@ -7,24 +7,23 @@ import json
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from dipro.tracking import (
-    Tracker,
-    TrackingSettings,
-    dataset_identity,
-    flatten,
-    track_training,
-)
+from dipro.settings import TrackingSettings, parse
+from dipro.tracking import Tracker, dataset_identity, flatten, track_training
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_a_directory_is_a_sqlite_store_with_artifacts_beside_it(tmp_path):
-    local = TrackingSettings(True, str(tmp_path / "mlflow"), "dipro")
+    local = TrackingSettings(enabled=True, uri=str(tmp_path / "mlflow"))
     assert local.tracking_uri == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     assert local.artifact_location == (tmp_path / "mlflow" / "artifacts" / "dipro").as_uri()
-    server = TrackingSettings(True, "http://mlflow.example.org:5000", "dipro")
+    server = TrackingSettings(enabled=True, uri="http://mlflow.example.org:5000")
     assert server.tracking_uri == "http://mlflow.example.org:5000"
     assert server.artifact_location is None
-    assert not TrackingSettings.from_dict({}).enabled
+    assert not parse(TrackingSettings, {}, "tracking").enabled
 
 
 def test_flatten_and_dataset_identity():
@@ -71,14 +70,18 @@ def _write_run(run_dir: Path, epochs: int, best_epoch: int) -> None:
 
 @pytest.mark.slow  # a new SQLite store runs MLflow's migrations: 10-30 s here
 def test_tracking_a_resumed_run_continues_its_mlflow_run(tmp_path):
-    tracker = Tracker(TrackingSettings(True, str(tmp_path / "mlflow"), "test", "dipro-mortality"))
-    cfg = {
-        "storage_path": str(tmp_path / "runs"),
-        "run_name": "r",
-        "data": {"root": "/data"},
-        "task": {"name": "mortality", "monitor": "val/auprc"},
-        "optim": {"lr": 0.001},
-    }
+    tracker = Tracker(
+        TrackingSettings(
+            enabled=True,
+            uri=str(tmp_path / "mlflow"),
+            experiment="test",
+            model_name="dipro-mortality",
+        )
+    )
+    overrides = ["task=mortality", f"storage_path={tmp_path / 'runs'}", "run_name=r"]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        composed = compose("train", overrides=[*overrides, "data.root=/data"])
+    cfg = OmegaConf.to_container(composed, resolve=True)
     manifest = {"task": "mortality", "files": {"a": "1"}}
     run_dir = tmp_path / "runs" / "r"
     _write_run(run_dir, epochs=2, best_epoch=2)
@@ -92,7 +95,7 @@ def test_tracking_a_resumed_run_continues_its_mlflow_run(tmp_path):
     history = [(m.step, m.value) for m in client.get_metric_history(first, "val/auprc")]
     assert sorted(history) == [(1, 0.1), (2, 0.2), (3, 0.1 * 3)]
     run = client.get_run(first)
-    assert run.data.params["optim.lr"] == "0.001" and run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == str(cfg["optim"]["lr"]) and run.info.status == "FINISHED"
     assert "worker_nodes" not in run.data.metrics and run.data.metrics["test/auprc"] == 0.3
     versions = client.search_model_versions("name='dipro-mortality'")
     assert sorted(v.tags["best_epoch"] for v in versions) == ["2", "3"]

@@ -40,7 +40,6 @@ from torch import nn
 
 from dipro import vocab
 from dipro.batch import Batch
-from dipro.model.config import ModelConfig
 from dipro.model.ehr import EHREncoder, LocalEHRAttention
 from dipro.model.fusion import FinalFusion, GlobalFusion, LocalFusion
 from dipro.model.group import StaticFusion, TaskHeads
@@ -48,6 +47,7 @@ from dipro.model.output import DiProOutput
 from dipro.model.pae import RegionHeads, reverse_pair
 from dipro.model.regions import BACKBONES, CropBackbone, RegionEncoder, build_backbone
 from dipro.model.std import Disentangler, SharedProjection, pair_tokens
+from dipro.settings import ModelConfig
 
 
 def _gather_cxrs(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dipro.config import ConfigError
 from dipro.data.layout import read_manifest
 from dipro.model import build_model
 from federated.client_app import app
-from federated.config import site_config, train_config_record
+from federated.config import parse_run, site_config, train_config_record
 from federated.site import InjectedSiteFault, load_site
 
 pytestmark = RANDOM_BACKBONE_EXPECTED
@@ -34,7 +34,7 @@ def _global_model(cfg):
 
 
 def _message(cfg, model, message_type=MessageType.TRAIN, **extra) -> Message:
-    config = train_config_record(site_config(cfg), round_offset=0)
+    config = train_config_record(site_config(parse_run(cfg)), round_offset=0)
     config["server-round"] = 1
     for key, value in extra.items():
         config[key] = value
@@ -121,17 +121,17 @@ def test_dp_clipping_bounds_the_update(tiny_data_root, tmp_path):
 def test_a_site_reads_only_its_hospital(tiny_data_root, tmp_path):
     cfg = compose(tiny_data_root, tmp_path)
     manifest = read_manifest(tiny_data_root, "mortality")
-    deployed = load_site({"data-path": str(tiny_data_root), "hospital-id": 2}, cfg)
-    simulated = load_site({"partition-id": 2, "num-partitions": 3}, cfg)
+    deployed = load_site({"data-path": str(tiny_data_root), "hospital-id": 2}, parse_run(cfg))
+    simulated = load_site({"partition-id": 2, "num-partitions": 3}, parse_run(cfg))
 
     for site in (deployed, simulated):
         assert site.hospitals == (manifest.hospitals[2],)
         assert all("hospital=2/" in p for p in site.train_paths + site.val_paths)
         assert site.num_train == manifest.counts["train"]["2"]
     with pytest.raises(ConfigError, match="data-path"):
-        load_site({}, cfg)
+        load_site({}, parse_run(cfg))
     with pytest.raises(ConfigError, match="hospital-id"):
-        load_site({"data-path": str(tiny_data_root), "hospital-id": 9}, cfg)
+        load_site({"data-path": str(tiny_data_root), "hospital-id": 9}, parse_run(cfg))
 
 
 def test_the_injected_fault_fails_only_its_hospital_in_its_round(tiny_data_root, tmp_path):
@@ -151,5 +151,5 @@ def test_the_injected_fault_fails_only_its_hospital_in_its_round(tiny_data_root,
 
 def test_config_record_is_plain(tiny_data_root, tmp_path):
     cfg = compose(tiny_data_root, tmp_path)
-    record = train_config_record(site_config(cfg), 2)
+    record = train_config_record(site_config(parse_run(cfg)), 2)
     assert isinstance(record, ConfigRecord) and record["round-offset"] == 2

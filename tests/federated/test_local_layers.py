@@ -19,7 +19,7 @@ from dipro.checkpoint import CheckpointError
 from dipro.config import ConfigError
 from dipro.model import build_model
 from federated.client_app import app
-from federated.config import site_config, train_config_record
+from federated.config import parse_run, site_config, train_config_record
 from federated.local_state import global_part, local_keys
 from federated.simulate import run_federated
 
@@ -51,12 +51,12 @@ def _batch_norm_keys(model: nn.Module) -> set[str]:
 def test_fedbn_keeps_every_batch_norm_and_the_named_layers_local(tiny_data_root, tmp_path):
     cfg = compose(tiny_data_root, tmp_path, FEDBN, "federated.local.layers=[heads]")
     model = _model(cfg)
-    local = local_keys(model, cfg["federated"]["local"])
+    local = local_keys(model, parse_run(cfg).federated.local)
     batch_norm = _batch_norm_keys(model)
     heads = {k for k in model.state_dict() if k.startswith("heads.")}
     assert batch_norm and heads and local == batch_norm | heads
     assert set(global_part(model.state_dict(), local)) == set(model.state_dict()) - local
-    assert local_keys(model, compose(tiny_data_root, tmp_path)["federated"]["local"]) == set()
+    assert local_keys(model, parse_run(compose(tiny_data_root, tmp_path)).federated.local) == set()
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_bad_local_layers_fail_before_any_site_is_contacted(
 
 def _train(cfg, arrays, partition: int, run_round: int) -> Message:
     """One train message of round ``run_round`` to a freshly started SuperNode (new context)."""
-    config = train_config_record(site_config(cfg), round_offset=run_round - 1)
+    config = train_config_record(site_config(parse_run(cfg)), round_offset=run_round - 1)
     config["server-round"] = 1
     content = RecordDict({"arrays": ArrayRecord(arrays), "config": config})
     msg = Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
@@ -87,7 +87,7 @@ def _train(cfg, arrays, partition: int, run_round: int) -> Message:
 def test_a_site_keeps_its_own_batch_norm_across_rounds_and_restarts(tiny_data_root, tmp_path):
     cfg = compose(tiny_data_root, tmp_path / "run", FEDBN, "train.max_steps_per_epoch=2")
     model = _model(cfg)
-    local = local_keys(model, cfg["federated"]["local"])
+    local = local_keys(model, parse_run(cfg).federated.local)
     arrays = global_part(model.state_dict(), local)
 
     first = _train(cfg, arrays, partition=1, run_round=1)

@@ -15,6 +15,7 @@ from conftest import TASK, compose
 from dipro import checkpoint as ckpt_io
 from dipro.config import ConfigError
 from dipro.data.layout import read_manifest
+from federated.config import parse_run
 from federated.secure import quantisation_error
 from federated.simulate import run_federated
 
@@ -56,7 +57,8 @@ def test_a_secure_round_with_a_dropout_is_fedavg_up_to_quantisation(tiny_data_ro
     assert set(got) == set(expected)
     assert not any("running_" in key for key in got), "BatchNorm statistics left a site"
     train = read_manifest(tiny_data_root, TASK).counts["train"]
-    bound = quantisation_error(cfg, sites=2, examples=train["0"] + train["2"])
+    secure = parse_run(cfg).federated.secure
+    bound = quantisation_error(secure, sites=2, examples=train["0"] + train["2"])
     worst = 0.0
     for key, value in expected.items():
         if value.is_floating_point():

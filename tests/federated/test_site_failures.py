@@ -27,7 +27,7 @@ from dipro.data.layout import MANIFEST_NAME, list_shards, read_manifest
 from dipro.data.schema import SCHEMA
 from dipro.model import build_model
 from federated.client_app import FAILURE_CATEGORIES, app
-from federated.config import site_config, train_config_record
+from federated.config import parse_run, site_config, train_config_record
 from federated.simulate import lock_run_directory, run_federated
 
 pytestmark = RANDOM_BACKBONE_EXPECTED
@@ -48,7 +48,7 @@ def _ask(cfg, partition: int, message_type=MessageType.TRAIN, spoil: str | None 
     model = build_model(cfg["model"], cfg["task"]["name"])
     if spoil is not None:
         model.state_dict()[spoil].fill_(float("nan"))
-    config = train_config_record(site_config(cfg), 0)
+    config = train_config_record(site_config(parse_run(cfg)), 0)
     config["server-round"] = 1
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
     msg = Message(content=content, dst_node_id=7, message_type=message_type)

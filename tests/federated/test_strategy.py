@@ -14,9 +14,14 @@ from flwr.serverapp.strategy import (
 )
 
 from dipro import checkpoint as ckpt_io
-from federated.config import ConfigError
+from federated.config import ConfigError, parse_run
 from federated.simulate import run_federated
 from federated.strategy import ServerOptimizerState, build_strategy
+
+
+def strategy_of(cfg):
+    run = parse_run(cfg)
+    return build_strategy(run.strategy, run.federated, site_lr=run.optim.lr, seed=run.seed)
 
 
 @pytest.mark.parametrize(
@@ -24,7 +29,7 @@ from federated.strategy import ServerOptimizerState, build_strategy
 )
 def test_strategy_from_config(tiny_data_root, tmp_path, name, kind):
     cfg = compose(tiny_data_root, tmp_path, f"strategy={name}", "federated.min_sites=3")
-    base, quorum = build_strategy(cfg)
+    base, quorum = strategy_of(cfg)
     assert type(base) is kind and quorum.strategy is base and quorum.min_sites == 3
     assert base.min_train_nodes == base.min_available_nodes == 3
     if name == "fedprox":
@@ -35,14 +40,14 @@ def test_dp_wraps_the_strategy_with_client_side_clipping(tiny_data_root, tmp_pat
     cfg = compose(
         tiny_data_root, tmp_path, "federated.dp.enabled=true", "federated.dp.clipping_norm=2.5"
     )
-    base, quorum = build_strategy(cfg)
+    base, quorum = strategy_of(cfg)
     assert isinstance(quorum.strategy, DifferentialPrivacyClientSideFixedClipping)
     assert quorum.strategy.strategy is base and quorum.strategy.clipping_norm == 2.5
 
 
 def test_fedadam_moments_survive_a_checkpoint(tiny_data_root, tmp_path):
     cfg = compose(tiny_data_root, tmp_path, "strategy=fedadam")
-    base, _ = build_strategy(cfg)
+    base, _ = strategy_of(cfg)
     rng = np.random.default_rng(0)
     base.m_t = {"a.weight": rng.normal(size=(3, 2)).astype(np.float32)}
     base.v_t = {"a.weight": rng.random((3, 2)).astype(np.float32)}
@@ -55,13 +60,13 @@ def test_fedadam_moments_survive_a_checkpoint(tiny_data_root, tmp_path):
         optimizer=ServerOptimizerState(base),
     )
 
-    restored, _ = build_strategy(cfg)
+    restored, _ = strategy_of(cfg)
     ServerOptimizerState(restored).load_state_dict(
         ckpt_io.read_checkpoint(path)["training"]["optimizer"]
     )
     np.testing.assert_array_equal(restored.m_t["a.weight"], base.m_t["a.weight"])
     np.testing.assert_array_equal(restored.v_t["a.weight"], base.v_t["a.weight"])
-    other, _ = build_strategy(compose(tiny_data_root, tmp_path, "strategy=fedavg"))
+    other, _ = strategy_of(compose(tiny_data_root, tmp_path, "strategy=fedavg"))
     with pytest.raises(ValueError, match="FedAdam"):
         ServerOptimizerState(other).load_state_dict(
             ckpt_io.read_checkpoint(path)["training"]["optimizer"]

@@ -12,8 +12,9 @@ from model_samples import batch_of, make_record, small_cfg
 
 from dipro import vocab
 from dipro.batch import Batch
-from dipro.losses import ClassWeights, DiProLoss, LossWeights
+from dipro.losses import ClassWeights, DiProLoss
 from dipro.model import DiPro, DiProOutput, build_model
+from dipro.settings import LossWeights
 
 TASKS = vocab.TASKS
 ALL_ONES = LossWeights(ce=1.0, orth=1.0, temp=1.0, static=1.0, dyn=1.0)
@@ -207,15 +208,15 @@ def test_builder_rejects_bad_configs() -> None:
         build_model(cfg, "mortality")
     cfg = small_cfg()
     cfg["ablation"]["localfusion"] = False
-    with pytest.raises(ValueError, match="ablation has keys"):
+    with pytest.raises(ValueError, match=r"unknown keys \['localfusion'\]"):
         build_model(cfg, "mortality")
     cfg = small_cfg()
     cfg["num_heads"] = 3
-    with pytest.raises(ValueError, match="divisible by num_heads 3"):
+    with pytest.raises(ValueError, match="a multiple of model.num_heads=3"):
         build_model(cfg, "mortality")
     cfg = small_cfg()
     cfg["fusion_layers"] = 0
-    with pytest.raises(ValueError, match="fusion_layers must be at least 1"):
+    with pytest.raises(ValueError, match="model.fusion_layers=0 must be at least 1"):
         build_model(cfg, "mortality")
     with pytest.raises(ValueError, match="unknown task"):
         build_model(small_cfg(), "sepsis")

@@ -17,6 +17,8 @@ from conftest import CONFIGS, compose_train
 from hydra import compose, initialize_config_dir
 
 import ray_jobs.console
+from dipro.config import settings_of
+from dipro.settings import JobSettings, TaskSettings, TrainingRun
 from ray_jobs.console import (
     Demand,
     Progress,
@@ -51,15 +53,10 @@ def test_epoch_line_holds_losses_monitor_best_seconds_and_rate():
 
 
 def _cfg(tmp_path: Path, **extra) -> dict:
-    return {
-        "storage_path": str(tmp_path),
-        "run_name": "run",
-        "task": {"name": "mortality", "monitor": "val/auprc"},
-        "train": {"max_epochs": 3},
-        "log_dir": str(tmp_path / "logs"),
-        "tracking": {"enabled": False},
-        **extra,
-    }
+    return {"log_dir": str(tmp_path / "logs"), "tracking": {"enabled": False}, **extra}
+
+
+MORTALITY = TaskSettings(name="mortality", monitor="val/auprc", monitor_mode="max")
 
 
 def test_follow_epochs_prints_each_epoch_once_as_it_is_written(tmp_path, capsys):
@@ -78,7 +75,7 @@ def test_follow_epochs_prints_each_epoch_once_as_it_is_written(tmp_path, capsys)
             write(epochs)
             time.sleep(0.15)
 
-    with follow_epochs(_cfg(tmp_path), interval_s=0.05):
+    with follow_epochs(str(run), MORTALITY, 3, interval_s=0.05):
         thread = threading.Thread(target=trainer)
         thread.start()
         thread.join()
@@ -94,7 +91,7 @@ def test_follow_epochs_prints_an_epoch_trained_again_after_a_resume(tmp_path, ca
     log = run / "epoch_metrics.jsonl"
     old = [{**RECORD, "epoch": e} for e in (1, 2)]
     log.write_text("".join(json.dumps(r) + "\n" for r in old))
-    with follow_epochs(_cfg(tmp_path), interval_s=0.05):
+    with follow_epochs(str(run), MORTALITY, 3, interval_s=0.05):
         again = [old[0], {**RECORD, "epoch": 2, "train/loss": 0.25}]
         log.write_text("".join(json.dumps(r) + "\n" for r in again))
         time.sleep(0.2)
@@ -155,7 +152,7 @@ def test_progress_prints_an_eta(capsys, monkeypatch):
 )
 def test_in_process_ray_leaves_ray_data_a_whole_cpu(monkeypatch, cores, overrides, expected):
     monkeypatch.setattr("os.cpu_count", lambda: cores)
-    assert local_num_cpus(compose_train(overrides)) == expected
+    assert local_num_cpus(settings_of(TrainingRun, compose_train(overrides))) == expected
 
 
 def test_an_in_process_ray_too_small_for_the_run_is_refused_before_ray_starts(
@@ -184,7 +181,7 @@ def test_predict_leaves_its_reads_a_cpu_beside_the_model_actors(
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("predict", overrides=["checkpoint=model.pt", f"actors={actors}"])
-    assert predict_num_cpus(cfg) == expected
+    assert predict_num_cpus(cfg, settings_of(JobSettings, cfg)) == expected
 
 
 def test_a_wait_for_resources_is_said_once_it_lasts_resource_wait_s(capsys, monkeypatch):
@@ -192,7 +189,7 @@ def test_a_wait_for_resources_is_said_once_it_lasts_resource_wait_s(capsys, monk
     demands: list[list[Demand]] = [[], [group]]
     monkeypatch.setattr(ray_jobs.console, "pending_demands", lambda: demands[-1])
     monkeypatch.setattr(ray_jobs.console, "cluster_offer", lambda asked: f"{sorted(asked)}")
-    with report_waits({"resource_wait_s": 0.4}, poll_s=0.05):
+    with report_waits(0.4, poll_s=0.05):
         time.sleep(1.0)  # said at 0.4 s, not again before 0.8 s
         demands.append([])  # placed: nothing more is said
         time.sleep(0.5)
@@ -207,6 +204,6 @@ def test_a_wait_for_resources_is_said_once_it_lasts_resource_wait_s(capsys, monk
 def test_no_wait_line_when_resource_wait_s_is_off(capsys, monkeypatch):
     waiting = [Demand("1 task(s)/actor(s) of {CPU: 1}", frozenset({"CPU"}))]
     monkeypatch.setattr(ray_jobs.console, "pending_demands", lambda: waiting)
-    with report_waits({"resource_wait_s": 0}, poll_s=0.05):
+    with report_waits(0, poll_s=0.05):
         time.sleep(0.2)
     assert capsys.readouterr().out == ""

@@ -26,7 +26,7 @@ from dipro.data.schema import SCHEMA, SchemaError
 from dipro.data.shard_reader import ChecksumError, verify_shards
 from dipro.model import build_model
 from dipro.run_report import evaluate_to_report
-from federated.config import compose_config
+from federated.config import compose_config, parse_run
 from federated.site import load_site
 from ray_jobs.data import iter_batches, read_split
 from ray_jobs.training import check_config, stopping_error
@@ -224,7 +224,7 @@ def test_tampered_shard_is_refused_by_the_federated_site(tiny_data_root, tmp_pat
     shard = _tampered_copy(tiny_data_root, tmp_path / "data")
     cfg = compose_config(["task=mortality", f"data.root={tmp_path / 'data'}"])
     with pytest.raises(ChecksumError, match="fails its checksum") as info:
-        load_site({"data-path": str(tmp_path / "data")}, cfg)
+        load_site({"data-path": str(tmp_path / "data")}, parse_run(cfg))
     assert str(shard) in str(info.value)
 
 
