@@ -5,19 +5,21 @@ pyarrow reader of ``dipro.data.shard_reader`` and the one collate."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from dipro.batch import Batch
 from dipro.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from dipro.data.collate import collate
 from dipro.data.normalize import NormStats
 from dipro.data.schema import model_columns
-from dipro.data.shard_reader import iter_arrow_batches, iter_numpy_batches
+from dipro.data.shard_reader import iter_numpy_batches, read_batches
 from dipro.engine import evaluate
 from dipro.metrics import Predictions
 from dipro.prediction import remove_inputs
+from dipro.settings import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -56,16 +58,14 @@ def evaluate_checkpoint(
             "at each site): pass those of the scored data's training split (norm_stats=)"
         )
     model.to(device)
-    columns = model_columns(meta.model_cfg["region_mode"])
+    region_mode = ModelConfig.from_dict(meta.model_cfg).region_mode
     if remove:
-        columns = [*columns, "task"]
-    batches = (
-        collate(columns_batch, stats)
-        for columns_batch in (
-            (remove_inputs(b, remove) for b in iter_numpy_batches(shard_paths, batch_size, columns))
-            if remove
-            else iter_arrow_batches(shard_paths, batch_size, columns)
+        columns = [*model_columns(region_mode), "task"]
+        batches: Iterable[Batch] = (
+            collate(remove_inputs(b, remove), stats)
+            for b in iter_numpy_batches(shard_paths, batch_size, columns)
         )
-    )
+    else:
+        batches = read_batches(shard_paths, batch_size, region_mode, stats)
     metrics, predictions = evaluate(model, batches, device=device, amp_dtype=amp_dtype)
     return EvaluationResult(metrics, predictions, meta)

@@ -7,11 +7,16 @@ and seed studies, the report, the console, tracking) reads it through this modul
 |--------------------------|-----------------------------------|-----------------------------------|
 | ``epoch_metrics.jsonl``  | the Ray Train worker (rank 0)     | one JSON line per epoch           |
 | ``round_metrics.jsonl``  | the federated server              | one JSON line per round           |
-| ``checkpoint_*/model.pt``| the Ray Train worker              | ``dipro.checkpoint`` payload      |
+| ``checkpoint_*/model.pt``| the Ray worker, the Flower server | ``dipro.checkpoint`` payload      |
 | ``checkpoint_*/config.json`` | the Ray Train worker          | the run's resolved configuration  |
-| ``best.pt``, ``last.pt`` | the federated server              | ``dipro.checkpoint`` payload      |
 | ``metrics.json``         | ``write_summary`` (both trainers) | the run's summary (best, test)    |
 | ``.lock``                | the launcher (``run_lock``)       | its pid; locked while it runs     |
+
+Checkpoints: Ray Train names its directories ``checkpoint_{timestamp}``, the federated server
+``checkpoint_{round:06d}`` (``step_checkpoint``); either way ``checkpoint_files`` lists them
+newest first, and a run of either kind resumes from ``resume_point``: the newest checkpoint that
+loads, a damaged one skipped and named. The federated server keeps the best round's and the
+last ones (``prune_checkpoints``); Ray Train keeps its own.
 
 A metrics log is rewritten whole (temp file + rename) with each new line; the lines of this and
 later steps (``epoch`` or ``round``) are dropped first, so a step that a failed attempt logged
@@ -37,6 +42,7 @@ import fcntl
 import json
 import math
 import os
+import posixpath
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -156,6 +162,43 @@ def checkpoint_files(directory: str) -> list[str]:
         reverse=True,
     )
     return [storage.join(directory, name, CHECKPOINT_FILE) for name in names]
+
+
+def step_checkpoint(directory: str, step: int) -> str:
+    """The checkpoint file of ``step`` (a federated round) in the run ``directory``,
+    ``checkpoint_{step:06d}/model.pt``: ``checkpoint_files`` orders it by step."""
+    return storage.join(directory, f"{CHECKPOINT_DIR_PREFIX}{step:06d}", CHECKPOINT_FILE)
+
+
+def resume_point(
+    directory: str,
+    load: Callable[[str], T],
+    skipped: Callable[[E], None],
+    *,
+    error: type[E],
+    newest: str | None = None,
+) -> tuple[str, T] | None:
+    """Where a run resumes, for a Ray Train run and a federated run alike: the newest of the
+    run ``directory``'s checkpoints (``checkpoint_files``) that ``load`` reads, with what it
+    read; not newer than the checkpoint directory named ``newest`` when given (Ray Train's
+    latest). Each damaged one is passed to ``skipped``. None when none loads (a new run)."""
+    uris = [
+        uri
+        for uri in checkpoint_files(directory)
+        if newest is None or posixpath.basename(posixpath.dirname(uri)) <= newest
+    ]
+    return first_loadable(uris, load, skipped, error=error)
+
+
+def prune_checkpoints(directory: str, keep: Iterable[str]) -> None:
+    """Delete the checkpoint directories of the run ``directory`` whose file is not in
+    ``keep`` (the federated server keeps the best round's and the last ones)."""
+    kept = set(keep)
+    fs, _ = storage.resolve_filesystem(directory)
+    for uri in checkpoint_files(directory):
+        if uri not in kept:
+            _, path = storage.resolve_filesystem(posixpath.dirname(uri))
+            fs.delete_dir(path)
 
 
 def first_loadable(

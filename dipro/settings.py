@@ -596,16 +596,24 @@ class LossWeights:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainingRun(JobSettings):
-    """A Ray Train run (``configs/train.yaml``): its job, what it trains and on what."""
+class ModelTraining:
+    """What every trainer of DiPro reads, a Ray Train worker and a federated site alike: the
+    seed, the task, the model, its loss and optimiser, the training loop and the data."""
 
     seed: int = setting(Int())
-    run_name: str = setting(Str())
-    storage_path: str = setting(Str())
     task: TaskSettings = section(TaskSettings)
     model: ModelConfig = section(ModelConfig)
     loss: LossWeights = section(LossWeights)
     optim: OptimSettings = section(OptimSettings)
     train: TrainSettings = section(TrainSettings)
-    scaling: ScalingSettings = section(ScalingSettings)
     data: DataSettings = section(DataSettings)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingRun(JobSettings, ModelTraining):
+    """A Ray Train run (``configs/train.yaml``): its job, what it trains, its name and where
+    it lives, and its workers."""
+
+    run_name: str = setting(Str())
+    storage_path: str = setting(Str())
+    scaling: ScalingSettings = section(ScalingSettings)

@@ -29,17 +29,12 @@ from dipro.model import build_model
 from dipro.settings import (
     DataSettings,
     FederatedSettings,
-    Int,
-    LossWeights,
-    ModelConfig,
-    OptimSettings,
+    ModelTraining,
     ServerSettings,
     SimulationSettings,
     Str,
     StrategySettings,
-    TaskSettings,
     TrackingSettings,
-    TrainSettings,
     parse,
     section,
     setting,
@@ -57,18 +52,11 @@ EVAL_SPLIT_KEY = "eval-split"
 
 
 @dataclass(frozen=True, kw_only=True)
-class SiteSettings:
+class SiteSettings(ModelTraining):
     """What a site needs of the run; sent as JSON with every message (``SITE_CONFIG_KEY``).
     ``data`` holds the run's ``data.root`` only: a simulated site's hospital lives there."""
 
-    seed: int = setting(Int())
-    task: TaskSettings = section(TaskSettings)
-    model: ModelConfig = section(ModelConfig)
-    loss: LossWeights = section(LossWeights)
-    optim: OptimSettings = section(OptimSettings)
-    train: TrainSettings = section(TrainSettings)
     federated: FederatedSettings = section(FederatedSettings)
-    data: DataSettings = section(DataSettings)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,16 +23,19 @@ numbers to its round log, checkpoints and report, timings aside: the sites' data
 dropout, their node ids (and so the order their replies are aggregated in), their sampling and
 SecAgg+'s rounding are drawn from the seed; DP noise is not (``federated.streams`` says why).
 
-Every round writes ``checkpoints/last.pt`` and, when the monitor improves,
-``checkpoints/best.pt`` in the project's checkpoint format (atomic). The checkpoint's ``epoch``
-holds the round; ``extra`` the round, the best round and its metric. Normalisation: each site
-normalises with statistics fitted on its own training split, so a federated checkpoint carries
+Every round writes ``checkpoint_{round:06d}/model.pt`` in the project's checkpoint format
+(atomic; ``dipro.runs.step_checkpoint``, the run directory of a Ray Train run names them alike)
+and keeps the best round's and the last ``KEEP_LAST`` rounds' (``dipro.runs.prune_checkpoints``).
+The checkpoint's ``epoch`` holds the round; ``extra`` the round, the best round and its metric.
+Normalisation: each site normalises with statistics fitted on its own training split, so a
+federated checkpoint carries
 none (``extra["site_normalisation"]``: whoever scores it uses the statistics of their own
 data's training split, as a site does); with ``server.eval_data`` it carries that dataset's.
 
-Resume: started again with the same ``out_dir``, the run loads ``last.pt`` (weights, round,
-best so far and FedAdam's moments) and plays only the remaining rounds; Flower counts the rounds
-of each start from 1, the offset is added back everywhere.
+Resume: started again with the same ``out_dir``, the run loads its newest checkpoint that loads
+(``dipro.runs.resume_point``, as a Ray Train run does: a damaged one is skipped and named) with
+the weights, round, best so far and FedAdam's moments, and plays only the remaining rounds;
+Flower counts the rounds of each start from 1, the offset is added back everywhere.
 
 At the end every connected site scores the best round's model on its own ``server.test_split``
 (``SiteQuorum.evaluate_at_sites``), and ``{out_dir}/metrics.json`` is written with the keys of a
@@ -63,6 +66,7 @@ from flwr.serverapp import Grid
 from dipro import checkpoint as ckpt_io
 from dipro import storage, tracking
 from dipro.data.layout import Manifest, list_shards
+from dipro.data.shard_reader import read_batches
 from dipro.engine import evaluate
 from dipro.evaluation import evaluate_checkpoint
 from dipro.model import DiPro, build_model
@@ -71,7 +75,10 @@ from dipro.runs import (
     SUMMARY_FILE,
     BestMetric,
     append_log,
+    prune_checkpoints,
     read_log,
+    resume_point,
+    step_checkpoint,
     write_summary,
 )
 from dipro.settings import FederatedSettings, to_dict
@@ -79,7 +86,6 @@ from federated.config import FederatedRun, check_config, site_config, train_conf
 from federated.local_state import global_part, local_keys, with_local
 from federated.privacy import PrivacyBudget
 from federated.secure import SecureGrid, build_workflow
-from federated.site import iter_collated_batches
 from federated.strategy import (
     RoundSites,
     ServerOptimizerState,
@@ -90,8 +96,7 @@ from federated.strategy import (
 
 logger = logging.getLogger("flwr")
 
-LAST_CHECKPOINT = "checkpoints/last.pt"
-BEST_CHECKPOINT = "checkpoints/best.pt"
+KEEP_LAST = 2  # the last rounds' checkpoints kept besides the best round's
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,7 @@ class RoundRecorder:
     def _central_val(self) -> dict[str, float]:
         metrics, _ = evaluate(
             self.model,
-            iter_collated_batches(
+            read_batches(
                 self.eval_paths,
                 self.run.train.eval_batch_size,
                 self.run.model.region_mode,
@@ -229,20 +234,22 @@ class RoundRecorder:
         }
         if self.local:
             extra["site_local_keys"] = sorted(self.local)
-        targets = [BEST_CHECKPOINT, LAST_CHECKPOINT] if improved else [LAST_CHECKPOINT]
-        for name in targets:
-            ckpt_io.save_checkpoint(
-                self._path(name),
-                self.model,
-                model_cfg=run.model,
-                task=run.task.name,
-                optimizer=self.server_state,  # FedAdam's moments (duck-typed state_dict)
-                epoch=run_round,
-                best_metric=self.best.best,
-                norm_stats=self.norm_stats,
-                extra=extra,
-                exclude=self.local,
-            )
+        ckpt_io.save_checkpoint(
+            step_checkpoint(self.out_dir, run_round),
+            self.model,
+            model_cfg=run.model,
+            task=run.task.name,
+            optimizer=self.server_state,  # FedAdam's moments (duck-typed state_dict)
+            epoch=run_round,
+            best_metric=self.best.best,
+            norm_stats=self.norm_stats,
+            extra=extra,
+            exclude=self.local,
+        )
+        keep = [step_checkpoint(self.out_dir, r) for r in range(run_round, 0, -1)[:KEEP_LAST]]
+        if self.best_round is not None:
+            keep.append(step_checkpoint(self.out_dir, self.best_round))
+        prune_checkpoints(self.out_dir, keep)
 
 
 def load_global_part(
@@ -286,10 +293,15 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     base, quorum = build_strategy(run.strategy, fed, site_lr=run.optim.lr, seed=run.seed)
     server_state = ServerOptimizerState(base)
 
-    last = storage.join(run.out_dir, LAST_CHECKPOINT)
     done, best_round, best_metric = 0, None, None
-    if storage.exists(last):
-        payload = ckpt_io.read_checkpoint(last)
+    found = resume_point(
+        run.out_dir,
+        ckpt_io.read_checkpoint,
+        lambda err: logger.warning("resume: skipped %s", err),
+        error=ckpt_io.CheckpointError,
+    )
+    if found is not None:
+        last, payload = found
         load_global_part(model, payload["weights"], local, last)
         state = ckpt_io.meta_of(payload, last)
         done = int(state.extra["round"])
@@ -345,10 +357,18 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     return result
 
 
-def selected_checkpoint(out_dir: str) -> str:
-    """The best round's checkpoint, or the last one when the monitor was never finite."""
-    best = storage.join(out_dir, BEST_CHECKPOINT)
-    return best if storage.exists(best) else storage.join(out_dir, LAST_CHECKPOINT)
+def last_and_selected(out_dir: str) -> tuple[str, str]:
+    """The run's newest checkpoint that loads and the best round's (the newest one when the
+    monitor was never finite)."""
+    found = resume_point(
+        out_dir, ckpt_io.read_checkpoint, lambda _: None, error=ckpt_io.CheckpointError
+    )
+    if found is None:
+        raise ckpt_io.CheckpointError(f"{out_dir}: the run holds no checkpoint that loads")
+    last, payload = found
+    best_round = ckpt_io.meta_of(payload, last).extra.get("best_round")
+    best = last if best_round is None else step_checkpoint(out_dir, int(best_round))
+    return last, best if storage.exists(best) else last
 
 
 def score_at_sites(
@@ -359,7 +379,7 @@ def score_at_sites(
     split = run.server.test_split
     if split is None:
         return None
-    selected = selected_checkpoint(run.out_dir)
+    _, selected = last_and_selected(run.out_dir)
     payload = ckpt_io.read_checkpoint(selected)
     best_round = int(ckpt_io.meta_of(payload, selected).extra["round"])
     sites = quorum.evaluate_at_sites(
@@ -383,8 +403,7 @@ def write_report(run: FederatedRun, site_test: RoundSites | None) -> FederatedRe
     metrics (the sites' aggregate, or the central ``server.eval_data`` test split when set),
     each site's test metrics and count, the privacy spent."""
     out_dir = run.out_dir
-    last = storage.join(out_dir, LAST_CHECKPOINT)
-    best = selected_checkpoint(out_dir)
+    last, best = last_and_selected(out_dir)
     best_extra = ckpt_io.meta_of(ckpt_io.read_checkpoint(best), best).extra
     rounds = int(ckpt_io.meta_of(ckpt_io.read_checkpoint(last), last).extra["round"])
     server = run.server

@@ -16,7 +16,7 @@ is the dataset's ``partition-id``-th hospital under the run's ``data.root``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,15 +24,12 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from dipro.batch import Batch
 from dipro.checkpoint import load_weights
 from dipro.config import ConfigError
-from dipro.data.collate import collate
 from dipro.data.labels import LABEL_COLUMNS
 from dipro.data.layout import Dataset
 from dipro.data.normalize import NORM_COLUMNS, NormStats, fit_norm_stats
-from dipro.data.schema import model_columns
-from dipro.data.shard_reader import iter_arrow_batches, read_table, verify_shards
+from dipro.data.shard_reader import read_batches, read_table, verify_shards
 from dipro.engine import build_optimizer, evaluate, train_epoch
 from dipro.losses import ClassWeights, LabelCounts, build_loss
 from dipro.model import build_model
@@ -144,18 +141,6 @@ def _label_counts(paths: Sequence[str]) -> LabelCounts:
     return counts
 
 
-def iter_collated_batches(
-    paths: Sequence[str],
-    batch_size: int,
-    region_mode: str,
-    stats: NormStats,
-    shuffle_seed: int | None = None,
-) -> Iterator[Batch]:
-    """The shards as ``Batch`` objects through the one collate (a local shuffle if seeded)."""
-    for columns in iter_arrow_batches(paths, batch_size, model_columns(region_mode), shuffle_seed):
-        yield collate(columns, stats)
-
-
 def model_from_state(
     run: SiteSettings,
     state: Mapping[str, torch.Tensor],
@@ -208,7 +193,7 @@ def train_site(
         torch.manual_seed(seed)
         stats = train_epoch(
             model,
-            iter_collated_batches(
+            read_batches(
                 site.train_paths,
                 run.optim.batch_size,
                 run.model.region_mode,
@@ -239,7 +224,7 @@ def evaluate_site(
     loss_fn = build_loss(site.task, run.loss, site.class_weights)
     metrics, predictions = evaluate(
         model,
-        iter_collated_batches(
+        read_batches(
             site.split_paths(split),
             run.train.eval_batch_size,
             run.model.region_mode,

@@ -34,9 +34,9 @@ from dipro.losses import ClassWeights
 from dipro.runs import (
     CHECKPOINT_FILE,
     best_first,
-    checkpoint_files,
     epoch_log,
     first_loadable,
+    resume_point,
     run_dir,
     run_dir_of,
     run_lock,
@@ -97,8 +97,8 @@ def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
     """A run of this name that exists must be of this task and trained on this data (its
     newest loadable checkpoint's task, region mode and normalisation statistics). Says which
     checkpoints the resume skips (unreadable ones, as the workers do) and the one it uses."""
-    found = first_loadable(
-        checkpoint_files(run_dir_of(cfg)),
+    found = resume_point(
+        run_dir_of(cfg),
         ckpt_io.read_checkpoint,
         lambda err: say(f"[{cfg.task.name}] resume: skipped {err}"),
         error=ckpt_io.CheckpointError,
@@ -161,11 +161,8 @@ class NextEpoch:
     run_dir: str
 
     def __call__(self) -> int:
-        found = first_loadable(
-            checkpoint_files(self.run_dir),
-            ckpt_io.read_checkpoint,
-            lambda _: None,
-            error=ckpt_io.CheckpointError,
+        found = resume_point(
+            self.run_dir, ckpt_io.read_checkpoint, lambda _: None, error=ckpt_io.CheckpointError
         )
         if found is None:
             return 1

@@ -62,9 +62,8 @@ from dipro.runs import (
     RUN_CONFIG_FILE,
     BestMetric,
     append_log,
-    checkpoint_files,
     epoch_log,
-    first_loadable,
+    resume_point,
     run_dir,
 )
 from dipro.seeds import TORCH, set_determinism, stream_seed
@@ -84,12 +83,6 @@ def _restore(
 ) -> dict[str, Any]:
     """The payload of the newest checkpoint that loads into ``model``, not newer than Ray's
     ``latest``; the ones skipped are named with their error (rank 0)."""
-    latest_name = posixpath.basename(latest.path.rstrip("/"))
-    candidates = [
-        uri
-        for uri in checkpoint_files(run_dir(run.storage_path, run.run_name))
-        if posixpath.basename(posixpath.dirname(uri)) <= latest_name
-    ]
     errors: list[str] = []
 
     def load(uri: str) -> dict[str, Any]:
@@ -102,7 +95,13 @@ def _restore(
         if rank == 0:
             print(f"[{run.task.name}] resume: skipped {err}", flush=True)
 
-    found = first_loadable(candidates, load, skipped, error=ckpt_io.CheckpointError)
+    found = resume_point(
+        run_dir(run.storage_path, run.run_name),
+        load,
+        skipped,
+        error=ckpt_io.CheckpointError,
+        newest=posixpath.basename(latest.path.rstrip("/")),
+    )
     if found is None:
         raise ckpt_io.CheckpointError(
             f"run {run.run_name}: no checkpoint loads ({'; '.join(errors) or 'none found'})"

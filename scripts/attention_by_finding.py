@@ -27,11 +27,10 @@ import torch
 
 from dipro import vocab
 from dipro.checkpoint import load_checkpoint
-from dipro.data.collate import collate
 from dipro.data.layout import list_shards
-from dipro.data.schema import model_columns
-from dipro.data.shard_reader import iter_arrow_batches
+from dipro.data.shard_reader import read_batches
 from dipro.runs import SUMMARY_FILE
+from dipro.settings import ModelConfig
 
 
 def token_attention(run: Path, shards: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -45,8 +44,8 @@ def token_attention(run: Path, shards: list[str]) -> tuple[np.ndarray, np.ndarra
     )
     attention, changed = [], []
     with torch.no_grad():
-        for columns in iter_arrow_batches(shards, 64, model_columns(meta.model_cfg["region_mode"])):
-            batch = collate(columns, meta.norm_stats)
+        region_mode = ModelConfig.from_dict(meta.model_cfg).region_mode
+        for batch in read_batches(shards, 64, region_mode, meta.norm_stats):
             model(batch)
             B, K, _ = seen["attention"].shape
             per_region = seen["attention"].reshape(B, K, -1, vocab.NUM_REGIONS).sum(dim=2)

@@ -39,10 +39,8 @@ READERS = ("plain", "ray", "ray-free")  # "ray": the deterministic order trainin
 def _reader(reader: str, root: str, batch_size: int, prefetch: int) -> Callable[[], Iterator]:
     """A function that starts one epoch of ``reader`` over the training split of ``root``; its
     set-up (imports, checksums, Ray start-up) is done here, outside the timings."""
-    from dipro.data.collate import collate
     from dipro.data.layout import Dataset
-    from dipro.data.schema import model_columns
-    from dipro.data.shard_reader import iter_arrow_batches, verify_shards
+    from dipro.data.shard_reader import read_batches, verify_shards
 
     data = Dataset.open(root, TASK)
     manifest = data.manifest
@@ -50,10 +48,7 @@ def _reader(reader: str, root: str, batch_size: int, prefetch: int) -> Callable[
     verify_shards(data, paths)  # once per run, as training does
     if reader == "plain":
         stats = manifest.norm_statistics()
-        columns = model_columns("crops")
-        return lambda: (
-            collate(table, stats) for table in iter_arrow_batches(paths, batch_size, columns)
-        )
+        return lambda: read_batches(paths, batch_size, "crops", stats)
     import ray
 
     from ray_jobs.data import iter_batches, read_split

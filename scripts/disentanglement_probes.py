@@ -39,12 +39,11 @@ from sklearn.preprocessing import StandardScaler
 
 from dipro import vocab
 from dipro.checkpoint import load_checkpoint
-from dipro.data.collate import collate
 from dipro.data.layout import list_shards, read_manifest
-from dipro.data.schema import model_columns
-from dipro.data.shard_reader import iter_arrow_batches
+from dipro.data.shard_reader import read_batches
 from dipro.data.synthetic import AFFINITY, Cohort, SyntheticConfig, simulate_cohort
 from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE
+from dipro.settings import ModelConfig
 
 TASK = "disease_progression"
 
@@ -63,8 +62,8 @@ def run_tokens(run: Path, shards: list[str]) -> dict[str, np.ndarray]:
     hook = model.std.register_forward_hook(keep)
     parts: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
-        for columns in iter_arrow_batches(shards, 64, model_columns(meta.model_cfg["region_mode"])):
-            batch = collate(columns, meta.norm_stats)
+        region_mode = ModelConfig.from_dict(meta.model_cfg).region_mode
+        for batch in read_batches(shards, 64, region_mode, meta.norm_stats):
             model(batch)
             B = batch.stay_id.shape[0]  # with PAE the reversed pairs follow the B pairs
             valid = seen["valid"][:B, 0].numpy()  # [B, R]: progression samples hold one pair

@@ -4,6 +4,7 @@ room's wall fails here, naming the file and the module."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,24 @@ def _violations(package: str, forbidden: tuple[str, ...], allowed: set[str] = fr
 )
 def test_no_room_imports_across_its_wall(package, forbidden, allowed):
     assert _violations(package, forbidden, allowed) == []
+
+
+def test_the_settings_import_the_standard_library_and_the_vocabulary_only():
+    """Every process reads ``dipro.settings`` (Hydra's checks, the model, a site parsing the
+    server's message): no torch, no Hydra, nothing of the project but ``dipro.vocab``."""
+    path = REPO / "dipro" / "settings.py"
+    outside = {
+        module
+        for module in _imports(path)
+        if module.split(".")[0] not in sys.stdlib_module_names and module != "dipro"
+    }
+    from_project = {
+        alias.name
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module == "dipro"
+        for alias in node.names
+    }
+    assert outside == set() and from_project == {"vocab"}
 
 
 def test_the_rule_sees_an_import_inside_a_function(tmp_path, monkeypatch):

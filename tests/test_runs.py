@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
+import torch
 
-from dipro.checkpoint import CheckpointError
+from dipro.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from dipro.runs import (
     BestMetric,
     append_log,
@@ -16,9 +18,12 @@ from dipro.runs import (
     checkpoint_files,
     first_loadable,
     last_logged,
+    prune_checkpoints,
     read_epoch_log,
     read_log,
+    resume_point,
     run_dir,
+    step_checkpoint,
     write_summary,
 )
 
@@ -107,6 +112,49 @@ def test_checkpoints_are_listed_newest_first_and_the_first_loadable_is_taken(tmp
     found = first_loadable(files, load, lambda err: skipped.append(str(err)), error=CheckpointError)
     assert found == (files[1], "payload") and skipped == [f"{files[0]}: truncated"]
     assert first_loadable([], load, skipped.append, error=CheckpointError) is None
+
+
+def _save(path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_checkpoint(path, torch.nn.Linear(2, 1), model_cfg={}, task="mortality")
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["checkpoint_2026-01-01_00-00-00.000000", "checkpoint_2026-01-02_00-00-00.000000"],
+        ["checkpoint_000001", "checkpoint_000002"],
+    ],
+    ids=["ray-train", "federated"],
+)
+def test_a_ray_run_and_a_federated_run_resume_through_one_check(tmp_path, names):
+    """Both trainers' run directories: the newest checkpoint that loads is the resume point, a
+    truncated newer one is skipped and named, and none at all is a new run."""
+    directory = run_dir(str(tmp_path), "run")
+    skipped: list[str] = []
+    assert resume_point(directory, read_checkpoint, skipped.append, error=CheckpointError) is None
+    older, newer = (os.path.join(directory, name, "model.pt") for name in names)
+    for path in (older, newer):
+        _save(path)
+    with open(newer, "r+b") as f:
+        f.truncate(100)
+    found = resume_point(directory, read_checkpoint, skipped.append, error=CheckpointError)
+    assert found is not None and found[0] == older and found[1]["task"] == "mortality"
+    assert len(skipped) == 1 and str(skipped[0]).startswith(f"{newer}: not a loadable")
+    # Ray Train's latest may be older than a checkpoint on disk: nothing newer is taken
+    limited = resume_point(
+        directory, read_checkpoint, skipped.append, error=CheckpointError, newest=names[0]
+    )
+    assert limited is not None and limited[0] == older
+
+
+def test_a_federated_run_keeps_its_best_and_last_checkpoints(tmp_path):
+    directory = str(tmp_path / "run")
+    for step in range(1, 5):
+        _save(step_checkpoint(directory, step))
+    keep = [step_checkpoint(directory, s) for s in (4, 3, 1)]
+    prune_checkpoints(directory, keep)
+    assert checkpoint_files(directory) == keep
 
 
 def test_a_run_summary_has_the_keys_readers_rely_on_or_is_not_written(tmp_path):

@@ -14,8 +14,18 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dipro import storage
+from dipro.batch import Batch
+from dipro.data.collate import collate
 from dipro.data.layout import Dataset, dataset_path, file_sha256
-from dipro.data.schema import SCHEMA, SchemaError, upgrade, validate, validate_schema
+from dipro.data.normalize import NormStats
+from dipro.data.schema import (
+    SCHEMA,
+    SchemaError,
+    model_columns,
+    upgrade,
+    validate,
+    validate_schema,
+)
 
 
 def read_table(
@@ -62,6 +72,23 @@ def iter_arrow_batches(
             pending = pending.slice(batch_size)
     if pending is not None and pending.num_rows:
         yield pending
+
+
+def read_batches(
+    paths: Sequence[str | os.PathLike[str]],
+    batch_size: int,
+    region_mode: str,
+    norm_stats: NormStats,
+    shuffle_seed: int | None = None,
+) -> Iterator[Batch]:
+    """The shards as model ``Batch`` objects without Ray: the columns the model reads in
+    ``region_mode``, validated (``iter_arrow_batches``, a local shuffle when seeded) and
+    collated with ``norm_stats`` (``dipro.data.collate``). What a federated site, the
+    coordinator and the evaluation of a checkpoint read with; Ray Train's workers get theirs
+    from Ray Data (``ray_jobs.data.iter_batches``)."""
+    columns = model_columns(region_mode)
+    for table in iter_arrow_batches(paths, batch_size, columns, shuffle_seed):
+        yield collate(table, norm_stats)
 
 
 def iter_numpy_batches(

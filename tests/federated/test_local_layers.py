@@ -18,6 +18,7 @@ from dipro import checkpoint as ckpt_io
 from dipro.checkpoint import CheckpointError
 from dipro.config import ConfigError
 from dipro.model import build_model
+from dipro.runs import checkpoint_files
 from federated.client_app import app
 from federated.config import parse_run, site_config, train_config_record
 from federated.local_state import global_part, local_keys
@@ -120,14 +121,14 @@ def test_fedbn_simulation_keeps_statistics_at_the_sites_and_resumes_them(tiny_da
 
     model = _model(compose(tiny_data_root, out))
     batch_norm = _batch_norm_keys(model)
-    for name in ("last.pt", "best.pt"):
-        path = out / "checkpoints" / name
-        if path.exists():
-            payload = ckpt_io.read_checkpoint(path)
-            assert not batch_norm & set(payload["weights"]), "the checkpoint holds BatchNorm"
-            assert set(payload["training"]["extra"]["site_local_keys"]) == batch_norm
+    checkpoints = checkpoint_files(str(out))
+    assert checkpoints
+    for path in checkpoints:
+        payload = ckpt_io.read_checkpoint(path)
+        assert not batch_norm & set(payload["weights"]), "the checkpoint holds BatchNorm"
+        assert set(payload["training"]["extra"]["site_local_keys"]) == batch_norm
     with pytest.raises(CheckpointError, match="stay at the sites"):
-        ckpt_io.load_checkpoint(out / "checkpoints" / "last.pt")
+        ckpt_io.load_checkpoint(checkpoints[0])
     state = tmp_path / "run-site-state"
     sites = [torch.load(state / f"site-{i}" / "round-2.pt", weights_only=True) for i in range(3)]
     means = [k for k in batch_norm if k.endswith("running_mean")]

@@ -17,6 +17,7 @@ from dipro.data.layout import list_shards, read_manifest
 from dipro.data.normalize import NORM_COLUMNS, fit_norm_stats
 from dipro.data.shard_reader import read_table
 from dipro.evaluation import evaluate_checkpoint
+from dipro.runs import checkpoint_files
 from federated.server import FederatedResult
 from federated.simulate import FederatedRunError, run_federated
 
@@ -99,13 +100,21 @@ def test_three_sites_two_rounds_then_resume(tiny_data_root, two_rounds):
     assert any(math.isfinite(a) for _, a in reported)
     assert report["test"]["auroc"] == pytest.approx(_weighted(site_test["sites"], "auroc"))
 
-    # started again with one round more, it plays only round 3
+    # started again with one round more after its newest checkpoint was damaged, it resumes from
+    # round 1's (dipro.runs.resume_point, as a Ray Train run does) and plays rounds 2 and 3
+    newest = checkpoint_files(str(out))[0]
+    assert newest.endswith("checkpoint_000002/model.pt")
+    data = Path(newest).read_bytes()
+    Path(newest).write_bytes(data[: len(data) // 3])
     resumed = run_federated(
         compose(tiny_data_root, out, "federated.num_rounds=3", "simulation.timeout_s=900")
     )
+    log = (out / "simulation.log").read_text()
+    assert f"resume: skipped {newest}: not a loadable checkpoint" in log
     again = _rounds(out)
     assert [r["round"] for r in again] == [1, 2, 3]
-    assert again[:2] == rounds, "finished rounds were played again instead of resumed"
+    assert again[0] == rounds[0], "round 1 was played again instead of resumed"
+    assert _digits(_without_wall_clock(again[1:2])) == _digits(_without_wall_clock(rounds[1:2]))
     assert resumed.rounds == 3 and load_checkpoint(resumed.final_checkpoint)[1].epoch == 3
 
 
