@@ -43,7 +43,14 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from dipro import storage
 from dipro.data.layout import files_digest
-from dipro.runs import RUN_CONFIG_FILE, SUMMARY_FILE, epoch_log, read_log, run_dir
+from dipro.runs import (
+    EPOCH_METRICS_FILE,
+    ROUND_METRICS_FILE,
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+    read_log,
+    run_dir,
+)
 from dipro.settings import TrackingSettings, TrainingRun, parse
 
 if TYPE_CHECKING:
@@ -360,6 +367,49 @@ def open_tracker(
     return None if tracker.skipped else tracker
 
 
+def parent_run(
+    tracker: Tracker, directory: str, name: str, kind: str, params: Mapping[str, Any]
+) -> str | None:
+    """The MLflow run that groups others (a sweep's trials, a study's runs) for ``directory``,
+    with ``params`` (nested, flattened); None when the store stopped answering."""
+    run_id = tracker.run(directory, name, kind)
+    if run_id is not None:
+        tracker.log_params(run_id, flatten(params))
+    return run_id
+
+
+def track_run(
+    tracker: Tracker,
+    directory: str,
+    name: str,
+    kind: str,
+    params: Mapping[str, str],
+    *,
+    parent: str | None = None,
+) -> tuple[str, dict[str, Any] | None] | None:
+    """Track any run, a Ray Train run or a federated one, from what its ``directory`` holds:
+    ``params``, every line of its metrics log (``epoch_metrics.jsonl`` with the epoch as step,
+    ``round_metrics.jsonl`` with the round) and, once ``metrics.json`` is there, its test
+    metrics (``test/...``) and the file. Returns the MLflow run id and the summary (None before
+    the run has one); None when the store stopped answering. Tracking the same directory again
+    adds only what the MLflow run does not hold yet; the caller finishes the run."""
+    run_id = tracker.run(directory, name, kind, parent)
+    if run_id is None:
+        return None
+    tracker.log_params(run_id, params)
+    for log, step in ((EPOCH_METRICS_FILE, "epoch"), (ROUND_METRICS_FILE, "round")):
+        uri = storage.join(directory, log)
+        if storage.exists(uri):
+            tracker.log_history(run_id, read_log(uri), step)
+    summary_uri = storage.join(directory, SUMMARY_FILE)
+    if not storage.exists(summary_uri):
+        return run_id, None
+    summary = json.loads(storage.read_bytes(summary_uri))
+    tracker.log_summary(run_id, summary.get("test") or {}, "test/")
+    tracker.log_files(run_id, [summary_uri], None)
+    return run_id, summary
+
+
 def track_training(
     tracker: Tracker,
     cfg: Mapping[str, Any],
@@ -383,37 +433,33 @@ def track_training(
     """
     run = parse(TrainingRun, cfg)
     directory = run_dir(run.storage_path, run.run_name)
-    run_id = tracker.run(directory, run.run_name, kind, parent)
-    if run_id is None:
-        return None
     dataset = dataset_identity(run.data.root, manifest)
-    tracker.log_params(run_id, {**flatten(cfg), **dataset})
-    tracker.log_history(run_id, read_log(epoch_log(directory)), "epoch")
-    summary_uri = storage.join(directory, SUMMARY_FILE)
-    if storage.exists(summary_uri):
-        summary = json.loads(storage.read_bytes(summary_uri))
-        tracker.log_summary(run_id, summary.get("test") or {}, "test/")
-        tracker.log_files(run_id, [summary_uri], None)
-        if register:
-            checkpoint = str(summary["best_checkpoint"])
-            files = [checkpoint, storage.join(posixpath.dirname(checkpoint), RUN_CONFIG_FILE)]
-            tracker.log_files(run_id, files, "checkpoint")
-            monitor = run.task.monitor
-            test = numeric_metrics(summary.get("test") or {})
-            tags = {
-                "task": summary["task"],
-                "best_epoch": summary["best_epoch"],
-                "monitor": monitor,
-                monitor: (summary.get("val") or {}).get(monitor),
-                **{f"test/{k}": round(v, 6) for k, v in test.items() if "/" not in k},
-                "checkpoint": checkpoint,
-            }
-            tracker.register(
-                run_id,
-                "checkpoint",
-                tags,
-                f"best checkpoint of {run.run_name} (epoch {summary['best_epoch']}), trained "
-                f"on {dataset['dataset.root']}",
-            )
+    tracked = track_run(
+        tracker, directory, run.run_name, kind, {**flatten(cfg), **dataset}, parent=parent
+    )
+    if tracked is None:
+        return None
+    run_id, summary = tracked
+    if summary is not None and register:
+        checkpoint = str(summary["best_checkpoint"])
+        files = [checkpoint, storage.join(posixpath.dirname(checkpoint), RUN_CONFIG_FILE)]
+        tracker.log_files(run_id, files, "checkpoint")
+        monitor = run.task.monitor
+        test = numeric_metrics(summary.get("test") or {})
+        tags = {
+            "task": summary["task"],
+            "best_epoch": summary["best_epoch"],
+            "monitor": monitor,
+            monitor: (summary.get("val") or {}).get(monitor),
+            **{f"test/{k}": round(v, 6) for k, v in test.items() if "/" not in k},
+            "checkpoint": checkpoint,
+        }
+        tracker.register(
+            run_id,
+            "checkpoint",
+            tags,
+            f"best checkpoint of {run.run_name} (epoch {summary['best_epoch']}), trained "
+            f"on {dataset['dataset.root']}",
+        )
     tracker.finish(run_id)
     return None if tracker.skipped else run_id

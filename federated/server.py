@@ -45,7 +45,9 @@ sites' aggregate, or ``server.eval_data``'s test split when set) plus the federa
 
 With ``tracking.enabled`` the run is one MLflow run (``dipro.tracking``), logged by the server
 only, from what it already holds: the config (and the central dataset's identity), each round's
-metrics as the round ends (step = round), the test metrics and ``metrics.json``.
+metrics as the round ends (step = round), the test metrics and ``metrics.json``. It is tracked
+from its directory (``dipro.tracking.track_run``, as a Ray Train run is) when it starts, so a
+resumed run's earlier rounds come from its round log, and when it ends.
 """
 
 from __future__ import annotations
@@ -76,7 +78,6 @@ from dipro.runs import (
     BestMetric,
     append_log,
     prune_checkpoints,
-    read_log,
     resume_point,
     step_checkpoint,
     write_summary,
@@ -312,15 +313,15 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
 
     tracked = None
     tracker = tracking.open_tracker(run.tracking)
-    if tracker is not None:
-        run_id = tracker.run(run.out_dir, run.run_name, "federated")
-        dataset = (
-            {}
-            if central is None or run.server.eval_data is None
-            else tracking.dataset_identity(run.server.eval_data, central.to_dict())
-        )
-        tracker.log_params(run_id, {**tracking.flatten(cfg), **dataset})
-        tracked = (tracker, run_id)
+    dataset = (
+        {}
+        if central is None or run.server.eval_data is None
+        else tracking.dataset_identity(run.server.eval_data, central.to_dict())
+    )
+    params = {**tracking.flatten(cfg), **dataset}
+    if tracker is not None:  # a resumed run's rounds so far are logged from its round log
+        started = tracking.track_run(tracker, run.out_dir, run.run_name, "federated", params)
+        tracked = None if started is None else (tracker, started[0])
     recorder = RoundRecorder(
         run,
         central,
@@ -349,10 +350,7 @@ def run_server(grid: Grid, cfg: Mapping[str, Any]) -> FederatedResult:
     result = write_report(run, score_at_sites(grid, run, quorum, sites_cfg))
     if tracked is not None:
         tracker, run_id = tracked
-        rounds = read_log(storage.join(result.out_dir, ROUND_METRICS_FILE))
-        tracker.log_history(run_id, rounds, "round")
-        tracker.log_summary(run_id, result.test_metrics or {}, "test/")
-        tracker.log_files(run_id, [storage.join(result.out_dir, SUMMARY_FILE)], None)
+        tracking.track_run(tracker, result.out_dir, run.run_name, "federated", params)
         tracker.finish(run_id)
     return result
 

@@ -167,12 +167,10 @@ def _study_run(cfg: DictConfig, mode: str) -> tuple[tracking.Tracker, str] | Non
     if tracker is None:
         return None
     study_dir = storage.join(os.fspath(cfg.out_dir), mode)
-    parent = tracker.run(study_dir, f"{cfg.name}-{mode}", mode)
-    if parent is None:
-        return None
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    tracker.log_params(parent, tracking.flatten({"study": {k: resolved[k] for k in _STUDY_KEYS}}))
-    return tracker, parent
+    study = {"study": {k: resolved[k] for k in _STUDY_KEYS}}
+    parent = tracking.parent_run(tracker, study_dir, f"{cfg.name}-{mode}", mode, study)
+    return None if parent is None else (tracker, parent)
 
 
 def train_run(

@@ -366,11 +366,12 @@ def _track_sweep(
     """The sweep as one MLflow run (its settings, best value, tables and best config) with one
     child run per trial (the trial's config and its Train run's epoch metrics); None when the
     store stopped answering (``dipro.tracking.Tracker.attempt``)."""
-    parent = tracker.run(result.sweep_dir, str(cfg.tune.name), "sweep")
+    settings = OmegaConf.to_container(cfg.tune, resolve=True)
+    parent = tracking.parent_run(
+        tracker, result.sweep_dir, str(cfg.tune.name), "sweep", {"tune": settings}
+    )
     if parent is None:
         return None
-    settings = OmegaConf.to_container(cfg.tune, resolve=True)
-    tracker.log_params(parent, tracking.flatten({"tune": settings}))
     tracker.log_summary(
         parent, {f"best/{cfg.task.monitor}": result.best_value, "trials": result.num_trials}, ""
     )

@@ -18,6 +18,8 @@ from dipro.data.normalize import NORM_COLUMNS, fit_norm_stats
 from dipro.data.shard_reader import read_table
 from dipro.evaluation import evaluate_checkpoint
 from dipro.runs import checkpoint_files
+from dipro.settings import TrackingSettings
+from dipro.tracking import Tracker
 from federated.server import FederatedResult
 from federated.simulate import FederatedRunError, run_federated
 
@@ -106,9 +108,13 @@ def test_three_sites_two_rounds_then_resume(tiny_data_root, two_rounds):
     assert newest.endswith("checkpoint_000002/model.pt")
     data = Path(newest).read_bytes()
     Path(newest).write_bytes(data[: len(data) // 3])
+    store = out.parent / "mlflow"  # tracked from this start on: the run's directory has the rest
     resumed = run_federated(
-        compose(tiny_data_root, out, "federated.num_rounds=3", "simulation.timeout_s=900")
-    )
+        compose(
+            tiny_data_root, out, "federated.num_rounds=3", "simulation.timeout_s=900",
+            "tracking.enabled=true", f"tracking.uri={store}",
+        )
+    )  # fmt: skip
     log = (out / "simulation.log").read_text()
     assert f"resume: skipped {newest}: not a loadable checkpoint" in log
     again = _rounds(out)
@@ -116,6 +122,13 @@ def test_three_sites_two_rounds_then_resume(tiny_data_root, two_rounds):
     assert again[0] == rounds[0], "round 1 was played again instead of resumed"
     assert _digits(_without_wall_clock(again[1:2])) == _digits(_without_wall_clock(rounds[1:2]))
     assert resumed.rounds == 3 and load_checkpoint(resumed.final_checkpoint)[1].epoch == 3
+    client = Tracker(TrackingSettings(enabled=True, uri=str(store))).client
+    [tracked] = client.search_runs([client.get_experiment_by_name("dipro").experiment_id])
+    steps = [m.step for m in client.get_metric_history(tracked.info.run_id, "val/loss")]
+    assert sorted(steps) == [1, 2, 3]  # rounds 1 and 2 from the round log, 3 as it ended
+    assert tracked.info.status == "FINISHED" and tracked.data.params["federated.num_rounds"] == "3"
+    assert tracked.data.metrics["test/loss"] == pytest.approx(resumed.test_metrics["loss"])
+    assert [a.path for a in client.list_artifacts(tracked.info.run_id)] == ["metrics.json"]
 
 
 def test_a_two_round_run_repeated_writes_the_same_round_metrics(
