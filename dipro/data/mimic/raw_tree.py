@@ -154,8 +154,13 @@ class Stay:
 @contextmanager
 def _open_text(path: Path, compress: bool) -> Iterator[IO[str]]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if compress:
-        with gzip.open(path.with_name(path.name + ".gz"), "wt", newline="") as handle:
+    if compress:  # mtime 0 in the gzip header: the same tree is the same bytes on every write
+        target = path.with_name(path.name + ".gz")
+        with (
+            target.open("wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed,
+            io.TextIOWrapper(packed, encoding="utf-8", newline="") as handle,
+        ):
             yield handle
     else:
         with path.open("w", newline="") as handle:
