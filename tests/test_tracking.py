@@ -14,6 +14,12 @@ from dipro.settings import TrackingSettings, parse
 from dipro.tracking import Tracker, dataset_identity, flatten, track_training
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# MLflow 3.17's SQLite store (the pinned version) configures its mappers with SQLAlchemy's
+# deprecated ``noload`` loader; the warning comes from MLflow's code, once per process.
+MLFLOW_NOLOAD = pytest.mark.filterwarnings(
+    "ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning"
+)
+pytestmark = MLFLOW_NOLOAD
 
 
 def test_a_directory_is_a_sqlite_store_with_artifacts_beside_it(tmp_path):
