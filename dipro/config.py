@@ -8,8 +8,8 @@ should be. A key absent from the composed config is not checked (entrypoints sha
 
 The tables of the typed sections come from their dataclasses (``dipro.settings``): adding a
 key there is one field, e.g. ``verify_checksums: bool = setting(Bool(), True)`` in
-``DataSettings``, and code reads it from the parsed section. The sections not typed yet
-(scaling, evaluate, preprocess) keep a table of their own here. A section listed in ``CLOSED``
+``DataSettings``, and code reads it from the parsed section. The configs not typed yet
+(evaluate, preprocess) keep a table of their own here. A section listed in ``CLOSED``
 accepts only the keys of its table (an unknown ablation switch is an error, not a silent
 no-op).
 

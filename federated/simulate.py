@@ -82,12 +82,10 @@ def run_federated(cfg: DictConfig | dict[str, Any]) -> FederatedResult:
     )
     run, _ = check_config(resolved)
     sites = model_dataset(run.data.root, run.task.name, run.model.region_mode, "data.root").manifest
-    settled = OmegaConf.create(resolved)
-    if sites.feature_dim is not None:
-        OmegaConf.update(settled, "model.feature_dim", sites.feature_dim)
+    if sites.feature_dim is not None:  # features mode: the width the sites' shards hold
+        resolved["model"]["feature_dim"] = sites.feature_dim
     if run.simulation.num_sites is None:
-        OmegaConf.update(settled, "simulation.num_sites", len(sites.hospitals))
-    resolved = OmegaConf.to_container(settled)
+        resolved["simulation"]["num_sites"] = len(sites.hospitals)
     if storage.is_remote(run.out_dir):
         raise ConfigError("a simulation writes to a local out_dir")
     out_dir = Path(run.out_dir)

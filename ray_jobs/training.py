@@ -38,7 +38,6 @@ from dipro.runs import (
     first_loadable,
     resume_point,
     run_dir,
-    run_dir_of,
     run_lock,
     write_summary,
 )
@@ -59,9 +58,9 @@ class TrainingResult:
     mlflow_run: str | None = None
 
 
-def check_config(cfg: DictConfig) -> Dataset:
-    """Validate the settings and the dataset; return the task's dataset (its manifest read
-    here, once: the rest of the run asks it).
+def check_config(cfg: DictConfig) -> tuple[TrainingRun, Dataset]:
+    """Validate the settings and the dataset; return the typed settings (parsed here, once)
+    and the task's dataset (its manifest read here, once: the rest of the run asks both).
 
     Raises ConfigError with one clear line: a value of the wrong type or range
     (``dipro.config.TRAIN_SCHEMA``), no dataset at the shard path, a dataset whose region mode
@@ -73,34 +72,34 @@ def check_config(cfg: DictConfig) -> Dataset:
     run = settings_of(TrainingRun, cfg)
     task = run.task.name
     if run.scaling.require_remote_storage:
-        for key, value in (("storage_path", cfg.storage_path), ("data.root", cfg.data.root)):
+        for key, value in (("storage_path", run.storage_path), ("data.root", run.data.root)):
             try:
                 storage.require_remote(value, key)
             except ValueError as err:
                 raise ConfigError(str(err)) from err
     dataset = model_dataset(
-        cfg.data.root, task, cfg.model.region_mode, "data.root", splits=("train", "val")
+        run.data.root, task, run.model.region_mode, "data.root", splits=("train", "val")
     )
-    splits = ("train", "val", "test") if cfg.train.evaluate_test else ("train", "val")
+    splits = ("train", "val", "test") if run.train.evaluate_test else ("train", "val")
     verify_shards(
         dataset,
         [path for split in splits for path in dataset.shards(split)],
         checksums=run.data.verify_checksums,
     )
-    _check_resumable(cfg, dataset.manifest)
+    _check_resumable(run, dataset.manifest)
     if not (run.ray_address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         local_num_cpus(run)  # an in-process Ray too small for the run is refused here
-    return dataset
+    return run, dataset
 
 
-def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
+def _check_resumable(run: TrainingRun, manifest: Manifest) -> None:
     """A run of this name that exists must be of this task and trained on this data (its
     newest loadable checkpoint's task, region mode and normalisation statistics). Says which
     checkpoints the resume skips (unreadable ones, as the workers do) and the one it uses."""
     found = resume_point(
-        run_dir_of(cfg),
+        run_dir(run.storage_path, run.run_name),
         ckpt_io.read_checkpoint,
-        lambda err: say(f"[{cfg.task.name}] resume: skipped {err}"),
+        lambda err: say(f"[{run.task.name}] resume: skipped {err}"),
         error=ckpt_io.CheckpointError,
     )
     if found is None:
@@ -110,16 +109,16 @@ def _check_resumable(cfg: DictConfig, manifest: Manifest) -> None:
         ckpt_io.check_matches(
             payload,
             uri,
-            task=cfg.task.name,
+            task=run.task.name,
             norm_stats=manifest.norm_statistics(),
             region_mode=manifest.region_mode,
         )
     except ckpt_io.CheckpointError as err:
         raise ConfigError(
-            f"run_name={cfg.run_name} exists and cannot be resumed with this config: {err}"
+            f"run_name={run.run_name} exists and cannot be resumed with this config: {err}"
         ) from err
     epoch = ckpt_io.meta_of(payload, uri).epoch
-    say(f"[{cfg.task.name}] resume: from {uri}, after epoch {epoch}")
+    say(f"[{run.task.name}] resume: from {uri}, after epoch {epoch}")
 
 
 def stopping_error(err: BaseException) -> Exception | None:
@@ -171,19 +170,21 @@ class NextEpoch:
 
 
 def build_trainer(
-    cfg: DictConfig, dataset: Dataset, callbacks: list[ray.train.UserCallback] | None = None
+    cfg: DictConfig,
+    run: TrainingRun,
+    dataset: Dataset,
+    callbacks: list[ray.train.UserCallback] | None = None,
 ) -> TorchTrainer:
-    """The ``TorchTrainer`` of a run on ``dataset`` (``check_config``'s): datasets, scaling,
-    storage, checkpoints and failures. ``callbacks`` go to the run's ``RunConfig`` (a Tune
-    trial passes ``TuneReportCallback``)."""
+    """The ``TorchTrainer`` of the run ``cfg`` (``run``, typed) on ``dataset`` (both
+    ``check_config``'s): datasets, scaling, storage, checkpoints and failures. The workers get
+    the resolved ``cfg``. ``callbacks`` go to the run's ``RunConfig`` (a Tune trial passes
+    ``TuneReportCallback``)."""
     manifest = dataset.manifest
-    run = settings_of(TrainingRun, cfg)
     scaling = run.scaling
     low, high = scaling.worker_range
-    settled = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    if manifest.feature_dim is not None:
-        OmegaConf.update(settled, "model.feature_dim", manifest.feature_dim)
-    resolved = OmegaConf.to_container(settled, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if manifest.feature_dim is not None:  # features mode: the width the shards hold
+        resolved["model"]["feature_dim"] = manifest.feature_dim
     # Each epoch re-runs the read pipeline; its progress bars would bury the epoch lines.
     ray.data.DataContext.get_current().enable_progress_bars = run.train.data_progress_bars
     deterministic = run.train.deterministic
@@ -279,11 +280,12 @@ def ensure_ray(job: JobSettings, num_cpus: int) -> None:
     )
 
 
-def checkpoint_uri(cfg: DictConfig, checkpoint_path: str) -> str:
-    """The project checkpoint file inside a Ray checkpoint directory, as a path or URI (Ray
-    keeps remote checkpoint paths without their scheme)."""
-    if storage.is_remote(cfg.storage_path) and not storage.is_remote(checkpoint_path):
-        scheme = str(cfg.storage_path).split("://", 1)[0]
+def checkpoint_uri(storage_path: str, checkpoint_path: str) -> str:
+    """The project checkpoint file inside a Ray checkpoint directory of a run under
+    ``storage_path``, as a path or URI (Ray keeps remote checkpoint paths without their
+    scheme)."""
+    if storage.is_remote(storage_path) and not storage.is_remote(checkpoint_path):
+        scheme = storage_path.split("://", 1)[0]
         checkpoint_path = f"{scheme}://{checkpoint_path}"
     return storage.join(checkpoint_path, CHECKPOINT_FILE)
 
@@ -296,41 +298,44 @@ def _score(
     ).metrics
 
 
-def _test_metrics(cfg: DictConfig, dataset: Dataset, uri: str) -> dict[str, float] | None:
+def _test_metrics(run: TrainingRun, dataset: Dataset, uri: str) -> dict[str, float] | None:
     """Metrics of the checkpoint on the whole test split, computed in one Ray task (on a GPU
     when the run trains on GPUs); None when the dataset has no test split."""
     paths = dataset.shards("test")
     if not paths:
         return None
-    use_gpu = bool(cfg.scaling.use_gpu)
+    use_gpu = run.scaling.use_gpu
     remote = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_score)
     return ray.get(
         remote.remote(
             uri,
             paths,
-            int(cfg.train.eval_batch_size),
+            run.train.eval_batch_size,
             "cuda" if use_gpu else "cpu",
-            cfg.scaling.get("amp"),
+            run.scaling.amp,
         )
     )
 
 
 def _best_loadable(
-    cfg: DictConfig, kept: list[tuple[ray.train.Checkpoint, dict[str, Any]]]
+    run: TrainingRun, kept: list[tuple[ray.train.Checkpoint, dict[str, Any]]]
 ) -> tuple[ray.train.Checkpoint, dict[str, Any]]:
     """The best kept checkpoint on ``task.monitor`` whose file loads (a damaged one, skipped
     on resume, may still hold the best score)."""
-    scores = [float(metrics.get(cfg.task.monitor, math.nan)) for _, metrics in kept]
-    ranked = [kept[i] for i in best_first(scores, cfg.task.monitor_mode)]
-    by_uri = {checkpoint_uri(cfg, checkpoint.path): (checkpoint, m) for checkpoint, m in ranked}
+    scores = [float(metrics.get(run.task.monitor, math.nan)) for _, metrics in kept]
+    ranked = [kept[i] for i in best_first(scores, run.task.monitor_mode)]
+    by_uri = {
+        checkpoint_uri(run.storage_path, checkpoint.path): (checkpoint, m)
+        for checkpoint, m in ranked
+    }
     found = first_loadable(
         by_uri,
         ckpt_io.read_checkpoint,
-        lambda err: print(f"[{cfg.task.name}] best checkpoint: skipped {err}", flush=True),
+        lambda err: print(f"[{run.task.name}] best checkpoint: skipped {err}", flush=True),
         error=ckpt_io.CheckpointError,
     )
     if found is None:
-        raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint that loads")
+        raise RuntimeError(f"run {run.run_name} finished without a checkpoint that loads")
     return by_uri[found[0]]
 
 
@@ -351,15 +356,16 @@ def run_training(cfg: DictConfig, tracking_parent: str | None = None) -> Trainin
     Raises RunDirectoryInUse when another process runs ``cfg.run_name`` (before Ray starts),
     TrackingUnavailable when ``tracking.required`` is true and the store does not answer.
     """
-    dataset = check_config(cfg)
-    with run_lock(run_dir_of(cfg), say):
-        return _train(cfg, dataset, tracking_parent)
+    run, dataset = check_config(cfg)
+    with run_lock(run_dir(run.storage_path, run.run_name), say):
+        return _train(cfg, run, dataset, tracking_parent)
 
 
-def _train(cfg: DictConfig, dataset: Dataset, tracking_parent: str | None) -> TrainingResult:
+def _train(
+    cfg: DictConfig, run: TrainingRun, dataset: Dataset, tracking_parent: str | None
+) -> TrainingResult:
     """``run_training``'s work, once the run directory is locked: the tracking store is reached
     before Ray starts, so that a required store that is down stops the run before it trains."""
-    run = settings_of(TrainingRun, cfg)
     directory = run_dir(run.storage_path, run.run_name)
     manifest = dataset.manifest
     tracker = tracking.open_tracker(run.tracking, replay=directory, say=say)
@@ -381,7 +387,7 @@ def _train(cfg: DictConfig, dataset: Dataset, tracking_parent: str | None) -> Tr
             follow_epochs(directory, run.task, run.train.max_epochs),
             report_waits(run.resource_wait_s),
         ):
-            result = build_trainer(cfg, dataset).fit()
+            result = build_trainer(cfg, run, dataset).fit()
     except Exception as err:
         bad = stopping_error(err)
         if isinstance(bad, storage.StorageUnwritable):
@@ -392,13 +398,13 @@ def _train(cfg: DictConfig, dataset: Dataset, tracking_parent: str | None) -> Tr
         if bad is None:
             raise
         raise bad from None
-    best, best_val = _best_loadable(cfg, result.best_checkpoints)
-    best_uri = checkpoint_uri(cfg, best.path)
-    test_metrics = _test_metrics(cfg, dataset, best_uri) if cfg.train.evaluate_test else None
+    best, best_val = _best_loadable(run, result.best_checkpoints)
+    best_uri = checkpoint_uri(run.storage_path, best.path)
+    test_metrics = _test_metrics(run, dataset, best_uri) if run.train.evaluate_test else None
     out = {
-        "task": cfg.task.name,
-        "run_name": cfg.run_name,
-        "seed": int(cfg.seed),
+        "task": run.task.name,
+        "run_name": run.run_name,
+        "seed": run.seed,
         "best_checkpoint": best_uri,
         "best_epoch": int(best_val["epoch"]),
         "val": {k: float(v) for k, v in best_val.items() if k.startswith("val/")},
@@ -407,8 +413,8 @@ def _train(cfg: DictConfig, dataset: Dataset, tracking_parent: str | None) -> Tr
     }
     write_summary(directory, out)
     last = max(int(best_val["epoch"]), int(result.metrics.get("epoch", 0)))
-    if last < int(cfg.train.max_epochs):
-        say(f"[{cfg.task.name}] stopped early after epoch {last}: no {cfg.task.monitor} gain")
+    if last < run.train.max_epochs:
+        say(f"[{run.task.name}] stopped early after epoch {last}: no {run.task.monitor} gain")
     mlflow_run = None
     if tracker is not None:
         resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -235,9 +235,9 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], sweep: str) -> None:
     completes with them."""
     cfg = apply_overrides(OmegaConf.create(base), config)
     cfg.run_name = f"{sweep}-{tune.get_context().get_trial_id()}"
-    dataset = check_config(cfg)
+    run, dataset = check_config(cfg)
     done_before = _last_epoch(cfg)
-    result = build_trainer(cfg, dataset, callbacks=[TuneReportCallback()]).fit()
+    result = build_trainer(cfg, run, dataset, callbacks=[TuneReportCallback()]).fit()
     if done_before and result.metrics and int(result.metrics["epoch"]) <= done_before:
         tune.report({**result.metrics, CHECKPOINT_PATH_KEY: result.checkpoint.path})
 
@@ -261,7 +261,9 @@ def _trial_rows(cfg: DictConfig, results: tune.ResultGrid, keys: list[str]) -> p
             row["best epoch"] = int(history.loc[best, "epoch"])
             row[f"last {monitor}"] = float(history[monitor].iloc[-1])
             path = history.loc[best].get(CHECKPOINT_PATH_KEY)
-            row["checkpoint"] = checkpoint_uri(cfg, path) if isinstance(path, str) else None
+            row["checkpoint"] = (
+                checkpoint_uri(str(cfg.storage_path), path) if isinstance(path, str) else None
+            )
         else:
             row.update({"epochs": 0, f"best {monitor}": math.nan, "checkpoint": None})
         row["train_run"] = run_dir(cfg.storage_path, f"{cfg.tune.name}-{trial_id}")
